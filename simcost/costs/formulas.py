@@ -1,0 +1,446 @@
+"""Cost formulas per op kind.
+
+Conventions (checked against torch in ``simcost.validate``):
+- matmul FLOPs = 2·M·N·K, exactly as ``torch.utils.flop_counter`` counts mm/bmm/addmm;
+  backward of ``A @ B`` is one GEMM per operand that requires grad.
+- what an op saves follows autograd's derivative formulas: ``mm`` keeps its input only when
+  the weight is trainable; ``mul`` keeps each factor only when the other one needs a gradient;
+  ``pow``/``silu``/``gelu`` keep their input; ``softmax``/``tanh``/``rsqrt`` keep their output;
+  views keep their base's storage.
+"""
+from __future__ import annotations
+
+from simcost.costs.registry import OpCost, register
+from simcost.dtypes import BYTES
+from simcost.graph.ir import numel
+
+
+def _t(g, tid):
+    return g.tensors[tid]
+
+
+def _bytes(g, tids):
+    total = 0
+    for t in tids:
+        total = total + _t(g, t).nbytes
+    return total
+
+
+def _elementwise(op, g, rg, flops_per_elem: float, saved: list, *, bwd_flops_per_elem: float = 2.0,
+                 bwd_reads: int = 1) -> OpCost:
+    out = _t(g, op.outputs[0])
+    n = numel(out.shape)
+    fb = _bytes(g, op.inputs) + _bytes(g, op.outputs)
+    needs_bwd = any(rg)
+    return OpCost(
+        fwd_flops=flops_per_elem * n, fwd_bytes=fb, fwd_kernels=1,
+        bwd_act_flops=bwd_flops_per_elem * n * sum(rg) if needs_bwd else 0,
+        bwd_bytes=(out.nbytes * (1 + bwd_reads) * sum(rg)) if needs_bwd else 0,
+        bwd_kernels=sum(rg), saved=saved if needs_bwd else [])
+
+
+# -- parameterised ops ----------------------------------------------------------------------
+
+@register("linear")
+def linear(op, g, rg, train):
+    """y = x·Wᵀ (+ b). W may be stored quantised; the op then reads the dequantised copy."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    w = op.params[0]
+    d_out, d_in = w.shape
+    tokens = numel(x.shape) / d_in
+    mm = 2 * tokens * d_in * d_out
+    w_bytes = w.numel * BYTES[w.compute_dtype or w.dtype]
+    cost = OpCost(fwd_flops=mm, fwd_matmul_flops=mm, fwd_bytes=x.nbytes + w_bytes + y.nbytes)
+    w_train = train[0]
+    b_train = len(train) > 1 and train[1]
+    if rg[0]:
+        cost.bwd_act_flops += mm
+        cost.bwd_act_matmul_flops += mm
+        cost.bwd_bytes += y.nbytes + w_bytes + x.nbytes
+        cost.bwd_kernels += 1
+        if w.compute_dtype and w.compute_dtype != w.dtype:   # quantised: dequantise again
+            cost.bwd_act_flops += 2 * w.numel
+            cost.bwd_bytes += w.nbytes + w_bytes
+            cost.bwd_kernels += 1
+    if w_train:
+        cost.bwd_weight_flops += mm
+        cost.bwd_weight_matmul_flops += mm
+        cost.bwd_bytes += y.nbytes + x.nbytes + w_bytes
+        cost.bwd_kernels += 1
+        cost.saved.append(op.inputs[0])
+    if b_train:
+        cost.bwd_weight_flops += tokens * d_out
+        cost.bwd_bytes += y.nbytes
+        cost.bwd_kernels += 1
+    return cost
+
+
+@register("embedding")
+def embedding(op, g, rg, train):
+    ids, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    cost = OpCost(fwd_bytes=ids.nbytes + 2 * y.nbytes)
+    if train[0]:
+        w = op.params[0]
+        cost.bwd_weight_flops = numel(y.shape)
+        cost.bwd_bytes = y.nbytes + w.nbytes
+        cost.bwd_kernels = 2
+        cost.saved.append(op.inputs[0])
+    return cost
+
+
+@register("mul_param")
+def mul_param(op, g, rg, train):
+    """x ⊙ v with a parameter vector v broadcast over tokens ((IA)³, norm weights)."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    n = numel(y.shape)
+    cost = OpCost(fwd_flops=n, fwd_bytes=x.nbytes + y.nbytes)
+    if rg[0]:
+        cost.bwd_act_flops += n
+        cost.bwd_bytes += 2 * y.nbytes
+        cost.bwd_kernels += 1
+    if train[0]:
+        cost.bwd_weight_flops += 2 * n
+        cost.bwd_bytes += 2 * y.nbytes
+        cost.bwd_kernels += 2
+        cost.saved.append(op.inputs[0])
+    if rg[0] and op.attrs.get("vector_copy"):
+        # peft multiplies by ``1 * vector`` (a fresh tensor, kept for the input's gradient)
+        cost.saved.append(("new", op.params[0].nbytes))
+    return cost
+
+
+@register("add_param")
+def add_param(op, g, rg, train):
+    """x + b with a trainable bias vector (BitFit on a fused bias)."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    n = numel(y.shape)
+    cost = OpCost(fwd_flops=n, fwd_bytes=x.nbytes + y.nbytes)
+    if train[0]:
+        cost.bwd_weight_flops += n
+        cost.bwd_bytes += y.nbytes
+        cost.bwd_kernels += 1
+    return cost
+
+
+# -- activation x activation ----------------------------------------------------------------
+
+@register("matmul")
+def matmul(op, g, rg, train):
+    """Batched A[..., m, k] @ B[..., k, n] of two activations (attention scores, values)."""
+    a, b, y = _t(g, op.inputs[0]), _t(g, op.inputs[1]), _t(g, op.outputs[0])
+    m, k = a.shape[-2], a.shape[-1]
+    n = b.shape[-1]
+    batch = numel(y.shape) / (m * n)
+    mm = 2 * batch * m * k * n
+    cost = OpCost(fwd_flops=mm, fwd_matmul_flops=mm, fwd_bytes=a.nbytes + b.nbytes + y.nbytes)
+    for i, other in ((0, 1), (1, 0)):
+        if rg[i]:
+            cost.bwd_act_flops += mm
+            cost.bwd_act_matmul_flops += mm
+            cost.bwd_bytes += y.nbytes + _t(g, op.inputs[other]).nbytes + _t(g, op.inputs[i]).nbytes
+            cost.bwd_kernels += 1
+            cost.saved.append(op.inputs[other])
+    return cost
+
+
+@register("sdpa")
+def sdpa(op, g, rg, train):
+    """Fused attention (FlashAttention / CPU flash kernel / memory-efficient).
+
+    FLOPs follow torch's ``sdpa_flop_count`` (dense, causal masking ignored): 4·b·h·s_q·s_k·d
+    forward; backward 2.5x forward (the kernel recomputes QKᵀ). Saves q, k, v, the output and
+    the fp32 log-sum-exp (b·h·s_q), never the s×s probabilities.
+    """
+    q, k, v = (_t(g, t) for t in op.inputs[:3])
+    y = _t(g, op.outputs[0])
+    b_h = numel(q.shape[:-2])
+    s_q, d = q.shape[-2], q.shape[-1]
+    s_k = k.shape[-2]
+    d_v = v.shape[-1]
+    fwd = 2 * b_h * s_q * s_k * d + 2 * b_h * s_q * s_k * d_v
+    cost = OpCost(fwd_flops=fwd + 5 * b_h * s_q * s_k, fwd_matmul_flops=fwd,
+                  fwd_bytes=q.nbytes + k.nbytes + v.nbytes + y.nbytes)
+    if any(rg):
+        bwd = 2 * b_h * s_q * s_k * d * 3 + 2 * b_h * s_q * s_k * d_v * 2  # = 2.5x fwd when d == d_v
+        cost.bwd_act_flops = bwd + 5 * b_h * s_q * s_k
+        cost.bwd_act_matmul_flops = bwd
+        cost.bwd_bytes = 2 * (q.nbytes + k.nbytes + v.nbytes + y.nbytes)
+        cost.bwd_kernels = 1
+        lse = b_h * s_q * 4
+        cost.saved = [op.inputs[0], op.inputs[1], op.inputs[2], op.outputs[0], ("new", lse)]
+    return cost
+
+
+# -- element-wise ---------------------------------------------------------------------------
+
+@register("add", "sub", "scale", "neg")
+def add(op, g, rg, train):
+    return _elementwise(op, g, rg, 1, [], bwd_flops_per_elem=0, bwd_reads=0)
+
+
+@register("copy")
+def copy_(op, g, rg, train):
+    """dtype casts, .contiguous(), repeat_kv's expand+reshape: a new storage, nothing saved."""
+    return _elementwise(op, g, rg, 0, [], bwd_flops_per_elem=0, bwd_reads=0)
+
+
+@register("view")
+def view(op, g, rg, train):
+    return OpCost(fwd_kernels=0)
+
+
+@register("mul")
+def mul(op, g, rg, train):
+    saved = []
+    if rg[1]:
+        saved.append(op.inputs[0])
+    if rg[0]:
+        saved.append(op.inputs[1])
+    return _elementwise(op, g, rg, 1, saved, bwd_flops_per_elem=1)
+
+
+@register("pow", "silu", "gelu")
+def saves_input(op, g, rg, train):
+    per = {"pow": 1, "silu": 5, "gelu": 8}[op.kind]
+    return _elementwise(op, g, rg, per, [op.inputs[0]], bwd_flops_per_elem=per + 2)
+
+
+@register("tanh", "rsqrt", "sigmoid")
+def saves_output(op, g, rg, train):
+    return _elementwise(op, g, rg, 4, [op.outputs[0]], bwd_flops_per_elem=3)
+
+
+@register("softmax")
+def softmax(op, g, rg, train):
+    """Softmax over the last dim (optionally in fp32: the input is cast first, a new storage)."""
+    return _elementwise(op, g, rg, 5, [op.outputs[0]], bwd_flops_per_elem=4)
+
+
+@register("dropout")
+def dropout(op, g, rg, train):
+    """Training-mode dropout with p > 0 keeps a bool mask (p == 0 is built as a view)."""
+    y = _t(g, op.outputs[0])
+    return _elementwise(op, g, rg, 2, [("new", numel(y.shape) * BYTES["bool"])], bwd_flops_per_elem=2)
+
+
+@register("reduce")
+def reduce_(op, g, rg, train):
+    """mean/sum over the last dim: nothing saved."""
+    x = _t(g, op.inputs[0])
+    return OpCost(fwd_flops=numel(x.shape), fwd_bytes=x.nbytes + _bytes(g, op.outputs),
+                  bwd_act_flops=numel(x.shape) if rg[0] else 0,
+                  bwd_bytes=(x.nbytes + _bytes(g, op.outputs)) if rg[0] else 0,
+                  bwd_kernels=1 if rg[0] else 0)
+
+
+# -- composites -----------------------------------------------------------------------------
+
+@register("rms_norm")
+def rms_norm(op, g, rg, train):
+    """HF RMSNorm: x.float(); pow(2).mean(-1); rsqrt(+eps); x·r; .to(dtype); weight·n.
+
+    Saves the fp32 input (the input itself when it is fp32), the per-row rsqrt and, when the
+    weight is trainable, the normalised tensor in the input dtype."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    n = numel(x.shape)
+    rows = n / x.shape[-1]
+    half = x.dtype != "fp32"
+    f32 = n * 4
+    fwd_bytes = x.nbytes + (f32 * 2 if half else 0) + f32 + f32 * 2 + y.nbytes * 2
+    cost = OpCost(fwd_flops=4 * n, fwd_bytes=fwd_bytes, fwd_kernels=6 + (2 if half else 0))
+    w_train = bool(train and train[0])
+    if rg[0]:
+        x32 = ("new", f32) if half else op.inputs[0]
+        cost.saved += [x32, ("new", rows * 4)]
+        cost.bwd_act_flops += 8 * n
+        cost.bwd_bytes += 6 * f32
+        cost.bwd_kernels += 8
+    if w_train:
+        cost.saved.append(("new", y.nbytes) if (half or rg[0]) else ("new", y.nbytes))
+        cost.bwd_weight_flops += 2 * n
+        cost.bwd_bytes += 2 * y.nbytes
+        cost.bwd_kernels += 2
+    return cost
+
+
+@register("layer_norm")
+def layer_norm(op, g, rg, train):
+    """aten.native_layer_norm: saves input, mean and rstd (fp32 per row)."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    n = numel(x.shape)
+    rows = n / x.shape[-1]
+    cost = OpCost(fwd_flops=7 * n, fwd_bytes=x.nbytes + y.nbytes)
+    if rg[0] or any(train):
+        cost.saved = [op.inputs[0], ("new", rows * 4), ("new", rows * 4)]
+        cost.bwd_act_flops = 10 * n if rg[0] else 0
+        cost.bwd_weight_flops = 4 * n if any(train) else 0
+        cost.bwd_bytes = 3 * x.nbytes
+        cost.bwd_kernels = 1
+    return cost
+
+
+@register("rope")
+def rope(op, g, rg, train):
+    """q·cos + rotate_half(q)·sin: keeps cos and sin (shared by every layer)."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    n = numel(y.shape)
+    cost = OpCost(fwd_flops=3 * n, fwd_bytes=5 * x.nbytes + 2 * _t(g, op.inputs[1]).nbytes,
+                  fwd_kernels=6)
+    if rg[0]:
+        cost.saved = [op.inputs[1], op.inputs[2]]
+        cost.bwd_act_flops = 3 * n
+        cost.bwd_bytes = 5 * y.nbytes
+        cost.bwd_kernels = 6
+    return cost
+
+
+@register("gelu_new")
+def gelu_new(op, g, rg, train):
+    """GPT-2's python GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), eight kernels, keeps
+    x, tanh(·), 0.5·x and 1 + tanh(·)."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    n = numel(y.shape)
+    cost = OpCost(fwd_flops=9 * n, fwd_bytes=15 * x.nbytes, fwd_kernels=8)
+    if rg[0]:
+        cost.saved = [op.inputs[0], ("new", x.nbytes), ("new", x.nbytes), ("new", x.nbytes)]
+        cost.bwd_act_flops = 12 * n
+        cost.bwd_bytes = 16 * x.nbytes
+        cost.bwd_kernels = 10
+    return cost
+
+
+@register("cross_entropy")
+def cross_entropy(op, g, rg, train):
+    """HF ForCausalLMLoss: logits.float(), labels shifted, log_softmax + nll_loss (sum / n).
+
+    Keeps the fp32 log-probabilities (tokens x vocab), the shifted targets and the total
+    weight."""
+    logits, labels = _t(g, op.inputs[0]), _t(g, op.inputs[1])
+    n = numel(logits.shape)
+    tokens = numel(labels.shape)
+    f32 = n * 4
+    up = logits.dtype != "fp32"
+    cost = OpCost(fwd_flops=5 * n, fwd_bytes=logits.nbytes + (f32 * 2 if up else 0) + 2 * f32,
+                  fwd_kernels=6 + (1 if up else 0))
+    if rg[0]:
+        cost.saved = [("new", f32), ("new", tokens * 8), ("new", 4)]
+        cost.bwd_act_flops = 4 * n
+        cost.bwd_bytes = 3 * f32 + (f32 + logits.nbytes if up else 0)
+        cost.bwd_kernels = 4
+    return cost
+
+
+@register("moe_router")
+def moe_router(op, g, rg, train):
+    """Mixtral router after the gate linear: softmax(fp32) → top-k → renormalise.
+
+    Keeps the fp32 probabilities, the top-k indices (int64) and the top-k sum."""
+    logits = _t(g, op.inputs[0])
+    experts = logits.shape[-1]
+    tokens = numel(logits.shape) / experts
+    k = op.attrs["top_k"]
+    cost = OpCost(fwd_flops=8 * tokens * experts, fwd_bytes=logits.nbytes * 3, fwd_kernels=5)
+    if rg[0]:
+        cost.saved = [("new", tokens * experts * 4), ("new", tokens * k * 8), ("new", tokens * 4),
+                      ("new", tokens * k * 4)]
+        cost.bwd_act_flops = 6 * tokens * experts
+        cost.bwd_bytes = logits.nbytes * 4
+        cost.bwd_kernels = 5
+    return cost
+
+
+@register("moe_experts")
+def moe_experts(op, g, rg, train):
+    """Top-k routed SwiGLU experts (transformers' loop over hit experts, fused gate_up).
+
+    Every token visits k experts, so the totals depend only on tokens·k, not on the routing.
+    Inputs: hidden (T, d), router weights (T, k) fp32. Params: gate_up (E, 2f, d), down (E, d, f).
+    """
+    x, w = _t(g, op.inputs[0]), _t(g, op.inputs[1])
+    y = _t(g, op.outputs[0])
+    gate_up, down = op.params
+    n_exp, two_f, d = gate_up.shape
+    f = two_f // 2
+    tokens = numel(x.shape) / d
+    k = op.attrs["top_k"]
+    routed = tokens * k
+    eb = BYTES[x.dtype]
+    mm_fwd = 2 * routed * d * two_f + 2 * routed * f * d
+    cost = OpCost(fwd_flops=mm_fwd + routed * (8 * f + 2 * d), fwd_matmul_flops=mm_fwd,
+                  fwd_bytes=gate_up.nbytes + down.nbytes + routed * eb * (2 * d + 4 * f + 2 * d),
+                  fwd_kernels=int(n_exp) * 9)
+    if rg[0] or rg[1] or any(train):
+        act = 2 * routed * d * two_f + 2 * routed * f * d if rg[0] else 2 * routed * f * d
+        cost.bwd_act_flops = act + routed * 10 * f
+        cost.bwd_act_matmul_flops = act
+        if any(train):
+            cost.bwd_weight_flops = mm_fwd
+            cost.bwd_weight_matmul_flops = mm_fwd
+        cost.bwd_bytes = 2 * cost.fwd_bytes
+        cost.bwd_kernels = int(n_exp) * 12
+        # per expert: token indices (int64, x2: where + index), gathered input (if gate_up trains),
+        # gate (silu input), silu output and up (mul operands), down input (if down trains),
+        # routing-weight index + down output (mul by routing weight)
+        saved = [("new", routed * 8 * 2), ("new", routed * 8)]
+        saved += [("new", routed * f * eb), ("new", routed * f * eb), ("new", routed * f * eb)]
+        saved += [("new", routed * d * eb)]
+        if train[0]:
+            saved.append(("new", routed * d * eb))
+        if train[1]:
+            saved.append(("new", routed * f * eb))
+        if rg[1]:
+            saved.append(("new", routed * d * eb))
+        cost.saved = saved
+    return cost
+
+
+@register("dequantize")
+def dequantize(op, g, rg, train):
+    """NF4 → bf16 dequantisation of one weight (bitsandbytes): reads the packed 4-bit codes and
+    the double-quantised absmax constants, writes a transient bf16 weight."""
+    w = op.params[0]
+    out_bytes = w.numel * BYTES[w.compute_dtype or "bf16"]
+    return OpCost(fwd_flops=2 * w.numel, fwd_bytes=w.nbytes + out_bytes, fwd_kernels=1,
+                  temp_bytes=out_bytes)
+
+
+@register("dora_weight_norm")
+def dora_weight_norm(op, g, rg, train):
+    """DoRA's per-step ‖W + s·(B·A)ᵀ‖ per output row, computed detached (peft pushes an identity
+    through A and B to materialise B·A). Params: base W, lora_A, lora_B."""
+    w = op.params[0]
+    d_out, d_in = w.shape
+    r = op.attrs["r"]
+    mm = 2 * d_in * d_in * r + 2 * d_in * r * d_out
+    dense = d_out * d_in
+    ad = op.params[1].dtype
+    return OpCost(fwd_flops=mm + 5 * dense, fwd_matmul_flops=mm,
+                  fwd_bytes=w.nbytes + 4 * dense * BYTES[ad] + d_in * d_in * BYTES[ad],
+                  fwd_kernels=8, temp_bytes=2 * dense * BYTES[ad] + d_in * d_in * BYTES[ad])
+
+
+@register("dora_combine")
+def dora_combine(op, g, rg, train):
+    """(m/‖·‖ - 1)·base + (m/‖·‖)·lora (the LoRA scaling is folded in); keeps base output,
+    LoRA output and three (1, d_out) vectors."""
+    y, lo, norm = (_t(g, t) for t in op.inputs)
+    out = _t(g, op.outputs[0])
+    n = numel(out.shape)
+    d_out = op.params[0].shape[0]
+    cost = OpCost(fwd_flops=4 * n, fwd_bytes=y.nbytes + lo.nbytes + 2 * out.nbytes, fwd_kernels=6)
+    vec = d_out * BYTES[op.params[0].dtype]
+    saved = []
+    if train[0]:
+        saved += [op.inputs[2], op.inputs[0], op.inputs[1]]
+        cost.bwd_weight_flops = 4 * n
+    if rg[0]:
+        saved.append(("new", vec))
+    if rg[1]:
+        saved.append(("new", vec))
+        cost.bwd_act_flops = 2 * n
+    if rg[0]:
+        cost.bwd_act_flops += 2 * n
+    cost.saved = saved
+    cost.bwd_bytes = 4 * out.nbytes
+    cost.bwd_kernels = 6
+    return cost

@@ -1,0 +1,157 @@
+"""HF ``config.json`` → :class:`ModelSpec`, the architecture facts the graph builders need."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from simcost.errors import SimcostError, unknown
+
+ZOO_DIR = Path(__file__).resolve().parents[2] / "models_zoo"
+
+# architecture name -> family builder key
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",
+    "QWenLMHeadModel": "qwen",
+    "GPT2LMHeadModel": "gpt2",
+}
+_MODEL_TYPE_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "qwen": "QWenLMHeadModel", "gpt2": "GPT2LMHeadModel"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str
+    family: str                 # llama | gpt2 | qwen
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int                    # per-branch FFN width (Qwen v1: intermediate_size / 2)
+    vocab: int
+    max_positions: int
+    tie_embeddings: bool
+    attn_bias: bool             # q/k/v biases
+    o_bias: bool
+    mlp_bias: bool
+    act: str
+    experts: int = 0
+    top_k: int = 0
+    dropout_embd: float = 0.0
+    dropout_attn: float = 0.0
+    dropout_resid: float = 0.0
+    config: dict | None = None  # the raw config.json (for the torch harness)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+def zoo_names() -> list[str]:
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def load_config_dict(model: str) -> tuple[str, dict]:
+    """Resolve a zoo name, a config.json path or a directory holding one."""
+    path = Path(model)
+    if path.suffix == ".json" or path.is_dir() or path.exists():
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise SimcostError(f"no config.json at '{model}'")
+        name = file.parent.name if file.name == "config.json" else file.stem
+    else:
+        file = ZOO_DIR / model / "config.json"
+        if not file.is_file():
+            raise unknown("model", model, zoo_names())
+        name = model
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise SimcostError(f"malformed JSON in {file}: {e.msg} at line {e.lineno}") from None
+    except OSError as e:
+        raise SimcostError(f"cannot read {file}: {e.strerror}") from None
+    if not isinstance(cfg, dict):
+        raise SimcostError(f"{file} is not a JSON object")
+    return name, cfg
+
+
+def load_model(model: str) -> ModelSpec:
+    name, cfg = load_config_dict(model)
+    return spec_from_config(cfg, name)
+
+
+def _req(cfg: dict, *keys, name: str):
+    for k in keys:
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    raise SimcostError(f"config of '{name}' lacks '{keys[0]}'")
+
+
+def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else _MODEL_TYPE_ARCH.get(cfg.get("model_type", ""), "")
+    if arch not in ARCHITECTURES:
+        raise SimcostError(f"unsupported architecture '{arch or cfg.get('model_type')}' in '{name}'; "
+                           f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    family = ARCHITECTURES[arch]
+    try:
+        if family == "gpt2":
+            d = int(_req(cfg, "n_embd", "hidden_size", name=name))
+            heads = int(_req(cfg, "n_head", "num_attention_heads", name=name))
+            return ModelSpec(
+                name=name, architecture=arch, family=family, hidden=d,
+                layers=int(_req(cfg, "n_layer", "num_hidden_layers", name=name)),
+                heads=heads, kv_heads=heads, head_dim=d // heads,
+                ffn=int(cfg.get("n_inner") or 4 * d), vocab=int(_req(cfg, "vocab_size", name=name)),
+                max_positions=int(_req(cfg, "n_positions", "max_position_embeddings", name=name)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                attn_bias=True, o_bias=True, mlp_bias=True,
+                act=cfg.get("activation_function", "gelu_new"),
+                dropout_embd=float(cfg.get("embd_pdrop", 0.1)),
+                dropout_attn=float(cfg.get("attn_pdrop", 0.1)),
+                dropout_resid=float(cfg.get("resid_pdrop", 0.1)), config=cfg)
+        if family == "qwen":
+            d = int(_req(cfg, "hidden_size", name=name))
+            heads = int(_req(cfg, "num_attention_heads", name=name))
+            return ModelSpec(
+                name=name, architecture=arch, family=family, hidden=d,
+                layers=int(_req(cfg, "num_hidden_layers", name=name)), heads=heads, kv_heads=heads,
+                head_dim=int(cfg.get("kv_channels") or d // heads),
+                ffn=int(_req(cfg, "intermediate_size", name=name)) // 2,
+                vocab=int(_req(cfg, "vocab_size", name=name)),
+                max_positions=int(cfg.get("seq_length") or cfg.get("max_position_embeddings") or 2048),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attn_bias=not cfg.get("no_bias", True) or True, o_bias=False, mlp_bias=False,
+                act="silu", config=cfg)
+        d = int(_req(cfg, "hidden_size", name=name))
+        heads = int(_req(cfg, "num_attention_heads", name=name))
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        model_type = cfg.get("model_type", "llama")
+        attn_bias = bool(cfg.get("attention_bias", False)) or model_type == "qwen2"
+        return ModelSpec(
+            name=name, architecture=arch, family=family, hidden=d,
+            layers=int(_req(cfg, "num_hidden_layers", name=name)), heads=heads, kv_heads=kv,
+            head_dim=int(cfg.get("head_dim") or d // heads),
+            ffn=int(_req(cfg, "intermediate_size", name=name)),
+            vocab=int(_req(cfg, "vocab_size", name=name)),
+            max_positions=int(cfg.get("max_position_embeddings") or 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attn_bias=attn_bias, o_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)), act=cfg.get("hidden_act", "silu"),
+            experts=int(cfg.get("num_local_experts") or 0),
+            top_k=int(cfg.get("num_experts_per_tok") or 0),
+            dropout_attn=float(cfg.get("attention_dropout", 0.0) or 0.0), config=cfg)
+    except (TypeError, ValueError) as e:
+        raise SimcostError(f"bad value in config of '{name}': {e}") from None

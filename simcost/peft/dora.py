@@ -1,0 +1,36 @@
+"""DoRA (peft ``use_dora``): W' = m ⊙ (W + s·BA) / ‖W + s·BA‖ per output row.
+
+Per step peft materialises BA by pushing an identity through A and B (i×i×r + i×r×o FLOPs),
+takes the row norms of W + s·BA (detached, so nothing of it is saved), and per token computes
+``(m/‖·‖ - 1)·(W·x) + (m/‖·‖)·s·B(A(x))``, which keeps the base output and the LoRA output.
+"""
+from __future__ import annotations
+
+from simcost.graph.ir import Op, Param
+from simcost.peft.base import register
+from simcost.peft.lora import add_back, apply_bias_option, lora_branch, lora_targets
+from simcost.peft.spec import validate
+
+
+@register("dora")
+def apply(g, model, spec) -> None:
+    validate(spec)
+    sites = lora_targets(g, model, spec)
+    for seg, op in sites:
+        y = op.outputs[0]
+        d_out, d_in = op.params[0].shape
+        ops, branch, cast_x = lora_branch(g, seg, op, spec)
+        ad = g.tensors[branch].dtype
+        # per-step weight norm (detached): its inputs are the layer's weights, not activations
+        norm = g.new_tensor((d_out,), ad)
+        lora_params = tuple(p for o in ops for p in o.params)
+        ops.insert(0, Op(f"{op.name}.dora_weight_norm", "dora_weight_norm", (), (norm,),
+                         (op.params[0],) + lora_params,
+                         {"adapter": True, "detached": True, "r": spec.r}, op.module))
+        mag = Param(f"{op.module}.lora_magnitude_vector.default.weight", (d_out,), ad, True, "adapter")
+        combo = g.new_tensor(g.tensors[branch].shape, ad)
+        ops.append(Op(f"{op.name}.dora_combine", "dora_combine", (y, branch, norm), (combo,), (mag,),
+                      {"adapter": True}, op.module))
+        out = add_back(g, op, ops, y, combo)
+        g.insert_after(seg, op, ops, y, out)
+    apply_bias_option(g, spec, sites)

@@ -1,0 +1,89 @@
+"""LoRA (and rsLoRA): y = W·x + s·B·A·dropout(x) on the target linears, as peft computes it.
+
+peft casts the adapter to fp32 on a 16-bit base (``autocast_adapter_dtype``), so the branch
+then runs on an fp32 copy of x and the sum is cast back to the base dtype.
+"""
+from __future__ import annotations
+
+from simcost.graph.ir import Op, Param
+from simcost.peft.base import LORA_DEFAULTS, linear_sites, model_type, register, select
+from simcost.peft.spec import validate
+
+
+def adapter_dtype(spec, base_dtype: str) -> str:
+    return spec.adapter_dtype or "fp32"
+
+
+def lora_branch(g, seg, op, spec, *, prefix: str = "lora") -> tuple[list[Op], int, int]:
+    """Ops computing s·B(A(dropout(cast(x)))) for linear ``op``: (ops, branch_out, cast_x)."""
+    x = op.inputs[0]
+    xt = g.tensors[x]
+    w = op.params[0]
+    d_out, d_in = w.shape
+    ad = adapter_dtype(spec, xt.dtype)
+    mod = op.module
+    ops: list[Op] = []
+
+    def emit(kind, name, inputs, shape, dtype, params=(), attrs=None):
+        t = g.new_tensor(shape, dtype)
+        ops.append(Op(f"{op.name}.{name}", kind, tuple(inputs), (t,), tuple(params),
+                      dict(attrs or {}, adapter=True), f"{mod}.{name}"))
+        return t
+
+    lead = xt.shape[:-1]
+    xin = x
+    if ad != xt.dtype:
+        xin = emit("copy", "cast_input", [x], xt.shape, ad)
+    cast_x = xin
+    if spec.dropout > 0:
+        xin = emit("dropout", "lora_dropout", [xin], xt.shape, ad, attrs={"p": spec.dropout})
+    a = emit("linear", "lora_A", [xin], lead + (spec.r,), ad,
+             [Param(f"{mod}.lora_A.default.weight", (spec.r, d_in), ad, True, "adapter")])
+    b = emit("linear", "lora_B", [a], lead + (d_out,), ad,
+             [Param(f"{mod}.lora_B.default.weight", (d_out, spec.r), ad, True, "adapter")])
+    return ops, b, cast_x
+
+
+def add_back(g, op, ops, y: int, branch: int, name: str = "lora_add") -> int:
+    """result = (result + branch).to(result dtype)."""
+    yt, bt = g.tensors[y], g.tensors[branch]
+    out_dtype = "fp32" if "fp32" in (yt.dtype, bt.dtype) else yt.dtype
+    s = g.new_tensor(yt.shape, out_dtype)
+    ops.append(Op(f"{op.name}.{name}", "add", (y, branch), (s,), (), {"adapter": True}, op.module))
+    if out_dtype != yt.dtype:
+        c = g.new_tensor(yt.shape, yt.dtype)
+        ops.append(Op(f"{op.name}.cast_result", "copy", (s,), (c,), (), {"adapter": True}, op.module))
+        s = c
+    return s
+
+
+def lora_targets(g, model, spec):
+    targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
+    return select(g, targets, spec.layers, linear_sites(g), "LoRA")
+
+
+def apply_bias_option(g, spec, sites) -> None:
+    if spec.bias == "all":
+        for _, op in g.iter_ops():
+            for p in op.params:
+                if p.name.endswith(".bias"):
+                    p.trainable = True
+    elif spec.bias == "lora_only":
+        for _, op in sites:
+            for p in op.params[1:]:
+                p.trainable = True
+
+
+@register("lora")
+def apply(g, model, spec) -> None:
+    validate(spec)
+    sites = lora_targets(g, model, spec)
+    for seg, op in sites:
+        y = op.outputs[0]
+        ops, branch, _ = lora_branch(g, seg, op, spec)
+        scaled = g.new_tensor(g.tensors[branch].shape, g.tensors[branch].dtype)
+        ops.append(Op(f"{op.name}.lora_scale", "scale", (branch,), (scaled,), (), {"adapter": True},
+                      op.module))
+        out = add_back(g, op, ops, y, scaled)
+        g.insert_after(seg, op, ops, y, out)
+    apply_bias_option(g, spec, sites)

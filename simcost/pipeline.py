@@ -1,0 +1,20 @@
+"""The linear pipeline: model x workload → graph → PEFT transform → analysis."""
+from __future__ import annotations
+
+from simcost.graph.ir import ModelGraph
+from simcost.models import build_model_graph
+from simcost.models.config import ModelSpec
+from simcost.peft import apply_peft, tokens_added
+from simcost.peft.spec import PeftSpec, validate
+from simcost.sim.analysis import Analysis, analyse
+
+
+def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str = "sdpa",
+                peft: PeftSpec | None = None) -> tuple[ModelGraph, Analysis]:
+    peft = peft or PeftSpec("full")
+    validate(peft)
+    seq_total = seq + tokens_added(peft)
+    g = build_model_graph(model, batch, seq_total, dtype, attn)
+    g.meta["seq"] = seq
+    apply_peft(g, model, peft)
+    return g, analyse(g)

@@ -1,0 +1,1 @@
+"""Simulation: gradient-flow analysis, memory model, time model, training estimate."""

@@ -1,0 +1,187 @@
+"""Exact measurements of one HF training step in torch (needs the `torch` extra).
+
+What is measured (the definitions of the foundation issue):
+- trainable / total parameters after peft,
+- matmul FLOPs of forward and backward with ``torch.utils.flop_counter.FlopCounterMode``
+  (CPU SDPA kernels get the formulas torch 2.13 lacks),
+- bytes autograd saves for backward during forward (saved-tensor hooks; each storage once,
+  parameters and buffers excluded; only storages still alive at the end of forward).
+
+Large models run on fake tensors: the model is built on the meta device, wrapped by peft there,
+then materialised as fake CPU tensors, so a 7B step costs seconds and no memory.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_registered = False
+
+
+def _register_cpu_sdpa_formulas() -> None:
+    """torch 2.13's FlopCounterMode counts 0 for the CPU flash-attention kernels; register them."""
+    global _registered
+    if _registered:
+        return
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd_op = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd_op = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd_op is not None and fwd_op not in fc.flop_registry:
+        @fc.register_flop_formula(fwd_op)
+        def _sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs):
+            return fc.sdpa_flop_count(q, k, v)
+
+    if bwd_op is not None and bwd_op not in fc.flop_registry:
+        @fc.register_flop_formula(bwd_op)
+        def _sdpa_cpu_bwd(g, q, k, v, *args, out_shape=None, **kwargs):
+            return fc.sdpa_backward_flop_count(g, q, k, v)
+
+    _registered = True
+
+
+@dataclass
+class SavedTensor:
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    grad_fn: str
+
+
+@dataclass
+class StepMeasurement:
+    params_total: int
+    params_trainable: int
+    flops_matmul_forward: int
+    flops_matmul_backward: int
+    activations_bytes: int
+    flops_by_op: dict[str, int] = field(default_factory=dict)
+    saved: list[SavedTensor] = field(default_factory=list)
+
+
+def build_hf_config(config: dict[str, Any], attn: str = "eager"):
+    """A transformers config from a config.json dict (architecture facts only)."""
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    for k in ("architectures", "transformers_version", "_name_or_path", "auto_map"):
+        cfg.pop(k, None)
+    hf = AutoConfig.for_model(model_type, **cfg)
+    hf._attn_implementation = attn
+    return hf
+
+
+def build_peft_model(config: dict[str, Any], peft_config: dict[str, Any] | None, dtype: str,
+                     attn: str, meta: bool):
+    """Random-weight HF causal LM (optionally on meta), wrapped by peft from an adapter_config dict."""
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = build_hf_config(config, attn)
+    torch_dtype = _DTYPES[dtype]
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
+    model.train()
+    if peft_config is not None:
+        model = apply_peft(model, peft_config)
+    if peft_config is not None and peft_config.get("peft_type") in _CAST_ADAPTER_DTYPE:
+        pass
+    return model
+
+
+_CAST_ADAPTER_DTYPE: set[str] = set()
+
+
+def apply_peft(model, peft_config: dict[str, Any]):
+    """Wrap ``model`` with peft, or apply simcost's non-peft methods (full, freeze, bitfit, ln)."""
+    kind = peft_config.get("peft_type")
+    if kind is None:
+        # simcost-native selections: full, bitfit, ln_tuning via names
+        names = peft_config.get("trainable_names")
+        for n, p in model.named_parameters():
+            p.requires_grad_(names is None or any(s in n for s in names))
+        return model
+    import peft
+
+    cfg = peft.PeftConfig.from_peft_type(**peft_config) if hasattr(peft.PeftConfig, "from_peft_type") \
+        else peft.get_peft_config(peft_config)
+    return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+
+
+def measure_step(config: dict[str, Any], peft_config: dict[str, Any] | None, *, batch: int,
+                 seq: int, dtype: str = "fp32", attn: str = "eager", fake: bool = False,
+                 keep_saved: bool = False) -> StepMeasurement:
+    """Measure one training step (forward with loss, backward) of the model.
+
+    ``fake=True`` builds on meta and runs on fake CPU tensors (exact for FLOPs and saved bytes,
+    no compute). The optimizer does no matmul, so it does not change the matmul FLOPs.
+    """
+    _register_cpu_sdpa_formulas()
+    model = build_peft_model(config, peft_config, dtype, attn, meta=fake)
+    params_total = sum(p.numel() for p in model.parameters())
+    params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            model = model.to_empty(device="cpu")
+            return _run(model, config, batch, seq, params_total, params_trainable, keep_saved)
+    return _run(model, config, batch, seq, params_total, params_trainable, keep_saved)
+
+
+def _vocab(config: dict[str, Any]) -> int:
+    return int(config["vocab_size"])
+
+
+def _run(model, config, batch, seq, params_total, params_trainable, keep_saved) -> StepMeasurement:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _vocab(config), (batch, seq), generator=g)
+    ids = ids.to("cpu")
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    param_storages |= {b.untyped_storage()._cdata for b in model.buffers()}
+    refs: list[tuple[weakref.ref, str]] = []
+
+    def pack(t):
+        d = t.detach()
+        if d.untyped_storage()._cdata not in param_storages:
+            refs.append((weakref.ref(d), ""))
+        return d
+
+    with FlopCounterMode(display=False) as fc:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        flops_fwd = fc.get_total_flops()
+        live: dict[int, tuple[int, Any]] = {}
+        for r, _ in refs:
+            t = r()
+            if t is not None:
+                st = t.untyped_storage()
+                live.setdefault(st._cdata, (st.nbytes(), t))
+        saved_bytes = sum(nb for nb, _ in live.values())
+        saved = []
+        if keep_saved:
+            saved = [SavedTensor(tuple(t.shape), str(t.dtype).replace("torch.", ""), nb, "")
+                     for nb, t in live.values()]
+        del live, refs
+        if out.loss.requires_grad:
+            out.loss.backward()
+        flops_total = fc.get_total_flops()
+        by_op = {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
+    return StepMeasurement(params_total, params_trainable, int(flops_fwd),
+                           int(flops_total - flops_fwd), int(saved_bytes), by_op, saved)
