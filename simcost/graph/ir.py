@@ -172,11 +172,21 @@ class ModelGraph:
                     self.tensors[new].storage = self.tensors[storage].storage
             return mapping[tid]
 
+        pmap: dict[int, Param] = {}
+
+        def pcopy(p: Param) -> Param:   # a parameter read by two ops stays one parameter
+            if id(p) not in pmap:
+                pmap[id(p)] = copy.copy(p)
+            return pmap[id(p)]
+
         ops = []
         for op in seg.ops:
+            attrs = dict(op.attrs)
+            if "held_params" in attrs:
+                attrs["held_params"] = tuple(pcopy(p) for p in attrs["held_params"])
             ops.append(Op(op.name, op.kind, tuple(remap(t) for t in op.inputs),
                           tuple(remap(t) for t in op.outputs),
-                          tuple(copy.copy(p) for p in op.params), dict(op.attrs), op.module))
+                          tuple(pcopy(p) for p in op.params), attrs, op.module))
         return Segment(seg.name, ops, seg.count, seg.first_layer,
                        remap(seg.input_tid) if seg.input_tid is not None else None,
                        remap(seg.output_tid) if seg.output_tid is not None else None)

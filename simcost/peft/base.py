@@ -33,13 +33,13 @@ LORA_DEFAULTS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
                  "gpt2": ["c_attn"], "qwen": ["c_attn"]}
 IA3_DEFAULTS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
                 "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-                "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+                "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
                 "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
                 "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
                 "qwen": (["c_attn", "mlp.c_proj", "w2"], ["mlp.c_proj", "w2"])}
 LN_DEFAULTS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"],
                "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
-               "qwen2": ["input_layernorm", "post_attention_layernorm", "norm"],
+               "qwen2": ["post_attention_layernorm"],
                "mixtral": ["input_layernorm", "post_attention_layernorm", "norm"],
                "gpt2": ["ln_1", "ln_2", "ln_f"], "qwen": ["ln_1", "ln_2", "ln_f"]}
 

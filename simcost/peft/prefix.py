@@ -14,7 +14,8 @@ def apply(g, model, spec) -> None:
     L, kv = model.layers, model.kv_dim
     pro = g.segments[0]
     B = g.batch
-    idx = g.new_tensor((B, p), "int64", is_global=True)
+    # peft expands one arange(p) over the batch: a (B, p) view of a p-element storage
+    idx = g.new_tensor((B, p), "int64", view_of=g.new_tensor((p,), "int64", is_global=True))
     table = g.new_tensor((B, p, L * 2 * kv), "fp32", is_global=True)
     pro.ops.append(Op("prefix_encoder", "embedding", (idx,), (table,),
                       (Param("prompt_encoder.default.embedding.weight", (p, L * 2 * kv), "fp32",

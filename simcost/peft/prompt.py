@@ -23,7 +23,8 @@ def apply(g, model, spec) -> None:
     S = S_tot - p
     # the base embedding sees only the real tokens
     g.tensors[h].shape = (B, S, d)
-    idx = g.new_tensor((B, p), "int64", is_global=True)
+    # peft expands one arange(p) over the batch: a (B, p) view of a p-element storage
+    idx = g.new_tensor((B, p), "int64", view_of=g.new_tensor((p,), "int64", is_global=True))
     prompts = g.new_tensor((B, p, d), "fp32")
     dt = ht.dtype
     ops = [Op("prompt_encoder", "embedding", (idx,), (prompts,),

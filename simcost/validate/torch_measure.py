@@ -98,12 +98,7 @@ def build_peft_model(config: dict[str, Any], peft_config: dict[str, Any] | None,
     model.train()
     if peft_config is not None:
         model = apply_peft(model, peft_config)
-    if peft_config is not None and peft_config.get("peft_type") in _CAST_ADAPTER_DTYPE:
-        pass
     return model
-
-
-_CAST_ADAPTER_DTYPE: set[str] = set()
 
 
 def apply_peft(model, peft_config: dict[str, Any]):
@@ -119,7 +114,7 @@ def apply_peft(model, peft_config: dict[str, Any]):
 
     cfg = peft.PeftConfig.from_peft_type(**peft_config) if hasattr(peft.PeftConfig, "from_peft_type") \
         else peft.get_peft_config(peft_config)
-    return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    return peft.get_peft_model(model, cfg)   # peft's defaults: fp32 adapters on a 16-bit base
 
 
 def measure_step(config: dict[str, Any], peft_config: dict[str, Any] | None, *, batch: int,
