@@ -7,11 +7,12 @@ from simcost.errors import SimcostError
 
 __version__ = "0.1.0"
 
-__all__ = ["SimcostError", "__version__", "estimate_train", "build_graph"]
+__all__ = ["SimcostError", "__version__", "estimate_train", "sweep_train", "build_graph",
+           "TrainEstimate"]
 
 
 def __getattr__(name):  # lazy: keep `import simcost` cheap
-    if name in ("estimate_train", "build_graph", "TrainEstimate"):
+    if name in ("estimate_train", "sweep_train", "build_graph", "TrainEstimate"):
         from simcost import api
 
         return getattr(api, name)

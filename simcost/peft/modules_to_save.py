@@ -15,7 +15,7 @@ def apply_modules_to_save(g, model, spec) -> None:
             continue
         if matches(module_name(op, seg.first_layer), list(spec.modules_to_save)):
             copies = tuple(dataclasses.replace(
-                p, name=p.name.replace(op.module, op.module + ".modules_to_save.default"),
+                p, name=p.name.replace(op.module, op.module + ".modules_to_save.default"), role="adapter",
                 trainable=True) for p in op.params)
             op.attrs["held_params"] = op.params
             op.params = copies

@@ -12,6 +12,7 @@ then materialised as fake CPU tensors, so a 7B step costs seconds and no memory.
 """
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -162,6 +163,9 @@ def _run(model, config, batch, seq, params_total, params_trainable, keep_saved) 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(input_ids=ids, labels=ids, use_cache=False)
         flops_fwd = fc.get_total_flops()
+        # graphs that forward built and dropped (DoRA's detached weight norm) can sit in
+        # reference cycles until the collector runs; they are garbage, not saved activations
+        gc.collect()
         live: dict[int, tuple[int, Any]] = {}
         for r, _ in refs:
             t = r()

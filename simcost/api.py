@@ -1,0 +1,169 @@
+"""The Python what-if API: the same estimate as ``simcost estimate train``, as typed results.
+
+>>> from simcost import estimate_train
+>>> r = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=1, seq=2048, peft="lora", rank=16)
+>>> r.params_trainable
+8388608
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from simcost.errors import SimcostError
+from simcost.graph.ir import ModelGraph
+from simcost.hardware import load_profile
+from simcost.models.config import ModelSpec, load_model
+from simcost.peft.spec import PeftSpec, from_adapter_config, validate
+from simcost import pipeline
+from simcost.sim.analysis import Analysis
+from simcost.sim.train import check_options, train_numbers
+
+
+class TrainEstimate(BaseModel):
+    """One training-step estimate (SI units: FLOPs, bytes, seconds)."""
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model: str
+    hardware: str
+    batch: int
+    seq: int
+    dtype: str
+    mixed_precision: str
+    attn: str
+    optimizer: str
+    grad_checkpointing: bool
+    peft: dict
+    params: dict
+    flops: dict
+    memory_bytes: dict
+    time_s: dict
+    tokens_per_s: float
+    fits: bool
+
+    @property
+    def params_trainable(self) -> int:
+        return self.params["trainable"]
+
+    @property
+    def params_total(self) -> int:
+        return self.params["total"]
+
+
+def resolve_peft(peft: str | PeftSpec | None = None, peft_config: str | None = None,
+                 **shorthand: Any) -> PeftSpec:
+    if peft_config is not None:
+        if peft not in (None, "full") and not isinstance(peft, PeftSpec):
+            raise SimcostError("give either --peft or --peft-config, not both")
+        return from_adapter_config(peft_config)
+    if isinstance(peft, PeftSpec):
+        return peft
+    kw = {k: v for k, v in shorthand.items() if v is not None}
+    if "targets" in kw and isinstance(kw["targets"], str) and kw["targets"] != "all-linear":
+        kw["targets"] = tuple(t.strip() for t in kw["targets"].split(",") if t.strip())
+    if "rank" in kw:
+        kw["r"] = kw.pop("rank")
+        kw.setdefault("alpha", 2 * kw["r"])
+    spec = PeftSpec(method=peft or "full", **kw)
+    validate(spec)
+    return spec
+
+
+def _model(model: str | ModelSpec) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else load_model(model)
+
+
+def _check_seq(spec: ModelSpec, seq, extra: int) -> None:
+    s = np.max(np.asarray(seq)) + extra
+    if s > spec.max_positions:
+        raise SimcostError(f"sequence length {int(s)} exceeds {spec.name}'s "
+                           f"{spec.max_positions} positions")
+    if np.min(np.asarray(seq)) < 1:
+        raise SimcostError("sequence length must be >= 1")
+
+
+def graph(model: str | ModelSpec, *, batch, seq, dtype: str = "bf16", attn: str = "sdpa",
+          peft: PeftSpec | None = None) -> tuple[ModelGraph, Analysis]:
+    """The analysed operator graph, for inspecting per-op costs
+    (``graph.to_networkx()`` gives one node per op with its ``OpCost``)."""
+    spec = _model(model)
+    return pipeline.build_graph(spec, batch, seq, dtype=dtype, attn=attn, peft=peft)
+
+
+def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: int,
+                   peft: str | PeftSpec | None = None, peft_config: str | None = None,
+                   dtype: str = "bf16", mixed_precision: str = "none", attn: str = "sdpa",
+                   optimizer: str = "adamw", grad_checkpointing: bool = False,
+                   **peft_options: Any) -> TrainEstimate:
+    """Estimate one training step (forward with loss, backward, optimizer step)."""
+    if batch < 1:
+        raise SimcostError(f"batch must be >= 1, got {batch}")
+    check_options(dtype, mixed_precision)
+    spec = _model(model)
+    pspec = resolve_peft(peft, peft_config, **peft_options)
+    from simcost.peft import tokens_added
+    _check_seq(spec, seq, tokens_added(pspec))
+    device = load_profile(hardware).device()
+    compute = mixed_precision if mixed_precision != "none" else dtype
+    g, a = pipeline.build_graph(spec, batch, seq, dtype=compute, attn=attn, peft=pspec)
+    if dtype != compute:   # AMP: parameters stored in ``dtype``, compute in the 16-bit type
+        for p, _ in g.params():
+            if p.dtype == compute and p.role != "adapter":
+                p.dtype = dtype
+    n = train_numbers(g, a, device, batch=batch, seq=seq, optimizer=optimizer,
+                      mixed=mixed_precision, checkpointing=grad_checkpointing)
+    f = lambda x: float(x)  # noqa: E731
+    return TrainEstimate(
+        model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
+        mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+        grad_checkpointing=grad_checkpointing, peft=_peft_dict(pspec),
+        params={"total": n.params_total, "trainable": n.params_trainable,
+                "added": n.params_added, "with_adapters": n.params_total + n.params_added},
+        flops={k: f(v) for k, v in n.flops.items()},
+        memory_bytes={k: f(v) for k, v in n.memory_bytes.items()},
+        time_s={k: f(v) for k, v in n.time_s.items()},
+        tokens_per_s=f(n.tokens_per_s), fits=bool(n.fits))
+
+
+def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -> dict:
+    """Vectorised estimate over every (batch, seq) pair: one graph, numpy arrays throughout.
+
+    Returns arrays shaped (len(batches), len(seqs)) for step time, tokens/s, peak memory, fits.
+    """
+    spec = _model(model)
+    dtype = kw.pop("dtype", "bf16")
+    mixed = kw.pop("mixed_precision", "none")
+    attn = kw.pop("attn", "sdpa")
+    optimizer = kw.pop("optimizer", "adamw")
+    ckpt = kw.pop("grad_checkpointing", False)
+    check_options(dtype, mixed)
+    pspec = resolve_peft(kw.pop("peft", None), kw.pop("peft_config", None), **kw)
+    bb, ss = np.meshgrid(np.asarray(batches, dtype=np.float64), np.asarray(seqs, dtype=np.float64),
+                         indexing="ij")
+    from simcost.peft import tokens_added
+    _check_seq(spec, ss, tokens_added(pspec))
+    device = load_profile(hardware).device()
+    compute = mixed if mixed != "none" else dtype
+    g, a = pipeline.build_graph(spec, bb.ravel(), ss.ravel(), dtype=compute, attn=attn, peft=pspec)
+    n = train_numbers(g, a, device, batch=bb.ravel(), seq=ss.ravel(), optimizer=optimizer,
+                      mixed=mixed, checkpointing=ckpt)
+    shape = bb.shape
+    return {"batch": bb, "seq": ss,
+            "step_s": np.broadcast_to(n.time_s["step"], bb.size).reshape(shape),
+            "tokens_per_s": np.broadcast_to(n.tokens_per_s, bb.size).reshape(shape),
+            "peak_bytes": np.broadcast_to(n.memory_bytes["peak"], bb.size).reshape(shape),
+            "fits": np.broadcast_to(n.fits, bb.size).reshape(shape)}
+
+
+def _peft_dict(spec: PeftSpec) -> dict:
+    d = {"method": "dora" if spec.dora else spec.method}
+    if spec.method in ("lora", "dora", "qlora"):
+        d.update(r=spec.r, alpha=spec.alpha, targets=spec.targets, rslora=spec.rslora,
+                 dropout=spec.dropout)
+    if spec.method in ("prefix", "prompt"):
+        d["num_virtual_tokens"] = spec.num_virtual_tokens
+    return d
+
+
+build_graph = graph

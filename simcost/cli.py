@@ -1,0 +1,160 @@
+"""``simcost`` command line: capacity planning without torch.
+
+Every bad input ends in one line on stderr and exit code 2; nothing is written before the
+inputs are known to be good.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from simcost.errors import SimcostError
+
+PEFT_CHOICES = ("full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "ln_tuning",
+                "prefix", "prompt", "adapter")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message otherwise)
+        raise SimcostError(f"{self.prog}: {message}")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{s}'") from None
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="simcost", description="PEFT training and serving cost model.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    est = sub.add_parser("estimate", help="estimate one step")
+    est_sub = est.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    t = est_sub.add_parser("train", help="one training step: FLOPs, memory, time, fits",
+                           description="Estimate one training step (forward with loss, backward, "
+                                       "optimizer step) of MODEL on HARDWARE.")
+    t.add_argument("--model", required=True, help="zoo name, config.json path or its directory")
+    t.add_argument("--hardware", required=True, help="profile name or profile JSON path")
+    t.add_argument("--batch", type=_positive_int, required=True)
+    t.add_argument("--seq", type=_positive_int, required=True)
+    t.add_argument("--peft", default=None, choices=PEFT_CHOICES, metavar="NAME",
+                   help=f"PEFT method ({', '.join(PEFT_CHOICES)}); default full")
+    t.add_argument("--peft-config", default=None, metavar="PATH",
+                   help="peft adapter_config.json (or its directory)")
+    t.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank r (default 8)")
+    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    t.add_argument("--targets", default=None,
+                   help="comma-separated target modules, or all-linear (default: peft's)")
+    t.add_argument("--lora-dropout", type=float, default=None)
+    t.add_argument("--rslora", action="store_true", default=None)
+    t.add_argument("--num-virtual-tokens", type=_positive_int, default=None)
+    t.add_argument("--trainable-layers", type=_positive_int, default=None,
+                   help="freeze: train only the last K blocks (and the head)")
+    t.add_argument("--adapter-dim", type=_positive_int, default=None,
+                   help="serial adapter bottleneck (default 64)")
+    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    t.add_argument("--mixed-precision", default="none", choices=("none", "bf16", "fp16"))
+    t.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash"))
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit"))
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+
+    hw = sub.add_parser("hardware", help="hardware profiles")
+    hw_sub = hw.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    hw_sub.add_parser("list", help="list bundled profiles")
+    show = hw_sub.add_parser("show", help="show one profile with sources")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+
+    models = sub.add_parser("models", help="bundled model configs")
+    models.add_argument("--json", action="store_true")
+
+    val = sub.add_parser("validate", help="check simcost against torch (needs the torch extra)")
+    val_sub = val.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    ex = val_sub.add_parser("exact", help="FLOPs, trainable params and saved activations vs torch")
+    ex.add_argument("--suite", default="tiny", choices=("tiny", "zoo", "all"),
+                    help="tiny: small random configs (real runs); zoo: real sizes on fake tensors")
+    ex.add_argument("--out", default=None, help="write the results as JSON to this path")
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except SimcostError as e:
+        print(f"simcost: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "estimate":
+        return _estimate_train(args)
+    if args.command == "hardware":
+        return _hardware(args)
+    if args.command == "models":
+        return _models(args)
+    if args.command == "validate":
+        from simcost.validate.exact import run_cli
+        return run_cli(args)
+    raise SimcostError(f"unknown command '{args.command}'")
+
+
+def _estimate_train(a) -> int:
+    from simcost.api import estimate_train
+
+    peft = a.peft
+    opts = dict(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.lora_dropout,
+                rslora=a.rslora, num_virtual_tokens=a.num_virtual_tokens,
+                trainable_layers=a.trainable_layers, adapter_dim=a.adapter_dim)
+    if peft == "dora":
+        peft, opts["dora"] = "lora", True
+    r = estimate_train(a.model, a.hardware, batch=a.batch, seq=a.seq, peft=peft,
+                       peft_config=a.peft_config, dtype=a.dtype, mixed_precision=a.mixed_precision,
+                       attn=a.attn, optimizer=a.optimizer, grad_checkpointing=a.grad_checkpointing,
+                       **opts)
+    if a.json:
+        print(json.dumps(r.model_dump()))
+    else:
+        from simcost.report import print_train
+        print_train(r)
+    return 0
+
+
+def _hardware(a) -> int:
+    from simcost.hardware import list_profiles, load_profile
+
+    if a.what == "list":
+        from simcost.report import print_hardware_list
+        print_hardware_list([load_profile(n) for n in list_profiles()])
+        return 0
+    prof = load_profile(a.name)
+    if a.json:
+        print(prof.model_dump_json(indent=2))
+    else:
+        from simcost.report import print_hardware
+        print_hardware(prof)
+    return 0
+
+
+def _models(a) -> int:
+    from simcost.models.config import load_model, zoo_names
+
+    specs = [load_model(n) for n in zoo_names()]
+    if a.json:
+        print(json.dumps([{"name": s.name, "architecture": s.architecture, "layers": s.layers,
+                           "hidden": s.hidden} for s in specs]))
+    else:
+        from simcost.report import print_models
+        print_models(specs)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

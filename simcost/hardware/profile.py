@@ -1,0 +1,123 @@
+"""The profile schema (pydantic, used at the file edge only) and loading by name or path.
+
+The simulator reads a plain :class:`Device` (SI floats) built from the validated file, so the
+hot path never touches pydantic.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from simcost.errors import SimcostError, unknown
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+
+
+class Quantity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    source: str
+    derived: bool = False
+    note: str | None = None
+
+
+class Peaks(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fp32: Quantity
+    tf32: Quantity | None = None
+    bf16: Quantity | None = None
+    fp16: Quantity | None = None
+    fp8: Quantity | None = None
+    int8: Quantity | None = None
+
+
+class Link(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    bandwidth_bytes_per_s: Quantity | None = None
+    latency_s: Quantity | None = None
+
+
+class HardwareProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    display_name: str
+    kind: Literal["gpu", "tpu", "edge", "cpu"]
+    vendor: str
+    peak_flops_per_s: Peaks
+    memory_bytes: Quantity
+    memory_bandwidth_bytes_per_s: Quantity
+    runtime_overhead_bytes: Quantity
+    launch_overhead_s: Quantity
+    interconnect: Link | None = None
+    host_link: Link | None = None
+    tdp_w: Quantity | None = None
+    price_usd_per_hour: Quantity | None = None
+
+    def device(self) -> "Device":
+        peaks = {k: q.value for k, q in self.peak_flops_per_s if q is not None}
+        return Device(self.name, self.kind, peaks, self.memory_bytes.value,
+                      self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
+                      self.launch_overhead_s.value,
+                      self.price_usd_per_hour.value if self.price_usd_per_hour else None)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: str
+    peak_flops_per_s: dict
+    memory_bytes: float
+    memory_bandwidth_bytes_per_s: float
+    runtime_overhead_bytes: float
+    launch_overhead_s: float
+    price_usd_per_hour: float | None
+
+    def matmul_peak(self, dtype: str) -> float:
+        """Dense matrix peak for ``dtype``; fp32 GEMMs use TF32 tensor cores only if asked."""
+        p = self.peak_flops_per_s
+        if dtype in p:
+            return p[dtype]
+        if dtype == "bf16" and "fp16" in p:      # V100: no bf16 path, emulated at fp32 rate
+            return p["fp32"]
+        return p["fp32"]
+
+    def vector_peak(self) -> float:
+        return self.peak_flops_per_s["fp32"]
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+@lru_cache(maxsize=64)
+def _load_file(path: str) -> HardwareProfile:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise SimcostError(f"malformed JSON in {path}: {e.msg} at line {e.lineno}") from None
+    except OSError as e:
+        raise SimcostError(f"cannot read hardware profile {path}: {e.strerror}") from None
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise SimcostError(f"invalid hardware profile {path}: {loc}: {err['msg']}") from None
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.exists():
+        if not p.is_file():
+            raise SimcostError(f"no hardware profile file at '{name_or_path}'")
+        return _load_file(str(p.resolve()))
+    file = PROFILE_DIR / f"{name_or_path}.json"
+    if not file.is_file():
+        raise unknown("hardware", name_or_path, list_profiles())
+    return _load_file(str(file))

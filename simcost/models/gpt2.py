@@ -1,0 +1,59 @@
+"""GPT-2 as transformers computes it: learned positions, pre-LayerNorm blocks, fused c_attn
+(Conv1D), GELU (python tanh form), dropout after embeddings, attention probabilities and both
+residual branches, tied LM head."""
+from __future__ import annotations
+
+from simcost.graph.ir import ModelGraph, Segment
+from simcost.models.attention import attention_core
+from simcost.models.builder import SegmentBuilder
+from simcost.models.config import ModelSpec
+
+
+def build_gpt2(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
+    B, S, dt = g.batch, g.seq, g.dtype
+    d = spec.hidden
+
+    pro = Segment("embed", [])
+    g.segments.append(pro)
+    b = SegmentBuilder(g, pro, "transformer.")
+    ids = g.new_tensor((B, S), "int64", is_global=True)
+    g.meta["input_ids"] = ids
+    pos = g.new_tensor((1, S), "int64", is_global=True)
+    wte = b.param("wte", "weight", (spec.vocab, d), dt, "embedding")
+    tok = b.op("embedding", "wte", [ids], (B, S, d), dt, params=[wte], module="wte")
+    pe = b.op("embedding", "wpe", [pos], (1, S, d), dt,
+              params=[b.param("wpe", "weight", (spec.max_positions, d), dt, "embedding")], module="wpe")
+    h = b.op("add", "embed_sum", [tok, pe], (B, S, d), dt)
+    pro.output_tid = b.dropout("embd_dropout", h, spec.dropout_embd)
+
+    blk = Segment("h", [], count=spec.layers, first_layer=0)
+    g.segments.append(blk)
+    b = SegmentBuilder(g, blk, "transformer.h.{i}.")
+    x = g.new_tensor((B, S, d), dt)
+    blk.input_tid = x
+    n1 = b.norm("layer_norm", "ln_1", "ln_1", x, d, dt, bias=True)
+    qkv = b.linear("c_attn", "attn.c_attn", n1, d, 3 * d, True, dt)
+    q = b.op("view", "q_split", [qkv], (B, S, d), dt, view=True)
+    k = b.op("view", "k_split", [qkv], (B, S, d), dt, view=True)
+    v = b.op("view", "v_split", [qkv], (B, S, d), dt, view=True)
+    ctx = attention_core(b, spec, q, k, v, attn, dropout=spec.dropout_attn)
+    o = b.linear("c_proj", "attn.c_proj", ctx, d, d, True, dt)
+    o = b.dropout("resid_dropout", o, spec.dropout_resid)
+    h1 = b.like("add", "attn_residual", [x, o])
+    n2 = b.norm("layer_norm", "ln_2", "ln_2", h1, d, dt, bias=True)
+    fc = b.linear("c_fc", "mlp.c_fc", n2, d, spec.ffn, True, dt)
+    act = b.like("gelu_new" if spec.act == "gelu_new" else "gelu", "act", [fc])
+    mo = b.linear("mlp_c_proj", "mlp.c_proj", act, spec.ffn, d, True, dt)
+    mo = b.dropout("mlp_dropout", mo, spec.dropout_resid)
+    blk.output_tid = b.like("add", "mlp_residual", [h1, mo])
+
+    head = Segment("head", [])
+    g.segments.append(head)
+    b = SegmentBuilder(g, head, "transformer.")
+    xh = g.new_tensor((B, S, d), dt)
+    head.input_tid = xh
+    nf = b.norm("layer_norm", "ln_f", "ln_f", xh, d, dt, bias=True)
+    b.prefix = ""
+    lm = [wte] if spec.tie_embeddings else [b.param("lm_head", "weight", (spec.vocab, d), dt)]
+    logits = b.op("linear", "lm_head", [nf], (B, S, spec.vocab), dt, params=lm, module="lm_head")
+    head.output_tid = b.op("cross_entropy", "loss", [logits, ids], (), "fp32", module="loss")

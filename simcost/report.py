@@ -1,0 +1,100 @@
+"""Human-readable tables (rich). Units become human units only here."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+GiB = 2 ** 30
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def _time(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def print_train(r) -> None:
+    c = _console()
+    p = r.peft
+    title = (f"{r.model} on {r.hardware}: batch {r.batch} x seq {r.seq}, {p['method']}"
+             + (f" r={p['r']}" if "r" in p else "") + f", {r.dtype}"
+             + (f" + {r.mixed_precision} mixed" if r.mixed_precision != "none" else "")
+             + f", attn {r.attn}, {r.optimizer}" + (", grad ckpt" if r.grad_checkpointing else ""))
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("parameters (base model)", f"{r.params['total']:,}")
+    t.add_row("parameters trainable", f"{r.params['trainable']:,} "
+              f"({100 * r.params['trainable'] / max(r.params['total'], 1):.3f} %)")
+    f = r.flops
+    t.add_row("FLOPs forward / backward", f"{_si(f['forward'], 'FLOP')} / {_si(f['backward'], 'FLOP')}")
+    t.add_row("  backward: activation / weight grads",
+              f"{_si(f['backward_activation'], 'FLOP')} / {_si(f['backward_weight'], 'FLOP')}")
+    m = r.memory_bytes
+    for k in ("weights", "gradients", "optimizer", "master_weights", "activations",
+              "temporaries", "runtime_overhead"):
+        t.add_row(f"memory {k.replace('_', ' ')}", f"{m[k] / GiB:.2f} GiB")
+    verdict = "[green]fits[/green]" if r.fits else "[red]does NOT fit[/red]"
+    t.add_row("[bold]peak memory[/bold]", f"[bold]{m['peak'] / GiB:.2f} GiB[/bold] of "
+              f"{m['capacity'] / GiB:.0f} GiB: {verdict}")
+    ts = r.time_s
+    t.add_row("time forward / backward / optimizer",
+              f"{_time(ts['forward'])} / {_time(ts['backward'])} / {_time(ts['optimizer'])}")
+    t.add_row("[bold]step time[/bold]", f"[bold]{_time(ts['step'])}[/bold]")
+    t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    c.print(t)
+    c.print("time model: plain roofline at datasheet peaks (an optimistic bound)", style="dim")
+
+
+def print_hardware_list(profiles) -> None:
+    t = Table(show_header=True, header_style="bold")
+    for col in ("name", "device", "kind", "memory", "bandwidth", "bf16 peak", "fp32 peak"):
+        t.add_column(col)
+    for p in profiles:
+        pk = p.peak_flops_per_s
+        t.add_row(p.name, p.display_name, p.kind, f"{p.memory_bytes.value / GiB:.0f} GiB",
+                  f"{p.memory_bandwidth_bytes_per_s.value / 1e9:.0f} GB/s",
+                  _si(pk.bf16.value, "FLOP/s") if pk.bf16 else "-", _si(pk.fp32.value, "FLOP/s"))
+    _console().print(t)
+
+
+def print_hardware(p) -> None:
+    t = Table(title=f"{p.name}: {p.display_name}", show_header=True, header_style="bold")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_column("source")
+    for k, q in p.peak_flops_per_s:
+        if q is not None:
+            t.add_row(f"peak {k}", _si(q.value, "FLOP/s"), _src(q))
+    t.add_row("memory", f"{p.memory_bytes.value / GiB:.1f} GiB", _src(p.memory_bytes))
+    t.add_row("bandwidth", f"{p.memory_bandwidth_bytes_per_s.value / 1e9:.0f} GB/s",
+              _src(p.memory_bandwidth_bytes_per_s))
+    t.add_row("runtime overhead", f"{p.runtime_overhead_bytes.value / GiB:.2f} GiB",
+              _src(p.runtime_overhead_bytes))
+    t.add_row("launch overhead", f"{p.launch_overhead_s.value * 1e6:.1f} us", _src(p.launch_overhead_s))
+    if p.price_usd_per_hour:
+        t.add_row("price", f"${p.price_usd_per_hour.value:.2f}/h", _src(p.price_usd_per_hour))
+    _console().print(t)
+
+
+def _src(q) -> str:
+    return ("[derived] " if q.derived else "") + q.source[:90]
+
+
+def print_models(specs) -> None:
+    t = Table(show_header=True, header_style="bold")
+    for col in ("name", "architecture", "layers", "hidden", "heads/kv", "ffn", "vocab"):
+        t.add_column(col)
+    for s in specs:
+        t.add_row(s.name, s.architecture, str(s.layers), str(s.hidden), f"{s.heads}/{s.kv_heads}",
+                  str(s.ffn), str(s.vocab))
+    _console().print(t)

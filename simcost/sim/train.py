@@ -1,0 +1,75 @@
+"""Training-step estimate: the pipeline's last stage, from an analysed graph to numbers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simcost.dtypes import FLOAT_DTYPES
+from simcost.errors import SimcostError
+from simcost.sim.memory import MIXED, training_memory
+from simcost.sim.timing import optimizer_time, phase_times
+
+
+@dataclass
+class TrainNumbers:
+    params_total: int
+    params_added: int
+    params_trainable: int
+    flops: dict
+    memory_bytes: dict
+    time_s: dict
+    tokens_per_s: object
+    fits: object
+
+
+def check_options(dtype: str, mixed: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise SimcostError(f"unknown dtype '{dtype}'; valid: {', '.join(FLOAT_DTYPES)}")
+    if mixed not in MIXED:
+        raise SimcostError(f"unknown mixed precision '{mixed}'; valid: {', '.join(MIXED)}")
+
+
+def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str,
+                  checkpointing: bool) -> TrainNumbers:
+    total = 0          # the base model's parameters
+    added = 0          # what the PEFT method adds (adapters, trainable copies)
+    trainable = 0
+    n_tensors = 0
+    for p, count in g.params():
+        if p.role == "adapter":
+            added += p.numel * count
+        else:
+            total += p.numel * count
+        if p.trainable:
+            trainable += p.numel * count
+            n_tensors += count
+    a = analysis
+    fwd_mm = a.total("fwd_matmul_flops")
+    bwd_mm = a.total("bwd_act_matmul_flops") + a.total("bwd_weight_matmul_flops")
+    fwd = a.total("fwd_flops")
+    bwd_act = a.total("bwd_act_flops")
+    bwd_w = a.total("bwd_weight_flops")
+    recompute = 0
+    if checkpointing:
+        for r in a.records:
+            if r.op.module.startswith(("model.layers", "transformer.h")):
+                recompute = recompute + r.cost.fwd_flops * r.count
+    opt_flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable
+    compute_dtype = g.dtype
+    t_fwd, t_bwd = phase_times(device, compute_dtype, a, recompute_blocks=checkpointing)
+    t_opt = optimizer_time(device, optimizer, trainable, n_tensors, mixed)
+    step = t_fwd + t_bwd + t_opt
+    mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
+                          runtime_overhead=device.runtime_overhead_bytes)
+    flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
+             "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
+             "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}
+    memory = {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
+              "master_weights": mem.master_weights, "activations": mem.activations,
+              "temporaries": mem.temporaries, "runtime_overhead": mem.runtime_overhead,
+              "peak": mem.peak, "capacity": device.memory_bytes}
+    times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt}
+    tokens = batch * seq
+    return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
+                        np.asarray(mem.peak) <= device.memory_bytes)
