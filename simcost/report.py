@@ -8,7 +8,10 @@ GiB = 2 ** 30
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    c = Console(highlight=False, soft_wrap=False)
+    if not c.is_terminal:          # piped output: don't squeeze tables to 80 columns
+        c = Console(highlight=False, soft_wrap=False, width=160)
+    return c
 
 
 def _si(x: float, unit: str) -> str:

@@ -26,6 +26,13 @@ def _bytes(g, tids):
     return total
 
 
+def device_kind(g) -> str:
+    """Which aten kernels run the step: ``'cpu'`` (the default, what ``simcost.validate``
+    measures) or ``'gpu'`` (CUDA/ROCm). A few kernels save different things per device
+    (dropout's mask, layer_norm's statistics); ``g.meta['device_kind']`` picks the set."""
+    return g.meta.get("device_kind", "cpu")
+
+
 def _elementwise(op, g, rg, flops_per_elem: float, saved: list, *, bwd_flops_per_elem: float = 2.0,
                  bwd_reads: int = 1) -> OpCost:
     out = _t(g, op.outputs[0])
@@ -218,9 +225,16 @@ def softmax(op, g, rg, train):
 
 @register("dropout")
 def dropout(op, g, rg, train):
-    """Training-mode dropout with p > 0 keeps a bool mask (p == 0 is built as a view)."""
+    """Training-mode dropout, p > 0 (p == 0 is built as a view: torch returns the input).
+
+    Saves one mask of the input's shape, nothing else (not the input, not the output):
+    - CPU: ``at::dropout`` takes the fused ``native_dropout`` only on CUDA/XPU/lazy tensors;
+      elsewhere ``_dropout_impl`` computes ``input * noise`` with
+      ``noise = bernoulli_(1-p) / (1-p)`` in the *input dtype*, and MulBackward keeps ``noise``;
+    - GPU: ``native_dropout`` keeps its bool mask (1 byte per element)."""
     y = _t(g, op.outputs[0])
-    return _elementwise(op, g, rg, 2, [("new", numel(y.shape) * BYTES["bool"])], bwd_flops_per_elem=2)
+    el = BYTES["bool"] if device_kind(g) == "gpu" else BYTES[_t(g, op.inputs[0]).dtype]
+    return _elementwise(op, g, rg, 2, [("new", numel(y.shape) * el)], bwd_flops_per_elem=2)
 
 
 @register("reduce")
@@ -265,13 +279,21 @@ def rms_norm(op, g, rg, train):
 
 @register("layer_norm")
 def layer_norm(op, g, rg, train):
-    """aten.native_layer_norm: saves input, mean and rstd (fp32 per row)."""
+    """aten.native_layer_norm: saves the input (and weight/bias, parameters) plus its per-row
+    ``mean`` and ``rstd`` outputs (shape rows x 1). Their dtype is the kernel's: on CPU
+    ``layer_norm_cpu`` allocates them in the parameters' dtype unless input and parameters
+    differ (a 16-bit input with fp32 parameters gets fp32), so a bf16 model keeps bf16
+    statistics; CUDA allocates them in the accumulate type (fp32 for 16-bit inputs)."""
     x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
     n = numel(x.shape)
     rows = n / x.shape[-1]
     cost = OpCost(fwd_flops=7 * n, fwd_bytes=x.nbytes + y.nbytes)
     if rg[0] or any(train):
-        cost.saved = [op.inputs[0], ("new", rows * 4), ("new", rows * 4)]
+        w_dt = op.params[0].dtype if op.params else x.dtype
+        mixed = w_dt != x.dtype
+        stat_dt = "fp32" if (device_kind(g) == "gpu" or mixed or x.dtype == "fp32") else x.dtype
+        stat = rows * BYTES[stat_dt]
+        cost.saved = [op.inputs[0], ("new", stat), ("new", stat)]
         cost.bwd_act_flops = 10 * n if rg[0] else 0
         cost.bwd_weight_flops = 4 * n if any(train) else 0
         cost.bwd_bytes = 3 * x.nbytes

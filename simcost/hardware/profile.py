@@ -60,7 +60,9 @@ class HardwareProfile(BaseModel):
     price_usd_per_hour: Quantity | None = None
 
     def device(self) -> "Device":
-        peaks = {k: q.value for k, q in self.peak_flops_per_s if q is not None}
+        pk = self.peak_flops_per_s
+        peaks = {k: getattr(pk, k).value for k in ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+                 if getattr(pk, k) is not None}
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
                       self.launch_overhead_s.value,

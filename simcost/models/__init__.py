@@ -4,6 +4,9 @@ from __future__ import annotations
 from simcost.errors import SimcostError
 from simcost.graph.ir import ModelGraph
 from simcost.models.config import ModelSpec, load_model, spec_from_config, zoo_names
+from simcost.models.gpt2 import build_gpt2
+from simcost.models.llama import build_llama
+from simcost.models.qwen import build_qwen
 
 ATTN_IMPLS = ("eager", "sdpa", "flash")
 
@@ -17,13 +20,10 @@ def build_model_graph(spec: ModelSpec, batch, seq, dtype: str, attn: str = "sdpa
     g = ModelGraph(batch, seq, dtype)
     g.meta["attn"] = attn
     if spec.family == "llama":
-        from simcost.models.llama import build_llama
         build_llama(spec, g, attn)
     elif spec.family == "gpt2":
-        from simcost.models.gpt2 import build_gpt2
         build_gpt2(spec, g, attn)
     elif spec.family == "qwen":
-        from simcost.models.qwen import build_qwen
         build_qwen(spec, g, attn)
     else:  # pragma: no cover - ARCHITECTURES guards this
         raise SimcostError(f"no graph builder for family '{spec.family}'")

@@ -133,7 +133,8 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
                 vocab=int(_req(cfg, "vocab_size", name=name)),
                 max_positions=int(cfg.get("seq_length") or cfg.get("max_position_embeddings") or 2048),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attn_bias=not cfg.get("no_bias", True) or True, o_bias=False, mlp_bias=False,
+                attn_bias=True, o_bias=not cfg.get("no_bias", True),
+                mlp_bias=not cfg.get("no_bias", True),
                 act="silu", config=cfg)
         d = int(_req(cfg, "hidden_size", name=name))
         heads = int(_req(cfg, "num_attention_heads", name=name))

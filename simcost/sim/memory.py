@@ -35,18 +35,18 @@ class Memory:
 
 
 def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:
-    """trainable: list of (numel, dtype) of trainable tensors."""
+    """trainable: (numel of one tensor, dtype, how many such tensors) per trainable tensor."""
     if optimizer not in OPTIMIZERS:
         raise SimcostError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
     if optimizer == "sgd":          # torch.optim.SGD, momentum 0: no state
         return 0
     total = 0
-    for n, dt in trainable:
+    for n, dt, count in trainable:
         if optimizer == "adamw":    # exp_avg + exp_avg_sq in the param's dtype, fp32 step
             state = 4 if mixed != "none" else BYTES[dt]
-            total += 2 * n * state + 4
+            total += (2 * n * state + 4) * count
         else:                       # bitsandbytes 8-bit AdamW: 2 uint8 states + fp32 absmax per 2048
-            total += 2 * n + 2 * math.ceil(n / 2048) * 4 + 4
+            total += (2 * n + 2 * math.ceil(n / 2048) * 4 + 4) * count
     return total
 
 
@@ -60,7 +60,7 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: b
         weights += p.nbytes * count
         if p.trainable:
             n = p.numel * count
-            trainable.append((n, p.dtype))
+            trainable.append((p.numel, p.dtype, count))
             grads += n * (4 if mixed != "none" else BYTES[p.dtype])
             if mixed != "none" and BYTES[p.dtype] < 4:
                 master += 4 * n
