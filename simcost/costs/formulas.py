@@ -155,8 +155,16 @@ def sdpa(op, g, rg, train):
     """Fused attention (FlashAttention / CPU flash kernel / memory-efficient).
 
     FLOPs follow torch's ``sdpa_flop_count`` (dense, causal masking ignored): 4·b·h·s_q·s_k·d
-    forward; backward 2.5x forward (the kernel recomputes QKᵀ). Saves q, k, v, the output and
-    the fp32 log-sum-exp (b·h·s_q), never the s×s probabilities.
+    forward; backward 2.5x forward (the kernel recomputes QKᵀ).
+
+    Saves q, k, v *as passed* (views of the projections/RoPE outputs, so they share those
+    storages), the output and the fp32 log-sum-exp (b·h·s_q), never the s×s probabilities.
+    GQA: without a mask transformers passes ``enable_gqa=True`` and the kernel reads the
+    Hkv-head k/v directly. With keys longer than queries (a prefix-tuning KV prefix)
+    transformers builds an explicit bool mask instead of ``is_causal``; then
+    (``use_gqa_in_sdpa`` needs no mask) it repeats k/v to H heads first (``repeat_kv`` copies:
+    the kernel saves those), and SDPA converts the bool mask to an additive float mask in the
+    query dtype on every call, which the backward keeps too (b·1·s_q·s_k per layer).
     """
     q, k, v = (_t(g, t) for t in op.inputs[:3])
     y = _t(g, op.outputs[0])
@@ -174,8 +182,24 @@ def sdpa(op, g, rg, train):
         cost.bwd_bytes = 2 * (q.nbytes + k.nbytes + v.nbytes + y.nbytes)
         cost.bwd_kernels = 1
         lse = b_h * s_q * 4
-        cost.saved = [op.inputs[0], op.inputs[1], op.inputs[2], op.outputs[0], ("new", lse)]
+        saved_k, saved_v = op.inputs[1], op.inputs[2]
+        extra = []
+        if _is_true(s_k != s_q):        # explicit mask (KV prefix)
+            eb = BYTES[q.dtype]
+            if q.shape[-3] != k.shape[-3]:   # repeat_kv copies instead of enable_gqa
+                saved_k = ("new", b_h * s_k * d * BYTES[k.dtype])
+                saved_v = ("new", b_h * s_k * d_v * BYTES[v.dtype])
+            extra.append(("new", q.shape[0] * s_q * s_k * eb))
+        cost.saved = [op.inputs[0], saved_k, saved_v, op.outputs[0], ("new", lse)] + extra
     return cost
+
+
+def _is_true(x) -> bool:
+    """A shape comparison that may be vectorised over a batch x sequence sweep."""
+    try:
+        return bool(x)
+    except ValueError:   # numpy array
+        return bool(x.any())
 
 
 # -- element-wise ---------------------------------------------------------------------------

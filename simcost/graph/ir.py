@@ -15,7 +15,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import numpy as np
 
 from simcost.dtypes import BYTES
@@ -212,9 +211,11 @@ class ModelGraph:
                 later.inputs = tuple(rewire_to if t == rewire_from else t for t in later.inputs)
 
     # -- export --------------------------------------------------------------------------
-    def to_networkx(self) -> nx.DiGraph:
+    def to_networkx(self):
         """One node per op instance group: ``'<segment>[<layers>]/<op>'`` with the op, its
         multiplicity and, once analysed, its costs; edges follow tensors."""
+        import networkx as nx   # only here: keeps `import simcost` light
+
         g = nx.DiGraph()
         producer: dict[int, str] = {}
         prev_out: str | None = None

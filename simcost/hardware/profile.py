@@ -14,8 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from simcost.errors import SimcostError, unknown
+from simcost.paths import data_dir
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+PROFILE_DIR = data_dir("hardware_profiles")
 
 
 class Quantity(BaseModel):

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simcost.errors import SimcostError, unknown
+from simcost.paths import data_dir
 
-ZOO_DIR = Path(__file__).resolve().parents[2] / "models_zoo"
+ZOO_DIR = data_dir("models_zoo")
 
 # architecture name -> family builder key
 ARCHITECTURES = {

@@ -128,6 +128,20 @@ def apply_peft(g: ModelGraph, model: ModelSpec, spec) -> None:
     if spec.modules_to_save:
         from simcost.peft.modules_to_save import apply_modules_to_save
         apply_modules_to_save(g, model, spec)
+    resync_views(g)
+
+
+def resync_views(g: ModelGraph) -> None:
+    """A view shares its *input's* storage. Transforms rewire consumers (``insert_after``):
+    a view that now reads the adapter's output (v_heads over LoRA's sum, over (IA)³'s scaled
+    tensor) must take that tensor's storage, or a kernel that saves the view (SDPA keeps q, k,
+    v as passed) would be de-duplicated against the base projection's output."""
+    for _, op in g.iter_ops():
+        if op.kind == "view" and op.inputs:
+            src = g.tensors[op.inputs[0]]
+            out = g.tensors[op.outputs[0]]
+            out.storage = src.storage
+            out.is_global = src.is_global
 
 
 def blocks(g: ModelGraph) -> list[Segment]:
