@@ -4,7 +4,10 @@ Peak is taken over three instants of a step (the optimizer state exists from the
 on, and ``zero_grad(set_to_none=True)`` frees gradients before forward):
 - end of forward: everything autograd saved + the logits the model returns;
 - start of backward: + the loss gradient w.r.t. the logits (fp32, plus its cast);
-- end of backward: all gradients + the gradient flowing through the lowest block.
+- end of backward: all gradients + the gradient flowing through the lowest block;
+- optimizer step: all gradients + the update's temporaries (torch's for-loop AdamW on CPU
+  allocates about two tensors the size of the largest parameter; the foreach implementation,
+  the default on GPUs, one list as large as all exp_avg_sq states).
 plus the largest transient an op allocates (DoRA's dense weight, NF4 dequantisation) and the
 runtime's own reservation from the hardware profile.
 """
@@ -51,7 +54,7 @@ def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:
 
 
 def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: bool,
-                    runtime_overhead: float) -> Memory:
+                    runtime_overhead: float, foreach: bool = True) -> Memory:
     weights = 0
     grads = 0
     master = 0
@@ -65,6 +68,12 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: b
             if mixed != "none" and BYTES[p.dtype] < 4:
                 master += 4 * n
     opt = optimizer_state_bytes(optimizer, trainable, mixed)
+    if optimizer == "sgd" or not trainable:
+        opt_temp = 0
+    elif foreach:
+        opt_temp = opt / 2
+    else:
+        opt_temp = 2 * max(n * (4 if mixed != "none" else BYTES[dt]) for n, dt, _ in trainable)
 
     act = analysis.activations_bytes
     if checkpointing:
@@ -80,7 +89,8 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: b
     end_fwd = act + logits
     start_bwd = act + logits + loss_grad
     end_bwd = grads + 2 * lowest_grad
-    dynamic = np.maximum(np.maximum(end_fwd, start_bwd), end_bwd) + temps
+    opt_step = grads + opt_temp
+    dynamic = np.maximum(np.maximum(np.maximum(end_fwd, start_bwd), end_bwd), opt_step) + temps
     peak = runtime_overhead + weights + master + opt + dynamic
     return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak)
 

@@ -61,7 +61,8 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     t_opt = optimizer_time(device, optimizer, trainable, n_tensors, mixed)
     step = t_fwd + t_bwd + t_opt
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
-                          runtime_overhead=device.runtime_overhead_bytes)
+                          runtime_overhead=device.runtime_overhead_bytes,
+                          foreach=device.kind != "cpu")
     flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
              "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
              "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}
