@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="bundled model configs")
     models.add_argument("--json", action="store_true")
 
+    cal = sub.add_parser("calibrate", help="microbenchmark this machine and write a profile "
+                                           "(needs torch)")
+    cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    cal.add_argument("--threads", type=_positive_int, default=None, help="torch threads (CPU)")
+    cal.add_argument("--dtypes", default="fp32,bf16", help="comma-separated GEMM dtypes to fit")
+    cal.add_argument("--base", default=None,
+                     help="profile to start from (default cpu-generic / h100-sxm)")
+    cal.add_argument("--out", required=True, help="path of the profile JSON to write")
+
     val = sub.add_parser("validate", help="check simcost against torch (needs the torch extra)")
     val_sub = val.add_subparsers(dest="what", required=True, parser_class=_Parser)
     ex = val_sub.add_parser("exact", help="FLOPs, trainable params and saved activations vs torch")
@@ -100,6 +109,9 @@ def _dispatch(args) -> int:
         return _hardware(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "calibrate":
+        from simcost.hardware.calibrate import run_cli as calibrate
+        return calibrate(args)
     if args.command == "validate":
         from simcost.validate.exact import run_cli
         return run_cli(args)
