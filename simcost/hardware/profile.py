@@ -44,6 +44,23 @@ class Link(BaseModel):
     latency_s: Quantity | None = None
 
 
+class TimeModelSpec(BaseModel):
+    """Parameters of the per-op time model (all optional; see simcost.sim.timing)."""
+    model_config = ConfigDict(extra="allow")
+    matmul_efficiency: Quantity | None = None      # achievable / dense peak at large shapes
+    bandwidth_efficiency: Quantity | None = None   # achievable / datasheet bandwidth
+    compute_units: Quantity | None = None          # SMs / CUs / cores: wave quantisation
+    tile_m: Quantity | None = None
+    tile_n: Quantity | None = None
+    matmul_half_m: Quantity | None = None          # fitted saturation (calibrated profiles)
+    matmul_half_n: Quantity | None = None
+    matmul_half_k: Quantity | None = None
+    matmul_sharpness_m: Quantity | None = None
+    matmul_sharpness_n: Quantity | None = None
+    matmul_sharpness_k: Quantity | None = None
+    step_overhead_s: Quantity | None = None        # per-step host work (framework, Python)
+
+
 class HardwareProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -59,15 +76,22 @@ class HardwareProfile(BaseModel):
     host_link: Link | None = None
     tdp_w: Quantity | None = None
     price_usd_per_hour: Quantity | None = None
+    time_model: TimeModelSpec | None = None
 
     def device(self) -> "Device":
         pk = self.peak_flops_per_s
         peaks = {k: getattr(pk, k).value for k in ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
                  if getattr(pk, k) is not None}
+        tm = {}
+        if self.time_model is not None:
+            for k in TimeModelSpec.model_fields:
+                q = getattr(self.time_model, k)
+                if q is not None:
+                    tm[k] = q.value
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
                       self.launch_overhead_s.value,
-                      self.price_usd_per_hour.value if self.price_usd_per_hour else None)
+                      self.price_usd_per_hour.value if self.price_usd_per_hour else None, tm)
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,7 @@ class Device:
     runtime_overhead_bytes: float
     launch_overhead_s: float
     price_usd_per_hour: float | None
+    time_model: dict | None = None
 
     def matmul_peak(self, dtype: str) -> float:
         """Dense matrix peak for ``dtype``; fp32 GEMMs use TF32 tensor cores only if asked."""
