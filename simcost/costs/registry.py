@@ -29,6 +29,8 @@ class OpCost:
     bwd_kernels: int = 0
     saved: list = field(default_factory=list)   # tensor ids or ("new", nbytes)
     temp_bytes: Number = 0           # transient forward workspace beyond inputs/outputs
+    gemms_fwd: list = field(default_factory=list)   # (batch, m, n, k) per GEMM, for the time model
+    gemms_bwd: list = field(default_factory=list)
 
 
 Formula = Callable[..., OpCost]

@@ -1,41 +1,127 @@
-"""A plain roofline per op: time = max(compute, memory) + launch overhead per kernel.
+"""The time model: per op, per phase, with the few physical effects a roofline misses.
 
-Matmul FLOPs run at the dtype's dense tensor peak, other FLOPs at the vector (fp32) peak;
-bytes at the datasheet bandwidth. This is the day-one model; the calibrated time model
-replaces the efficiencies.
+For one op in one phase (forward, or backward):
+
+    t_exec = Σ_gemm 2mnk·batch / (P_dtype · eff(m, n, k))  +  other FLOPs / P_vector
+    t      = max(t_exec, bytes / BW_achievable)  (+ launch)
+
+- ``P_dtype``: the dense matrix peak of the dtype times the device's achievable fraction
+  (``time_model.matmul_efficiency``: measured maximum-achievable-matmul numbers for GPUs,
+  1.0 for a calibrated profile whose peaks are already measured).
+- ``eff``: how far a GEMM of this shape falls below that: on a calibrated profile the fitted
+  saturation ``Π 1/(1+(h/x)^a)`` over m, n, k; on a GPU profile tile quantisation
+  (m, n padded to the tile) and wave quantisation (tiles spread over the compute units, the
+  last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak.
+- ``BW_achievable``: datasheet bandwidth times ``time_model.bandwidth_efficiency``.
+- launch: on GPUs kernels are launched asynchronously, so an op costs at least its kernels'
+  launch time (a CPU-bound eager loop) but launches hide behind longer kernels:
+  ``max(t, kernels·launch)``; on CPUs every op is dispatched synchronously: ``t + kernels·o``.
+- ``time_model.step_overhead_s``: host work per step outside the ops.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def op_time(device, dtype: str, matmul_flops, other_flops, nbytes, kernels):
-    compute = matmul_flops / device.matmul_peak(dtype) + other_flops / device.vector_peak()
-    memory = nbytes / device.memory_bandwidth_bytes_per_s
-    return np.maximum(compute, memory) + kernels * device.launch_overhead_s
+@dataclass(frozen=True)
+class TimeModel:
+    kind: str
+    mm_peak: dict
+    vec_peak: float
+    bandwidth: float
+    launch_s: float
+    step_overhead_s: float
+    half: tuple | None
+    sharp: tuple
+    units: int | None
+    tile: tuple
+
+    @classmethod
+    def from_device(cls, dev) -> "TimeModel":
+        tm = dev.time_model or {}
+        eff = tm.get("matmul_efficiency", 1.0)
+        mm = {k: v * eff for k, v in dev.peak_flops_per_s.items()}
+        half = None
+        if "matmul_half_m" in tm:
+            half = (tm["matmul_half_m"], tm["matmul_half_n"], tm["matmul_half_k"])
+        sharp = (tm.get("matmul_sharpness_m", 1.0), tm.get("matmul_sharpness_n", 1.0),
+                 tm.get("matmul_sharpness_k", 1.0))
+        units = int(tm["compute_units"]) if "compute_units" in tm else None
+        tile = (tm.get("tile_m", 128), tm.get("tile_n", 128))
+        return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
+                   dev.memory_bandwidth_bytes_per_s * tm.get("bandwidth_efficiency", 1.0),
+                   dev.launch_overhead_s, tm.get("step_overhead_s", 0.0), half, sharp, units, tile)
+
+    def matmul_peak(self, dtype: str) -> float:
+        p = self.mm_peak
+        if dtype in p:
+            return p[dtype]
+        return p["fp32"]
+
+    def gemm_efficiency(self, batch, m, n, k):
+        """Fraction of the dtype's achievable peak a (batch x) m·n·k GEMM reaches."""
+        if self.half is not None:
+            e = 1.0
+            for x, h, a in zip((m, n, k), self.half, self.sharp):
+                e = e / (1.0 + (h / np.maximum(x, 1)) ** a)
+            return e
+        if self.units is not None:
+            tm, tn = self.tile
+            tiles = np.ceil(m / tm) * np.ceil(n / tn) * batch
+            waves = np.ceil(tiles / self.units)
+            util = (batch * m * n) / (waves * self.units * tm * tn)
+            return util * k / (k + 16.0)
+        return 1.0
+
+    def gemm_time(self, dtype: str, batch, m, n, k):
+        flops = 2.0 * batch * m * n * k
+        return flops / (self.matmul_peak(dtype) * self.gemm_efficiency(batch, m, n, k))
+
+    def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels):
+        if gemms:
+            t_mm = 0.0
+            for batch, m, n, k in gemms:
+                t_mm = t_mm + self.gemm_time(dtype, batch, m, n, k)
+        else:
+            t_mm = matmul_flops / self.matmul_peak(dtype)
+        t = np.maximum(t_mm + other_flops / self.vec_peak, nbytes / self.bandwidth)
+        if self.kind == "cpu":
+            return t + kernels * self.launch_s
+        return np.maximum(t, kernels * self.launch_s)
 
 
-def phase_times(device, dtype: str, analysis, *, recompute_blocks: bool = False):
-    """(forward, backward) seconds summed over ops."""
+def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool = False,
+                per_op: list | None = None):
+    """(forward, backward) seconds summed over ops; ``per_op`` collects (record, fwd, bwd)."""
     fwd = 0
     bwd = 0
     for r in analysis.records:
         c = r.cost
+        tf = 0
+        tb = 0
         if c.fwd_kernels:
-            t = op_time(device, dtype, c.fwd_matmul_flops, c.fwd_flops - c.fwd_matmul_flops,
-                        c.fwd_bytes, c.fwd_kernels)
-            fwd = fwd + t * r.count
+            tf = tm.phase_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
+                               c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels)
+            fwd = fwd + tf * r.count
             if recompute_blocks and r.rg_out and r.op.module.startswith(("model.layers", "transformer.h")):
-                bwd = bwd + t * r.count
+                bwd = bwd + tf * r.count
         if c.bwd_kernels:
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
-            bwd = bwd + op_time(device, dtype, mm, other, c.bwd_bytes, c.bwd_kernels) * r.count
+            tb = tm.phase_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.bwd_kernels)
+            bwd = bwd + tb * r.count
+        if per_op is not None:
+            per_op.append((r, tf, tb))
     return fwd, bwd
 
 
-def optimizer_time(device, optimizer: str, trainable_numel, n_tensors: int, mixed: str):
-    """Element-wise update over the trainable parameters (memory bound)."""
+def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: int, mixed: str,
+                   foreach: bool):
+    """Element-wise update over the trainable parameters (memory bound). torch's default
+    AdamW is the for-loop implementation on CPU (about 12 kernels per tensor) and the
+    foreach implementation on GPUs (about 12 multi-tensor kernels for all tensors)."""
     if trainable_numel == 0:
         return 0.0
     per = {"adamw": 4 * 7, "sgd": 4 * 3, "adamw8bit": 4 * 3 + 2 * 2}[optimizer]
@@ -43,6 +129,9 @@ def optimizer_time(device, optimizer: str, trainable_numel, n_tensors: int, mixe
         per += 2 + 4      # read the fp32 master, write the 16-bit copy
     flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable_numel
     nbytes = per * trainable_numel
-    kernels = n_tensors * (1 if device.kind == "gpu" else 10)
-    return float(max(flops / device.vector_peak(), nbytes / device.memory_bandwidth_bytes_per_s)
-                 + kernels * device.launch_overhead_s)
+    per_tensor = {"adamw": 12, "sgd": 2, "adamw8bit": 2}[optimizer]
+    kernels = per_tensor * (max(1, n_tensors // 256) if foreach else n_tensors)
+    t = max(flops / tm.vec_peak, nbytes / tm.bandwidth)
+    if tm.kind == "cpu":
+        return float(t + kernels * tm.launch_s)
+    return float(max(t, kernels * tm.launch_s))

@@ -8,7 +8,7 @@ import numpy as np
 from simcost.dtypes import FLOAT_DTYPES
 from simcost.errors import SimcostError
 from simcost.sim.memory import MIXED, training_memory
-from simcost.sim.timing import optimizer_time, phase_times
+from simcost.sim.timing import TimeModel, optimizer_time, phase_times
 
 
 @dataclass
@@ -57,9 +57,10 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
                 recompute = recompute + r.cost.fwd_flops * r.count
     opt_flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable
     compute_dtype = g.dtype
-    t_fwd, t_bwd = phase_times(device, compute_dtype, a, recompute_blocks=checkpointing)
-    t_opt = optimizer_time(device, optimizer, trainable, n_tensors, mixed)
-    step = t_fwd + t_bwd + t_opt
+    tm = TimeModel.from_device(device)
+    t_fwd, t_bwd = phase_times(tm, compute_dtype, a, recompute_blocks=checkpointing)
+    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=device.kind != "cpu")
+    step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
                           runtime_overhead=device.runtime_overhead_bytes,
                           foreach=device.kind != "cpu")
@@ -70,7 +71,8 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
               "master_weights": mem.master_weights, "activations": mem.activations,
               "temporaries": mem.temporaries, "runtime_overhead": mem.runtime_overhead,
               "peak": mem.peak, "capacity": device.memory_bytes}
-    times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt}
+    times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt,
+             "host_overhead": tm.step_overhead_s}
     tokens = batch * seq
     return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
                         np.asarray(mem.peak) <= device.memory_bytes)
