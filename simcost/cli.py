@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--suite", default="tiny", choices=("tiny", "zoo", "all"),
                     help="tiny: small random configs (real runs); zoo: real sizes on fake tensors")
     ex.add_argument("--out", default=None, help="write the results as JSON to this path")
+    stp = val_sub.add_parser("steps", help="measured torch training steps vs the estimate")
+    stp.add_argument("--hardware", default=None,
+                     help="calibrated profile (default: run `simcost calibrate` first)")
+    stp.add_argument("--threads", type=_positive_int, default=None)
+    stp.add_argument("--repeats", type=_positive_int, default=5)
+    stp.add_argument("--limit", type=_positive_int, default=None, help="run only the first N cases")
+    stp.add_argument("--out-dir", default="validation/reports")
     return p
 
 
@@ -113,6 +120,9 @@ def _dispatch(args) -> int:
         from simcost.hardware.calibrate import run_cli as calibrate
         return calibrate(args)
     if args.command == "validate":
+        if args.what == "steps":
+            from simcost.validate.steps import run_cli as steps
+            return steps(args)
         from simcost.validate.exact import run_cli
         return run_cli(args)
     raise SimcostError(f"unknown command '{args.command}'")
