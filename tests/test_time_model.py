@@ -1,0 +1,60 @@
+"""The time model's physics, and the calibration fit on synthetic measurements."""
+import numpy as np
+import pytest
+
+from simcost.hardware import load_profile
+from simcost.hardware.calibrate import fit, gemm_saturation
+from simcost.sim.timing import TimeModel
+
+
+def gpu_model(**over):
+    dev = load_profile("a100-80gb-sxm").device()
+    tm = dict(dev.time_model or {})
+    tm.update({"compute_units": 108, "matmul_efficiency": 0.87, **over})
+    import dataclasses
+    return TimeModel.from_device(dataclasses.replace(dev, time_model=tm))
+
+
+def test_skinny_gemm_runs_far_below_peak():
+    tm = gpu_model()
+    big = tm.gemm_efficiency(1, 4096, 4096, 4096)
+    lora_a = tm.gemm_efficiency(1, 4096, 16, 4096)      # x (T x d) @ A^T (d x r)
+    assert big > 0.9 and lora_a < 0.15
+
+
+def test_wave_quantisation():
+    tm = gpu_model()
+    full_wave = tm.gemm_efficiency(1, 128 * 108, 128, 4096)
+    one_more = tm.gemm_efficiency(1, 128 * 109, 128, 4096)   # one tile spills into a 2nd wave
+    assert full_wave > 0.99 * 4096 / (4096 + 16) and one_more < 0.55
+
+
+def test_launch_bound_vs_sync_dispatch():
+    gpu = gpu_model()
+    t = gpu.phase_time("bf16", [], 0, 10, 10, 4)           # tiny op: launch-bound
+    assert t == pytest.approx(4 * gpu.launch_s)
+    cpu = TimeModel.from_device(load_profile("cpu-generic").device())
+    t = cpu.phase_time("fp32", [], 0, 0, 1e6, 3)
+    assert t == pytest.approx(1e6 / cpu.bandwidth + 3 * cpu.launch_s)
+
+
+def test_calibration_fit_recovers_known_parameters():
+    rng = np.random.default_rng(0)
+    P = {"fp32": 300e9, "bf16": 800e9}
+    half, sharp, bw, o = (40.0, 20.0, 25.0), (1.0, 1.5, 1.2), 40e9, 2e-6
+    gemm = []
+    for dt in P:
+        for m in (16, 128, 512, 2048):
+            for n in (8, 64, 512, 2048):
+                for k in (8, 64, 512, 2048):
+                    sat = gemm_saturation(m, n, k, half, sharp)
+                    e = 4 if dt == "fp32" else 2
+                    t = o + max(2 * m * n * k / (P[dt] * sat), (m * k + k * n + m * n) * e / bw)
+                    gemm.append({"dtype": dt, "m": m, "n": n, "k": k,
+                                 "s": t * (1 + 0.02 * rng.standard_normal())})
+    stream = [{"kind": "copy", "bytes": b, "s": b / bw} for b in (2 ** 28, 2 ** 29)]
+    f = fit({"gemm": gemm, "stream": stream, "overhead_s": o})
+    for dt in P:
+        assert f["matmul_flops_per_s"][dt] == pytest.approx(P[dt], rel=0.1)
+    assert f["bandwidth_bytes_per_s"] == pytest.approx(bw)
+    assert f["fit_gemm_median_abs_error"] < 0.05
