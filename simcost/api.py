@@ -84,11 +84,12 @@ def _check_seq(spec: ModelSpec, seq, extra: int) -> None:
 
 
 def graph(model: str | ModelSpec, *, batch, seq, dtype: str = "bf16", attn: str = "sdpa",
-          peft: PeftSpec | None = None) -> tuple[ModelGraph, Analysis]:
+          peft: PeftSpec | None = None, device_kind: str = "gpu") -> tuple[ModelGraph, Analysis]:
     """The analysed operator graph, for inspecting per-op costs
     (``graph.to_networkx()`` gives one node per op with its ``OpCost``)."""
     spec = _model(model)
-    return pipeline.build_graph(spec, batch, seq, dtype=dtype, attn=attn, peft=peft)
+    return pipeline.build_graph(spec, batch, seq, dtype=dtype, attn=attn, peft=peft,
+                                device_kind=device_kind)
 
 
 def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: int,
@@ -106,7 +107,8 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
     _check_seq(spec, seq, tokens_added(pspec))
     device = load_profile(hardware).device()
     compute = mixed_precision if mixed_precision != "none" else dtype
-    g, a = pipeline.build_graph(spec, batch, seq, dtype=compute, attn=attn, peft=pspec)
+    g, a = pipeline.build_graph(spec, batch, seq, dtype=compute, attn=attn, peft=pspec,
+                                device_kind=_kernel_kind(device))
     if dtype != compute:   # AMP: parameters stored in ``dtype``, compute in the 16-bit type
         for p, _ in g.params():
             if p.dtype == compute and p.role != "adapter":
@@ -145,7 +147,8 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
     _check_seq(spec, ss, tokens_added(pspec))
     device = load_profile(hardware).device()
     compute = mixed if mixed != "none" else dtype
-    g, a = pipeline.build_graph(spec, bb.ravel(), ss.ravel(), dtype=compute, attn=attn, peft=pspec)
+    g, a = pipeline.build_graph(spec, bb.ravel(), ss.ravel(), dtype=compute, attn=attn, peft=pspec,
+                                device_kind=_kernel_kind(device))
     n = train_numbers(g, a, device, batch=bb.ravel(), seq=ss.ravel(), optimizer=optimizer,
                       mixed=mixed, checkpointing=ckpt)
     shape = bb.shape
@@ -154,6 +157,11 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
             "tokens_per_s": np.broadcast_to(n.tokens_per_s, bb.size).reshape(shape),
             "peak_bytes": np.broadcast_to(n.memory_bytes["peak"], bb.size).reshape(shape),
             "fits": np.broadcast_to(n.fits, bb.size).reshape(shape)}
+
+
+def _kernel_kind(device) -> str:
+    """Which kernel set runs: torch's CPU kernels, or the accelerator ones."""
+    return "cpu" if device.kind == "cpu" else "gpu"
 
 
 def _peft_dict(spec: PeftSpec) -> dict:

@@ -10,11 +10,13 @@ from simcost.sim.analysis import Analysis, analyse
 
 
 def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str = "sdpa",
-                peft: PeftSpec | None = None) -> tuple[ModelGraph, Analysis]:
+                peft: PeftSpec | None = None, device_kind: str = "cpu") -> tuple[ModelGraph, Analysis]:
+    """``device_kind`` ('cpu' or 'gpu') picks the kernels whose saved tensors differ by device
+    (dropout masks, layer-norm statistics, the SDPA path)."""
     peft = peft or PeftSpec("full")
     validate(peft)
     seq_total = seq + tokens_added(peft)
-    g = build_model_graph(model, batch, seq_total, dtype, attn)
+    g = build_model_graph(model, batch, seq_total, dtype, attn, device_kind)
     g.meta["seq"] = seq
     apply_peft(g, model, peft)
     return g, analyse(g)

@@ -186,7 +186,9 @@ def sdpa(op, g, rg, train):
         extra = []
         if _is_true(s_k != s_q):        # explicit mask (KV prefix)
             eb = BYTES[q.dtype]
-            if q.shape[-3] != k.shape[-3]:   # repeat_kv copies instead of enable_gqa
+            h_kv = k.shape[-3]
+            if h_kv != q.shape[-3] and h_kv > 1:   # repeat_kv copies instead of enable_gqa
+                # (with one KV head, repeat_kv's expand + reshape stays a view: no copy)
                 saved_k = ("new", b_h * s_k * d * BYTES[k.dtype])
                 saved_v = ("new", b_h * s_k * d_v * BYTES[v.dtype])
             extra.append(("new", q.shape[0] * s_q * s_k * eb))
@@ -359,11 +361,14 @@ def gelu_new(op, g, rg, train):
 def cross_entropy(op, g, rg, train):
     """HF ForCausalLMLoss: logits.float(), labels shifted, log_softmax + nll_loss (sum / n).
 
-    Keeps the fp32 log-probabilities (tokens x vocab), the shifted targets and the total
-    weight."""
+    Keeps the fp32 log-probabilities (tokens x vocab), the shifted int64 targets and the fp32
+    total weight. The targets are ``pad(labels, (0, 1))[..., 1:].contiguous()``: with more
+    than one row the slice is strided and ``contiguous()`` copies B·S labels, but a single row
+    is already contiguous, so the kept storage is the whole padded (1, S+1) tensor."""
     logits, labels = _t(g, op.inputs[0]), _t(g, op.inputs[1])
     n = numel(logits.shape)
-    tokens = numel(labels.shape)
+    batch = labels.shape[0]
+    tokens = numel(labels.shape) + (batch == 1)
     f32 = n * 4
     up = logits.dtype != "fp32"
     cost = OpCost(fwd_flops=5 * n, fwd_bytes=logits.nbytes + (f32 * 2 if up else 0) + 2 * f32,
@@ -378,9 +383,13 @@ def cross_entropy(op, g, rg, train):
 
 @register("moe_router")
 def moe_router(op, g, rg, train):
-    """Mixtral router after the gate linear: softmax(fp32) → top-k → renormalise.
+    """Mixtral router after the gate linear (``MixtralTopKRouter``):
+    ``softmax(logits.float())`` → ``topk`` → ``top /= top.sum(-1, keepdim=True)``.
 
-    Keeps the fp32 probabilities, the top-k indices (int64) and the top-k sum."""
+    Keeps the fp32 probabilities (softmax's output, T·E), the top-k indices (``TopkBackward``,
+    int64, T·k), and for the in-place division a clone of the dividend (autograd copies
+    ``self`` before an in-place op whose derivative reads it: fp32 T·k) plus the divisor
+    (fp32 T·1)."""
     logits = _t(g, op.inputs[0])
     experts = logits.shape[-1]
     tokens = numel(logits.shape) / experts
@@ -397,13 +406,29 @@ def moe_router(op, g, rg, train):
 
 @register("moe_experts")
 def moe_experts(op, g, rg, train):
-    """Top-k routed SwiGLU experts (transformers' loop over hit experts, fused gate_up).
+    """Top-k routed SwiGLU experts as transformers 5 runs them by default
+    (``experts_implementation="grouped_mm"``, ``integrations/moe.py``): sort the T·k
+    (token, expert) pairs by expert, gather the hidden states and routing weights in that order,
+    one ``_grouped_mm`` for every expert's gate_up, ``silu(gate) * up`` on the two halves, one
+    ``_grouped_mm`` for down, scale by the routing weight, un-permute, sum the k copies.
 
-    Every token visits k experts, so the totals depend only on tokens·k, not on the routing.
-    Inputs: hidden (T, d), router weights (T, k) fp32. Params: gate_up (E, 2f, d), down (E, d, f).
+    Every token visits k experts, so all totals depend only on R = tokens·k, not on the
+    routing. Inputs: hidden (T, d), router weights (T, k) fp32. Params: gate_up (E, 2f, d),
+    down (E, d, f).
+
+    Saved (``eb`` = activation bytes; each only when its backward needs it):
+    - ``hidden[perm // k]`` keeps its int64 indices (R) when the hidden states need a gradient;
+      ``weights[perm]`` keeps ``perm`` (R) when the routing weights do;
+    - both ``_grouped_mm`` keep the int32 expert offsets (E, one storage);
+    - gate_up keeps its gathered input (R·d) when gate_up is trainable;
+    - the (R, 2f) gate_up output, once: ``silu`` keeps the gate half, the product keeps the up
+      half (views of one storage), and the product keeps silu's output (R·f);
+    - down keeps its input, the product (R·f), when down is trainable;
+    - ``out * w`` keeps ``out`` (R·d) when the routing weights need a gradient and the fp32
+      gathered weights (R) when ``out`` does;
+    - ``weighted[inv_perm]`` keeps ``inv_perm`` (int64, R).
     """
     x, w = _t(g, op.inputs[0]), _t(g, op.inputs[1])
-    y = _t(g, op.outputs[0])
     gate_up, down = op.params
     n_exp, two_f, d = gate_up.shape
     f = two_f // 2
@@ -414,28 +439,40 @@ def moe_experts(op, g, rg, train):
     mm_fwd = 2 * routed * d * two_f + 2 * routed * f * d
     cost = OpCost(fwd_flops=mm_fwd + routed * (8 * f + 2 * d), fwd_matmul_flops=mm_fwd,
                   fwd_bytes=gate_up.nbytes + down.nbytes + routed * eb * (2 * d + 4 * f + 2 * d),
-                  fwd_kernels=int(n_exp) * 9)
-    if rg[0] or rg[1] or any(train):
+                  fwd_kernels=14)
+    w_gu, w_dn = bool(train[0]), bool(train[1])
+    if rg[0] or rg[1] or w_gu or w_dn:
         act = 2 * routed * d * two_f + 2 * routed * f * d if rg[0] else 2 * routed * f * d
         cost.bwd_act_flops = act + routed * 10 * f
         cost.bwd_act_matmul_flops = act
-        if any(train):
-            cost.bwd_weight_flops = mm_fwd
-            cost.bwd_weight_matmul_flops = mm_fwd
+        if w_gu or w_dn:
+            wmm = (2 * routed * d * two_f if w_gu else 0) + (2 * routed * f * d if w_dn else 0)
+            cost.bwd_weight_flops = wmm
+            cost.bwd_weight_matmul_flops = wmm
         cost.bwd_bytes = 2 * cost.fwd_bytes
-        cost.bwd_kernels = int(n_exp) * 12
-        # per expert: token indices (int64, x2: where + index), gathered input (if gate_up trains),
-        # gate (silu input), silu output and up (mul operands), down input (if down trains),
-        # routing-weight index + down output (mul by routing weight)
-        saved = [("new", routed * 8 * 2), ("new", routed * 8)]
-        saved += [("new", routed * f * eb), ("new", routed * f * eb), ("new", routed * f * eb)]
-        saved += [("new", routed * d * eb)]
-        if train[0]:
-            saved.append(("new", routed * d * eb))
-        if train[1]:
-            saved.append(("new", routed * f * eb))
+        cost.bwd_kernels = 14
+        proj = rg[0] or w_gu               # the gate_up output needs a gradient
+        out = proj or w_dn                 # the down output needs a gradient
+        idx = routed * BYTES["int64"]
+        saved = []
+        if rg[0]:
+            saved.append(("new", idx))                       # perm // k
         if rg[1]:
-            saved.append(("new", routed * d * eb))
+            saved.append(("new", idx))                       # perm
+        if out:
+            saved.append(("new", n_exp * BYTES["int32"]))    # offsets
+        if w_gu:
+            saved.append(("new", routed * d * eb))           # gathered hidden states
+        if proj:
+            saved += [("new", routed * two_f * eb), ("new", routed * f * eb)]  # gate_up out, silu
+        if w_dn:
+            saved.append(("new", routed * f * eb))           # silu(gate) * up
+        if rg[1]:
+            saved.append(("new", routed * d * eb))           # down output
+        if out:
+            saved.append(("new", routed * BYTES[w.dtype]))   # gathered routing weights
+        if out or rg[1]:
+            saved.append(("new", idx))                       # inv_perm
         cost.saved = saved
     return cost
 
@@ -452,8 +489,15 @@ def dequantize(op, g, rg, train):
 
 @register("dora_weight_norm")
 def dora_weight_norm(op, g, rg, train):
-    """DoRA's per-step ‖W + s·(B·A)ᵀ‖ per output row, computed detached (peft pushes an identity
-    through A and B to materialise B·A). Params: base W, lora_A, lora_B."""
+    """DoRA's per-step ‖W + s·(B·A)ᵀ‖ per output row. Params: base W, lora_A, lora_B.
+
+    peft's ``get_lora_weight`` materialises B·A by pushing a (d_in x d_in) identity through
+    lora_A and lora_B *with grad enabled* (so the forward FLOPs count), but only
+    ``lora_weight.detach()`` feeds the norm, and the norm itself is detached: nothing of it is
+    reachable from the loss, and that little graph (the identity, the (d_in x r) intermediate)
+    is freed when the layer returns. Saves nothing; the identity and the dense W + s·B·A are
+    forward temporaries. (A stock ``FlopCounterMode`` keeps such dropped graphs alive through
+    its module-tracker grad hooks; ``simcost.validate`` measures without those hooks.)"""
     w = op.params[0]
     d_out, d_in = w.shape
     r = op.attrs["r"]
@@ -465,10 +509,57 @@ def dora_weight_norm(op, g, rg, train):
                   fwd_kernels=8, temp_bytes=2 * dense * BYTES[ad] + d_in * d_in * BYTES[ad])
 
 
+@register("dora_base_linear")
+def dora_base_linear(op, g, rg, train):
+    """DoRA with ``lora_dropout > 0``: peft cannot reuse the layer's output (it saw the
+    undropped x), so ``DoraLinearLayer.forward`` recomputes ``F.linear(dropout(x), W.to(x.dtype))``
+    without bias. Param: the frozen base W (read, not trained).
+
+    One GEMM forward, one for the input gradient. Saves only the weight that gradient
+    multiplies by, and only when it is a cast copy: a 16-bit base with fp32 adapters makes
+    ``W.to(float32)`` a new (d_out x d_in) fp32 storage that autograd keeps; in the base dtype
+    it is the parameter itself (not an activation).
+
+    ``attrs['param_leaf']`` (a Conv1D base, fan_in_fan_out, not cast): peft's
+    ``transpose(W, True)`` returns ``nn.Parameter(W.T)``, a fresh leaf that *requires grad*,
+    so autograd also computes (and discards) a weight gradient: one more GEMM backward, and
+    the dropped input is kept for it. ``inputs[1]`` is then a tensor that requires grad (the
+    LoRA output) standing for that leaf, so the output requires grad even where x does not."""
+    x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
+    w = op.params[0]
+    d_out, d_in = w.shape
+    tokens = numel(x.shape) / d_in
+    mm = 2 * tokens * d_in * d_out
+    w_bytes = w.numel * BYTES[x.dtype]
+    cast = w.dtype != x.dtype
+    cost = OpCost(fwd_flops=mm + (w.numel if cast else 0), fwd_matmul_flops=mm,
+                  fwd_bytes=x.nbytes + w_bytes + y.nbytes + ((w.nbytes + w_bytes) if cast else 0),
+                  fwd_kernels=2 if cast else 1)
+    if rg[0]:
+        cost.bwd_act_flops = mm
+        cost.bwd_act_matmul_flops = mm
+        cost.bwd_bytes = y.nbytes + w_bytes + x.nbytes
+        cost.bwd_kernels = 1
+        if cast:
+            cost.saved = [("new", w_bytes)]
+    if op.attrs.get("param_leaf") and not cast:
+        cost.bwd_weight_flops = mm
+        cost.bwd_weight_matmul_flops = mm
+        cost.bwd_bytes += y.nbytes + x.nbytes + w_bytes
+        cost.bwd_kernels += 1
+        cost.saved.append(op.inputs[0])
+    return cost
+
+
 @register("dora_combine")
 def dora_combine(op, g, rg, train):
-    """(m/‖·‖ - 1)·base + (m/‖·‖)·lora (the LoRA scaling is folded in); keeps base output,
-    LoRA output and three (1, d_out) vectors."""
+    """peft's ``(m/‖·‖ - 1)·base + (m/‖·‖)·lora·s`` with ``m/‖·‖`` a (1, d_out) row (the
+    norm is detached). Inputs: base output (the layer's own, or ``dora_base_linear``'s when
+    lora_dropout > 0), LoRA output, norm. Param: the magnitude m.
+
+    Saves, for m's gradient, the norm (``m / norm``), the base output and the LoRA output (the
+    two products' other operands); for the base output's gradient the (1, d_out) ``m/‖·‖ - 1``;
+    for the LoRA output's gradient the (1, d_out) ``m/‖·‖``."""
     y, lo, norm = (_t(g, t) for t in op.inputs)
     out = _t(g, op.outputs[0])
     n = numel(out.shape)

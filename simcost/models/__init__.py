@@ -13,12 +13,14 @@ ATTN_IMPLS = ("eager", "sdpa", "flash")
 __all__ = ["ModelSpec", "build_model_graph", "load_model", "spec_from_config", "zoo_names"]
 
 
-def build_model_graph(spec: ModelSpec, batch, seq, dtype: str, attn: str = "sdpa") -> ModelGraph:
+def build_model_graph(spec: ModelSpec, batch, seq, dtype: str, attn: str = "sdpa",
+                      device_kind: str = "cpu") -> ModelGraph:
     """The training-step graph of ``spec`` for ``batch`` x ``seq`` tokens (ints or arrays)."""
     if attn not in ATTN_IMPLS:
         raise SimcostError(f"unknown attention implementation '{attn}'; valid: {', '.join(ATTN_IMPLS)}")
     g = ModelGraph(batch, seq, dtype)
     g.meta["attn"] = attn
+    g.meta["device_kind"] = device_kind
     if spec.family == "llama":
         build_llama(spec, g, attn)
     elif spec.family == "gpt2":

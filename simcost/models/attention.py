@@ -1,6 +1,7 @@
 """The attention core shared by the decoder families: RoPE, GQA head repeat, and either the
-eager path (two batched matmuls around an fp32 softmax, as transformers' ``eager`` does) or a
-fused kernel (``sdpa`` on CPU and GPU, ``flash``) that never materialises the s×s scores."""
+eager path (two batched matmuls around an fp32 softmax, as transformers' ``eager`` does), a
+fused kernel (``sdpa`` on CPU and GPU, ``flash``) that never materialises the s×s scores, or
+SDPA's math fallback (CPU with attention dropout in training: GPT-2)."""
 from __future__ import annotations
 
 from simcost.costs.formulas import device_kind
@@ -25,8 +26,9 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
 
     ``q``/``k``/``v`` are the projection outputs (B, S, ·). Heads are split by a view with a
     transpose, so every tensor below keeps the (B, S, H, hd) memory layout until a kernel
-    needs it contiguous: matmul's reshape then makes a copy (a new storage that autograd keeps).
-    ``fused_qkv``: q, k, v are views of one (B, S, 3·d) projection output (GPT-2's c_attn).
+    needs it contiguous: matmul's reshape then makes a copy (a new storage that autograd keeps)
+    unless the batch is 1 (then the reshape is a view and autograd keeps the projection's
+    storage). ``fused_qkv``: q, k, v are views of one (B, S, 3·d) projection output (GPT-2's c_attn).
     """
     g = b.g
     dt = g.tensors[q].dtype
@@ -43,17 +45,31 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
         kh = b.op("rope", "rope_k", [kh, cos, sin], (B, Hkv, S, hd), dt)
         contiguous = True              # RoPE's output is a fresh contiguous (B, H, S, hd)
 
+    one = _is_one(B)
     if attn == "eager":
-        # repeat_kv: expand + reshape of a (B,S,H,hd)-laid-out tensor -> contiguous copy
-        if rep > 1:
+        # matmul folds (B, H) into bmm's batch with a reshape: a view when the operand is
+        # contiguous in (B, H) (RoPE's output, a repeat_kv copy, or any operand when B == 1),
+        # else a copy (head views of a projection keep the (B, S, H, hd) layout). What bmm
+        # saves is that view (the base's storage) or that copy.
+        if rep > 1 and (Hkv > 1 or not one):
+            # repeat_kv: expand + reshape -> contiguous copy (with one KV head the reshape is
+            # a stride-0 view and the copy happens in matmul's reshape instead: same bytes)
             kh = b.op("copy", "repeat_k", [kh], (B, H, S, hd), dt)
             vh = b.op("copy", "repeat_v", [vh], (B, H, S, hd), dt)
             kT = b.op("view", "k_transpose", [kh], (B, H, hd, S), dt, view=True)
             vc = vh
         else:
-            kT = b.op("copy", "k_contiguous", [kh], (B, H, hd, S), dt)
-            vc = b.op("copy", "v_contiguous", [vh], (B, H, S, hd), dt)
-        qc = b.op("copy", "q_contiguous", [qh], (B, H, S, hd), dt)
+            if rep > 1:        # one KV head, B == 1: repeat_kv and matmul only make views
+                kh = b.op("view", "repeat_k", [kh], (B, H, S, hd), dt, view=True)
+                vh = b.op("view", "repeat_v", [vh], (B, H, S, hd), dt, view=True)
+            if contiguous or one or rep > 1:
+                kT = b.op("view", "k_transpose", [kh], (B, H, hd, S), dt, view=True)
+            else:
+                kT = b.op("copy", "k_contiguous", [kh], (B, H, hd, S), dt)
+            # (named v_contiguous either way: prefix tuning re-shapes it by name)
+            vc = b.op("view" if (one or rep > 1) else "copy", "v_contiguous", [vh],
+                      (B, H, S, hd), dt, view=one or rep > 1)
+        qc = qh if (contiguous or one) else b.op("copy", "q_contiguous", [qh], (B, H, S, hd), dt)
         scores = b.op("matmul", "scores", [qc, kT], (B, H, S, S), dt)
         scaled = b.like("scale", "scale", [scores])
         masked = b.like("add", "causal_mask", [scaled])
@@ -67,7 +83,7 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
         ctx_t = b.op("view", "context_transpose", [ctx], (B, S, H, hd), dt, view=True)
         ctx_c = b.op("copy", "context_contiguous", [ctx_t], (B, S, H, hd), dt)
     elif sdpa_uses_math(g, attn, dropout):
-        ctx = _sdpa_math(b, qh, kh, vh, (B, H, Hkv, S, hd), dt, dropout, contiguous)
+        ctx = _sdpa_math(b, qh, kh, vh, (B, H, Hkv, S, hd), dt, dropout, contiguous, one)
         # transformers: attn_output.transpose(1, 2).contiguous() -> a copy
         ctx_t = b.op("view", "context_transpose", [ctx], (B, S, H, hd), dt, view=True)
         ctx_c = b.op("copy", "context_contiguous", [ctx_t], (B, S, H, hd), dt)
@@ -81,42 +97,59 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
     return b.op("view", "context_merge_heads", [ctx_c], (B, S, H * hd), dt, view=True)
 
 
+def _is_one(n) -> bool:
+    """``n == 1`` for a plain int; a batch *vector* (a sweep) is built with the B > 1 layout."""
+    try:
+        return int(n) == 1
+    except TypeError:
+        return False
+
+
 def _sdpa_math(b: SegmentBuilder, qh: int, kh: int, vh: int, dims, dt: str, dropout: float,
-               contiguous: bool) -> int:
+               contiguous: bool, one: bool) -> int:
     """aten ``_scaled_dot_product_attention_math`` as autograd sees it (torch 2.13):
-    16-bit q/k/v are upcast to fp32 (the whole core then runs in fp32), q and k are each scaled
-    by sqrt(scale), GQA repeats k/v (repeat_interleave), ``matmul(q, kᵀ)`` (its reshape copies
-    a non-contiguous operand: that copy is what bmm saves), causal bias added,
+    16-bit q/k/v are upcast to fp32 (the whole core then runs in fp32), q and kᵀ are each
+    scaled by sqrt(scale), GQA repeats k/v (repeat_interleave), ``matmul(q, kᵀ)`` (its reshape
+    copies a non-contiguous operand: that copy is what bmm saves), causal / padding bias added,
     ``_safe_softmax`` (keeps its output), ``dropout`` (keeps its mask), ``matmul(probs, v)``,
-    and the result is cast back to the input dtype."""
+    and the result is cast back to the input dtype.
+
+    The k and v upcasts are folded into the copy bmm needs (same storages saved, one kernel
+    fewer), and the ops touching the key length carry the eager path's names (``repeat_k``,
+    ``k_contiguous``, ``k_transpose``, ``scale``, ``v_contiguous``, ``scores``, ...) so prefix
+    tuning can re-shape them to p + s keys."""
     g = b.g
     B, H, Hkv, S, hd = dims
     cdt = "fp32" if dt in ("bf16", "fp16") else dt
-    if cdt != dt:   # .to(float) keeps the strides
+    up = cdt != dt
+    # ``contiguous``: q and k come from RoPE; v is a head view. With B == 1 every operand
+    # folds into bmm's batch as a view (see attention_core).
+    q_view = contiguous or one
+    if up:   # .to(float) keeps the strides
         qh = b.like("copy", "sdpa_math.q_upcast", [qh], cdt)
-        kh = b.like("copy", "sdpa_math.k_upcast", [kh], cdt)
-        vh = b.like("copy", "sdpa_math.v_upcast", [vh], cdt)
-    # ``contiguous``: q and k come from RoPE (contiguous); v is always a head view
-    k_contig, v_contig = contiguous, False
     qs = b.like("scale", "sdpa_math.q_scale", [qh])
+    qc = qs if q_view else b.like("copy", "q_contiguous", [qs])
     if H != Hkv:    # enable_gqa: repeat_interleave (expand + clone: contiguous copies)
-        kh = b.op("copy", "sdpa_math.repeat_k", [kh], (B, H, S, hd), cdt)
-        vh = b.op("copy", "sdpa_math.repeat_v", [vh], (B, H, S, hd), cdt)
-        k_contig = v_contig = True
-    ks = b.like("scale", "sdpa_math.k_scale", [kh])   # mul keeps the (transposed) strides
-    qc = qs if contiguous else b.like("copy", "sdpa_math.q_contiguous", [qs])
-    if k_contig:
-        kT = b.op("view", "sdpa_math.k_transpose", [ks], (B, H, hd, S), cdt, view=True)
+        kh = b.op("copy", "repeat_k", [kh], (B, H, S, hd), cdt)
+        vc = b.op("copy", "repeat_v", [vh], (B, H, S, hd), cdt)
+        kT = b.op("view", "k_transpose", [kh], (B, H, hd, S), cdt, view=True)
     else:
-        kT = b.op("copy", "sdpa_math.k_contiguous", [ks], (B, H, hd, S), cdt)
-    vc = vh if v_contig else b.like("copy", "sdpa_math.v_contiguous", [vh])
-    scores = b.op("matmul", "sdpa_math.scores", [qc, kT], (B, H, S, S), cdt)
-    masked = b.like("add", "sdpa_math.causal_mask", [scores])
-    probs = b.like("softmax", "sdpa_math.softmax", [masked])
-    probs = b.dropout("sdpa_math.dropout", probs, dropout)
-    if cdt != dt:   # the (discarded) attention-weights output, cast back: transient
-        b.like("copy", "sdpa_math.weights_downcast", [probs], dt)
-    ctx = b.op("matmul", "sdpa_math.context", [probs, vc], (B, H, S, hd), cdt)
-    if cdt != dt:
+        if q_view:  # kᵀ·s keeps k's (contiguous) strides: bmm reads it as a view
+            kT = b.op("view", "k_transpose", [kh], (B, H, hd, S), dt, view=True)
+        else:       # kᵀ·s keeps the head view's strides: matmul's reshape copies it
+            kT = b.op("copy", "k_contiguous", [kh], (B, H, hd, S), cdt)
+        if one and not up:
+            vc = b.op("view", "v_contiguous", [vh], (B, H, S, hd), dt, view=True)
+        else:       # the upcast copy (B == 1) or matmul's copy of the head view
+            vc = b.op("copy", "v_contiguous", [vh], (B, H, S, hd), cdt)
+    kT = b.like("scale", "scale", [kT], cdt)
+    scores = b.op("matmul", "scores", [qc, kT], (B, H, S, S), cdt)
+    masked = b.like("add", "causal_mask", [scores])
+    probs = b.like("softmax", "softmax", [masked])
+    probs = b.dropout("attn_dropout", probs, dropout)
+    if up:   # the (discarded) attention-weights output, cast back: transient
+        b.like("copy", "probs_cast", [probs], dt)
+    ctx = b.op("matmul", "context", [probs, vc], (B, H, S, hd), cdt)
+    if up:
         ctx = b.like("copy", "sdpa_math.downcast", [ctx], dt)
     return ctx

@@ -34,7 +34,10 @@ LORA_DEFAULTS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
 IA3_DEFAULTS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
                 "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
                 "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-                "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+                # peft's default names the v4 expert linear w2; on transformers 5 the experts are
+                # fused 3-D parameters, peft's v4->v5 config conversion moves w2 to
+                # target_parameters, which (IA)3 ignores: only k_proj and v_proj get vectors
+                "mixtral": (["k_proj", "v_proj"], []),
                 "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
                 "qwen": (["c_attn", "mlp.c_proj", "w2"], ["mlp.c_proj", "w2"])}
 LN_DEFAULTS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"],

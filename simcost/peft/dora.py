@@ -3,6 +3,8 @@
 Per step peft materialises BA by pushing an identity through A and B (i×i×r + i×r×o FLOPs),
 takes the row norms of W + s·BA (detached, so nothing of it is saved), and per token computes
 ``(m/‖·‖ - 1)·(W·x) + (m/‖·‖)·s·B(A(x))``, which keeps the base output and the LoRA output.
+With ``lora_dropout > 0`` both terms use the dropped input, so W·dropout(x) is computed a
+second time (no bias) instead of reusing the layer's output.
 """
 from __future__ import annotations
 
@@ -28,9 +30,21 @@ def apply(g, model, spec) -> None:
                          (op.params[0],) + lora_params,
                          {"adapter": True, "detached": True, "r": spec.r}, op.module))
         mag = Param(f"{op.module}.lora_magnitude_vector.default.weight", (d_out,), ad, True, "adapter")
+        base = y
+        if spec.dropout > 0:
+            # peft's DoRA variant: with dropout it passes base_result=None, so the layer
+            # recomputes F.linear(dropout(x), W) (no bias) on the dropped input
+            xd = next(o for o in ops if o.name == f"{op.name}.lora_A").inputs[0]
+            base = g.new_tensor(g.tensors[branch].shape, ad)
+            # GPT-2's Conv1D (fan_in_fan_out) in the adapter dtype: peft's transpose() makes
+            # W.T a fresh nn.Parameter that requires grad (see the dora_base_linear formula)
+            leaf = model.family == "gpt2" and op.params[0].dtype == ad
+            ops.append(Op(f"{op.name}.dora_base_linear", "dora_base_linear",
+                          (xd, branch) if leaf else (xd,), (base,), (op.params[0],),
+                          {"adapter": True, "param_leaf": leaf}, op.module))
         combo = g.new_tensor(g.tensors[branch].shape, ad)
-        ops.append(Op(f"{op.name}.dora_combine", "dora_combine", (y, branch, norm), (combo,), (mag,),
-                      {"adapter": True}, op.module))
+        ops.append(Op(f"{op.name}.dora_combine", "dora_combine", (base, branch, norm), (combo,),
+                      (mag,), {"adapter": True}, op.module))
         out = add_back(g, op, ops, y, combo)
         g.insert_after(seg, op, ops, y, out)
     apply_bias_option(g, spec, sites)

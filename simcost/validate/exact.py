@@ -96,8 +96,9 @@ def applicable(config: dict, method: str) -> str | None:
     spec = spec_from_config(config)
     if method == "bitfit" and not (spec.attn_bias or spec.mlp_bias or spec.family == "gpt2"):
         return "model has no biases"
-    if method == "ia3" and spec.experts:
-        return "peft's default (IA)3 targets for mixtral name 'w2', which transformers 5 fuses"
+    if method == "lora-all" and spec.experts:
+        return ("peft turns all-linear on Mixtral into LoRA on the fused expert parameters "
+                "(ParamWrapper, target_parameters), which simcost does not model yet")
     return None
 
 
@@ -108,7 +109,8 @@ def harness_peft(config: dict, spec: PeftSpec):
         return {"trainable_names": None}
     if spec.method == "bitfit":
         return {"trainable_names": [".bias"]}
-    return to_peft_dict(spec, LORA_DEFAULTS.get(model_type(m)))
+    defaults = LORA_DEFAULTS.get(model_type(m)) if spec.method in ("lora", "dora") else None
+    return to_peft_dict(spec, defaults)
 
 
 def simcost_numbers(config: dict, spec: PeftSpec, batch: int, seq: int, dtype: str, attn: str) -> dict:

@@ -3,7 +3,7 @@
 What is measured (the definitions of the foundation issue):
 - trainable / total parameters after peft,
 - matmul FLOPs of forward and backward with ``torch.utils.flop_counter.FlopCounterMode``
-  (CPU SDPA kernels get the formulas torch 2.13 lacks),
+  (CPU SDPA kernels and ``_grouped_mm`` get the formulas torch 2.13 lacks),
 - bytes autograd saves for backward during forward (saved-tensor hooks; each storage once,
   parameters and buffers excluded; only storages still alive at the end of forward).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+from contextlib import contextmanager
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,16 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _registered = False
 
 
-def _register_cpu_sdpa_formulas() -> None:
-    """torch 2.13's FlopCounterMode counts 0 for the CPU flash-attention kernels; register them."""
+def _register_missing_flop_formulas() -> None:
+    """Register FLOP formulas torch 2.13's FlopCounterMode lacks (it counts 0 for these ops).
+
+    - ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``): what
+      ``F.scaled_dot_product_attention`` runs on CPU; torch's ``sdpa_flop_count`` /
+      ``sdpa_backward_flop_count`` (backward = 2.5x forward).
+    - ``aten._grouped_mm``: transformers 5's default MoE experts (``experts_implementation=
+      "grouped_mm"``, ``torch.nn.functional.grouped_mm``) run every expert's GEMM as one grouped
+      call; its backward is ``_grouped_mm`` calls too, so this one formula covers both.
+    """
     global _registered
     if _registered:
         return
@@ -48,7 +57,38 @@ def _register_cpu_sdpa_formulas() -> None:
         def _sdpa_cpu_bwd(g, q, k, v, *args, out_shape=None, **kwargs):
             return fc.sdpa_backward_flop_count(g, q, k, v)
 
+    gmm = getattr(aten, "_grouped_mm", None)
+    if gmm is not None and gmm not in fc.flop_registry:
+        @fc.register_flop_formula(gmm)
+        def _grouped_mm_flop(a, b, *args, out_shape=None, **kwargs):
+            return grouped_mm_flop(a, b, out_shape)
+
     _registered = True
+
+
+def grouped_mm_flop(a_shape, b_shape, out_shape) -> int:
+    """FLOPs of ``aten._grouped_mm(a, b, offs)`` (2 per multiply-add), from shapes only.
+
+    The four layouts (``offs`` partitions the dimension that is not batched):
+    - 2d x 3d, (M, K) @ (G, K, N) -> (M, N): each row of ``a`` meets one group's matrix
+      (MoE forward, and the input gradient): 2·M·K·N;
+    - 3d x 2d, (G, M, K) @ (K, N) -> (M, N) over column groups: 2·M·K·N;
+    - 3d x 3d, batched: 2·G·M·K·N;
+    - 2d x 2d, (M, K) @ (K, N) -> (G, M, N), offs splitting K (the weight gradient): the groups
+      share out K, so 2·M·K·N in all.
+    Every form is 2·K per output element except 2d x 2d (K is split among the G outputs).
+    Assumes ``offs[-1]`` covers the whole grouped dimension (transformers' offsets do, outside
+    expert parallelism), as a fake tensor cannot tell.
+    """
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    n = 1
+    for s in out_shape:
+        n *= s
+    return 2 * n * a_shape[-1]
+
+
+_register_cpu_sdpa_formulas = _register_missing_flop_formulas   # old name
 
 
 @dataclass
@@ -126,7 +166,7 @@ def measure_step(config: dict[str, Any], peft_config: dict[str, Any] | None, *, 
     ``fake=True`` builds on meta and runs on fake CPU tensors (exact for FLOPs and saved bytes,
     no compute). The optimizer does no matmul, so it does not change the matmul FLOPs.
     """
-    _register_cpu_sdpa_formulas()
+    _register_missing_flop_formulas()
     model = build_peft_model(config, peft_config, dtype, attn, meta=fake)
     params_total = sum(p.numel() for p in model.parameters())
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -135,10 +175,79 @@ def measure_step(config: dict[str, Any], peft_config: dict[str, Any] | None, *, 
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
+        with mode, _fake_tensors_are_not_tracing():
             model = model.to_empty(device="cpu")
             return _run(model, config, batch, seq, params_total, params_trainable, keep_saved)
     return _run(model, config, batch, seq, params_total, params_trainable, keep_saved)
+
+
+class _GlobalOnlyTracker:
+    """Stands in for ``FlopCounterMode``'s ``ModuleTracker`` (we read only the "Global" counts).
+
+    ModuleTracker's forward hooks put a ``register_multi_grad_hook`` on every module output
+    that requires grad; those hooks hold the outputs' ``grad_fn`` nodes, so a graph that forward
+    builds and drops stays alive with its saved tensors. DoRA's ``get_lora_weight`` is such a
+    graph: ``lora_B(lora_A(eye))`` runs with grad and only its detached value is used, so in a
+    plain training step its (d_in x d_in) identity and (d_in x r) intermediate are freed as the
+    layer returns, but under a stock FlopCounterMode they stay reachable (one of them even
+    past ``gc.collect()``), and the saved-tensor hooks would count memory a real step never
+    holds."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts globally and installs no module hooks."""
+    fc = FlopCounterMode(display=False)
+    fc.mod_tracker = _GlobalOnlyTracker()
+    return fc
+
+
+@contextmanager
+def _fake_tensors_are_not_tracing():
+    """Make a fake-tensor step take the causal-mask decisions the real step takes.
+
+    transformers' ``masking_utils.is_tracing(t)`` treats a FakeTensor like a traced value, so
+    under fake tensors (a) ``find_packed_sequence_indices`` cannot see that the position ids
+    are one plain ``arange`` and reports packed sequences, and (b) ``_ignore_causal_mask_sdpa``
+    never skips the mask. SDPA would then get an explicit (B, 1, S, S) mask instead of
+    ``is_causal=True`` (and GQA models ``repeat_kv`` instead of ``enable_gqa``), which the real
+    step does not do. The harness never packs (its inputs are ``input_ids`` only, the model
+    makes ``arange`` positions), so (a) answers "not packed"; within (b) fake tensors are not
+    tracing, and where it would have to read a fake value (a padding mask, a nonzero cache
+    offset) it keeps the mask, as the real step does for a KV prefix."""
+    try:
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+        from transformers import masking_utils
+    except ImportError:      # pragma: no cover
+        yield
+        return
+    orig_ignore = masking_utils._ignore_causal_mask_sdpa
+    orig_tracing = masking_utils.is_tracing
+
+    def ignore(*args, **kwargs):
+        masking_utils.is_tracing = lambda tensor=None: orig_tracing()
+        try:
+            return orig_ignore(*args, **kwargs)
+        except DataDependentOutputException:
+            return False
+        finally:
+            masking_utils.is_tracing = orig_tracing
+
+    orig_packed = masking_utils.find_packed_sequence_indices
+    masking_utils._ignore_causal_mask_sdpa = ignore
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = orig_ignore
+        masking_utils.find_packed_sequence_indices = orig_packed
 
 
 def _vocab(config: dict[str, Any]) -> int:
@@ -159,12 +268,13 @@ def _run(model, config, batch, seq, params_total, params_trainable, keep_saved) 
             refs.append((weakref.ref(d), ""))
         return d
 
-    with FlopCounterMode(display=False) as fc:
+    with _flop_counter() as fc:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(input_ids=ids, labels=ids, use_cache=False)
         flops_fwd = fc.get_total_flops()
-        # graphs that forward built and dropped (DoRA's detached weight norm) can sit in
-        # reference cycles until the collector runs; they are garbage, not saved activations
+        # only what the loss's graph still reaches counts: anything else forward built and
+        # dropped (DoRA's detached weight norm, with its identity matrix) is garbage; collect
+        # any cycle so the weakrefs below see only live storages
         gc.collect()
         live: dict[int, tuple[int, Any]] = {}
         for r, _ in refs:
