@@ -110,3 +110,20 @@ def test_networkx_export():
     assert nx_g.number_of_nodes() > 50
     import networkx as nx
     assert nx.is_directed_acyclic_graph(nx_g)
+
+
+@pytest.mark.parametrize("model,peft", [("llama-2-7b", PeftSpec("lora", r=8, alpha=16)),
+                                        ("mixtral-8x7b", PeftSpec("full")),
+                                        ("gpt2", PeftSpec("prefix", num_virtual_tokens=8))])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemm_shapes_account_for_every_matmul_flop(model, peft, attn):
+    """The time model prices GEMMs by shape; the shapes must add up to the FLOPs."""
+    g, a = build_graph(load_model(model), 2, 64, dtype="bf16", attn=attn, peft=peft)
+    for r in a.records:
+        c = r.cost
+        for gemms, flops in ((c.gemms_fwd, c.fwd_matmul_flops),
+                             (c.gemms_bwd, c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops)):
+            if gemms:
+                assert sum(2 * b * m * n * k for b, m, n, k in gemms) == pytest.approx(flops), r.op.name
+            elif r.op.kind in ("linear", "matmul", "sdpa", "moe_experts"):
+                assert flops == 0, r.op.name

@@ -57,7 +57,8 @@ def linear(op, g, rg, train):
     tokens = numel(x.shape) / d_in
     mm = 2 * tokens * d_in * d_out
     w_bytes = w.numel * BYTES[w.compute_dtype or w.dtype]
-    cost = OpCost(fwd_flops=mm, fwd_matmul_flops=mm, fwd_bytes=x.nbytes + w_bytes + y.nbytes)
+    cost = OpCost(fwd_flops=mm, fwd_matmul_flops=mm, fwd_bytes=x.nbytes + w_bytes + y.nbytes,
+                  gemms_fwd=[(1, tokens, d_out, d_in)])
     w_train = train[0]
     b_train = len(train) > 1 and train[1]
     if rg[0]:
@@ -65,6 +66,7 @@ def linear(op, g, rg, train):
         cost.bwd_act_matmul_flops += mm
         cost.bwd_bytes += y.nbytes + w_bytes + x.nbytes
         cost.bwd_kernels += 1
+        cost.gemms_bwd.append((1, tokens, d_in, d_out))          # dX = dY·W
         if w.compute_dtype and w.compute_dtype != w.dtype:   # quantised: dequantise again
             cost.bwd_act_flops += 2 * w.numel
             cost.bwd_bytes += w.nbytes + w_bytes
@@ -74,6 +76,7 @@ def linear(op, g, rg, train):
         cost.bwd_weight_matmul_flops += mm
         cost.bwd_bytes += y.nbytes + x.nbytes + w_bytes
         cost.bwd_kernels += 1
+        cost.gemms_bwd.append((1, d_out, d_in, tokens))          # dW = dYᵀ·X
         cost.saved.append(op.inputs[0])
     if b_train:
         cost.bwd_weight_flops += tokens * d_out
@@ -139,13 +142,16 @@ def matmul(op, g, rg, train):
     n = b.shape[-1]
     batch = numel(y.shape) / (m * n)
     mm = 2 * batch * m * k * n
-    cost = OpCost(fwd_flops=mm, fwd_matmul_flops=mm, fwd_bytes=a.nbytes + b.nbytes + y.nbytes)
+    cost = OpCost(fwd_flops=mm, fwd_matmul_flops=mm, fwd_bytes=a.nbytes + b.nbytes + y.nbytes,
+                  gemms_fwd=[(batch, m, n, k)])
+    grad_shapes = ((batch, m, k, n), (batch, k, n, m))            # dA = dY·Bᵀ, dB = Aᵀ·dY
     for i, other in ((0, 1), (1, 0)):
         if rg[i]:
             cost.bwd_act_flops += mm
             cost.bwd_act_matmul_flops += mm
             cost.bwd_bytes += y.nbytes + _t(g, op.inputs[other]).nbytes + _t(g, op.inputs[i]).nbytes
             cost.bwd_kernels += 1
+            cost.gemms_bwd.append(grad_shapes[i])
             cost.saved.append(op.inputs[other])
     return cost
 
@@ -174,11 +180,15 @@ def sdpa(op, g, rg, train):
     d_v = v.shape[-1]
     fwd = 2 * b_h * s_q * s_k * d + 2 * b_h * s_q * s_k * d_v
     cost = OpCost(fwd_flops=fwd + 5 * b_h * s_q * s_k, fwd_matmul_flops=fwd,
-                  fwd_bytes=q.nbytes + k.nbytes + v.nbytes + y.nbytes)
+                  fwd_bytes=q.nbytes + k.nbytes + v.nbytes + y.nbytes,
+                  gemms_fwd=[(b_h, s_q, s_k, d), (b_h, s_q, d_v, s_k)])
     if any(rg):
         bwd = 2 * b_h * s_q * s_k * d * 3 + 2 * b_h * s_q * s_k * d_v * 2  # = 2.5x fwd when d == d_v
         cost.bwd_act_flops = bwd + 5 * b_h * s_q * s_k
         cost.bwd_act_matmul_flops = bwd
+        # recomputed QKᵀ, dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q
+        cost.gemms_bwd = [(b_h, s_q, s_k, d), (b_h, s_k, d_v, s_q), (b_h, s_q, s_k, d_v),
+                          (b_h, s_q, d, s_k), (b_h, s_k, d, s_q)]
         cost.bwd_bytes = 2 * (q.nbytes + k.nbytes + v.nbytes + y.nbytes)
         cost.bwd_kernels = 1
         lse = b_h * s_q * 4
@@ -440,13 +450,18 @@ def moe_experts(op, g, rg, train):
     cost = OpCost(fwd_flops=mm_fwd + routed * (8 * f + 2 * d), fwd_matmul_flops=mm_fwd,
                   fwd_bytes=gate_up.nbytes + down.nbytes + routed * eb * (2 * d + 4 * f + 2 * d),
                   fwd_kernels=14)
+    cost.gemms_fwd = [(n_exp, routed / n_exp, two_f, d), (n_exp, routed / n_exp, d, f)]
     w_gu, w_dn = bool(train[0]), bool(train[1])
     if rg[0] or rg[1] or w_gu or w_dn:
+        per = routed / n_exp      # tokens per expert on average (the totals do not depend on it)
+        cost.gemms_bwd = [(n_exp, per, f, d)] + ([(n_exp, per, d, two_f)] if rg[0] else [])
         act = 2 * routed * d * two_f + 2 * routed * f * d if rg[0] else 2 * routed * f * d
         cost.bwd_act_flops = act + routed * 10 * f
         cost.bwd_act_matmul_flops = act
         if w_gu or w_dn:
             wmm = (2 * routed * d * two_f if w_gu else 0) + (2 * routed * f * d if w_dn else 0)
+            cost.gemms_bwd += ([(n_exp, two_f, d, per)] if w_gu else []) + \
+                ([(n_exp, d, f, per)] if w_dn else [])
             cost.bwd_weight_flops = wmm
             cost.bwd_weight_matmul_flops = wmm
         cost.bwd_bytes = 2 * cost.fwd_bytes
