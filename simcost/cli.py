@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--suite", default="tiny", choices=("tiny", "zoo", "all"),
                     help="tiny: small random configs (real runs); zoo: real sizes on fake tensors")
     ex.add_argument("--out", default=None, help="write the results as JSON to this path")
+    pub = val_sub.add_parser("published", help="published measurements (validation/published) "
+                                               "vs the estimate; no torch needed")
+    pub.add_argument("--source", default=None, help="only rows whose id starts with this prefix")
+    pub.add_argument("--csv", default=None, help="another CSV with the same columns")
+    pub.add_argument("--out-dir", default="validation/reports")
     stp = val_sub.add_parser("steps", help="measured torch training steps vs the estimate")
     stp.add_argument("--hardware", default=None,
                      help="calibrated profile (default: run `simcost calibrate` first)")
@@ -120,6 +125,9 @@ def _dispatch(args) -> int:
         from simcost.hardware.calibrate import run_cli as calibrate
         return calibrate(args)
     if args.command == "validate":
+        if args.what == "published":
+            from simcost.validate.published import run_cli as published
+            return published(args)
         if args.what == "steps":
             from simcost.validate.steps import run_cli as steps
             return steps(args)

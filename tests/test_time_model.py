@@ -31,11 +31,19 @@ def test_wave_quantisation():
 
 def test_launch_bound_vs_sync_dispatch():
     gpu = gpu_model()
-    t = gpu.phase_time("bf16", [], 0, 10, 10, 4)           # tiny op: launch-bound
-    assert t == pytest.approx(4 * gpu.launch_s)
+    t = gpu.phase_time("bf16", [], 0, 10, 10, 4)           # tiny op: host-bound
+    assert t == pytest.approx(4 * (gpu.dispatch_s + gpu.launch_s))
+    big = gpu.phase_time("bf16", [(1, 8192, 8192, 8192)], 2 * 8192 ** 3, 0, 0, 1)
+    assert big == pytest.approx(gpu.gemm_time("bf16", 1, 8192, 8192, 8192))   # launch hidden
     cpu = TimeModel.from_device(load_profile("cpu-generic").device())
     t = cpu.phase_time("fp32", [], 0, 0, 1e6, 3)
-    assert t == pytest.approx(1e6 / cpu.bandwidth + 3 * cpu.launch_s)
+    assert t == pytest.approx(1e6 / cpu.bandwidth + 3 * cpu.dispatch_s)
+
+
+def test_split_k_fills_the_device_for_few_tiles():
+    tm = gpu_model()
+    # one token through a 11008 -> 4096 projection: 32 output tiles, long K
+    assert tm.gemm_efficiency(1, 1, 4096, 11008) > 1 / 128 * 0.9
 
 
 def test_calibration_fit_recovers_known_parameters():

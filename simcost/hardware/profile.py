@@ -59,6 +59,7 @@ class TimeModelSpec(BaseModel):
     matmul_sharpness_n: Quantity | None = None
     matmul_sharpness_k: Quantity | None = None
     step_overhead_s: Quantity | None = None        # per-step host work (framework, Python)
+    dispatch_s: Quantity | None = None             # host time per eager-framework kernel
 
 
 class HardwareProfile(BaseModel):

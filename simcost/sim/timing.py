@@ -13,9 +13,13 @@ For one op in one phase (forward, or backward):
   (m, n padded to the tile) and wave quantisation (tiles spread over the compute units, the
   last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak.
 - ``BW_achievable``: datasheet bandwidth times ``time_model.bandwidth_efficiency``.
-- launch: on GPUs kernels are launched asynchronously, so an op costs at least its kernels'
-  launch time (a CPU-bound eager loop) but launches hide behind longer kernels:
-  ``max(t, kernels·launch)``; on CPUs every op is dispatched synchronously: ``t + kernels·o``.
+  When there are fewer tiles than compute units, cuBLAS splits K across them (split-K /
+  stream-K), so a GEMM with few output tiles and a long K still fills the device.
+- host time per kernel: the eager framework (Python modules, the dispatcher, autograd
+  recording) spends ``dispatch_s`` of host time per kernel, plus the launch call on a GPU.
+  GPU kernels run asynchronously, so an op costs at least that host time (a host-bound eager
+  loop) but the host work hides behind longer kernels: ``max(t, kernels·(dispatch + launch))``.
+  On a CPU the host *is* the device: ``t + kernels·dispatch``.
 - ``time_model.step_overhead_s``: host work per step outside the ops.
 """
 from __future__ import annotations
@@ -25,6 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# Host time per dispatched kernel of eager PyTorch + transformers (+ peft) training, measured
+# with `simcost calibrate`'s framework benchmark (a tiny HF Llama step, so kernels take no
+# time): 4.2-7.1 us per kernel on the 2-vCPU dev machine, torch 2.13 (forward 5.4-7.1,
+# backward 4.2-4.7). Profiles and calibrated files override it with `time_model.dispatch_s`.
+DEFAULT_DISPATCH_S = 5e-6
+
+
 @dataclass(frozen=True)
 class TimeModel:
     kind: str
@@ -32,6 +43,7 @@ class TimeModel:
     vec_peak: float
     bandwidth: float
     launch_s: float
+    dispatch_s: float
     step_overhead_s: float
     half: tuple | None
     sharp: tuple
@@ -52,7 +64,8 @@ class TimeModel:
         tile = (tm.get("tile_m", 128), tm.get("tile_n", 128))
         return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
                    dev.memory_bandwidth_bytes_per_s * tm.get("bandwidth_efficiency", 1.0),
-                   dev.launch_overhead_s, tm.get("step_overhead_s", 0.0), half, sharp, units, tile)
+                   dev.launch_overhead_s, tm.get("dispatch_s", DEFAULT_DISPATCH_S),
+                   tm.get("step_overhead_s", 0.0), half, sharp, units, tile)
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -70,9 +83,11 @@ class TimeModel:
         if self.units is not None:
             tm, tn = self.tile
             tiles = np.ceil(m / tm) * np.ceil(n / tn) * batch
-            waves = np.ceil(tiles / self.units)
-            util = (batch * m * n) / (waves * self.units * tm * tn)
-            return util * k / (k + 16.0)
+            split = np.maximum(1, np.minimum(np.floor(self.units / tiles), np.ceil(k / 256)))
+            waves = np.ceil(tiles * split / self.units)
+            util = (batch * m * n * split) / (waves * self.units * tm * tn)
+            k_part = k / split
+            return util * k_part / (k_part + 16.0)
         return 1.0
 
     def gemm_time(self, dtype: str, batch, m, n, k):
@@ -88,8 +103,8 @@ class TimeModel:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = np.maximum(t_mm + other_flops / self.vec_peak, nbytes / self.bandwidth)
         if self.kind == "cpu":
-            return t + kernels * self.launch_s
-        return np.maximum(t, kernels * self.launch_s)
+            return t + kernels * self.dispatch_s
+        return np.maximum(t, kernels * (self.dispatch_s + self.launch_s))
 
 
 def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool = False,
@@ -133,5 +148,5 @@ def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: in
     kernels = per_tensor * (max(1, n_tensors // 256) if foreach else n_tensors)
     t = max(flops / tm.vec_peak, nbytes / tm.bandwidth)
     if tm.kind == "cpu":
-        return float(t + kernels * tm.launch_s)
-    return float(max(t, kernels * tm.launch_s))
+        return float(t + kernels * tm.dispatch_s)
+    return float(max(t, kernels * (tm.dispatch_s + tm.launch_s)))
