@@ -104,11 +104,40 @@ def measure(device: str = "cpu", dtypes=("fp32", "bf16"), progress=None) -> dict
             out["overhead_s"] = _timeit(lambda: torch.add(x, y), sync)
         if progress:
             progress()
+    out["dispatch_s"] = measure_dispatch(device)
+    if progress:
+        progress()
     return out
 
 
+def measure_dispatch(device: str = "cpu") -> float | None:
+    """Host time per kernel of an eager HF + peft training step: a tiny Llama (so the kernels
+    themselves take no time), forward + backward time divided by simcost's kernel count."""
+    try:
+        import transformers  # noqa: F401
+        import peft  # noqa: F401
+    except ImportError:
+        return None
+    from simcost.models.config import spec_from_config
+    from simcost.peft.spec import PeftSpec
+    from simcost.pipeline import build_graph
+    from simcost.validate.exact import harness_peft
+    from simcost.validate.torch_steps import time_steps
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+           "intermediate_size": 48, "num_hidden_layers": 8, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 64}
+    spec = PeftSpec("lora", r=4, alpha=8, targets="all-linear")
+    m = time_steps(cfg, harness_peft(cfg, spec), batch=1, seq=8, dtype="fp32", attn="sdpa",
+                   warmup=3, repeats=15, device=device)
+    _, a = build_graph(spec_from_config(cfg), 1, 8, dtype="fp32", attn="sdpa", peft=spec,
+                       device_kind="cpu" if device == "cpu" else "gpu")
+    kernels = sum((r.cost.fwd_kernels + r.cost.bwd_kernels) * r.count for r in a.records)
+    return (m.forward_s + m.backward_s) / kernels
+
+
 def n_tasks(dtypes) -> int:
-    return len(dtypes) * len(GEMM_M) * len(GEMM_NK) ** 2 + 2 * 7 + 1
+    return len(dtypes) * len(GEMM_M) * len(GEMM_NK) ** 2 + 2 * 7 + 2
 
 
 def gemm_saturation(m, n, k, half, sharp):
@@ -157,8 +186,26 @@ def fit(raw: dict) -> dict:
             "matmul_sharpness_m": float(am), "matmul_sharpness_n": float(an),
             "matmul_sharpness_k": float(ak),
             "bandwidth_bytes_per_s": float(bw), "op_overhead_s": float(o),
+            "dispatch_s": raw.get("dispatch_s"),
             "fit_gemm_median_abs_error": float(np.median(err)),
             "fit_gemm_max_abs_error": float(np.max(err))}
+
+
+def tables(raw: dict) -> tuple[dict, dict]:
+    """The measured GEMM throughput grid per dtype and the stream bandwidth per buffer size."""
+    gemm = {}
+    for dt in sorted({r["dtype"] for r in raw["gemm"]}):
+        rows = [r for r in raw["gemm"] if r["dtype"] == dt]
+        ms, ns, ks = (sorted({r[a] for r in rows}) for a in ("m", "n", "k"))
+        grid = [[[0.0] * len(ks) for _ in ns] for _ in ms]
+        for r in rows:
+            grid[ms.index(r["m"])][ns.index(r["n"])][ks.index(r["k"])] = \
+                2 * r["m"] * r["n"] * r["k"] / r["s"]
+        gemm[dt] = {"m": ms, "n": ns, "k": ks, "flops_per_s": grid}
+    sizes = sorted({r["bytes"] for r in raw["stream"]})
+    bw = [statistics.median(r["bytes"] / r["s"] for r in raw["stream"] if r["bytes"] == b) for b in sizes]
+    # copy and add move different totals per buffer: merge by moved bytes, keep it monotone in x
+    return gemm, {"bytes": sizes, "bytes_per_s": bw}
 
 
 def write_profile(base: str, fitted: dict, raw: dict, out: str, device: str, threads: int | None) -> dict:
@@ -193,7 +240,10 @@ def write_profile(base: str, fitted: dict, raw: dict, out: str, device: str, thr
         "matmul_sharpness_n": q(fitted["matmul_sharpness_n"]),
         "matmul_sharpness_k": q(fitted["matmul_sharpness_k"]),
         "bandwidth_efficiency": q(1.0, "bandwidth above is already achieved"),
+        **({"dispatch_s": q(fitted["dispatch_s"], "host time per kernel of a tiny eager HF + peft "
+                                                  "training step")} if fitted.get("dispatch_s") else {}),
         "threads": threads, "device_name": name,
+        "gemm_table": tables(raw)[0], "stream_table": tables(raw)[1],
         "fit_gemm_median_abs_error": fitted["fit_gemm_median_abs_error"],
     }
     Path(out).write_text(json.dumps(prof, indent=1))
@@ -225,6 +275,7 @@ def run_cli(args) -> int:
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s: "
           + ", ".join(f"{dt} GEMM {v / 1e9:.0f} GFLOP/s" for dt, v in fitted["matmul_flops_per_s"].items())
           + f", bandwidth {fitted['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, op overhead "
-          f"{fitted['op_overhead_s'] * 1e6:.1f} us, GEMM fit median error "
+          f"{fitted['op_overhead_s'] * 1e6:.1f} us, dispatch "
+          f"{(fitted.get('dispatch_s') or 0) * 1e6:.1f} us/kernel, GEMM fit median error "
           f"{100 * fitted['fit_gemm_median_abs_error']:.1f} %")
     return 0

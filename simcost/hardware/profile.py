@@ -89,6 +89,7 @@ class HardwareProfile(BaseModel):
                 q = getattr(self.time_model, k)
                 if q is not None:
                     tm[k] = q.value
+            tm.update(self.time_model.model_extra or {})   # measured tables, metadata
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
                       self.launch_overhead_s.value,

@@ -8,11 +8,13 @@ For one op in one phase (forward, or backward):
 - ``P_dtype``: the dense matrix peak of the dtype times the device's achievable fraction
   (``time_model.matmul_efficiency``: measured maximum-achievable-matmul numbers for GPUs,
   1.0 for a calibrated profile whose peaks are already measured).
-- ``eff``: how far a GEMM of this shape falls below that: on a calibrated profile the fitted
-  saturation ``Π 1/(1+(h/x)^a)`` over m, n, k; on a GPU profile tile quantisation
+- ``eff``: how far a GEMM of this shape falls below that: on a calibrated profile the
+  measured throughput table (``simcost calibrate``), interpolated in log m, log n, log k;
+  else a fitted saturation ``Π 1/(1+(h/x)^a)``; on a GPU profile tile quantisation
   (m, n padded to the tile) and wave quantisation (tiles spread over the compute units, the
   last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak.
-- ``BW_achievable``: datasheet bandwidth times ``time_model.bandwidth_efficiency``.
+- ``BW_achievable``: datasheet bandwidth times ``time_model.bandwidth_efficiency`` (a
+  calibrated profile measures it per buffer size: cache-resident tensors stream faster).
   When there are fewer tiles than compute units, cuBLAS splits K across them (split-K /
   stream-K), so a GEMM with few output tiles and a long K still fills the device.
 - host time per kernel: the eager framework (Python modules, the dispatcher, autograd
@@ -49,6 +51,8 @@ class TimeModel:
     sharp: tuple
     units: int | None
     tile: tuple
+    gemm_table: dict | None = None     # dtype -> (log2 m, log2 n, log2 k, FLOP/s grid)
+    stream_table: tuple | None = None  # (log2 bytes, bytes/s)
 
     @classmethod
     def from_device(cls, dev) -> "TimeModel":
@@ -62,10 +66,19 @@ class TimeModel:
                  tm.get("matmul_sharpness_k", 1.0))
         units = int(tm["compute_units"]) if "compute_units" in tm else None
         tile = (tm.get("tile_m", 128), tm.get("tile_n", 128))
+        table = None
+        if tm.get("gemm_table"):
+            table = {dt: (np.log2(t["m"]), np.log2(t["n"]), np.log2(t["k"]),
+                          np.asarray(t["flops_per_s"], dtype=float))
+                     for dt, t in tm["gemm_table"].items()}
+        stream = None
+        if tm.get("stream_table"):
+            st = tm["stream_table"]
+            stream = (np.log2(st["bytes"]), np.asarray(st["bytes_per_s"], dtype=float))
         return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
                    dev.memory_bandwidth_bytes_per_s * tm.get("bandwidth_efficiency", 1.0),
                    dev.launch_overhead_s, tm.get("dispatch_s", DEFAULT_DISPATCH_S),
-                   tm.get("step_overhead_s", 0.0), half, sharp, units, tile)
+                   tm.get("step_overhead_s", 0.0), half, sharp, units, tile, table, stream)
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -92,7 +105,17 @@ class TimeModel:
 
     def gemm_time(self, dtype: str, batch, m, n, k):
         flops = 2.0 * batch * m * n * k
+        if self.gemm_table is not None:
+            t = self.gemm_table.get(dtype) or self.gemm_table.get("fp32")
+            if t is not None:
+                return flops / _interp3(t, m, n, k)
         return flops / (self.matmul_peak(dtype) * self.gemm_efficiency(batch, m, n, k))
+
+    def stream_time(self, nbytes):
+        if self.stream_table is None:
+            return nbytes / self.bandwidth
+        lb, bw = self.stream_table
+        return nbytes / np.interp(np.log2(np.maximum(nbytes, 1)), lb, bw)
 
     def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels):
         if gemms:
@@ -101,10 +124,29 @@ class TimeModel:
                 t_mm = t_mm + self.gemm_time(dtype, batch, m, n, k)
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
-        t = np.maximum(t_mm + other_flops / self.vec_peak, nbytes / self.bandwidth)
+        t = np.maximum(t_mm + other_flops / self.vec_peak, self.stream_time(nbytes))
         if self.kind == "cpu":
             return t + kernels * self.dispatch_s
         return np.maximum(t, kernels * (self.dispatch_s + self.launch_s))
+
+
+def _interp3(table, m, n, k):
+    """Trilinear interpolation of measured GEMM throughput in log2 sizes (clamped at the
+    measured range: beyond it the nearest measured shape's throughput holds)."""
+    lm, ln, lk, grid = table
+    out = 0.0
+    coords = []
+    for axis, x in zip((lm, ln, lk), (m, n, k)):
+        lx = np.clip(np.log2(np.maximum(x, 1)), axis[0], axis[-1])
+        i = np.clip(np.searchsorted(axis, lx, side="right") - 1, 0, len(axis) - 2)
+        w = (lx - axis[i]) / (axis[i + 1] - axis[i])
+        coords.append((i, w))
+    (i, wi), (j, wj), (l, wl) = coords
+    for di, fi in ((0, 1 - wi), (1, wi)):
+        for dj, fj in ((0, 1 - wj), (1, wj)):
+            for dl, fl in ((0, 1 - wl), (1, wl)):
+                out = out + fi * fj * fl * np.log(grid[i + di, j + dj, l + dl])
+    return np.exp(out)
 
 
 def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool = False,
