@@ -181,12 +181,14 @@ def sdpa(op, g, rg, train):
     fwd = 2 * b_h * s_q * s_k * d + 2 * b_h * s_q * s_k * d_v
     cost = OpCost(fwd_flops=fwd + 5 * b_h * s_q * s_k, fwd_matmul_flops=fwd,
                   fwd_bytes=q.nbytes + k.nbytes + v.nbytes + y.nbytes,
-                  gemms_fwd=[(b_h, s_q, s_k, d), (b_h, s_q, d_v, s_k)])
+                  gemms_fwd=[(b_h, s_q, s_k, d), (b_h, s_q, d_v, s_k)],
+                  special_fwd={"exp": b_h * s_q * s_k})
     if any(rg):
         bwd = 2 * b_h * s_q * s_k * d * 3 + 2 * b_h * s_q * s_k * d_v * 2  # = 2.5x fwd when d == d_v
         cost.bwd_act_flops = bwd + 5 * b_h * s_q * s_k
         cost.bwd_act_matmul_flops = bwd
         # recomputed QKᵀ, dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q
+        cost.special_bwd = {"exp": b_h * s_q * s_k}        # probabilities recomputed
         cost.gemms_bwd = [(b_h, s_q, s_k, d), (b_h, s_k, d_v, s_q), (b_h, s_q, s_k, d_v),
                           (b_h, s_q, d, s_k), (b_h, s_k, d, s_q)]
         cost.bwd_bytes = 2 * (q.nbytes + k.nbytes + v.nbytes + y.nbytes)
@@ -245,18 +247,27 @@ def mul(op, g, rg, train):
 @register("pow", "silu", "gelu")
 def saves_input(op, g, rg, train):
     per = {"pow": 1, "silu": 5, "gelu": 8}[op.kind]
-    return _elementwise(op, g, rg, per, [op.inputs[0]], bwd_flops_per_elem=per + 2)
+    c = _elementwise(op, g, rg, per, [op.inputs[0]], bwd_flops_per_elem=per + 2)
+    if op.kind != "pow":   # sigmoid / erf per element, again in backward
+        n = numel(_t(g, op.outputs[0]).shape)
+        c.special_fwd = {"exp": n}
+        c.special_bwd = {"exp": n} if any(rg) else {}
+    return c
 
 
 @register("tanh", "rsqrt", "sigmoid")
 def saves_output(op, g, rg, train):
-    return _elementwise(op, g, rg, 4, [op.outputs[0]], bwd_flops_per_elem=3)
+    c = _elementwise(op, g, rg, 4, [op.outputs[0]], bwd_flops_per_elem=3)
+    c.special_fwd = {"exp": numel(_t(g, op.outputs[0]).shape)}
+    return c
 
 
 @register("softmax")
 def softmax(op, g, rg, train):
     """Softmax over the last dim (optionally in fp32: the input is cast first, a new storage)."""
-    return _elementwise(op, g, rg, 5, [op.outputs[0]], bwd_flops_per_elem=4)
+    c = _elementwise(op, g, rg, 5, [op.outputs[0]], bwd_flops_per_elem=4)
+    c.special_fwd = {"exp": numel(_t(g, op.outputs[0]).shape)}
+    return c
 
 
 @register("dropout")
@@ -270,7 +281,9 @@ def dropout(op, g, rg, train):
     - GPU: ``native_dropout`` keeps its bool mask (1 byte per element)."""
     y = _t(g, op.outputs[0])
     el = BYTES["bool"] if device_kind(g) == "gpu" else BYTES[_t(g, op.inputs[0]).dtype]
-    return _elementwise(op, g, rg, 2, [("new", numel(y.shape) * el)], bwd_flops_per_elem=2)
+    c = _elementwise(op, g, rg, 2, [("new", numel(y.shape) * el)], bwd_flops_per_elem=2)
+    c.special_fwd = {"rng": numel(y.shape)}   # one random number per element
+    return c
 
 
 @register("reduce")
@@ -358,7 +371,7 @@ def gelu_new(op, g, rg, train):
     x, tanh(·), 0.5·x and 1 + tanh(·)."""
     x, y = _t(g, op.inputs[0]), _t(g, op.outputs[0])
     n = numel(y.shape)
-    cost = OpCost(fwd_flops=9 * n, fwd_bytes=15 * x.nbytes, fwd_kernels=8)
+    cost = OpCost(fwd_flops=9 * n, fwd_bytes=15 * x.nbytes, fwd_kernels=8, special_fwd={"exp": n})
     if rg[0]:
         cost.saved = [op.inputs[0], ("new", x.nbytes), ("new", x.nbytes), ("new", x.nbytes)]
         cost.bwd_act_flops = 12 * n
@@ -383,11 +396,13 @@ def cross_entropy(op, g, rg, train):
     up = logits.dtype != "fp32"
     cost = OpCost(fwd_flops=5 * n, fwd_bytes=logits.nbytes + (f32 * 2 if up else 0) + 2 * f32,
                   fwd_kernels=6 + (1 if up else 0))
+    cost.special_fwd = {"exp": n}
     if rg[0]:
         cost.saved = [("new", f32), ("new", tokens * 8), ("new", 4)]
         cost.bwd_act_flops = 4 * n
         cost.bwd_bytes = 3 * f32 + (f32 + logits.nbytes if up else 0)
         cost.bwd_kernels = 4
+        cost.special_bwd = {"log_softmax_bwd": n}
     return cost
 
 

@@ -31,6 +31,10 @@ class OpCost:
     temp_bytes: Number = 0           # transient forward workspace beyond inputs/outputs
     gemms_fwd: list = field(default_factory=list)   # (batch, m, n, k) per GEMM, for the time model
     gemms_bwd: list = field(default_factory=list)
+    # element-wise work whose speed is not set by bandwidth on every device (transcendentals,
+    # random numbers): {"exp" | "rng" | "log_softmax_bwd": elements}
+    special_fwd: dict = field(default_factory=dict)
+    special_bwd: dict = field(default_factory=dict)
 
 
 Formula = Callable[..., OpCost]

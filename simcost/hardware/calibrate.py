@@ -78,7 +78,7 @@ def measure(device: str = "cpu", dtypes=("fp32", "bf16"), progress=None) -> dict
     tasks = [("gemm", dt, m, n, k) for dt in dtypes for m in GEMM_M for n in GEMM_NK for k in GEMM_NK]
     sizes = [2 ** p for p in range(16, 29, 2)]          # 64 KiB .. 256 MiB
     tasks += [("stream", kind, s) for kind in ("copy", "add") for s in sizes]
-    tasks += [("overhead",)]
+    tasks += [("special",), ("overhead",)]
     for task in tasks:
         if task[0] == "gemm":
             _, dt, m, n, k = task
@@ -98,6 +98,8 @@ def measure(device: str = "cpu", dtypes=("fp32", "bf16"), progress=None) -> dict
                 t = _timeit(lambda: torch.add(x, y, out=z), sync)
                 moved = 3 * nbytes
             out["stream"].append({"kind": kind, "bytes": moved, "s": t})
+        elif task[0] == "special":
+            out["special"] = measure_special(device, sync)
         else:
             x = torch.ones(8, device=device, requires_grad=True)
             y = torch.ones(8, device=device)
@@ -108,6 +110,24 @@ def measure(device: str = "cpu", dtypes=("fp32", "bf16"), progress=None) -> dict
     if progress:
         progress()
     return out
+
+
+def measure_special(device: str, sync) -> dict:
+    """Elements per second of the element-wise kernels whose cost is not bandwidth: exp
+    (softmax, SiLU, tanh), random numbers (dropout's bernoulli_), log-softmax backward."""
+    import torch
+
+    n = 1 << 22
+    x = torch.randn(n, device=device)
+    y = torch.empty_like(x)
+    rates = {"exp": n / _timeit(lambda: torch.exp(x, out=y), sync),
+             "rng": n / _timeit(lambda: y.bernoulli_(0.9), sync)}
+    logits = torch.randn(512, 8192, device=device)
+    out = torch.log_softmax(logits, -1)
+    grad = torch.randn_like(out)
+    rates["log_softmax_bwd"] = logits.numel() / _timeit(
+        lambda: torch.ops.aten._log_softmax_backward_data(grad, out, -1, torch.float32), sync)
+    return rates
 
 
 def measure_dispatch(device: str = "cpu") -> float | None:
@@ -137,7 +157,7 @@ def measure_dispatch(device: str = "cpu") -> float | None:
 
 
 def n_tasks(dtypes) -> int:
-    return len(dtypes) * len(GEMM_M) * len(GEMM_NK) ** 2 + 2 * 7 + 2
+    return len(dtypes) * len(GEMM_M) * len(GEMM_NK) ** 2 + 2 * 7 + 3
 
 
 def gemm_saturation(m, n, k, half, sharp):
@@ -244,6 +264,7 @@ def write_profile(base: str, fitted: dict, raw: dict, out: str, device: str, thr
                                                   "training step")} if fitted.get("dispatch_s") else {}),
         "threads": threads, "device_name": name,
         "gemm_table": tables(raw)[0], "stream_table": tables(raw)[1],
+        "special_rates": raw.get("special"),
         "fit_gemm_median_abs_error": fitted["fit_gemm_median_abs_error"],
     }
     Path(out).write_text(json.dumps(prof, indent=1))

@@ -51,6 +51,7 @@ class TimeModel:
     sharp: tuple
     units: int | None
     tile: tuple
+    special_rates: dict | None = None  # {"exp" | "rng" | "log_softmax_bwd": elements/s}
     gemm_table: dict | None = None     # dtype -> (log2 m, log2 n, log2 k, FLOP/s grid)
     stream_table: tuple | None = None  # (log2 bytes, bytes/s)
 
@@ -78,7 +79,8 @@ class TimeModel:
         return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
                    dev.memory_bandwidth_bytes_per_s * tm.get("bandwidth_efficiency", 1.0),
                    dev.launch_overhead_s, tm.get("dispatch_s", DEFAULT_DISPATCH_S),
-                   tm.get("step_overhead_s", 0.0), half, sharp, units, tile, table, stream)
+                   tm.get("step_overhead_s", 0.0), half, sharp, units, tile,
+                   tm.get("special_rates"), table, stream)
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -117,14 +119,27 @@ class TimeModel:
         lb, bw = self.stream_table
         return nbytes / np.interp(np.log2(np.maximum(nbytes, 1)), lb, bw)
 
-    def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels):
+    def special_time(self, special: dict):
+        """Transcendentals and random numbers at their measured per-element rates (calibrated
+        CPU profiles; on GPUs these ride along memory-bound kernels and have no rate)."""
+        t = 0.0
+        if self.special_rates and special:
+            for kind, n in special.items():
+                rate = self.special_rates.get(kind)
+                if rate:
+                    t = t + n / rate
+        return t
+
+    def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels,
+                   special=None):
         if gemms:
             t_mm = 0.0
             for batch, m, n, k in gemms:
                 t_mm = t_mm + self.gemm_time(dtype, batch, m, n, k)
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
-        t = np.maximum(t_mm + other_flops / self.vec_peak, self.stream_time(nbytes))
+        t = np.maximum(t_mm + other_flops / self.vec_peak + self.special_time(special),
+                       self.stream_time(nbytes))
         if self.kind == "cpu":
             return t + kernels * self.dispatch_s
         return np.maximum(t, kernels * (self.dispatch_s + self.launch_s))
@@ -160,14 +175,16 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
         tb = 0
         if c.fwd_kernels:
             tf = tm.phase_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
-                               c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels)
+                               c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels,
+                               c.special_fwd)
             fwd = fwd + tf * r.count
             if recompute_blocks and r.rg_out and r.op.module.startswith(("model.layers", "transformer.h")):
                 bwd = bwd + tf * r.count
         if c.bwd_kernels:
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
-            tb = tm.phase_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.bwd_kernels)
+            tb = tm.phase_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.bwd_kernels,
+                               c.special_bwd)
             bwd = bwd + tb * r.count
         if per_op is not None:
             per_op.append((r, tf, tb))
