@@ -192,18 +192,25 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
 
 
 def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: int, mixed: str,
-                   foreach: bool):
-    """Element-wise update over the trainable parameters (memory bound). torch's default
-    AdamW is the for-loop implementation on CPU (about 12 kernels per tensor) and the
-    foreach implementation on GPUs (about 12 multi-tensor kernels for all tensors)."""
+                   foreach: bool, elem_bytes: float = 4.0):
+    """Element-wise update over the trainable parameters (memory bound).
+
+    torch's default AdamW (the for-loop implementation on CPU, foreach on GPUs) makes about
+    eight passes per parameter: ``param.mul_`` (weight decay, read+write), ``exp_avg.lerp_``
+    (3 tensors), ``exp_avg_sq.mul_`` and ``.addcmul_`` (2 + 3), ``sqrt`` and ``/`` into fresh
+    temporaries (2 + 2), ``.add_(eps)`` (2) and ``param.addcdiv_`` (4): ~20 element accesses
+    per parameter, against 7 for a fused kernel. About 12 kernels per tensor (for-loop) or
+    per group of tensors (foreach). SGD: ``param.add_(grad, alpha=-lr)``; 8-bit AdamW: one
+    fused bitsandbytes kernel per tensor (8-bit states)."""
     if trainable_numel == 0:
         return 0.0
-    per = {"adamw": 4 * 7, "sgd": 4 * 3, "adamw8bit": 4 * 3 + 2 * 2}[optimizer]
+    per = {"adamw": 20 * elem_bytes, "sgd": 3 * elem_bytes,
+           "adamw8bit": 3 * elem_bytes + 2 * 2}[optimizer]
     if mixed != "none":
-        per += 2 + 4      # read the fp32 master, write the 16-bit copy
+        per += 4 + 2      # read the fp32 master, write the 16-bit copy
     flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable_numel
     nbytes = per * trainable_numel
-    per_tensor = {"adamw": 12, "sgd": 2, "adamw8bit": 2}[optimizer]
+    per_tensor = {"adamw": 12, "sgd": 1, "adamw8bit": 1}[optimizer]
     kernels = per_tensor * (max(1, n_tensors // 256) if foreach else n_tensors)
     t = max(flops / tm.vec_peak, nbytes / tm.bandwidth)
     if tm.kind == "cpu":

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simcost.dtypes import FLOAT_DTYPES
+from simcost.dtypes import BYTES, FLOAT_DTYPES
 from simcost.errors import SimcostError
 from simcost.sim.memory import MIXED, training_memory
 from simcost.sim.timing import TimeModel, optimizer_time, phase_times
@@ -59,7 +59,9 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     compute_dtype = g.dtype
     tm = TimeModel.from_device(device)
     t_fwd, t_bwd = phase_times(tm, compute_dtype, a, recompute_blocks=checkpointing)
-    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=device.kind != "cpu")
+    elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
+    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=device.kind != "cpu",
+                           elem_bytes=elem)
     step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
                           runtime_overhead=device.runtime_overhead_bytes,
