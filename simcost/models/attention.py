@@ -118,7 +118,6 @@ def _sdpa_math(b: SegmentBuilder, qh: int, kh: int, vh: int, dims, dt: str, drop
     fewer), and the ops touching the key length carry the eager path's names (``repeat_k``,
     ``k_contiguous``, ``k_transpose``, ``scale``, ``v_contiguous``, ``scores``, ...) so prefix
     tuning can re-shape them to p + s keys."""
-    g = b.g
     B, H, Hkv, S, hd = dims
     cdt = "fp32" if dt in ("bf16", "fp16") else dt
     up = cdt != dt

@@ -6,6 +6,7 @@ from __future__ import annotations
 from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.attention import attention_core
 from simcost.models.builder import SegmentBuilder
+from simcost.models.common import embed_segment, head_segment
 from simcost.models.config import ModelSpec
 
 
@@ -13,14 +14,9 @@ def build_gpt2(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
     B, S, dt = g.batch, g.seq, g.dtype
     d = spec.hidden
 
-    pro = Segment("embed", [])
-    g.segments.append(pro)
-    b = SegmentBuilder(g, pro, "transformer.")
-    ids = g.new_tensor((B, S), "int64", is_global=True)
-    g.meta["input_ids"] = ids
+    b, ids, wte, tok = embed_segment(g, spec, "transformer.", "wte")
+    pro = b.seg
     pos = g.new_tensor((1, S), "int64", is_global=True)
-    wte = b.param("wte", "weight", (spec.vocab, d), dt, "embedding")
-    tok = b.op("embedding", "wte", [ids], (B, S, d), dt, params=[wte], module="wte")
     pe = b.op("embedding", "wpe", [pos], (1, S, d), dt,
               params=[b.param("wpe", "weight", (spec.max_positions, d), dt, "embedding")], module="wpe")
     h = b.op("add", "embed_sum", [tok, pe], (B, S, d), dt)
@@ -47,13 +43,5 @@ def build_gpt2(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
     mo = b.dropout("mlp_dropout", mo, spec.dropout_resid)
     blk.output_tid = b.like("add", "mlp_residual", [h1, mo])
 
-    head = Segment("head", [])
-    g.segments.append(head)
-    b = SegmentBuilder(g, head, "transformer.")
-    xh = g.new_tensor((B, S, d), dt)
-    head.input_tid = xh
-    nf = b.norm("layer_norm", "ln_f", "ln_f", xh, d, dt, bias=True)
-    b.prefix = ""
-    lm = [wte] if spec.tie_embeddings else [b.param("lm_head", "weight", (spec.vocab, d), dt)]
-    logits = b.op("linear", "lm_head", [nf], (B, S, spec.vocab), dt, params=lm, module="lm_head")
-    head.output_tid = b.op("cross_entropy", "loss", [logits, ids], (), "fp32", module="loss")
+    head_segment(g, spec, norm_kind="layer_norm", norm_prefix="transformer.", norm_module="ln_f",
+                 norm_bias=True, embedding=wte, ids=ids)

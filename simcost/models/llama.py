@@ -10,6 +10,7 @@ from __future__ import annotations
 from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.attention import attention_core
 from simcost.models.builder import SegmentBuilder
+from simcost.models.common import embed_segment, head_segment, rope_tables
 from simcost.models.config import ModelSpec
 
 
@@ -17,19 +18,8 @@ def build_llama(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
     B, S, dt = g.batch, g.seq, g.dtype
     d = spec.hidden
 
-    pro = Segment("embed", [])
-    g.segments.append(pro)
-    b = SegmentBuilder(g, pro, "model.")
-    ids = g.new_tensor((B, S), "int64", is_global=True)
-    g.meta["input_ids"] = ids
-    emb_param = b.param("embed_tokens", "weight", (spec.vocab, d), dt, "embedding")
-    h = b.op("embedding", "embed_tokens", [ids], (B, S, d), dt, params=[emb_param],
-             module="embed_tokens")
-    # rotary cos/sin are computed once per forward and shared by every layer
-    cos = g.new_tensor((1, S, spec.head_dim), dt, is_global=True)
-    sin = g.new_tensor((1, S, spec.head_dim), dt, is_global=True)
-    g.meta["rope"] = (cos, sin)
-    pro.output_tid = h
+    _, ids, emb_param, _ = embed_segment(g, spec, "model.", "embed_tokens")
+    cos, sin = rope_tables(g, spec)
 
     blk = Segment("layers", [], count=spec.layers, first_layer=0)
     g.segments.append(blk)
@@ -54,19 +44,8 @@ def build_llama(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
         mlp = b.linear("down_proj", "mlp.down_proj", prod, spec.ffn, d, spec.mlp_bias, dt)
     blk.output_tid = b.like("add", "mlp_residual", [h1, mlp])
 
-    head = Segment("head", [])
-    g.segments.append(head)
-    b = SegmentBuilder(g, head, "")
-    xh = g.new_tensor((B, S, d), dt)
-    head.input_tid = xh
-    b.prefix = "model."
-    nf = b.norm("rms_norm", "norm", "norm", xh, d, dt)
-    b.prefix = ""
-    lm_params = [emb_param] if spec.tie_embeddings else [b.param("lm_head", "weight", (spec.vocab, d), dt)]
-    logits = b.op("linear", "lm_head", [nf], (B, S, spec.vocab), dt, params=lm_params,
-                  module="lm_head", attrs={"tied": spec.tie_embeddings})
-    loss = b.op("cross_entropy", "loss", [logits, ids], (), "fp32", module="loss")
-    head.output_tid = loss
+    head_segment(g, spec, norm_kind="rms_norm", norm_prefix="model.", norm_module="norm",
+                 norm_bias=False, embedding=emb_param, ids=ids)
 
 
 def _moe(b: SegmentBuilder, spec: ModelSpec, x: int, dt: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.attention import attention_core
 from simcost.models.builder import SegmentBuilder
+from simcost.models.common import embed_segment, head_segment, rope_tables
 from simcost.models.config import ModelSpec
 
 
@@ -16,15 +17,8 @@ def build_qwen(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
     B, S, dt = g.batch, g.seq, g.dtype
     d = spec.hidden
 
-    pro = Segment("embed", [])
-    g.segments.append(pro)
-    b = SegmentBuilder(g, pro, "transformer.")
-    ids = g.new_tensor((B, S), "int64", is_global=True)
-    g.meta["input_ids"] = ids
-    wte = b.param("wte", "weight", (spec.vocab, d), dt, "embedding")
-    pro.output_tid = b.op("embedding", "wte", [ids], (B, S, d), dt, params=[wte], module="wte")
-    cos = g.new_tensor((1, S, spec.head_dim), dt, is_global=True)
-    sin = g.new_tensor((1, S, spec.head_dim), dt, is_global=True)
+    _, ids, wte, _ = embed_segment(g, spec, "transformer.", "wte")
+    cos, sin = rope_tables(g, spec)
 
     blk = Segment("h", [], count=spec.layers, first_layer=0)
     g.segments.append(blk)
@@ -47,13 +41,5 @@ def build_qwen(spec: ModelSpec, g: ModelGraph, attn: str) -> None:
     mo = b.linear("mlp_c_proj", "mlp.c_proj", prod, spec.ffn, d, spec.mlp_bias, dt)
     blk.output_tid = b.like("add", "mlp_residual", [h1, mo])
 
-    head = Segment("head", [])
-    g.segments.append(head)
-    b = SegmentBuilder(g, head, "transformer.")
-    xh = g.new_tensor((B, S, d), dt)
-    head.input_tid = xh
-    nf = b.norm("rms_norm", "ln_f", "ln_f", xh, d, dt)
-    b.prefix = ""
-    lm = [wte] if spec.tie_embeddings else [b.param("lm_head", "weight", (spec.vocab, d), dt)]
-    logits = b.op("linear", "lm_head", [nf], (B, S, spec.vocab), dt, params=lm, module="lm_head")
-    head.output_tid = b.op("cross_entropy", "loss", [logits, ids], (), "fp32", module="loss")
+    head_segment(g, spec, norm_kind="rms_norm", norm_prefix="transformer.", norm_module="ln_f",
+                 norm_bias=False, embedding=wte, ids=ids)
