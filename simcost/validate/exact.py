@@ -182,11 +182,10 @@ def run_cli(args) -> int:
     from rich.table import Table
 
     from simcost.errors import SimcostError
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
         raise SimcostError("simcost validate needs the torch extra: pip install torch==2.13.0 "
-                           "'simcost[torch]'") from None
+                           "'simcost[torch]'")
     cases = []
     if args.suite in ("tiny", "all"):
         cases += list(tiny_cases())

@@ -287,7 +287,8 @@ def _run(model, config, batch, seq, params_total, params_trainable, keep_saved) 
         if keep_saved:
             saved = [SavedTensor(tuple(t.shape), str(t.dtype).replace("torch.", ""), nb, "")
                      for nb, t in live.values()]
-        del live, refs
+        del live
+        refs.clear()
         if out.loss.requires_grad:
             out.loss.backward()
         flops_total = fc.get_total_flops()
