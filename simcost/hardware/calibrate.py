@@ -127,6 +127,14 @@ def measure_special(device: str, sync) -> dict:
     grad = torch.randn_like(out)
     rates["log_softmax_bwd"] = logits.numel() / _timeit(
         lambda: torch.ops.aten._log_softmax_backward_data(grad, out, -1, torch.float32), sync)
+    # torch's default AdamW for this device (for-loop on CPU, foreach on GPUs), fp32,
+    # 48 tensors of 1 Mi parameters (768 MiB of parameters, gradients and states: beyond
+    # the caches, as in a training step): parameters updated per second
+    params = [torch.nn.Parameter(torch.randn(1 << 20, device=device)) for _ in range(48)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rates["adamw_params"] = 48 * (1 << 20) / _timeit(opt.step, sync, min_time_s=0.2, reps=3)
     return rates
 
 

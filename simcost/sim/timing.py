@@ -213,6 +213,10 @@ def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: in
     per_tensor = {"adamw": 12, "sgd": 1, "adamw8bit": 1}[optimizer]
     kernels = per_tensor * (max(1, n_tensors // 256) if foreach else n_tensors)
     t = max(flops / tm.vec_peak, nbytes / tm.bandwidth)
+    measured = (tm.special_rates or {}).get("adamw_params")
+    if optimizer == "adamw" and measured and mixed == "none":
+        # a calibrated profile timed torch's own AdamW step on this device (fp32)
+        t = trainable_numel * (elem_bytes / 4.0) / measured
     if tm.kind == "cpu":
         return float(t + kernels * tm.dispatch_s)
     return float(max(t, kernels * (tm.dispatch_s + tm.launch_s)))
