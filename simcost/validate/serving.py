@@ -1,0 +1,162 @@
+"""Serving validation against the dev data: S-LoRA (throughput, first-token and average latency
+vs the number of adapters), TensorRT-LLM (offline max-throughput output tokens/s) and Vidur
+(measured operator latencies, through the serving step's GEMM path).
+
+Writes ``validation/reports/serving.{md,json}``. No per-row tuning: each row is mapped to a
+simulation with the workload its source states, and the hardware profile's physical numbers.
+
+Run: ``python -m simcost.validate.serving``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from simcost.validate.published import default_csv, load_rows
+
+REPORT_DIR = Path(__file__).resolve().parents[2] / "validation" / "reports"
+
+SLORA_MODEL = {"Llama-7B": "llama-2-7b", "Llama-13B": "llama-2-13b"}
+TRT_MODEL = {"Llama 3.1 8B": "llama-3.1-8b", "Llama 3.3 70B": "llama-3.1-70b"}
+HW = {"A100 80GB": "a100-80gb-sxm", "H100 SXM 80GB": "h100-sxm", "H200 SXM 141GB": "h200",
+      "H100 80GB": "h100-sxm"}
+
+
+def _slora_rows(rows):
+    return [r for r in rows if r["id"].startswith("SERVE-SLORA")]
+
+
+def eval_slora(rows, cache):
+    out = []
+    for r in _slora_rows(rows):
+        res = {"id": r["id"], "source": "S-LoRA", "metric": r["metric"], "measured": float(r["value"])}
+        if "S-LoRA" not in r["method"]:
+            res.update(status="unsupported", reason=f"system '{r['method']}' is not modelled "
+                       "(HF PEFT's server runs one adapter per batch with Python generate(); "
+                       "vLLM-packed runs one process per adapter under MPS)")
+            out.append(res)
+            continue
+        m = re.search(r"ranks \{([\d,]+)\}; (\d+) adapters", r["peft_config"])
+        ranks = [int(x) for x in m.group(1).split(",")]
+        n = int(m.group(2))
+        model = SLORA_MODEL[r["model"]]
+        key = (model, tuple(ranks), n)
+        if key not in cache:
+            from simcost.serve.api import simulate_serve
+            cache[key] = simulate_serve(model, "a100-80gb-sxm", dtype="fp16", adapters=n, ranks=ranks,
+                                        rate=10, cv=1, popularity_alpha=1, duration=120,
+                                        input_len="8:512", output_len="8:512", scheduler="slora",
+                                        seed=0)
+        s = cache[key]
+        pred = {"throughput_req_s": s.throughput_req_s,
+                "avg_first_token_latency_s": s.ttft_s["mean"],
+                "avg_latency_s": s.latency_s["mean"]}[r["metric"]]
+        res.update(status="ok", predicted=pred, model=model, ranks=ranks, adapters=n,
+                   error=(pred - res["measured"]) / res["measured"])
+        out.append(res)
+    return out
+
+
+def eval_trt(rows, n_requests=None):
+    from simcost.serve.api import simulate_serve
+    out = []
+    for r in rows:
+        if not r["id"].startswith("INF-TRTLLM"):
+            continue
+        res = {"id": r["id"], "source": "TensorRT-LLM", "metric": r["metric"], "measured": float(r["value"])}
+        hw = HW.get(r["hardware"])
+        if r["precision"] != "FP8" or hw is None:
+            res.update(status="unsupported",
+                       reason=f"{r['precision']} on {r['hardware']}: no FP4 peak in the profile schema")
+            out.append(res)
+            continue
+        isl, osl = (int(x) for x in re.search(r"(\d+)/(\d+)", r["seq_len"]).groups())
+        tp = int(r["n_devices"] or 1)
+        n = n_requests or max(64, min(3000, int(3e6 // (isl + osl))))
+        s = simulate_serve(TRT_MODEL[r["model"]], hw, dtype="bf16", weight_dtype="fp8", kv_dtype="fp8",
+                           tp=tp, devices=tp, adapters=0, rate=float("inf"), n_requests=n,
+                           input_len=f"{isl}:{isl}", output_len=f"{osl}:{osl}", scheduler="mixed",
+                           gpu_memory_utilization=0.9)
+        pred = s.throughput_tok_s * 1.0
+        res.update(status="ok", predicted=pred, tp=tp, n_requests=n, max_batch=s.max_batch,
+                   error=(pred - res["measured"]) / res["measured"])
+        out.append(res)
+    return out
+
+
+def eval_vidur(rows):
+    from simcost.hardware import load_profile
+    from simcost.models.config import load_model
+    from simcost.serve.step import StepModel
+    from simcost.sim.timing import TimeModel
+    out = []
+    steps = {}
+    for r in rows:
+        if not r["id"].startswith("INF-VIDUR-OP"):
+            continue
+        res = {"id": r["id"], "source": "Vidur", "metric": r["metric"], "measured": float(r["value"])}
+        m = re.search(r"\[T x (\d+)\] x \[(\d+) x (\d+)\]", r["notes"])
+        T = int(r["batch_size"].split()[0])
+        k, _, n = (int(x) for x in m.groups())
+        hw = HW[r["hardware"]]
+        if hw not in steps:
+            steps[hw] = StepModel(load_model("llama-2-7b"), TimeModel.from_device(load_profile(hw).device()),
+                                  act_dtype="fp16", wdtype="fp16")
+        pred = float(steps[hw]._gemm(T, n, k)) * 1e3
+        res.update(status="ok", predicted=pred, error=(pred - res["measured"]) / res["measured"])
+        out.append(res)
+    return out
+
+
+def summarize(results):
+    by = {}
+    for r in results:
+        key = (r["source"], r["metric"])
+        by.setdefault(key, []).append(r)
+    summ = []
+    for (src, metric), rs in sorted(by.items()):
+        ok = [x for x in rs if x["status"] == "ok"]
+        summ.append({"source": src, "metric": metric, "n": len(ok), "unsupported": len(rs) - len(ok),
+                     "mape": float(np.mean([abs(x["error"]) for x in ok])) if ok else None})
+    return summ
+
+
+def to_markdown(results, summ) -> str:
+    lines = ["# Serving validation (dev data)", "",
+             "Generated by `python -m simcost.validate.serving`. Uncalibrated datasheet profiles; "
+             "no per-row tuning.", "", "| source | metric | rows | MAPE |", "|---|---|---:|---:|"]
+    for s in summ:
+        mp = "-" if s["mape"] is None else f"{100 * s['mape']:.1f} %"
+        lines.append(f"| {s['source']} | {s['metric']} | {s['n']} (+{s['unsupported']} unsupported) | {mp} |")
+    lines += ["", "| id | metric | measured | predicted | error |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        if r["status"] == "ok":
+            lines.append(f"| {r['id']} | {r['metric']} | {r['measured']:.4g} | {r['predicted']:.4g} | "
+                         f"{100 * r['error']:+.1f} % |")
+    lines += ["", "Unsupported rows:", ""]
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(f"- {r['id']}: {r['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def run(out_dir: Path = REPORT_DIR, csv=None) -> dict:
+    rows = load_rows(csv or default_csv())
+    results = eval_slora(rows, {}) + eval_trt(rows) + eval_vidur(rows)
+    summ = summarize(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serving.json").write_text(json.dumps({"summary": summ, "rows": results}, indent=1))
+    (out_dir / "serving.md").write_text(to_markdown(results, summ))
+    return {"summary": summ, "rows": results}
+
+
+if __name__ == "__main__":
+    rep = run()
+    for s in rep["summary"]:
+        mp = "-" if s["mape"] is None else f"{100 * s['mape']:.1f} %"
+        print(f"{s['source']:<14} {s['metric']:<28} n={s['n']:<3} MAPE {mp}")
+    sys.exit(0)
