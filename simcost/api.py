@@ -41,6 +41,13 @@ class TrainEstimate(BaseModel):
     time_s: dict
     tokens_per_s: float
     fits: bool
+    parallel: dict | None = None    # multi-device / fp8 estimates: plan, per-device numbers
+
+    def model_dump_public(self) -> dict:
+        d = self.model_dump()
+        if d.get("parallel") is None:
+            d.pop("parallel", None)
+        return d
 
     @property
     def params_trainable(self) -> int:
@@ -78,7 +85,8 @@ def _check_seq(spec: ModelSpec, seq, extra: int) -> None:
     s = np.max(np.asarray(seq)) + extra
     if s > spec.max_positions:
         raise SimcostError(f"sequence length {int(s)} exceeds {spec.name}'s "
-                           f"{spec.max_positions} positions")
+                           f"{spec.max_positions} positions (--max-positions N overrides it, "
+                           f"e.g. for RoPE context extension)")
     if np.min(np.asarray(seq)) < 1:
         raise SimcostError("sequence length must be >= 1")
 
@@ -96,12 +104,38 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
                    peft: str | PeftSpec | None = None, peft_config: str | None = None,
                    dtype: str = "bf16", mixed_precision: str = "none", attn: str = "sdpa",
                    optimizer: str = "adamw", grad_checkpointing: bool = False,
+                   devices: int = 1, nodes: int | None = None, tp: int | None = None,
+                   pp: int | None = None, dp: int | None = None, cp: int | None = None,
+                   zero: int = 0, parallel: str | None = None, micro_batch: int | None = None,
+                   sequence_parallel: bool | None = None, tp_overlap: bool = False,
+                   pp_schedule: str = "1f1b", virtual_stages: int = 1, offload: str = "none",
+                   fp8_attention: bool = False, max_positions: int | None = None,
                    **peft_options: Any) -> TrainEstimate:
-    """Estimate one training step (forward with loss, backward, optimizer step)."""
+    """Estimate one training step (forward with loss, backward, optimizer step).
+
+    With ``devices > 1``, an explicit plan (``tp``, ``pp``, ``dp``, ``cp``, ``zero``, ...),
+    ``parallel='auto'``, ``offload`` or ``dtype='fp8'``, ``batch`` is the global batch per
+    optimizer step and the estimate is per device (see :mod:`simcost.sim.parallel`)."""
     if batch < 1:
         raise SimcostError(f"batch must be >= 1, got {batch}")
-    check_options(dtype, mixed_precision)
     spec = _model(model)
+    if max_positions:
+        import dataclasses
+        spec = dataclasses.replace(spec, max_positions=int(max_positions))
+    distributed = (devices != 1 or parallel is not None or dtype == "fp8" or offload != "none"
+                   or any(x not in (None, 1) for x in (tp, pp, dp, cp)) or zero
+                   or micro_batch is not None or fp8_attention)
+    if distributed:
+        from simcost.sim.parallel_api import estimate_parallel
+        return estimate_parallel(
+            spec, hardware, batch=batch, seq=seq, peft=peft, peft_config=peft_config,
+            dtype=dtype, mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+            grad_checkpointing=grad_checkpointing, devices=devices, nodes=nodes, tp=tp, pp=pp,
+            dp=dp, cp=cp, zero=zero, parallel=parallel, micro_batch=micro_batch,
+            sequence_parallel=sequence_parallel, tp_overlap=tp_overlap, pp_schedule=pp_schedule,
+            virtual_stages=virtual_stages, offload=offload, fp8_attention=fp8_attention,
+            peft_options=peft_options)
+    check_options(dtype, mixed_precision)
     pspec = resolve_peft(peft, peft_config, **peft_options)
     from simcost.peft import tokens_added
     _check_seq(spec, seq, tokens_added(pspec))

@@ -56,11 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="freeze: train only the last K blocks (and the head)")
     t.add_argument("--adapter-dim", type=_positive_int, default=None,
                    help="serial adapter bottleneck (default 64)")
-    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8"),
+                   help="fp8: TransformerEngine-style fp8 GEMMs on bf16 weights")
     t.add_argument("--mixed-precision", default="none", choices=("none", "bf16", "fp16"))
     t.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash"))
     t.add_argument("--grad-checkpointing", action="store_true")
     t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit"))
+    t.add_argument("--max-positions", type=_positive_int, default=None,
+                   help="override the config's position limit (RoPE models run longer "
+                        "sequences, e.g. MLPerf's llama-2-70b at 8192)")
+    d = t.add_argument_group("distributed (--batch is then the global batch per step)")
+    d.add_argument("--devices", type=_positive_int, default=1, help="total devices (default 1)")
+    d.add_argument("--nodes", type=_positive_int, default=None,
+                   help="nodes (default: devices / 8, at least 1)")
+    d.add_argument("--tp", type=_positive_int, default=None, help="tensor-parallel size")
+    d.add_argument("--pp", type=_positive_int, default=None, help="pipeline-parallel stages")
+    d.add_argument("--dp", type=_positive_int, default=None, help="data-parallel replicas")
+    d.add_argument("--cp", type=_positive_int, default=None, help="context-parallel size")
+    d.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+                   help="ZeRO stage (3 = FSDP full sharding)")
+    d.add_argument("--parallel", default=None, choices=("auto",),
+                   help="auto: search the valid plans, keep those that fit, pick the fastest")
+    d.add_argument("--micro-batch", type=_positive_int, default=None,
+                   help="samples per micro-batch (default: all of a replica's, or 1 with pp)")
+    d.add_argument("--no-sequence-parallel", action="store_true",
+                   help="tensor parallelism without sequence parallelism")
+    d.add_argument("--tp-overlap", action="store_true",
+                   help="overlap TP communication with the linears' GEMMs (userbuffers)")
+    d.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "interleaved"))
+    d.add_argument("--virtual-stages", type=_positive_int, default=1,
+                   help="interleaved schedule: model chunks per device")
+    d.add_argument("--offload", default="none", choices=("none", "optimizer", "params"),
+                   help="ZeRO-Offload of optimizer states (and parameters) to the host")
+    d.add_argument("--fp8-attention", action="store_true",
+                   help="with --dtype fp8: fused attention in fp8 too")
     t.add_argument("--json", action="store_true", help="print one JSON object")
 
     hw = sub.add_parser("hardware", help="hardware profiles")
@@ -100,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--repeats", type=_positive_int, default=5)
     stp.add_argument("--limit", type=_positive_int, default=None, help="run only the first N cases")
     stp.add_argument("--out-dir", default="validation/reports")
+
+    from simcost.serve.cli import add_commands as serve_commands
+    serve_commands(sub, _Parser)        # `estimate serve` and `simulate serve`
     return p
 
 
@@ -115,6 +147,9 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "simulate" or (args.command == "estimate" and args.what == "serve"):
+        from simcost.serve.cli import dispatch as serve_dispatch
+        return serve_dispatch(args)
     if args.command == "estimate":
         return _estimate_train(args)
     if args.command == "hardware":
@@ -148,13 +183,40 @@ def _estimate_train(a) -> int:
     r = estimate_train(a.model, a.hardware, batch=a.batch, seq=a.seq, peft=peft,
                        peft_config=a.peft_config, dtype=a.dtype, mixed_precision=a.mixed_precision,
                        attn=a.attn, optimizer=a.optimizer, grad_checkpointing=a.grad_checkpointing,
-                       **opts)
+                       devices=a.devices, nodes=a.nodes, tp=a.tp, pp=a.pp, dp=a.dp, cp=a.cp,
+                       zero=a.zero, parallel=a.parallel, micro_batch=a.micro_batch,
+                       sequence_parallel=False if a.no_sequence_parallel else None,
+                       tp_overlap=a.tp_overlap, pp_schedule=a.pp_schedule,
+                       virtual_stages=a.virtual_stages, offload=a.offload,
+                       fp8_attention=a.fp8_attention, max_positions=a.max_positions, **opts)
     if a.json:
-        print(json.dumps(r.model_dump()))
+        print(json.dumps(r.model_dump_public()))
     else:
         from simcost.report import print_train
         print_train(r)
+        if r.parallel is not None:
+            _print_parallel(r)
     return 0
+
+
+def _print_parallel(r) -> None:
+    par = r.parallel
+    t = r.time_s
+    gib = 2 ** 30
+    print(f"plan: {par['plan_label']}  ({par['devices']} devices, {par['nodes']} node(s), "
+          f"{par['plans_searched']} plan(s) evaluated)")
+    print(f"  per device: peak {r.memory_bytes['peak'] / gib:.1f} GiB of "
+          f"{r.memory_bytes['capacity'] / gib:.0f} GiB; step {t['step']:.3f} s "
+          f"(bubble {t['pipeline_bubble']:.3f} s, communication {t['communication']:.3f} s: "
+          f"exposed {t['communication_exposed']:.3f} s, hidden {t['communication_hidden']:.3f} s)")
+    for k, v in par["communication"].items():
+        if k != "bytes" and v["total_s"] > 0:
+            print(f"  {k:<17} total {v['total_s']:.4f} s  exposed {v['exposed_s']:.4f} s")
+    if par["candidates"]:
+        print("best plans:")
+        for c in par["candidates"]:
+            print(f"  {c['plan']:<40} step {c['step_s']:.3f} s  peak "
+                  f"{c['peak_bytes'] / gib:.1f} GiB{'' if c['fits'] else '  (does not fit)'}")
 
 
 def _hardware(a) -> int:

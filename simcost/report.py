@@ -55,7 +55,8 @@ def print_train(r) -> None:
     t.add_row("[bold]step time[/bold]", f"[bold]{_time(ts['step'])}[/bold]")
     t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
     c.print(t)
-    c.print("time model: plain roofline at datasheet peaks (an optimistic bound)", style="dim")
+    c.print("time model: per-GEMM efficiency, achieved bandwidth and host dispatch from the "
+            "hardware profile (see `simcost validate published` for its error)", style="dim")
 
 
 def print_hardware_list(profiles) -> None:

@@ -128,19 +128,15 @@ def test_bad_input_one_error(kw):
 
 
 def test_cli_module_wires(capsys):
-    import argparse
+    """`simcost simulate serve` and `simcost estimate serve` through the real entry point."""
     import json
-    from simcost.cli import _Parser, build_parser
-    from simcost.serve.cli import add_commands, dispatch
-    p = build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    add_commands(sub, _Parser)
-    args = p.parse_args("simulate serve --model llama-2-7b --hardware a100-80gb-sxm --adapters 10 "
-                        "--ranks 8,16 --rate 2 --duration 10 --scheduler slora --json".split())
-    assert dispatch(args) == 0
+    from simcost.cli import main
+    assert main("simulate serve --model llama-2-7b --hardware a100-80gb-sxm --adapters 10 "
+                "--ranks 8,16 --rate 2 --duration 10 --scheduler slora --json".split()) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["throughput_req_s"] > 0
-    args = p.parse_args("estimate serve --model llama-2-7b --hardware a100-80gb-sxm --batch 4 "
-                        "--context 128 --json".split())
-    assert dispatch(args) == 0
+    assert main("estimate serve --model llama-2-7b --hardware a100-80gb-sxm --batch 4 "
+                "--context 128 --json".split()) == 0
     assert json.loads(capsys.readouterr().out)["time_s"]["total"] > 0
+    assert main("simulate serve --model llama-2-7x --hardware a100-80gb-sxm --rate 1 "
+                "--duration 1".split()) == 2

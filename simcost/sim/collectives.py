@@ -1,0 +1,98 @@
+"""Collective communication costs: the latency-bandwidth (alpha-beta) model over a topology.
+
+For a group of ``n`` ranks moving a buffer of ``B`` bytes (the *full*, unsharded size) over
+links of bandwidth ``bw`` (bytes/s per GPU, one direction) and per-hop latency ``lat``:
+
+- ring all-reduce        2(n-1)/n * B / bw + 2(n-1) * lat   (reduce-scatter + all-gather)
+- all-gather             (n-1)/n * B / bw  +  (n-1) * lat
+- reduce-scatter         (n-1)/n * B / bw  +  (n-1) * lat
+- all-to-all             (n-1)/n * B / bw  +  (n-1) * lat
+- point-to-point         B / bw + lat
+
+(Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication Operations in
+MPICH", IJHPCA 2005; NCCL's nccl-tests "bus bandwidth" convention, PERFORMANCE.md.)
+
+Topology: ranks are packed ``gpus_per_node`` to a node. A group whose ranks all lie in one
+node uses the profile's ``interconnect`` (NVLink/NVSwitch, PCIe, Infinity Fabric, TPU ICI); a
+group spanning nodes is limited by the inter-node network, one NIC per GPU (rail-optimised).
+Unless the profile says otherwise the inter-node link is 400 Gb/s NDR InfiniBand per GPU
+(ConnectX-7, 8 per DGX H100: NVIDIA DGX H100 user guide, "8x single-port ConnectX-7 VPI,
+400 Gb/s InfiniBand or 400 GbE") = 50 GB/s, with 5 us end-to-end small-message latency
+(an engineering figure: IB switch hop ~0.1-0.2 us, NCCL's network proxy several us).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# 400 Gb/s NDR InfiniBand per GPU (ConnectX-7), one direction: 400e9 / 8 bytes/s
+DEFAULT_INTER_NODE_BW = 400e9 / 8
+DEFAULT_INTER_NODE_LAT = 5e-6
+DEFAULT_GPUS_PER_NODE = 8
+# a device profile without an interconnect (consumer cards): PCIe 4.0 x16 peer traffic through
+# the host, 32 GB/s per direction theoretical (PCI-SIG), 10 us latency
+DEFAULT_INTRA_BW = 32e9
+DEFAULT_INTRA_LAT = 10e-6
+
+
+@dataclass(frozen=True)
+class Link:
+    kind: str
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Topology:
+    intra: Link
+    inter: Link
+    host: Link
+    gpus_per_node: int
+    nodes: int
+
+    @classmethod
+    def from_profile(cls, profile, devices: int, nodes: int | None = None) -> "Topology":
+        ic = getattr(profile, "interconnect", None)
+        if ic is not None and ic.bandwidth_bytes_per_s is not None:
+            intra = Link(ic.kind, ic.bandwidth_bytes_per_s.value,
+                         ic.latency_s.value if ic.latency_s is not None else DEFAULT_INTRA_LAT)
+        else:
+            intra = Link("pcie (default)", DEFAULT_INTRA_BW, DEFAULT_INTRA_LAT)
+        hl = getattr(profile, "host_link", None)
+        if hl is not None and hl.bandwidth_bytes_per_s is not None:
+            host = Link(hl.kind, hl.bandwidth_bytes_per_s.value,
+                        hl.latency_s.value if hl.latency_s is not None else 1e-5)
+        else:
+            host = Link("pcie (default)", DEFAULT_INTRA_BW, 1e-5)
+        inter = Link("infiniband-ndr (default)", DEFAULT_INTER_NODE_BW, DEFAULT_INTER_NODE_LAT)
+        if nodes is None or nodes < 1:
+            nodes = max(1, -(-devices // DEFAULT_GPUS_PER_NODE))
+        per_node = max(1, -(-devices // nodes))
+        return cls(intra, inter, host, per_node, nodes)
+
+    def link(self, group: int, stride: int = 1) -> Link:
+        """The bottleneck link of a group of ``group`` ranks spaced ``stride`` apart."""
+        if group <= 1:
+            return self.intra
+        span = group * stride
+        return self.intra if span <= self.gpus_per_node else self.inter
+
+
+def all_reduce(nbytes, n: int, link: Link):
+    if n <= 1:
+        return 0.0
+    return 2.0 * (n - 1) / n * nbytes / link.bandwidth + 2.0 * (n - 1) * link.latency
+
+
+def all_gather(nbytes, n: int, link: Link):
+    """``nbytes``: the gathered (full) buffer."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * link.latency
+
+
+reduce_scatter = all_gather
+all_to_all = all_gather
+
+
+def p2p(nbytes, link: Link):
+    return nbytes / link.bandwidth + link.latency

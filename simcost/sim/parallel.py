@@ -1,0 +1,667 @@
+"""Distributed PEFT training: parallel plans, per-device work, collectives, memory, auto search.
+
+A :class:`Plan` (dp x tp x pp x cp ranks, a ZeRO stage, micro-batches) maps the single-device
+analysed graph onto one device's share of the step:
+
+- **Tensor parallelism** (Megatron-LM, Shoeybi et al. 2019): column-parallel linears (q, k, v,
+  gate, up) split their output features, row-parallel ones (o, down) their input features, so
+  each GEMM's n or k shrinks by ``tp`` and is priced by :meth:`TimeModel.gemm_time` at the split
+  shape. Attention heads, RoPE and the MLP activation split with them. LoRA follows Megatron /
+  NeMo: on a column-parallel layer ``lora_A`` is replicated and ``lora_B`` column-split; on a
+  row-parallel layer ``lora_A`` is row-split and ``lora_B`` replicated. Per block: 2 all-reduces
+  of the hidden state forward and 2 backward (with sequence parallelism, an all-gather and a
+  reduce-scatter each, the same volume, and norms / residuals split along the sequence).
+  Embedding and LM head are vocabulary-parallel.
+- **Pipeline parallelism**: the blocks split into ``pp`` stages (the slowest holds
+  ceil(L/pp) blocks plus the embedding or the head). 1F1B runs m micro-batches in
+  (m + p - 1) slots, bubble (p-1)/(m+p-1) (Narayanan et al. 2021); interleaved with v chunks per
+  device, (m + (p-1)/v) slots. Activations cross stage boundaries point-to-point.
+- **Context parallelism** (ring attention): each rank keeps S/cp of the sequence; attention
+  over its queries sees all keys, so attention costs cp times the local-length attention; K and V
+  circulate around the ring (cp-1 hops forward, twice that backward), overlapped with attention.
+- **Data parallelism / ZeRO**: DDP all-reduces the *trainable* gradients only (for LoRA,
+  megabytes), bucketed (25 MiB) and overlapped with the last micro-batch's backward. ZeRO-1
+  shards the optimizer state (and fp32 master weights), ZeRO-2 also the gradients, ZeRO-3/FSDP
+  also the parameters, *all* of them, frozen ones included: each micro-batch all-gathers every
+  weight of the stage in forward and again in backward (prefetched, overlapped with compute).
+- **Gradient accumulation**: global batch = dp x micro-batch size x micro-batches.
+
+Memory per device scales the single-device components: weights by the device's share (TP
+split, PP stage, ZeRO-3 shard + two unsharded layers in flight), gradients / optimizer / master
+weights by the trainable share (and 1/dp from ZeRO-2 / ZeRO-1), activations by the stage's
+blocks x micro-batches in flight (min(m, p) on the first stage under 1F1B) and by TP:
+with sequence parallelism 1/tp, without it (10 + 24/tp)/34 of the per-layer activations
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+Table 2: the 10·sbh bytes of norm inputs, residuals and dropout masks stay replicated).
+
+FP8 (``dtype='fp8'``, TransformerEngine style): weights and activations stay bf16, the base
+linears' GEMMs run at the fp8 peak times the measured fp8 matmul efficiency, and each fp8 GEMM
+pays a quantisation pass over its inputs (read bf16, write fp8) forward and backward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simcost.dtypes import BYTES
+from simcost.errors import SimcostError
+from simcost.sim import collectives as C
+from simcost.sim.memory import checkpointed_activations, training_memory
+from simcost.sim.timing import TimeModel, optimizer_time
+
+BLOCK_PREFIX = ("model.layers", "transformer.h")
+COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "w1", "w3",
+          "query_key_value", "fc1", "qkv_proj", "gate_up_proj"}
+ROW = {"o_proj", "down_proj", "c_proj", "dense", "fc2", "out_proj"}
+DDP_BUCKET_BYTES = 25 * 2 ** 20          # torch DDP bucket_cap_mb default
+# Korthikanti et al. 2022 Table 2: per-layer activations sbh(34 + 5as/h); with TP
+# sbh(10 + 24/t + 5as/(ht)), with TP + SP sbh(34/t + 5as/(ht)). Flash attention drops the
+# 5as/h score term, leaving 10 of 34 replicated without SP.
+TP_REPLICATED_ACT_FRACTION = 10 / 34
+
+# Measured fp8 maximum-achievable-matmul efficiency (dense fp8 peak fraction) per profile:
+# validation/published/published_measurements_dev.csv HWEFF-MAMF rows (stas00/ml-engineering
+# "Maximum Achievable Matmul FLOPS", FP8 table @744d01e). Profiles not listed use their bf16
+# ``time_model.matmul_efficiency``.
+FP8_MATMUL_EFFICIENCY = {
+    "h100-sxm": (0.709, "HWEFF-MAMF-020: H100 SXM 1402.6 of 1979 TFLOPS fp8"),
+    "h200": (0.734, "HWEFF-MAMF-018: H200 SXM 1453.4 of 1979 TFLOPS fp8"),
+    "b200": (0.763, "HWEFF-MAMF-016: B200 SXM 3432.5 of 4500 TFLOPS fp8"),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero: int = 0
+    micro_batch: int = 1          # samples per micro-batch (per dp rank)
+    micro_batches: int = 1        # gradient-accumulation steps (= pipeline micro-batches)
+    sp: bool = False              # Megatron sequence parallelism (needs tp > 1)
+    tp_overlap: bool = False      # TP communication overlapped with the linears' GEMMs
+    schedule: str = "1f1b"        # 1f1b | interleaved
+    virtual_stages: int = 1       # interleaved: model chunks per device
+    offload: str = "none"         # none | optimizer | params (ZeRO-Offload / ZeRO-Infinity)
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["devices"] = self.devices
+        d["global_batch"] = self.dp * self.micro_batch * self.micro_batches
+        return d
+
+    def label(self) -> str:
+        s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} cp{self.cp} " \
+            f"zero{self.zero} mb{self.micro_batch}x{self.micro_batches}"
+        if self.schedule == "interleaved":
+            s += f" v{self.virtual_stages}"
+        if self.offload != "none":
+            s += f" offload-{self.offload}"
+        return s
+
+
+# ---------------------------------------------------------------------------------------------
+# per-op work on one device
+
+
+def _role(rec, g) -> tuple[str, str | None]:
+    """(how the op splits under TP, the parent linear's parallel style)."""
+    op = rec.op
+    in_block = op.module.startswith(BLOCK_PREFIX)
+    parent = op.name.split(".")[0]
+    style = None
+    if parent in COLUMN:
+        style = "column"
+    if parent in ROW:
+        style = "row"
+    if "experts" in op.module and parent == "w2":
+        style = "row"
+    if not in_block:
+        if op.kind == "linear":          # lm_head: vocab-parallel (column)
+            return "column_base", "column"
+        if op.kind in ("embedding", "cross_entropy"):
+            return "split", None
+        return "hidden", None
+    if style is not None:
+        sub = op.name[len(parent):]
+        if op.kind == "linear" and sub == "":
+            return f"{style}_base", style
+        if "lora_A" in sub:
+            return ("replicated" if style == "column" else "row_base"), style
+        if "lora_B" in sub:
+            return ("column_base" if style == "column" else "replicated"), style
+        if "cast_input" in sub:
+            return ("replicated" if style == "column" else "split"), style
+        return ("split" if style == "column" else "hidden"), style
+    if op.kind in ("rms_norm", "layer_norm", "layernorm") or "residual" in op.name:
+        return "hidden", None
+    return "split", None
+
+
+def _split_gemm(gemm, dim, tp):
+    b, m, n, k = gemm
+    if n == dim:
+        return (b, m, n / tp, k)
+    if k == dim:
+        return (b, m, n, k / tp)
+    if m == dim:
+        return (b, m / tp, n, k)
+    return (b, m, n, k)
+
+
+@dataclass
+class SegTimes:
+    fwd: list
+    bwd: list
+    lin_fwd: list          # time of TP-split linears (what TP comm can overlap with)
+    lin_bwd: list
+    attn_fwd: list         # attention time (what CP comm can overlap with)
+    attn_bwd: list
+
+
+def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int,
+                  fp8: bool, fp8_attention: bool, recompute: bool) -> SegTimes:
+    nseg = len(g.segments)
+    out = SegTimes(*[[0.0] * nseg for _ in range(6)])
+    for r in a.records:
+        c = r.cost
+        si = r.segment
+        role, _ = _role(r, g) if tp > 1 or fp8 else ("replicated", None)
+        f = 1.0
+        gf, gb = c.gemms_fwd, c.gemms_bwd
+        if tp > 1:
+            if role in ("column_base", "row_base"):
+                f = 1.0 / tp
+                p = r.op.params[0] if r.op.params else None
+                if p is not None and len(p.shape) == 2:
+                    dim = p.shape[0] if role == "column_base" else p.shape[1]
+                    gf = [_split_gemm(x, dim, tp) for x in gf]
+                    gb = [_split_gemm(x, dim, tp) for x in gb]
+            elif role == "split" or (role == "hidden" and sp):
+                f = 1.0 / tp
+                gf = [(x[0] / tp, *x[1:]) for x in gf]
+                gb = [(x[0] / tp, *x[1:]) for x in gb]
+        is_attn = r.op.kind in ("sdpa", "attention") or "attention" in r.op.name
+        mult = cp if (is_attn and cp > 1) else 1.0
+        base_linear = r.op.kind == "linear" and r.op.params and \
+            not any(p.role == "adapter" for p in r.op.params)
+        mdt = "fp8" if ((fp8 and base_linear) or (fp8_attention and is_attn)) else dtype
+        sp_f = {k: v * f for k, v in c.special_fwd.items()} if c.special_fwd else c.special_fwd
+        sp_b = {k: v * f for k, v in c.special_bwd.items()} if c.special_bwd else c.special_bwd
+        tf = tb = 0.0
+        if c.fwd_kernels:
+            tf = tm.phase_time(mdt, gf, c.fwd_matmul_flops * f, (c.fwd_flops - c.fwd_matmul_flops) * f,
+                               c.fwd_bytes * f, c.fwd_kernels, sp_f) * mult
+            if fp8 and base_linear and gf:      # quantise the input (bf16 -> fp8)
+                tf = tf + sum(3.0 * x[0] * x[1] * x[3] for x in gf) / tm.bandwidth
+        if c.bwd_kernels:
+            mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
+            other = c.bwd_act_flops + c.bwd_weight_flops - mm
+            tb = tm.phase_time(mdt, gb, mm * f, other * f, c.bwd_bytes * f, c.bwd_kernels,
+                               sp_b) * mult
+            if fp8 and base_linear and gb:      # quantise the output gradient
+                tb = tb + sum(3.0 * x[0] * x[1] * x[3] for x in gb[:1]) / tm.bandwidth
+        out.fwd[si] += tf
+        out.bwd[si] += tb
+        if recompute and r.rg_out and r.op.module.startswith(BLOCK_PREFIX) and c.fwd_kernels:
+            out.bwd[si] += tf
+        if role in ("column_base", "row_base") and r.op.kind == "linear":
+            out.lin_fwd[si] += tf
+            out.lin_bwd[si] += tb
+        if is_attn:
+            out.attn_fwd[si] += tf
+            out.attn_bwd[si] += tb
+    return out
+
+
+def fp8_time_model(tm: TimeModel, device, profile_name: str) -> TimeModel:
+    peak = device.peak_flops_per_s.get("fp8")
+    if peak is None:
+        raise SimcostError(f"{device.name} has no fp8 peak in its profile: --dtype fp8 needs one")
+    eff = FP8_MATMUL_EFFICIENCY.get(profile_name, (None,))[0]
+    if eff is None:
+        eff = (device.time_model or {}).get("matmul_efficiency", 1.0)
+    mm = dict(tm.mm_peak)
+    mm["fp8"] = peak * eff
+    return dataclasses.replace(tm, mm_peak=mm)
+
+
+# ---------------------------------------------------------------------------------------------
+# one plan
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    time_s: dict
+    memory_bytes: dict
+    communication: dict
+    fits: bool
+    tokens_per_s: float
+    notes: list = field(default_factory=list)
+
+
+class Context:
+    """Everything a plan evaluation needs that does not depend on the plan (graphs cached per
+    micro-batch shape, segment times cached per (shape, tp, sp, cp))."""
+
+    def __init__(self, build, device, profile, topo, *, global_batch, seq, dtype, compute_dtype,
+                 fp8, fp8_attention, optimizer, mixed, checkpointing, spec):
+        self.build = build            # (micro_batch, seq_local) -> (g, a)
+        self.device = device
+        self.profile = profile
+        self.topo = topo
+        self.global_batch = global_batch
+        self.seq = seq
+        self.dtype = dtype
+        self.compute_dtype = compute_dtype
+        self.fp8 = fp8
+        self.fp8_attention = fp8_attention
+        self.optimizer = optimizer
+        self.mixed = mixed
+        self.checkpointing = checkpointing
+        self.spec = spec
+        tm = TimeModel.from_device(device)
+        self.tm = fp8_time_model(tm, device, profile.name) if (fp8 or fp8_attention) else tm
+        self._graphs = {}
+        self._times = {}
+        self._mem = {}
+
+    def graph(self, mb, cp):
+        key = (mb, cp)
+        if key not in self._graphs:
+            self._graphs[key] = self.build(mb, self.seq // cp)
+        return self._graphs[key]
+
+    def times(self, mb, cp, tp, sp):
+        key = (mb, cp, tp, sp)
+        if key not in self._times:
+            g, a = self.graph(mb, cp)
+            self._times[key] = segment_times(self.tm, self.compute_dtype, g, a, tp=tp, sp=sp,
+                                             cp=cp, fp8=self.fp8,
+                                             fp8_attention=self.fp8_attention,
+                                             recompute=self.checkpointing)
+        return self._times[key]
+
+    def base_memory(self, mb, cp):
+        key = (mb, cp)
+        if key not in self._mem:
+            g, a = self.graph(mb, cp)
+            mem = training_memory(g, a, optimizer=self.optimizer, mixed=self.mixed,
+                                  checkpointing=self.checkpointing,
+                                  runtime_overhead=self.device.runtime_overhead_bytes,
+                                  foreach=self.device.kind != "cpu")
+            self._mem[key] = (mem, _param_split(g), _act_split(g, a, self.checkpointing))
+        return self._mem[key]
+
+
+def _param_split(g) -> dict:
+    """Bytes / numel of parameters by where they live: per block vs outside, TP-split or not."""
+    d = dict(block_all=0.0, block_split=0.0, other_all=0.0, other_split=0.0,
+             block_tr=0.0, block_tr_split=0.0, other_tr=0.0, other_tr_split=0.0,
+             embed=0.0, head=0.0, layers=0, layer_bytes_max=0.0)
+    seen = set()
+    layers = 0
+    for seg in g.segments:
+        blk = seg.first_layer is not None
+        if blk:
+            layers += seg.count
+        seg_bytes = 0.0
+        for op in seg.ops:
+            for p in (*op.params, *op.attrs.get("held_params", ())):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                split = len(p.shape) == 2 and (op.kind in ("linear", "embedding")) and \
+                    p.role != "adapter" or (p.role == "adapter" and _adapter_split(op))
+                nb = p.nbytes * seg.count
+                n = p.numel * seg.count
+                where = "block" if blk else "other"
+                d[f"{where}_all"] += nb
+                if split:
+                    d[f"{where}_split"] += nb
+                if p.trainable:
+                    d[f"{where}_tr"] += n
+                    if split:
+                        d[f"{where}_tr_split"] += n
+                if blk:
+                    seg_bytes += p.nbytes
+                elif seg is g.segments[0]:
+                    d["embed"] += nb
+                else:
+                    d["head"] += nb
+        if blk:
+            d["layer_bytes_max"] = max(d["layer_bytes_max"], seg_bytes)
+    d["layers"] = layers
+    return d
+
+
+def _adapter_split(op) -> bool:
+    parent = op.name.split(".")[0]
+    return ("lora_B" in op.name and parent in COLUMN) or ("lora_A" in op.name and parent in ROW)
+
+
+def _act_split(g, a, checkpointing) -> dict:
+    """Activation bytes of one micro-batch: per block layer (summed) vs outside blocks."""
+    block = 0.0
+    other = a.saved_global
+    for seg, b in zip(g.segments, a.saved_local):
+        if seg.first_layer is None:
+            other = other + b * seg.count
+        elif checkpointing:
+            block = block + g.tensors[seg.input_tid].nbytes * seg.count
+        else:
+            block = block + b * seg.count
+    worst = 0.0
+    if checkpointing:
+        for seg, b in zip(g.segments, a.saved_local):
+            if seg.first_layer is not None:
+                worst = max(worst, float(b))
+    return {"block": float(block), "other": float(other), "recompute_block": worst}
+
+
+def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
+    tp, pp, cp, dp, m, mb = plan.tp, plan.pp, plan.cp, plan.dp, plan.micro_batches, plan.micro_batch
+    sp = plan.sp and tp > 1
+    topo = ctx.topo
+    g, a = ctx.graph(mb, cp)
+    st = ctx.times(mb, cp, tp, sp)
+    seq_local = ctx.seq // cp
+    hidden = ctx.spec.hidden
+    elem = BYTES[ctx.compute_dtype]
+    blocks = [i for i, s in enumerate(g.segments) if s.first_layer is not None]
+    L = sum(g.segments[i].count for i in blocks)
+    counts = [s.count for s in g.segments]
+
+    def tot(lst, idx):
+        return sum(lst[i] * counts[i] for i in idx)
+    non = [i for i in range(len(g.segments)) if i not in blocks]
+    first = [i for i in non if i < (blocks[0] if blocks else 0)]
+    last = [i for i in non if i not in first]
+    per_layer_f = tot(st.fwd, blocks) / max(L, 1)
+    per_layer_b = tot(st.bwd, blocks) / max(L, 1)
+    has_bwd = [st.bwd[i] > 0 for i in range(len(g.segments))]
+    layers_stage = math.ceil(L / pp)
+    # the slowest stage: its blocks plus the embedding (pp == 1: both ends)
+    if pp == 1:
+        ends_f, ends_b = tot(st.fwd, non), tot(st.bwd, non)
+    else:
+        ends_f = max(tot(st.fwd, first), tot(st.fwd, last))
+        ends_b = max(tot(st.bwd, first), tot(st.bwd, last))
+    comp_f = per_layer_f * layers_stage + ends_f
+    comp_b = per_layer_b * layers_stage + ends_b
+    # the block layers that run a backward at all (LoRA: all but possibly the first)
+    bwd_layers = sum(g.segments[i].count for i in blocks if has_bwd[i])
+    bwd_frac = bwd_layers / max(L, 1)
+
+    # tensor-parallel communication, per micro-batch on the stage
+    comm = {}
+    tp_link = topo.link(tp, 1)
+    act_bytes = mb * seq_local * hidden * elem
+    t_ar = C.all_reduce(act_bytes, tp, tp_link)
+    tp_f = 2 * t_ar * layers_stage + t_ar   # + the vocab-parallel embedding's all-reduce
+    tp_b = 2 * t_ar * layers_stage * bwd_frac
+    lin_f = tot(st.lin_fwd, blocks) / max(L, 1) * layers_stage
+    lin_b = tot(st.lin_bwd, blocks) / max(L, 1) * layers_stage
+    if plan.tp_overlap:
+        tp_exp_f, tp_exp_b = max(0.0, tp_f - lin_f), max(0.0, tp_b - lin_b)
+    else:
+        tp_exp_f, tp_exp_b = tp_f, tp_b
+    if tp == 1:
+        tp_f = tp_b = tp_exp_f = tp_exp_b = 0.0
+    comm["tensor_parallel"] = (tp_f + tp_b) * m, (tp_exp_f + tp_exp_b) * m
+
+    # context-parallel ring exchange of K and V, overlapped with attention
+    cp_exp_f = cp_exp_b = cp_tot = 0.0
+    if cp > 1:
+        kv = 2 * mb * seq_local * ctx.spec.kv_dim * elem / tp
+        cp_link = topo.link(cp, tp)
+        hop = C.p2p(kv, cp_link) * (cp - 1)
+        attn_f = tot(st.attn_fwd, blocks) / max(L, 1)
+        attn_b = tot(st.attn_bwd, blocks) / max(L, 1)
+        cp_exp_f = max(0.0, hop - attn_f) * layers_stage
+        cp_exp_b = max(0.0, 2 * hop - attn_b) * layers_stage * bwd_frac
+        cp_tot = (hop + 2 * hop * bwd_frac) * layers_stage * m
+    comm["context_parallel"] = cp_tot, (cp_exp_f + cp_exp_b) * m
+
+    # ZeRO-3 / FSDP: gather every parameter of the stage forward and backward
+    ps = ctx.base_memory(mb, cp)[1]
+    stage_param_bytes = _stage_bytes(ps, tp, pp, layers_stage, L)
+    z3_f = z3_b = z3_tot = 0.0
+    dp_link = topo.link(dp, tp * cp)
+    tr_numel_stage = _stage_trainable(ps, tp, pp, layers_stage, L)
+    tr_elem = _trainable_elem(g)
+    grad_bytes = tr_numel_stage * (4 if ctx.mixed != "none" else tr_elem)
+    if plan.zero == 3 and dp > 1:
+        ag = C.all_gather(stage_param_bytes, dp, dp_link)
+        first_layer = ag / max(layers_stage, 1)
+        rs = C.reduce_scatter(grad_bytes, dp, dp_link)
+        z3_f = max(0.0, ag - comp_f) + first_layer
+        z3_b = max(0.0, ag + rs - comp_b) + first_layer
+        z3_tot = (2 * ag + rs) * m
+    comm["zero3_gather"] = z3_tot, (z3_f + z3_b) * m
+
+    slot_f = comp_f + tp_exp_f + cp_exp_f + z3_f
+    slot_b = comp_b + tp_exp_b + cp_exp_b + z3_b
+
+    # pipeline schedule
+    v = plan.virtual_stages if plan.schedule == "interleaved" else 1
+    if pp > 1:
+        p2p_bytes = act_bytes / (tp if sp else 1)
+        pp_link = topo.link(pp, tp * cp * dp)
+        t_p2p = C.p2p(p2p_bytes, pp_link)
+        slots = m + (pp - 1) / v
+        pipe = slots * (slot_f + slot_b)
+        bubble = (pp - 1) / v * (slot_f + slot_b)
+        pp_exposed = 2 * (pp - 1) * t_p2p * v
+        comm["pipeline_p2p"] = 2 * m * t_p2p * v, pp_exposed
+    else:
+        pipe = m * (slot_f + slot_b)
+        bubble = 0.0
+        pp_exposed = 0.0
+        comm["pipeline_p2p"] = 0.0, 0.0
+
+    # data-parallel gradient reduction (trainable gradients only)
+    dp_exposed = dp_tot = 0.0
+    if dp > 1 and plan.zero < 3:
+        t_red = C.all_reduce(grad_bytes, dp, dp_link)
+        last = C.all_reduce(min(grad_bytes, DDP_BUCKET_BYTES), dp, dp_link)
+        dp_exposed = max(t_red - slot_b, last) if grad_bytes > 0 else 0.0
+        dp_tot = t_red
+        if plan.zero in (1, 2):      # updated trainable params all-gathered after the step
+            t_ag = C.all_gather(tr_numel_stage * tr_elem, dp, dp_link)
+            dp_exposed += t_ag
+            dp_tot += t_ag
+    comm["data_parallel"] = dp_tot, dp_exposed
+
+    # optimizer on this device's share
+    n_opt = tr_numel_stage / (dp if plan.zero >= 1 else 1)
+    n_tensors = max(1, int(sum(c for p, c in g.params() if p.trainable) / pp))
+    t_opt = optimizer_time(ctx.tm, ctx.optimizer, n_opt, n_tensors, ctx.mixed,
+                           foreach=ctx.device.kind != "cpu", elem_bytes=tr_elem)
+    off_exposed = 0.0
+    if plan.offload != "none":
+        # ZeRO-Offload: gradients down, updated params up over the host link; CPU Adam at
+        # host-memory speed (~20 B/param/step at an assumed 100 GB/s host DRAM bandwidth)
+        hl = topo.host
+        t_opt = n_opt * 20 / 100e9
+        off_exposed = C.p2p(grad_bytes / (dp if plan.zero >= 1 else 1), hl) + \
+            C.p2p(n_opt * tr_elem, hl)
+        if plan.offload == "params":
+            off_exposed += 2 * m * C.p2p(stage_param_bytes / (dp if plan.zero == 3 else 1), hl)
+    comm["offload"] = off_exposed, off_exposed
+
+    step = pipe + pp_exposed + dp_exposed + t_opt + off_exposed + ctx.tm.step_overhead_s
+    comm_total = sum(v[0] for v in comm.values())
+    comm_exposed = sum(v[1] for v in comm.values())
+    mem = plan_memory(ctx, plan, layers_stage, L)
+    fits = bool(mem["peak"] <= ctx.device.memory_bytes)
+    times = {"step": step, "forward": comp_f * m, "backward": comp_b * m, "optimizer": t_opt,
+             "host_overhead": ctx.tm.step_overhead_s, "pipeline_bubble": bubble,
+             "communication": comm_total, "communication_exposed": comm_exposed,
+             "communication_hidden": max(0.0, comm_total - comm_exposed),
+             "micro_step_forward": slot_f, "micro_step_backward": slot_b}
+    comm_d = {k: {"total_s": v[0], "exposed_s": v[1], "hidden_s": max(0.0, v[0] - v[1])}
+              for k, v in comm.items()}
+    comm_d["bytes"] = {"tp_allreduce_per_block": act_bytes, "dp_gradients": grad_bytes,
+                       "zero3_params_per_gather": stage_param_bytes if plan.zero == 3 else 0.0}
+    tokens = ctx.global_batch * ctx.seq
+    return PlanResult(plan, times, mem, comm_d, fits, tokens / step)
+
+
+def _trainable_elem(g) -> float:
+    return max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
+
+
+def _stage_bytes(ps, tp, pp, layers_stage, L):
+    block = (ps["block_all"] - ps["block_split"] + ps["block_split"] / tp) / max(L, 1) * layers_stage
+    o_rep = ps["other_all"] - ps["other_split"]
+    other = o_rep + ps["other_split"] / tp
+    if pp > 1:
+        other = max(ps["embed"], ps["head"]) / tp + o_rep / 2
+    return block + other
+
+
+def _stage_trainable(ps, tp, pp, layers_stage, L):
+    block = (ps["block_tr"] - ps["block_tr_split"] + ps["block_tr_split"] / tp) / max(L, 1) * layers_stage
+    other = ps["other_tr"] - ps["other_tr_split"] + ps["other_tr_split"] / tp
+    if pp > 1:
+        other = other / 2
+    return block + other
+
+
+def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
+    tp, pp, dp, m = plan.tp, plan.pp, plan.dp, plan.micro_batches
+    mem, ps, act = ctx.base_memory(plan.micro_batch, plan.cp)
+    w_all = ps["block_all"] + ps["other_all"]
+    w_stage = _stage_bytes(ps, tp, pp, layers_stage, L)
+    w_share = w_stage / w_all if w_all else 1.0
+    tr_all = ps["block_tr"] + ps["other_tr"]
+    tr_share = _stage_trainable(ps, tp, pp, layers_stage, L) / tr_all if tr_all else 0.0
+    weights = float(mem.weights) * w_share
+    if plan.zero == 3 and dp > 1:
+        weights = weights / dp + 2 * ps["layer_bytes_max"] / tp
+    if plan.offload == "params":
+        weights = 2 * ps["layer_bytes_max"] / tp
+    grads = float(mem.gradients) * tr_share / (dp if plan.zero >= 2 else 1)
+    opt = float(mem.optimizer) * tr_share / (dp if plan.zero >= 1 else 1)
+    master = float(mem.master_weights) * tr_share / (dp if plan.zero >= 1 else 1)
+    if plan.offload != "none":
+        opt = master = 0.0
+    sp = plan.sp and tp > 1
+    tp_act = 1.0 / tp if sp else (TP_REPLICATED_ACT_FRACTION + (1 - TP_REPLICATED_ACT_FRACTION) / tp)
+    inflight = min(m, pp) if pp > 1 else 1
+    if plan.schedule == "interleaved" and pp > 1:
+        inflight = min(m, pp) * (1 + (pp - 1) / (pp * plan.virtual_stages))
+    block_act = act["block"] / max(L, 1) * layers_stage * inflight * tp_act
+    other_act = act["other"] / tp
+    activations = block_act + other_act + act["recompute_block"] * tp_act
+    temps = float(mem.temporaries) / tp
+    # logits (vocab-parallel) and the loss gradient on the last stage
+    g, _ = ctx.graph(plan.micro_batch, plan.cp)
+    from simcost.sim.memory import _logits_tid
+    lt = g.tensors[_logits_tid(g)]
+    logits = float(lt.nbytes) / tp
+    loss_grad = logits / BYTES[lt.dtype] * 4 + (logits if lt.dtype != "fp32" else 0)
+    opt_temp = opt / 2 if ctx.optimizer != "sgd" else 0.0
+    dynamic = max(activations + logits + loss_grad, grads + opt_temp) + temps
+    runtime = float(mem.runtime_overhead)
+    peak = runtime + weights + master + opt + dynamic
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "master_weights": master,
+            "activations": activations, "temporaries": temps, "runtime_overhead": runtime,
+            "peak": peak, "capacity": ctx.device.memory_bytes}
+
+
+# ---------------------------------------------------------------------------------------------
+# plans: explicit and searched
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero=0,
+              micro_batch=None, sp=None, tp_overlap=False, schedule="1f1b", virtual_stages=1,
+              offload="none", spec=None, seq=None) -> Plan:
+    tp, pp, cp = tp or 1, pp or 1, cp or 1
+    if dp is None:
+        if devices % (tp * pp * cp):
+            raise SimcostError(f"--devices {devices} is not divisible by tp*pp*cp = {tp * pp * cp}")
+        dp = devices // (tp * pp * cp)
+    if dp * tp * pp * cp != devices:
+        raise SimcostError(f"dp*tp*pp*cp = {dp * tp * pp * cp} != --devices {devices}")
+    if global_batch % dp:
+        raise SimcostError(f"global batch {global_batch} is not divisible by dp = {dp}")
+    per = global_batch // dp
+    if micro_batch is None:
+        micro_batch = 1 if pp > 1 else per
+    if per % micro_batch:
+        raise SimcostError(f"per-replica batch {per} is not divisible by micro-batch {micro_batch}")
+    if zero not in (0, 1, 2, 3):
+        raise SimcostError(f"--zero must be 0, 1, 2 or 3, got {zero}")
+    if spec is not None:
+        if spec.heads % tp or spec.kv_heads % tp and tp % spec.kv_heads:
+            raise SimcostError(f"tp = {tp} does not divide {spec.name}'s {spec.heads} heads")
+        if pp > spec.layers:
+            raise SimcostError(f"pp = {pp} exceeds {spec.name}'s {spec.layers} layers")
+    if seq is not None and seq % cp:
+        raise SimcostError(f"sequence {seq} is not divisible by cp = {cp}")
+    if schedule not in ("1f1b", "interleaved"):
+        raise SimcostError(f"unknown pipeline schedule '{schedule}'; valid: 1f1b, interleaved")
+    if offload not in ("none", "optimizer", "params"):
+        raise SimcostError(f"unknown offload '{offload}'; valid: none, optimizer, params")
+    return Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=zero, micro_batch=micro_batch,
+                micro_batches=per // micro_batch, sp=bool(sp if sp is not None else tp > 1),
+                tp_overlap=tp_overlap, schedule=schedule,
+                virtual_stages=virtual_stages if schedule == "interleaved" else 1, offload=offload)
+
+
+def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0, 1, 2, 3),
+                    tp_overlap=False, fixed: dict | None = None) -> list[Plan]:
+    """Valid plans: tp within a node and dividing the heads, pp <= layers, cp dividing the
+    sequence (into 2cp chunks, for load-balanced causal attention), dp dividing the batch."""
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    plans = []
+    for tp in _divisors(devices):
+        if tp > gpus_per_node or spec.heads % tp or (spec.kv_heads % tp and tp % spec.kv_heads):
+            continue
+        for pp in _divisors(devices // tp):
+            if pp > spec.layers:
+                continue
+            for cp in _divisors(devices // (tp * pp)):
+                if cp > 1 and seq % (2 * cp):
+                    continue
+                dp = devices // (tp * pp * cp)
+                if global_batch % dp:
+                    continue
+                cand = dict(tp=tp, pp=pp, cp=cp, dp=dp)
+                if any(cand[k] != v for k, v in fixed.items() if k in cand):
+                    continue
+                per = global_batch // dp
+                for mb in _divisors(per):
+                    if "micro_batch" in fixed and mb != fixed["micro_batch"]:
+                        continue
+                    for z in (zeros if dp > 1 else (0,)):
+                        plans.append(Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=z, micro_batch=mb,
+                                          micro_batches=per // mb, sp=tp > 1,
+                                          tp_overlap=tp_overlap))
+    return plans
+
+
+def search(ctx: Context, plans: list[Plan], keep: int = 5) -> tuple[PlanResult, list[PlanResult]]:
+    results = [evaluate_plan(ctx, p) for p in plans]
+    fitting = [r for r in results if r.fits]
+    if fitting:
+        # fastest; ties (ZeRO stages cost the same for tiny LoRA gradients) go to less memory
+        fitting.sort(key=lambda r: (round(r.time_s["step"], 6), r.memory_bytes["peak"]))
+        return fitting[0], fitting[:keep]
+    results.sort(key=lambda r: r.memory_bytes["peak"])
+    return results[0], results[:keep]

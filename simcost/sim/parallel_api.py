@@ -1,0 +1,109 @@
+"""The multi-device / fp8 / offload path of :func:`simcost.api.estimate_train`."""
+from __future__ import annotations
+
+from simcost import pipeline
+from simcost.dtypes import FLOAT_DTYPES
+from simcost.errors import SimcostError
+from simcost.hardware import load_profile
+from simcost.sim import parallel as P
+from simcost.sim.collectives import Topology
+from simcost.sim.memory import MIXED
+from simcost.sim.train import train_numbers
+
+
+def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, mixed_precision,
+                      attn, optimizer, grad_checkpointing, devices, nodes, tp, pp, dp, cp, zero,
+                      parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
+                      virtual_stages, offload, fp8_attention, peft_options):
+    from simcost.api import TrainEstimate, _check_seq, _kernel_kind, _peft_dict, resolve_peft
+    from simcost.peft import tokens_added
+
+    if dtype not in (*FLOAT_DTYPES, "fp8"):
+        raise SimcostError(f"unknown dtype '{dtype}'; valid: {', '.join(FLOAT_DTYPES)}, fp8")
+    if mixed_precision not in MIXED:
+        raise SimcostError(f"unknown mixed precision '{mixed_precision}'; valid: {', '.join(MIXED)}")
+    if devices < 1:
+        raise SimcostError(f"--devices must be >= 1, got {devices}")
+    if parallel not in (None, "auto", "manual"):
+        raise SimcostError(f"unknown --parallel '{parallel}'; valid: auto")
+    fp8 = dtype == "fp8"
+    store = "bf16" if fp8 else dtype
+    compute = mixed_precision if mixed_precision != "none" else store
+    pspec = resolve_peft(peft, peft_config, **peft_options)
+    _check_seq(spec, seq, tokens_added(pspec))
+    profile = load_profile(hardware)
+    device = profile.device()
+    if nodes is not None and nodes < 1:
+        raise SimcostError(f"--nodes must be >= 1, got {nodes}")
+    if nodes is not None and devices % nodes:
+        raise SimcostError(f"--devices {devices} is not divisible by --nodes {nodes}")
+    topo = Topology.from_profile(profile, devices, nodes)
+    kind = _kernel_kind(device)
+
+    def build(mb, s):
+        g, a = pipeline.build_graph(spec, mb, s, dtype=compute, attn=attn, peft=pspec,
+                                    device_kind=kind)
+        if store != compute:
+            for p, _ in g.params():
+                if p.dtype == compute and p.role != "adapter":
+                    p.dtype = store
+        return g, a
+
+    ctx = P.Context(build, device, profile, topo, global_batch=batch, seq=seq, dtype=store,
+                    compute_dtype=compute, fp8=fp8, fp8_attention=fp8_attention,
+                    optimizer=optimizer, mixed=mixed_precision,
+                    checkpointing=grad_checkpointing, spec=spec)
+    candidates = []
+    if parallel == "auto":
+        plans = P.enumerate_plans(devices, batch, spec, seq, topo.gpus_per_node,
+                                  zeros=(zero,) if zero else (0, 1, 2, 3), tp_overlap=tp_overlap,
+                                  fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch))
+        if offload != "none":
+            plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
+        if not plans:
+            raise SimcostError(f"no valid parallel plan for {devices} devices, global batch "
+                               f"{batch} and the given constraints")
+        best, top = P.search(ctx, plans)
+        candidates = [{"plan": r.plan.label(), "step_s": r.time_s["step"],
+                       "peak_bytes": r.memory_bytes["peak"], "fits": r.fits} for r in top]
+        searched = len(plans)
+    else:
+        plan = P.make_plan(devices, batch, tp=tp, pp=pp, dp=dp, cp=cp, zero=zero,
+                           micro_batch=micro_batch, sp=sequence_parallel, tp_overlap=tp_overlap,
+                           schedule=pp_schedule, virtual_stages=virtual_stages, offload=offload,
+                           spec=spec, seq=seq)
+        if plan.tp > topo.gpus_per_node:
+            raise SimcostError(f"tp = {plan.tp} exceeds the {topo.gpus_per_node} devices of a node")
+        best = P.evaluate_plan(ctx, plan)
+        searched = 1
+    # whole-job FLOPs and parameter counts from the single-sequence graph
+    g1, a1 = build(1, seq)
+    n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
+                       mixed=mixed_precision, checkpointing=grad_checkpointing)
+    flops = {k: float(v) * (batch if k != "optimizer" else 1) for k, v in n1.flops.items()}
+    f = float
+    plan_d = best.plan.as_dict()
+    par = {"plan": plan_d, "plan_label": best.plan.label(), "devices": devices,
+           "nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node,
+           "topology": {"intra_node": {"kind": topo.intra.kind, "bandwidth_bytes_per_s": topo.intra.bandwidth,
+                                       "latency_s": topo.intra.latency},
+                        "inter_node": {"kind": topo.inter.kind, "bandwidth_bytes_per_s": topo.inter.bandwidth,
+                                       "latency_s": topo.inter.latency}},
+           "memory_bytes_per_device": {k: f(v) for k, v in best.memory_bytes.items()},
+           "communication": best.communication,
+           "phases": {"forward": best.time_s["forward"], "backward": best.time_s["backward"],
+                      "optimizer": best.time_s["optimizer"],
+                      "pipeline_bubble": best.time_s["pipeline_bubble"],
+                      "communication_exposed": best.time_s["communication_exposed"],
+                      "host_overhead": best.time_s["host_overhead"]},
+           "fp8": fp8, "fp8_attention": fp8_attention, "plans_searched": searched,
+           "candidates": candidates}
+    return TrainEstimate(
+        model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
+        mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+        grad_checkpointing=grad_checkpointing, peft=_peft_dict(pspec),
+        params={"total": n1.params_total, "trainable": n1.params_trainable,
+                "added": n1.params_added, "with_adapters": n1.params_total + n1.params_added},
+        flops=flops, memory_bytes={k: f(v) for k, v in best.memory_bytes.items()},
+        time_s={k: f(v) for k, v in best.time_s.items()}, tokens_per_s=f(best.tokens_per_s),
+        fits=best.fits, parallel=par)

@@ -1,0 +1,171 @@
+"""Distributed PEFT training: plans, collectives, per-device memory, auto search, PEFT effects."""
+import json
+import time
+
+import pytest
+
+from simcost.api import estimate_train
+from simcost.cli import main
+from simcost.errors import SimcostError
+from simcost.peft import PeftSpec
+from simcost.sim import collectives as C
+
+LORA = dict(peft="lora", rank=16)
+
+
+def comm(r, key):
+    return r.parallel["communication"][key]
+
+
+def test_single_device_plan_reproduces_the_single_device_estimate():
+    kw = dict(batch=2, seq=512, **LORA)
+    a = estimate_train("llama-2-7b", "a100-80gb-sxm", **kw)
+    b = estimate_train("llama-2-7b", "a100-80gb-sxm", tp=1, micro_batch=2, **kw)
+    assert a.parallel is None and b.parallel is not None
+    assert b.time_s["step"] == pytest.approx(a.time_s["step"], rel=1e-12)
+    for k in ("weights", "gradients", "optimizer", "activations", "peak"):
+        assert b.memory_bytes[k] == pytest.approx(a.memory_bytes[k], rel=1e-12)
+
+
+def test_ring_all_reduce_formula():
+    link = C.Link("x", 100e9, 2e-6)
+    assert C.all_reduce(1e9, 8, link) == pytest.approx(2 * 7 / 8 * 1e9 / 100e9 + 2 * 7 * 2e-6)
+    assert C.all_reduce(1e9, 1, link) == 0.0
+    assert C.all_gather(1e9, 4, link) == pytest.approx(3 / 4 * 1e9 / 100e9 + 3 * 2e-6)
+
+
+def test_ddp_gradient_traffic_scales_with_trainable_params():
+    """DDP all-reduces only trainable gradients: LoRA r=8 vs r=64 vs full fine-tuning."""
+    kw = dict(batch=8, seq=256, devices=8, dp=8, micro_batch=1)
+    small = estimate_train("llama-2-7b", "h100-sxm", peft="lora", rank=8, **kw)
+    big = estimate_train("llama-2-7b", "h100-sxm", peft="lora", rank=64, **kw)
+    full = estimate_train("llama-2-7b", "h100-sxm", peft="full", dtype="bf16", zero=2, **kw)
+    gb = lambda r: comm(r, "bytes")["dp_gradients"]  # noqa: E731
+    ratio = big.params_trainable / small.params_trainable
+    assert gb(big) / gb(small) == pytest.approx(ratio, rel=1e-6)
+    assert gb(full) / gb(small) == pytest.approx(
+        full.params_trainable / small.params_trainable * 2 / 4, rel=0.01)  # bf16 vs fp32 grads
+    assert comm(full, "data_parallel")["total_s"] > 100 * comm(small, "data_parallel")["total_s"]
+
+
+def test_zero3_gathers_scale_with_all_params_not_trainable():
+    """FSDP/ZeRO-3 gathers every (frozen) weight: the same volume for LoRA r=8 and r=64."""
+    kw = dict(batch=8, seq=256, devices=8, dp=8, zero=3, micro_batch=1)
+    a = estimate_train("llama-2-7b", "h100-sxm", peft="lora", rank=8, **kw)
+    b = estimate_train("llama-2-7b", "h100-sxm", peft="lora", rank=64, **kw)
+    ga, gb = comm(a, "bytes")["zero3_params_per_gather"], comm(b, "bytes")["zero3_params_per_gather"]
+    weights = a.params_total * 2
+    assert ga == pytest.approx(weights, rel=0.01)
+    assert gb == pytest.approx(ga, rel=0.01)
+    # 2 gathers (forward + backward) of all params per micro-batch dwarf the LoRA gradients
+    assert comm(a, "zero3_gather")["total_s"] > 50 * C.all_reduce(
+        comm(a, "bytes")["dp_gradients"], 8, C.Link("nvl", 450e9, 3e-6))
+    # ZeRO-3 shards the weights
+    z0 = estimate_train("llama-2-7b", "h100-sxm", peft="lora", rank=8,
+                        **{**kw, "zero": 0})
+    assert a.memory_bytes["weights"] < z0.memory_bytes["weights"] / 3
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16), (8, 8)])
+def test_pipeline_bubble_1f1b(p, m):
+    r = estimate_train("llama-2-7b", "h100-sxm", batch=m, seq=256, devices=p, pp=p,
+                       micro_batch=1, **LORA)
+    slot = r.time_s["micro_step_forward"] + r.time_s["micro_step_backward"]
+    pipe = (m + p - 1) * slot
+    assert r.time_s["pipeline_bubble"] / pipe == pytest.approx((p - 1) / (m + p - 1), rel=1e-9)
+
+
+def test_interleaved_schedule_shrinks_the_bubble():
+    kw = dict(batch=8, seq=256, devices=4, pp=4, micro_batch=1, **LORA)
+    a = estimate_train("llama-2-7b", "h100-sxm", **kw)
+    b = estimate_train("llama-2-7b", "h100-sxm", pp_schedule="interleaved", virtual_stages=2,
+                       **kw)
+    assert b.time_s["pipeline_bubble"] == pytest.approx(a.time_s["pipeline_bubble"] / 2)
+
+
+def test_tensor_parallel_splits_compute_and_adds_activation_all_reduces():
+    kw = dict(batch=1, seq=2048, **LORA)
+    one = estimate_train("llama-2-7b", "h100-sxm", **kw)
+    tp = estimate_train("llama-2-7b", "h100-sxm", devices=4, tp=4, **kw)
+    assert tp.time_s["forward"] < one.time_s["forward"] / 2
+    assert comm(tp, "tensor_parallel")["total_s"] > 0
+    assert comm(tp, "bytes")["tp_allreduce_per_block"] == 1 * 2048 * 4096 * 2
+    assert tp.memory_bytes["weights"] < one.memory_bytes["weights"] / 3
+    nosp = estimate_train("llama-2-7b", "h100-sxm", devices=4, tp=4, sequence_parallel=False, **kw)
+    assert nosp.memory_bytes["activations"] > tp.memory_bytes["activations"]
+    ov = estimate_train("llama-2-7b", "h100-sxm", devices=4, tp=4, tp_overlap=True, **kw)
+    assert ov.time_s["communication_exposed"] < tp.time_s["communication_exposed"]
+    assert ov.time_s["communication_hidden"] > 0
+
+
+def test_fits_and_does_not_fit():
+    big = estimate_train("llama-2-70b", "h100-sxm", batch=1, seq=2048, **LORA)
+    assert not big.fits
+    r = estimate_train("llama-2-70b", "h100-sxm", batch=1, seq=2048, devices=8, tp=8, **LORA)
+    assert r.fits and r.memory_bytes["peak"] < big.memory_bytes["peak"] / 4
+    off = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=1, seq=512, peft="full",
+                         devices=1, offload="optimizer")
+    on = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=1, seq=512, peft="full")
+    assert off.memory_bytes["optimizer"] == 0 and on.memory_bytes["optimizer"] > 0
+    assert off.memory_bytes["peak"] < on.memory_bytes["peak"]
+
+
+def test_plan_validation():
+    with pytest.raises(SimcostError, match="not divisible"):
+        estimate_train("llama-2-7b", "h100-sxm", batch=8, seq=256, devices=8, tp=3, **LORA)
+    with pytest.raises(SimcostError, match="global batch"):
+        estimate_train("llama-2-7b", "h100-sxm", batch=3, seq=256, devices=2, dp=2, **LORA)
+    with pytest.raises(SimcostError, match="exceeds"):
+        estimate_train("llama-2-7b", "h100-sxm", batch=8, seq=256, devices=16, tp=16, **LORA)
+
+
+def test_auto_enumeration_is_valid_and_fast():
+    t = time.perf_counter()
+    r = estimate_train("llama-2-70b", "h100-sxm", batch=8, seq=8192, devices=8, parallel="auto",
+                       max_positions=8192, **LORA)
+    assert time.perf_counter() - t < 1.0
+    p = r.parallel["plan"]
+    assert p["dp"] * p["tp"] * p["pp"] * p["cp"] == 8 and p["tp"] <= 8
+    assert p["global_batch"] == 8 and r.fits
+    c = r.parallel["candidates"]
+    assert 1 < len(c) <= 5 and all(x["fits"] for x in c)
+    assert [x["step_s"] for x in c] == sorted(x["step_s"] for x in c)
+    assert r.time_s["step"] == pytest.approx(c[0]["step_s"])
+
+
+def test_fp8_is_faster_than_bf16_on_h100():
+    kw = dict(batch=1, seq=2048, devices=1, **LORA)
+    a = estimate_train("llama-2-7b", "h100-sxm", dtype="bf16", micro_batch=1, **kw)
+    b = estimate_train("llama-2-7b", "h100-sxm", dtype="fp8", **kw)
+    assert 0.5 < b.time_s["step"] / a.time_s["step"] < 0.9
+    assert b.memory_bytes["weights"] == pytest.approx(a.memory_bytes["weights"])
+
+
+def test_cli_json_has_plan_and_exposed_communication(capsys):
+    rc = main(["estimate", "train", "--model", "llama-2-70b", "--peft", "lora", "--hardware",
+               "h100-sxm", "--devices", "8", "--parallel", "auto", "--batch", "8", "--seq",
+               "8192", "--dtype", "bf16", "--max-positions", "8192", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "communication_exposed" in d["time_s"]
+    assert d["parallel"]["plan"]["tp"] >= 1
+    assert "peak" in d["parallel"]["memory_bytes_per_device"]
+    assert set(d["parallel"]["phases"]) >= {"forward", "backward", "pipeline_bubble"}
+
+
+def test_cli_single_device_json_unchanged(capsys):
+    rc = main(["estimate", "train", "--model", "llama-2-7b", "--hardware", "a100-80gb-sxm",
+               "--batch", "1", "--seq", "128", "--json"])
+    assert rc == 0
+    assert "parallel" not in json.loads(capsys.readouterr().out)
+
+
+def test_mlperf_rows_are_evaluated():
+    from simcost.validate.published import evaluate, load_rows
+    rows = [r for r in load_rows() if r["id"] in ("MLPERF-002", "MLPERF-024", "MLPERF-001")]
+    res = {r.id: r for r in evaluate(rows)}
+    assert res["MLPERF-002"].status == "evaluated"
+    assert res["MLPERF-024"].status == "evaluated"
+    assert res["MLPERF-001"].status == "unsupported"       # time to train
+    assert abs(res["MLPERF-002"].error) < 0.4
+    assert res["MLPERF-002"].mapping["distributed"]["devices"] == 8
