@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--repeats", type=_positive_int, default=5)
     stp.add_argument("--limit", type=_positive_int, default=None, help="run only the first N cases")
     stp.add_argument("--out-dir", default="validation/reports")
+    stp.add_argument("--allocator", default="tcmalloc", choices=("tcmalloc", "system"),
+                     help="measure with tcmalloc preloaded when it is installed (default; "
+                          "glibc's page faults make CPU steps noisy) or the system allocator")
 
     from simcost.serve.cli import add_commands as serve_commands
     serve_commands(sub, _Parser)        # `estimate serve` and `simulate serve`

@@ -114,7 +114,7 @@ def write_report(cases: list[StepCase], profile: str, out_dir: str, title: str) 
     d.mkdir(parents=True, exist_ok=True)
     errs = [abs(c.error) for c in cases]
     mape = 100 * statistics.fmean(errs)
-    summary = {"title": title, "profile": profile, "mape_step_pct": mape,
+    summary = {"title": title, "profile": profile, "mape_step_pct": mape, "allocator": allocator(),
                "max_abs_error_pct": 100 * max(errs), "cases": [asdict(c) for c in cases],
                "torch": torch.__version__, "python": platform.python_version(),
                "machine": platform.machine()}
@@ -168,7 +168,8 @@ def write_report(cases: list[StepCase], profile: str, out_dir: str, title: str) 
         m = c.measured
         rows.append(f"| {c.model} | {c.method} | {c.batch}x{c.seq} | {m['step']:.3f} "
                     f"({m['min']:.3f}-{m['max']:.3f}) | {c.predicted['step']:.3f} | {100 * c.error:+.1f} % |")
-    md = [f"# {title}", "", f"Profile: `{profile}`; torch {torch.__version__}; "
+    md = [f"# {title}", "", f"Profile: `{profile}`; torch {torch.__version__}; allocator "
+          f"{allocator()}; "
           f"{len(cases)} cases; step-time MAPE **{mape:.1f} %** (max {100 * max(errs):.1f} %).", "",
           "A step = forward with loss, backward, AdamW step (torch default implementation), "
           "zero_grad(set_to_none=True); median of the timed steps after warm-up.", "",
@@ -176,6 +177,31 @@ def write_report(cases: list[StepCase], profile: str, out_dir: str, title: str) 
           f"![breakdown]({stem.name}_breakdown.png)", ""]
     Path(f"{stem}.md").write_text("\n".join(md))
     return summary
+
+
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+                  "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+def allocator() -> str:
+    import os
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+
+
+def _reexec_with_tcmalloc() -> None:
+    """glibc returns large freed blocks to the OS and page-faults them back in the next step,
+    which adds 2-20x to some kernels at random (validation_feasibility.md §5); measure with
+    tcmalloc, as recommended there, by re-running this command with it preloaded."""
+    import os
+    import sys
+    if allocator() == "tcmalloc":
+        return
+    lib = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+    if lib is None:
+        return
+    env = dict(os.environ, LD_PRELOAD=(lib + " " + os.environ.get("LD_PRELOAD", "")).strip())
+    os.execve(sys.executable, [sys.executable, "-m", "simcost.cli", *sys.argv[1:]], env)
 
 
 def run_cli(args) -> int:
@@ -187,6 +213,8 @@ def run_cli(args) -> int:
         import torch
     except ImportError:
         raise SimcostError("simcost validate needs the torch extra") from None
+    if args.allocator == "tcmalloc":
+        _reexec_with_tcmalloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = args.hardware
