@@ -48,6 +48,7 @@ class TimeModelSpec(BaseModel):
     """Parameters of the per-op time model (all optional; see simcost.sim.timing)."""
     model_config = ConfigDict(extra="allow")
     matmul_efficiency: Quantity | None = None      # achievable / dense peak at large shapes
+    matmul_efficiency_fp8: Quantity | None = None  # the same for fp8 (lower than 16-bit)
     bandwidth_efficiency: Quantity | None = None   # achievable / datasheet bandwidth
     compute_units: Quantity | None = None          # SMs / CUs / cores: wave quantisation
     tile_m: Quantity | None = None

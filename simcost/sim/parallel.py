@@ -62,15 +62,6 @@ DDP_BUCKET_BYTES = 25 * 2 ** 20          # torch DDP bucket_cap_mb default
 # 5as/h score term, leaving 10 of 34 replicated without SP.
 TP_REPLICATED_ACT_FRACTION = 10 / 34
 
-# Measured fp8 maximum-achievable-matmul efficiency (dense fp8 peak fraction) per profile:
-# validation/published/published_measurements_dev.csv HWEFF-MAMF rows (stas00/ml-engineering
-# "Maximum Achievable Matmul FLOPS", FP8 table @744d01e). Profiles not listed use their bf16
-# ``time_model.matmul_efficiency``.
-FP8_MATMUL_EFFICIENCY = {
-    "h100-sxm": (0.709, "HWEFF-MAMF-020: H100 SXM 1402.6 of 1979 TFLOPS fp8"),
-    "h200": (0.734, "HWEFF-MAMF-018: H200 SXM 1453.4 of 1979 TFLOPS fp8"),
-    "b200": (0.763, "HWEFF-MAMF-016: B200 SXM 3432.5 of 4500 TFLOPS fp8"),
-}
 
 
 @dataclass(frozen=True)
@@ -226,11 +217,10 @@ def fp8_time_model(tm: TimeModel, device, profile_name: str) -> TimeModel:
     peak = device.peak_flops_per_s.get("fp8")
     if peak is None:
         raise SimcostError(f"{device.name} has no fp8 peak in its profile: --dtype fp8 needs one")
-    eff = FP8_MATMUL_EFFICIENCY.get(profile_name, (None,))[0]
-    if eff is None:
-        eff = (device.time_model or {}).get("matmul_efficiency", 1.0)
+    if "fp8" in tm.mm_peak:           # the profile's measured fp8 efficiency (or its bf16 one)
+        return tm
     mm = dict(tm.mm_peak)
-    mm["fp8"] = peak * eff
+    mm["fp8"] = peak * (device.time_model or {}).get("matmul_efficiency", 1.0)
     return dataclasses.replace(tm, mm_peak=mm)
 
 

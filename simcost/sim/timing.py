@@ -60,6 +60,8 @@ class TimeModel:
         tm = dev.time_model or {}
         eff = tm.get("matmul_efficiency", 1.0)
         mm = {k: v * eff for k, v in dev.peak_flops_per_s.items()}
+        if "fp8" in mm and "matmul_efficiency_fp8" in tm:
+            mm["fp8"] = dev.peak_flops_per_s["fp8"] * tm["matmul_efficiency_fp8"]
         half = None
         if "matmul_half_m" in tm:
             half = (tm["matmul_half_m"], tm["matmul_half_n"], tm["matmul_half_k"])
