@@ -140,3 +140,48 @@ def test_cli_module_wires(capsys):
     assert json.loads(capsys.readouterr().out)["time_s"]["total"] > 0
     assert main("simulate serve --model llama-2-7x --hardware a100-80gb-sxm --rate 1 "
                 "--duration 1".split()) == 2
+
+
+def test_engine_registry_and_facts():
+    from simcost.serve.engines import ENGINES, get_engine
+    assert {"vllm", "slora", "trtllm", "hf-peft"} <= set(ENGINES)
+    for e in ENGINES.values():
+        assert e.sources, e.name            # every engine cites where its facts come from
+    assert get_engine("slora").adapter_residency == "running-batch"
+    with pytest.raises(SimcostError):
+        get_engine("hf-peft")               # described, not simulated
+    with pytest.raises(SimcostError):
+        get_engine("nope")
+
+
+def test_paged_attention_overhead_only_in_decode_attention():
+    from simcost.serve.api import _setup
+    _, _, _, plain, *_ = _setup("llama-2-7b", "a100-80gb-sxm", "fp16", None, None, 1, None,
+                                "sgmv", None, True, 0.0)
+    _, _, _, paged, *_ = _setup("llama-2-7b", "a100-80gb-sxm", "fp16", None, None, 1, None,
+                                "sgmv", None, True, 0.23)
+    assert paged.decode_attn_time(1e5) == pytest.approx(1.23 * plain.decode_attn_time(1e5))
+    assert paged.linear_time(64) == pytest.approx(plain.linear_time(64))
+
+
+def test_slora_engine_frees_idle_adapters_and_pool_cap():
+    from simcost.serve import sim as simmod
+    from simcost.serve.api import _setup
+    from simcost.serve.memory import serve_memory
+    kw = dict(adapters=200, ranks=[8], rate=5, duration=20, input_len="8:128",
+              output_len="8:128", seed=1)
+    sl = simulate_serve(M, H, engine="slora", **kw)
+    small = simulate_serve(M, H, engine="slora", max_total_tokens=3000, **kw)
+    assert sl.engine == "slora" and small.max_batch <= sl.max_batch   # a smaller pool admits no more
+    # running-batch residency (S-LoRA) reloads adapters an LRU cache would keep
+    spec, prof, dev, step, tg, hbw, hl = _setup(M, H, "fp16", None, None, 1, None, "mbgmv", None, False)
+    mem = serve_memory(spec, dev, wdtype="fp16", act_dtype="fp16", kv_dtype="fp16", tp=1,
+                       ranks=[8], targets=tg, max_tokens=2048, max_seqs=256)
+    wl = simmod.Workload(rate=5, duration=20, input_len=(8, 128), output_len=(8, 128),
+                         adapters=200, ranks=(8,), seed=1)
+    ar = np.full(200, 8.0)
+    res = {pol: simmod.simulate(step, mem, wl, simmod.Engine(scheduler="slora", max_num_seqs=1000,
+                                                              adapter_residency=pol),
+                                adapter_ranks=ar, merged=False, host_bw=hbw, host_lat=hl)
+           for pol in ("lru", "running-batch")}
+    assert res["running-batch"].swaps > res["lru"].swaps

@@ -9,6 +9,7 @@ from simcost.errors import SimcostError
 from simcost.hardware import load_profile
 from simcost.models.config import ModelSpec, load_model
 from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
+from simcost.serve.engines import ENGINES, SCHEDULER_ENGINE, get_engine
 from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
 from simcost.sim.timing import TimeModel
@@ -35,6 +36,7 @@ class ServeEstimate(BaseModel):
 class ServeSimulation(BaseModel):
     model: str
     hardware: str
+    engine: str
     scheduler: str
     tp: int
     adapters: int
@@ -67,7 +69,7 @@ def _stats(x: np.ndarray) -> dict:
 
 
 def _setup(model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_kernel, targets,
-           cuda_graphs):
+           cuda_graphs, decode_attn_overhead: float = 0.0):
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if spec.family != "llama":
         raise SimcostError(f"serving supports Llama-family models (Llama, Mistral, Qwen2, Mixtral); "
@@ -96,7 +98,7 @@ def _setup(model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_ker
     tg = resolve_targets(spec, targets)
     step = StepModel(spec, tm, act_dtype=dtype, wdtype=wd, kv_dtype=kd, tp=tp, link_bw=link_bw,
                      link_lat=link_lat, cuda_graphs=bool(cuda_graphs), lora_kernel=lora_kernel,
-                     targets=tuple(tg))
+                     targets=tuple(tg), decode_attn_overhead=decode_attn_overhead)
     return spec, prof, dev, step, tg, host_bw, host_lat
 
 
@@ -177,8 +179,21 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
                    targets=None, peft: str | None = None, num_virtual_tokens: int = 0,
                    max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                    prefetch: bool = False, gpu_memory_utilization: float = 0.9,
-                   cuda_graphs: bool | None = None) -> ServeSimulation:
-    """Simulate ``duration`` seconds of traffic (or a trace) against one TP group."""
+                   cuda_graphs: bool | None = None, engine: str | None = None,
+                   max_total_tokens: int | None = None) -> ServeSimulation:
+    """Simulate ``duration`` seconds of traffic (or a trace) against one TP group.
+
+    ``engine`` (:data:`simcost.serve.engines.ENGINES`) fixes the engine's physical facts
+    (scheduler, LoRA kernel, CUDA graphs, paged-attention overhead, adapter residency); without
+    it the engine follows ``scheduler`` (fcfs: vllm, slora: slora, mixed: trtllm).
+    ``max_total_tokens`` caps the KV pool in token slots (LightLLM's ``--max_total_token_num``)."""
+    if engine is not None:
+        espec = get_engine(engine)
+        scheduler = espec.scheduler          # the engine's own batching policy
+    else:
+        if scheduler not in SCHEDULERS:
+            raise SimcostError(f"unknown scheduler '{scheduler}'; valid: {', '.join(SCHEDULERS)}")
+        espec = ENGINES[SCHEDULER_ENGINE[scheduler]]
     if scheduler not in SCHEDULERS:
         raise SimcostError(f"unknown scheduler '{scheduler}'; valid: {', '.join(SCHEDULERS)}")
     if adapters < 0:
@@ -193,11 +208,12 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
     if duration <= 0 and not trace and not n_requests:
         raise SimcostError("--duration must be > 0")
     if lora_kernel is None:
-        lora_kernel = {"slora": "mbgmv"}.get(scheduler, "sgmv")
+        lora_kernel = espec.lora_kernel
     if lora_kernel not in LORA_KERNELS:
         raise SimcostError(f"unknown LoRA kernel '{lora_kernel}'; valid: {', '.join(LORA_KERNELS)}")
     spec, prof, dev, step, tg, host_bw, host_lat = _setup(
-        model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_kernel, targets, False)
+        model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_kernel, targets, False,
+        espec.decode_attn_overhead or 0.0)
     peft = peft or ("lora" if adapters > 0 else "none")
     prefix = num_virtual_tokens if peft == "prefix" else 0
     ii, oo = _range(input_len, "input-len"), _range(output_len, "output-len")
@@ -206,10 +222,14 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
     if ii[1] + oo[1] + prefix > spec.max_positions:
         raise SimcostError(f"input + output length {ii[1] + oo[1]} exceeds {spec.name}'s "
                            f"{spec.max_positions} positions")
-    defaults = {"fcfs": (256, 2048), "slora": (1000, 2048), "mixed": (2048, 8192)}[scheduler]
-    eng = Engine(scheduler=scheduler, max_num_seqs=max_num_seqs or defaults[0],
-                 max_num_tokens=max_num_tokens or defaults[1], prefetch=prefetch,
-                 cuda_graphs=cuda_graphs)
+    eng = Engine(scheduler=scheduler, max_num_seqs=max_num_seqs or espec.max_num_seqs,
+                 max_num_tokens=max_num_tokens or espec.max_num_tokens, prefetch=prefetch,
+                 cuda_graphs=espec.cuda_graphs if cuda_graphs is None else cuda_graphs,
+                 max_wait_tokens=espec.max_wait_tokens,
+                 adapter_residency=espec.adapter_residency,
+                 adapter_copies=espec.adapter_copies_per_load,
+                 batch_max_tokens_frac=espec.batch_max_tokens_frac,
+                 max_total_tokens=max_total_tokens)
     wl = Workload(rate=rate, duration=duration, cv=cv, input_len=ii, output_len=oo,
                   adapters=max(adapters, 1), ranks=tuple(ranks), popularity_alpha=popularity_alpha,
                   trace=trace, n_requests=n_requests, seed=seed)
@@ -228,7 +248,7 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
     if slo_ttft is not None:
         slo = float(np.mean(res.ttft <= slo_ttft))
     return ServeSimulation(
-        model=spec.name, hardware=prof.name, scheduler=scheduler, tp=tp, adapters=adapters,
+        model=spec.name, hardware=prof.name, engine=espec.name, scheduler=scheduler, tp=tp, adapters=adapters,
         merged=merged, n_requests=n, duration_s=float(duration), makespan_s=ms,
         throughput_req_s=n / ms if ms > 0 else 0.0,
         throughput_tok_s=float(res.out_tokens.sum()) / ms if ms > 0 else 0.0,

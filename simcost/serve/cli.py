@@ -76,6 +76,11 @@ def add_commands(subparsers, parser_class) -> None:
     s.add_argument("--slo-ttft", type=float, default=None)
     s.add_argument("--seed", type=_int, default=0)
     s.add_argument("--prefetch", action="store_true")
+    s.add_argument("--engine", default=None, choices=("vllm", "slora", "trtllm"),
+                   help="serving engine whose physical facts to use (overrides --scheduler; "
+                        "see simcost/serve/engines.py)")
+    s.add_argument("--max-total-tokens", type=_int, default=None,
+                   help="KV pool in token slots (LightLLM/S-LoRA --max_total_token_num)")
 
 
 def dispatch(args) -> int:
@@ -108,11 +113,12 @@ def dispatch(args) -> int:
                            popularity_alpha=args.popularity_alpha, duration=args.duration,
                            input_len=args.input_len, output_len=args.output_len, trace=args.trace,
                            scheduler=args.scheduler, slo_ttft=args.slo_ttft, seed=args.seed,
-                           targets=args.targets, prefetch=args.prefetch)
+                           targets=args.targets, prefetch=args.prefetch, engine=args.engine,
+                           max_total_tokens=args.max_total_tokens)
         if args.json:
             print(json.dumps(r.model_dump()))
         else:
-            print(f"{r.model} on {r.hardware} ({r.scheduler}, {r.adapters} adapters): "
+            print(f"{r.model} on {r.hardware} ({r.engine}: {r.scheduler}, {r.adapters} adapters): "
                   f"{r.n_requests} requests in {r.makespan_s:.1f} s")
             print(f"  throughput {r.throughput_req_s:.3f} req/s, {r.throughput_tok_s:.0f} tok/s")
             for name, d in (("TTFT", r.ttft_s), ("TPOT", r.tpot_s), ("latency", r.latency_s)):

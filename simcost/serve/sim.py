@@ -23,6 +23,9 @@ Schedulers:
   batch holds at most ``batch_max_tokens`` tokens (LightLLM default: 1/6 of the pool); the
   adapters of the new batch are swapped in from host memory before its prefill (exposed,
   or overlapped with the previous iteration with ``prefetch``); eager kernels; MBGMM/MBGMV.
+  With the S-LoRA engine's ``running-batch`` residency, adapters no running request uses are
+  freed whenever requests finish, and each load crosses the host link twice
+  (:mod:`simcost.serve.engines`).
 - ``mixed``: in-flight batching with chunked prefill as TensorRT-LLM (and vLLM with chunked
   prefill): each iteration carries every decoding sequence plus prompt chunks up to
   ``max_num_tokens``; admission reserves prompt + output (GUARANTEED_NO_EVICT); CUDA graphs.
@@ -116,6 +119,11 @@ class Engine:
     block: int = 16
     prefetch: bool = False
     cuda_graphs: bool | None = None
+    # engine facts (simcost.serve.engines)
+    adapter_residency: str = "lru"          # or "running-batch" (S-LoRA)
+    adapter_copies: int = 1                  # host-to-device transfers per adapter load
+    batch_max_tokens_frac: float | None = None   # prefill batch limit as a pool fraction
+    max_total_tokens: int | None = None      # KV pool in tokens (LightLLM --max_total_token_num)
 
 
 @dataclass
@@ -147,6 +155,10 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
     L = step.spec.layers
     kvtok = mem.kv_per_token
     pool = mem.pool
+    if eng.max_total_tokens:
+        # the engine was started with a fixed pool of token slots (LightLLM/S-LoRA
+        # --max_total_token_num; S-LoRA's adapters take 4r slots of it per rank-r adapter)
+        pool = min(pool, eng.max_total_tokens * kvtok)
     if pool <= 0:
         raise SimcostError(f"the weights ({mem.weights / 2**30:.1f} GiB per device) leave no room "
                            f"for a KV cache on this device")
@@ -160,7 +172,8 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
     reserve = sched in ("slora", "mixed")
     max_tokens = eng.max_num_tokens
     if sched == "slora":
-        max_tokens = max(int(mem.kv_tokens / 6), int(prompt.max() + out.max()))
+        frac = eng.batch_max_tokens_frac or 1 / 6
+        max_tokens = max(int(pool // kvtok * frac), int(prompt.max() + out.max()))
     elif sched == "fcfs":
         max_tokens = max(max_tokens, int(prompt.max()) + prefix)
     lin = step.linear_table(max_tokens + eng.max_num_seqs + 8)
@@ -252,7 +265,7 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
         for a in needed:
             resident[a] = t
             res_bytes += abytes[a]
-            load += abytes[a] / host_bw + host_lat * L if host_bw else 0.0
+            load += eng.adapter_copies * (abytes[a] / host_bw + host_lat * L) if host_bw else 0.0
         for a in set(ad[batch_ids].tolist()):
             resident[a] = t
         swaps += len(needed)
@@ -361,7 +374,7 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
             # nothing can run: memory is held by adapters or the head request cannot fit
             if not busy and waiting and not new:
                 raise SimcostError(f"request of {prompt[waiting[0]] + out[waiting[0]]} tokens does "
-                                   f"not fit the KV pool ({mem.kv_tokens} tokens)")
+                                   f"not fit the KV pool ({int(pool // kvtok)} tokens)")
             t = max(t, arr[nxt]) if nxt < n else t + 1e-3
             continue
         dt = float(lin[T])
@@ -419,6 +432,12 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
                     used -= float(np.sum(-(-(r_ctx[fin] + prefix) // eng.block) * eng.block)) * kvtok
                 keep = ~fin
                 r_id, r_ctx = r_id[keep], r_ctx[keep]
+                if use_lora and eng.adapter_residency == "running-batch":
+                    # S-LoRA's router frees every adapter no running request uses
+                    act = set(ad[r_id].tolist()) | {ad[p[0]] for p in pf}
+                    for a in [a for a in resident if a not in act]:
+                        res_bytes -= abytes[a]
+                        del resident[a]
         used = max(used, 0.0)
 
     lat = finish - arr

@@ -11,7 +11,8 @@ One iteration runs every decoder layer once over the batch's ``T`` new tokens:
 - **attention**: prefill as flash attention, ``QKᵀ`` and ``PV`` GEMMs of ``s × (s+p)`` per
   head, half of it under the causal mask; decode as paged attention, which streams every
   cached token's K and V once (``Σ ctx · 2 · n_kv · d_h · bytes`` per layer, GQA heads read
-  once per group) at the achievable bandwidth. ``p`` is prefix tuning's virtual tokens.
+  once per group) at the achievable bandwidth, times ``1 + decode_attn_overhead`` for the
+  engine's paged kernel (:mod:`simcost.serve.engines`). ``p`` is prefix tuning's virtual tokens.
 - **unmerged LoRA** (``y += (x·A)·B·s`` on each target): merged adapters cost nothing (the
   base model's cost). Batched heterogeneous-adapter kernels:
 
@@ -68,6 +69,9 @@ class StepModel:
     cuda_graphs: bool = False
     lora_kernel: str = "mbgmv"
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # the engine's paged decode-attention kernel latency over a contiguous-KV kernel
+    # (simcost.serve.engines: vLLM's PagedAttention +20-26 %, arXiv:2309.06180 §7.1)
+    decode_attn_overhead: float = 0.0
     _lin_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -165,7 +169,8 @@ class StepModel:
         """All layers' paged attention reading ``ctx_sum`` cached tokens' K and V."""
         if ctx_sum <= 0:
             return 0.0
-        return self.spec.layers * float(self.tm.stream_time(ctx_sum * self.kv_tok_layer))
+        return (self.spec.layers * float(self.tm.stream_time(ctx_sum * self.kv_tok_layer))
+                * (1.0 + self.decode_attn_overhead))
 
     def lora_time(self, T: float, ranks_distinct, tokens_per_adapter=None):
         """All layers' unmerged-LoRA work for ``T`` tokens using the distinct adapters of
