@@ -80,7 +80,9 @@ def main(out_dir: str = "validation/reports") -> int:
              "NDR per GPU between nodes.", "",
              f"**Step-time MAPE: {summary['step_time_mape']:.1%}** over "
              f"{len(ev)} rows (mean signed error {summary['mean_signed_error']:+.1%}; "
-             "target <= 15 %: not met).", "",
+             f"target <= 15 %: {'met' if summary['step_time_mape'] <= 0.15 else 'not met'}). "
+             "First cut (perfect overlap, attention at the dense fp8 GEMM efficiency): "
+             "19.4 %.", "",
              "| system | rows | MAPE | signed | plan chosen |", "|---|---|---|---|---|"]
     for k, v in summary["by_system"].items():
         lines.append(f"| {k} | {v['n']} | {v['mape']:.1%} | {v['mean_signed_error']:+.1%} | "
@@ -108,24 +110,28 @@ def main(out_dir: str = "validation/reports") -> int:
 
 
 DIAGNOSIS = """\
-- simcost is **systematically fast** (every row under-predicts). The 8 x H100 rows land at
-  -10 % to -21 %, 8 x H200 at -15 % to -23 %, B200 -27 %. The v4.0 -> v4.1 drop in measured
-  time at the same plan (64 x H100: 0.64 -> 0.55 s; 1024 x H100: 0.68 -> 0.55 s) is software
-  (NeMo 24.04 -> 24.09), and simcost's prediction sits near or under the later, faster round.
-  What is left is framework efficiency that the physical model does not price.
-- Likely causes, in order of size:
-  1. **TP communication overlap is priced as perfect.** With `tp_overlap` the 0.6 s of TP
-     traffic per step (8 x H100) is hidden behind the linears' GEMMs at no cost. Userbuffers
-     overlap takes SMs from the GEMMs and pipelines them in chunks, so the overlapped GEMMs run
-     slower. Without overlap the 8 x H100 prediction is 3.88 s (MAPE ~4 % on those rows): the
-     truth lies between.
-  2. **FP8 attention at the fp8 GEMM efficiency.** cuDNN fp8 fused attention, backward above
-     all, runs well below the 71 % of fp8 peak that the dense-GEMM measurement (HWEFF-MAMF-020)
-     gives. Pricing attention in bf16 instead adds ~0.36 s per 8-GPU step.
-  3. **FP8 bookkeeping.** Amax reduction, per-tensor scaling and transposes for the fp8
-     backward GEMMs are counted as a single quantisation pass.
-  4. **L40S** (-36 % / -41 %): TP4 over PCIe 4.0 at the profile's 32 GB/s, with no NVLink and
-     overlap priced as perfect. The fp8 peak in the profile may also be optimistic for this part.
+- Second cut (this report) prices two physical effects the first cut left out, from
+  published sources, with no per-row input:
+  1. **Overlap is not free.** A collective running concurrently with compute occupies SMs:
+     TransformerEngine's userbuffers default to num_sm = 16 per overlap
+     (transformer_engine/pytorch/module/base.py, initialize_ub), 16 / 132 of an H100; the
+     hidden communication time x that fraction is added to the compute
+     (`time_s.overlap_compute_slowdown`). TE pipelines the forward reduce-scatter in 4 chunks,
+     so the last chunk's share stays exposed. In the backward, TE hides the reduce-scatter of a
+     column-parallel linear's input gradient behind its *weight-gradient* GEMM ("bulk"
+     overlap); LoRA's frozen base has no weight gradient, so that traffic hides only behind the
+     adapters' small wgrad GEMMs: a PEFT-specific exposure.
+  2. **Fused attention at measured FlashAttention-3 rates** (arXiv 2407.08608, H100 SXM5,
+     head dim 128, 8k): forward causal 602 TFLOPS bf16 / 815 fp8, backward 559 (no fp8
+     backward is published: fp8 backward is taken at the bf16 rate). Causal FLOPs count half
+     the dense ones, as in the paper. Set for h100-sxm and h200 (same GH100 compute); B200 and
+     L40S have no published FA3 measurement and keep the dense-GEMM pricing.
+- What is left (all rows still under-predict): FP8 bookkeeping (amax reductions, scaling,
+  cast-transposes for the backward GEMMs) is one quantisation pass; B200 (-27 %) has no
+  attention measurement and a 2024 software stack; L40S (-28 % / -34 %) runs TP over PCIe
+  with no NVLink, where userbuffers' ring exchange is not what NeMo uses and the fp8 peak may
+  be optimistic; the v4.0 rows at 64/1024 x H100 (0.64 / 0.68 s) are an older NeMo than the
+  v4.1 rows at the same plan (0.55 s), which simcost now matches within ~2-14 %.
 - Memory: with simcost's torch-exact saved activations, tp4 + SP micro-batch 1 holds
   ~91 GiB per H100, more than the 80 GiB it has. NVIDIA's own plan (tp4, dp2, distributed
   optimizer) therefore looks infeasible to the search, which picks ZeRO-3 at the same speed.
@@ -133,7 +139,10 @@ DIAGNOSIS = """\
   SwiGLU, so its activations are smaller than the HF/peft graph simcost models. The tp / pp / cp
   choices of `--parallel auto` still match NVIDIA's configs: tp4 cp1 on 8 x H100
   (config_DGXH100_1x8x4xtp4pp1cp1), tp2 on 8 x H200 (config_DGXH200_1x8x2xtp2pp1cp1), and
-  tp4 cp2 at 1024 GPUs (config_DGXH100_128x8x1xtp4pp1cp2)."""
+  tp4 cp2 at 1024 GPUs (config_DGXH100_128x8x1xtp4pp1cp2).
+- The issue's literal command (`--seq 8192` on the zoo's llama-2-70b, 4096 positions) is
+  rejected by the 'seq beyond the model's positions' rule of issue 2, kept as is; the timing
+  below passes `--max-positions 8192` (MLPerf trains at 8192)."""
 
 
 if __name__ == "__main__":

@@ -169,3 +169,59 @@ def test_mlperf_rows_are_evaluated():
     assert res["MLPERF-001"].status == "unsupported"       # time to train
     assert abs(res["MLPERF-002"].error) < 0.4
     assert res["MLPERF-002"].mapping["distributed"]["devices"] == 8
+
+
+# --- overlap and attention pricing (issue 4, second cut) ------------------------------------
+
+def test_overlap_costs_the_compute_the_sms_the_collective_takes():
+    from simcost.hardware import load_profile
+    from simcost.sim.parallel import comm_sm_fraction, overlap_slowdown
+    dev = load_profile("h100-sxm").device()
+    f = comm_sm_fraction(dev)
+    assert f == pytest.approx(16 / 132)             # TE userbuffers num_sm / H100 SMs
+    assert overlap_slowdown(1.0, f) == pytest.approx(f)
+    assert overlap_slowdown(-1.0, f) == 0.0
+    assert comm_sm_fraction(load_profile("cpu-generic").device()) == 0.0
+
+
+def test_frozen_weights_leave_the_backward_reduce_scatter_exposed():
+    from simcost.sim.parallel import UB_PIPELINE_SPLITS, tp_overlap_exposed
+    # long GEMMs: forward exposes only the last pipelined reduce-scatter chunk
+    f, b = tp_overlap_exposed(1.0, 1.0, lin_f=10.0, lin_b=20.0, wgrad_b=10.0, sp=True)
+    assert f == pytest.approx(0.5 / UB_PIPELINE_SPLITS) and b == pytest.approx(0.0)
+    # LoRA: no weight-gradient GEMM on the frozen base, the dgrad reduce-scatter is exposed
+    f, b = tp_overlap_exposed(1.0, 1.0, lin_f=10.0, lin_b=10.0, wgrad_b=0.0, sp=True)
+    assert b == pytest.approx(0.5)
+    # never more exposed than the traffic itself
+    f, b = tp_overlap_exposed(1.0, 1.0, lin_f=0.0, lin_b=0.0, wgrad_b=0.0, sp=True)
+    assert f <= 1.0 and b <= 1.0
+
+
+def test_overlap_reports_the_compute_slowdown():
+    kw = dict(batch=8, seq=8192, devices=8, tp=4, dp=2, micro_batch=1, tp_overlap=True,
+              max_positions=8192, zero=3)
+    import dataclasses
+    from simcost.models.config import load_model
+    m = dataclasses.replace(load_model("llama-2-70b"), max_positions=8192)
+    r = estimate_train(m, "h100-sxm", peft="lora", **kw)
+    assert r.time_s["overlap_compute_slowdown"] > 0
+    tp = comm(r, "tensor_parallel")
+    assert 0 < tp["exposed_s"] < tp["total_s"]
+
+
+def test_flash_attention_priced_at_the_measured_fraction_causal_half():
+    from simcost.hardware import load_profile
+    from simcost.sim.timing import TimeModel
+    tm = TimeModel.from_device(load_profile("h100-sxm").device())
+    flops = 1e12
+    fwd = tm.phase_time("bf16", [(1, 8192, 8192, 128)], flops, 0.0, 1.0, 1,
+                        attention=("fwd", True))
+    assert fwd == pytest.approx(0.5 * flops / (989.4e12 * 0.609), rel=1e-3)
+    bwd8 = tm.phase_time("fp8", [], flops, 0.0, 1.0, 1, attention=("bwd", False))
+    assert bwd8 == pytest.approx(flops / (1978.9e12 * 0.282), rel=1e-3)
+    # a profile without attention measurements keeps the GEMM pricing
+    cpu = TimeModel.from_device(load_profile("cpu-generic").device())
+    assert cpu.attn_rates is None
+    a = cpu.phase_time("fp32", [(1, 64, 64, 64)], 2 * 64 ** 3, 0.0, 1.0, 1, attention=("fwd", True))
+    b = cpu.phase_time("fp32", [(1, 64, 64, 64)], 2 * 64 ** 3, 0.0, 1.0, 1)
+    assert a == b

@@ -136,7 +136,8 @@ def test_torchtune_lora_targets(rows):
 @pytest.mark.parametrize("rid,fragment", [
     ("FT-QWEN-025", "GPTQ"),                 # Q-LoRA on an Int4 GPTQ base
     ("FT-QWEN-037", "DeepSpeed"),            # full-parameter: finetune_ds.sh
-    ("FT-QWEN-085", "multi-device"),
+    ("FT-QWEN-085", "full-parameter"),     # 2-GPU full FT: ZeRO-2 fp32 partitions
+    ("FT-QWEN-092", "inter-server"),       # multi-node speed: network not stated
     ("FT-TORCHTUNE-017", "data-dependent"),  # unpacked baseline
     ("FT-TORCHTUNE-037", "data-dependent"),  # "variable (alpaca, unpacked)"
     ("FT-TORCHTUNE-027", "fused into backward"),
@@ -167,3 +168,19 @@ def test_run_cli_unknown_source(tmp_path):
     from simcost.errors import SimcostError
     with pytest.raises(SimcostError, match="no rows"):
         P.run_cli(SimpleNamespace(out_dir=str(tmp_path), source="NOPE"))
+
+
+def test_qwen_multi_gpu_lora_memory_maps_to_zero_data_parallel(rows):
+    mp = P.map_row(_row(rows, "FT-QWEN-091"))      # Qwen-7B LoRA, 2 servers x 2 GPUs
+    assert mp.distributed["devices"] == 4 and mp.distributed["dp"] == 4
+    assert mp.distributed["zero"] == 2 and mp.distributed["nodes"] == 2
+    assert mp.memory_devices == 4                  # mem_GB_total_all_gpus sums the GPUs
+    mp3 = P.map_row(_row(rows, "FT-QWEN-139"))     # Qwen-72B LoRA + DeepSpeed ZeRO-3
+    assert mp3.distributed["zero"] == 3
+
+
+def test_qwen_multi_gpu_memory_is_total_over_devices(results):
+    r = next(r for r in results if r.id == "FT-QWEN-091")
+    assert r.status == "evaluated" and r.kind == "memory"
+    # the total over 4 GPUs, each holding the whole frozen 7B model (ZeRO-2)
+    assert r.predicted > 4 * 7e9 * 2

@@ -61,6 +61,12 @@ class TimeModelSpec(BaseModel):
     matmul_sharpness_k: Quantity | None = None
     step_overhead_s: Quantity | None = None        # per-step host work (framework, Python)
     dispatch_s: Quantity | None = None             # host time per eager-framework kernel
+    # fused (flash) attention: achieved / dense peak, causal FLOPs counted as half
+    attention_efficiency_fwd: Quantity | None = None
+    attention_efficiency_bwd: Quantity | None = None
+    attention_efficiency_fp8_fwd: Quantity | None = None
+    attention_efficiency_fp8_bwd: Quantity | None = None
+    comm_overlap_sms: Quantity | None = None       # SMs a concurrent collective occupies
 
 
 class HardwareProfile(BaseModel):

@@ -50,7 +50,7 @@ from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim import collectives as C
 from simcost.sim.memory import checkpointed_activations, training_memory
-from simcost.sim.timing import TimeModel, optimizer_time
+from simcost.sim.timing import TimeModel, attention_kind, optimizer_time
 
 BLOCK_PREFIX = ("model.layers", "transformer.h")
 COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "w1", "w3",
@@ -156,12 +156,14 @@ class SegTimes:
     lin_bwd: list
     attn_fwd: list         # attention time (what CP comm can overlap with)
     attn_bwd: list
+    wgrad_bwd: list        # weight-gradient GEMM time of TP-split linears (what the backward
+                           # reduce-scatter of the input gradient can hide behind)
 
 
 def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int,
                   fp8: bool, fp8_attention: bool, recompute: bool) -> SegTimes:
     nseg = len(g.segments)
-    out = SegTimes(*[[0.0] * nseg for _ in range(6)])
+    out = SegTimes(*[[0.0] * nseg for _ in range(7)])
     for r in a.records:
         c = r.cost
         si = r.segment
@@ -188,16 +190,19 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
         sp_f = {k: v * f for k, v in c.special_fwd.items()} if c.special_fwd else c.special_fwd
         sp_b = {k: v * f for k, v in c.special_bwd.items()} if c.special_bwd else c.special_bwd
         tf = tb = 0.0
+        mm = 0.0
+        att = attention_kind(r)
         if c.fwd_kernels:
             tf = tm.phase_time(mdt, gf, c.fwd_matmul_flops * f, (c.fwd_flops - c.fwd_matmul_flops) * f,
-                               c.fwd_bytes * f, c.fwd_kernels, sp_f) * mult
+                               c.fwd_bytes * f, c.fwd_kernels, sp_f,
+                               attention=att and ("fwd", att[1])) * mult
             if fp8 and base_linear and gf:      # quantise the input (bf16 -> fp8)
                 tf = tf + sum(3.0 * x[0] * x[1] * x[3] for x in gf) / tm.bandwidth
         if c.bwd_kernels:
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
             tb = tm.phase_time(mdt, gb, mm * f, other * f, c.bwd_bytes * f, c.bwd_kernels,
-                               sp_b) * mult
+                               sp_b, attention=att and ("bwd", att[1])) * mult
             if fp8 and base_linear and gb:      # quantise the output gradient
                 tb = tb + sum(3.0 * x[0] * x[1] * x[3] for x in gb[:1]) / tm.bandwidth
         out.fwd[si] += tf
@@ -207,10 +212,61 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
         if role in ("column_base", "row_base") and r.op.kind == "linear":
             out.lin_fwd[si] += tf
             out.lin_bwd[si] += tb
+            if mm > 0 and c.bwd_kernels:
+                out.wgrad_bwd[si] += tb * c.bwd_weight_matmul_flops / mm
         if is_attn:
             out.attn_fwd[si] += tf
             out.attn_bwd[si] += tb
     return out
+
+
+# TransformerEngine userbuffers TP overlap (transformer_engine/pytorch/module/base.py,
+# initialize_ub): the reduce-scatters after the row-parallel linears (proj_fprop, fc2_fprop)
+# use the "pipeline" method, the GEMM split into num_splits = 4 chunks, each chunk's
+# reduce-scatter overlapping the next chunk's GEMM, so the last chunk's share is exposed. The
+# all-gathers before column-parallel linears (qkv_fprop, fc1_fprop) and in the backward
+# (proj_dgrad, fc2_dgrad) are ring exchanges overlapping the GEMM's own chunks. The backward
+# reduce-scatter of the column-parallel linears' input gradient (qkv_dgrad / fc1_dgrad, method
+# "bulk") overlaps the *weight-gradient* GEMM, independent work; a frozen base weight (LoRA)
+# has none, so that reduce-scatter hides only behind the adapters' small wgrad GEMMs.
+UB_PIPELINE_SPLITS = 4
+
+
+def tp_overlap_exposed(tp_f, tp_b, lin_f, lin_b, wgrad_b, sp: bool):
+    """Exposed TP communication (forward, backward) with overlap on.
+
+    Per block the forward moves 2 all-gathers + 2 reduce-scatters (sequence parallel) or 2
+    all-reduces, the backward the same; half the volume is all-gather, half reduce-scatter.
+    Without sequence parallelism there is no userbuffers overlap: the forward all-reduces sit
+    on the critical path and only the backward input-gradient all-reduce of the
+    column-parallel linears overlaps their weight-gradient GEMMs (Megatron-LM's async
+    tensor-parallel all-reduce)."""
+    if not sp:
+        return tp_f, tp_b / 2 + max(0.0, tp_b / 2 - wgrad_b)
+    ag_f = rs_f = tp_f / 2
+    ag_b = rs_b = tp_b / 2
+    exp_f = max(0.0, tp_f - lin_f) + rs_f / UB_PIPELINE_SPLITS
+    exp_b = max(0.0, ag_b - (lin_b - wgrad_b)) + max(0.0, rs_b - wgrad_b)
+    return min(exp_f, tp_f), min(exp_b, tp_b)
+
+
+def comm_sm_fraction(device) -> float:
+    """Fraction of the compute units a concurrent collective occupies: the profile's
+    ``time_model.comm_overlap_sms`` (TransformerEngine userbuffers' default num_sm; NCCL
+    likewise runs one CTA per channel on its own SM) over ``compute_units``. 0 when the
+    profile gives no such number (overlap then costs the compute nothing)."""
+    tm = device.time_model or {}
+    sms, units = tm.get("comm_overlap_sms"), tm.get("compute_units")
+    if not sms or not units:
+        return 0.0
+    return min(1.0, sms / units)
+
+
+def overlap_slowdown(hidden_s: float, sm_fraction: float) -> float:
+    """Extra compute time from running ``hidden_s`` of communication concurrently: for that
+    long the compute has (1 - f) of the SMs, so the same work needs hidden_s·f more time
+    (work conservation; the compute is longer than the hidden communication by definition)."""
+    return max(0.0, hidden_s) * sm_fraction
 
 
 def fp8_time_model(tm: TimeModel, device, profile_name: str) -> TimeModel:
@@ -401,8 +457,9 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
     tp_b = 2 * t_ar * layers_stage * bwd_frac
     lin_f = tot(st.lin_fwd, blocks) / max(L, 1) * layers_stage
     lin_b = tot(st.lin_bwd, blocks) / max(L, 1) * layers_stage
+    wg_b = tot(st.wgrad_bwd, blocks) / max(L, 1) * layers_stage
     if plan.tp_overlap:
-        tp_exp_f, tp_exp_b = max(0.0, tp_f - lin_f), max(0.0, tp_b - lin_b)
+        tp_exp_f, tp_exp_b = tp_overlap_exposed(tp_f, tp_b, lin_f, lin_b, wg_b, sp)
     else:
         tp_exp_f, tp_exp_b = tp_f, tp_b
     if tp == 1:
@@ -410,7 +467,7 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
     comm["tensor_parallel"] = (tp_f + tp_b) * m, (tp_exp_f + tp_exp_b) * m
 
     # context-parallel ring exchange of K and V, overlapped with attention
-    cp_exp_f = cp_exp_b = cp_tot = 0.0
+    cp_exp_f = cp_exp_b = cp_tot = cp_tot_f = cp_tot_b = 0.0
     if cp > 1:
         kv = 2 * mb * seq_local * ctx.spec.kv_dim * elem / tp
         cp_link = topo.link(cp, tp)
@@ -419,13 +476,14 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
         attn_b = tot(st.attn_bwd, blocks) / max(L, 1)
         cp_exp_f = max(0.0, hop - attn_f) * layers_stage
         cp_exp_b = max(0.0, 2 * hop - attn_b) * layers_stage * bwd_frac
-        cp_tot = (hop + 2 * hop * bwd_frac) * layers_stage * m
+        cp_tot_f, cp_tot_b = hop * layers_stage, 2 * hop * bwd_frac * layers_stage
+        cp_tot = (cp_tot_f + cp_tot_b) * m
     comm["context_parallel"] = cp_tot, (cp_exp_f + cp_exp_b) * m
 
     # ZeRO-3 / FSDP: gather every parameter of the stage forward and backward
     ps = ctx.base_memory(mb, cp)[1]
     stage_param_bytes = _stage_bytes(ps, tp, pp, layers_stage, L)
-    z3_f = z3_b = z3_tot = 0.0
+    z3_f = z3_b = z3_tot = z3_tot_f = z3_tot_b = 0.0
     dp_link = topo.link(dp, tp * cp)
     tr_numel_stage = _stage_trainable(ps, tp, pp, layers_stage, L)
     tr_elem = _trainable_elem(g)
@@ -436,11 +494,18 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
         rs = C.reduce_scatter(grad_bytes, dp, dp_link)
         z3_f = max(0.0, ag - comp_f) + first_layer
         z3_b = max(0.0, ag + rs - comp_b) + first_layer
+        z3_tot_f, z3_tot_b = ag, ag + rs
         z3_tot = (2 * ag + rs) * m
     comm["zero3_gather"] = z3_tot, (z3_f + z3_b) * m
 
-    slot_f = comp_f + tp_exp_f + cp_exp_f + z3_f
-    slot_b = comp_b + tp_exp_b + cp_exp_b + z3_b
+    # collectives that run concurrently with compute take SMs from it (see overlap_slowdown)
+    sm_frac = comm_sm_fraction(ctx.device)
+    slow_f = overlap_slowdown((tp_f - tp_exp_f) + (cp_tot_f - cp_exp_f)
+                              + (z3_tot_f - z3_f if plan.zero == 3 and dp > 1 else 0.0), sm_frac)
+    slow_b = overlap_slowdown((tp_b - tp_exp_b) + (cp_tot_b - cp_exp_b)
+                              + (z3_tot_b - z3_b if plan.zero == 3 and dp > 1 else 0.0), sm_frac)
+    slot_f = comp_f + tp_exp_f + cp_exp_f + z3_f + slow_f
+    slot_b = comp_b + tp_exp_b + cp_exp_b + z3_b + slow_b
 
     # pipeline schedule
     v = plan.virtual_stages if plan.schedule == "interleaved" else 1
@@ -498,6 +563,7 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
              "host_overhead": ctx.tm.step_overhead_s, "pipeline_bubble": bubble,
              "communication": comm_total, "communication_exposed": comm_exposed,
              "communication_hidden": max(0.0, comm_total - comm_exposed),
+             "overlap_compute_slowdown": (slow_f + slow_b) * m,
              "micro_step_forward": slot_f, "micro_step_backward": slot_b}
     comm_d = {k: {"total_s": v[0], "exposed_s": v[1], "hidden_s": max(0.0, v[0] - v[1])}
               for k, v in comm.items()}

@@ -23,6 +23,12 @@ For one op in one phase (forward, or backward):
   loop) but the host work hides behind longer kernels: ``max(t, kernels·(dispatch + launch))``.
   On a CPU the host *is* the device: ``t + kernels·dispatch``.
 - ``time_model.step_overhead_s``: host work per step outside the ops.
+- fused attention (``sdpa``) on a profile with ``time_model.attention_efficiency_*``: the
+  QKᵀ / PV matmuls run at the measured FlashAttention fraction of the dtype's dense peak,
+  forward and backward separately (FA2/FA3 papers), instead of at the dense-GEMM efficiency.
+  Those papers count a causal kernel's FLOPs as half the dense ones (the kernel skips the
+  masked tiles), so a causal op with s_q == s_k is priced at half its dense matmul FLOPs.
+  Profiles without these fields (CPU, calibrated) keep the GEMM pricing unchanged.
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ class TimeModel:
     special_rates: dict | None = None  # {"exp" | "rng" | "log_softmax_bwd": elements/s}
     gemm_table: dict | None = None     # dtype -> (log2 m, log2 n, log2 k, FLOP/s grid)
     stream_table: tuple | None = None  # (log2 bytes, bytes/s)
+    attn_rates: dict | None = None     # (dtype, "fwd" | "bwd") -> causal-counted FLOP/s
 
     @classmethod
     def from_device(cls, dev) -> "TimeModel":
@@ -78,11 +85,18 @@ class TimeModel:
         if tm.get("stream_table"):
             st = tm["stream_table"]
             stream = (np.log2(st["bytes"]), np.asarray(st["bytes_per_s"], dtype=float))
+        attn = {}
+        for dt, pre in (("bf16", "attention_efficiency"), ("fp16", "attention_efficiency"),
+                        ("fp8", "attention_efficiency_fp8")):
+            for ph in ("fwd", "bwd"):
+                e = tm.get(f"{pre}_{ph}")
+                if e and dt in dev.peak_flops_per_s:
+                    attn[(dt, ph)] = dev.peak_flops_per_s[dt] * e
         return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
                    dev.memory_bandwidth_bytes_per_s * tm.get("bandwidth_efficiency", 1.0),
                    dev.launch_overhead_s, tm.get("dispatch_s", DEFAULT_DISPATCH_S),
                    tm.get("step_overhead_s", 0.0), half, sharp, units, tile,
-                   tm.get("special_rates"), table, stream)
+                   tm.get("special_rates"), table, stream, attn or None)
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -132,9 +146,20 @@ class TimeModel:
                     t = t + n / rate
         return t
 
+    def attention_rate(self, dtype: str, phase: str):
+        """Measured fused-attention throughput (causal-counted FLOP/s) or None."""
+        if not self.attn_rates:
+            return None
+        return self.attn_rates.get((dtype, phase))
+
     def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels,
-                   special=None):
-        if gemms:
+                   special=None, attention=None):
+        """``attention``: (phase, causal) for a fused attention op; with a measured
+        attention rate for (dtype, phase) its matmuls are priced at that rate."""
+        rate = self.attention_rate(dtype, attention[0]) if attention else None
+        if rate:
+            t_mm = matmul_flops * (0.5 if attention[1] else 1.0) / rate
+        elif gemms:
             t_mm = 0.0
             for batch, m, n, k in gemms:
                 t_mm = t_mm + self.gemm_time(dtype, batch, m, n, k)
@@ -166,6 +191,26 @@ def _interp3(table, m, n, k):
     return np.exp(out)
 
 
+def attention_kind(rec):
+    """(True, causal) for a fused attention op whose queries and keys are the same length
+    (a causal kernel then skips half the tiles), None for any other op."""
+    op = rec.op
+    if op.kind != "sdpa":
+        return None
+    causal = bool(op.attrs.get("causal"))
+    gf = rec.cost.gemms_fwd
+    if causal and gf:
+        causal = _square(gf[0][1], gf[0][2])
+    return (True, causal)
+
+
+def _square(s_q, s_k) -> bool:
+    try:
+        return bool(s_q == s_k)
+    except ValueError:       # vectorised sweep
+        return bool(np.all(s_q == s_k))
+
+
 def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool = False,
                 per_op: list | None = None):
     """(forward, backward) seconds summed over ops; ``per_op`` collects (record, fwd, bwd)."""
@@ -175,10 +220,11 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
         c = r.cost
         tf = 0
         tb = 0
+        att = attention_kind(r)
         if c.fwd_kernels:
             tf = tm.phase_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
                                c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels,
-                               c.special_fwd)
+                               c.special_fwd, attention=att and ("fwd", att[1]))
             fwd = fwd + tf * r.count
             if recompute_blocks and r.rg_out and r.op.module.startswith(("model.layers", "transformer.h")):
                 bwd = bwd + tf * r.count
@@ -186,7 +232,7 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
             tb = tm.phase_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.bwd_kernels,
-                               c.special_bwd)
+                               c.special_bwd, attention=att and ("bwd", att[1]))
             bwd = bwd + tb * r.count
         if per_op is not None:
             per_op.append((r, tf, tb))

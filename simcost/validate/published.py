@@ -130,6 +130,7 @@ class Mapping:
     caveats: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     distributed: dict | None = None  # multi-device: estimate_train's plan arguments; batch global
+    memory_devices: int = 1          # a memory metric summed over this many devices
 
     def estimate_kwargs(self) -> dict:
         kw = dict(batch=self.batch, seq=self.seq, peft=self.peft, dtype=self.dtype,
@@ -270,7 +271,7 @@ def metric_value(row: dict) -> tuple[str, float, str]:
     if metric in ("peak_mem_GiB_per_gpu", "peak_mem_active_GiB"):
         return "memory", v * GIB, "GiB"
     if metric in ("mem_GB", "peak_gpu_mem_GB", "peak_mem_GB", "peak_mem_GB_per_gpu",
-                  "peak_mem_reserved_GB"):
+                  "peak_mem_reserved_GB", "mem_GB_total_all_gpus"):
         return "memory", v * GIB, "GB read as GiB"
     if metric == "latency_ms":
         return "op_latency", v * 1e-3, "ms"
@@ -282,6 +283,11 @@ def metric_value(row: dict) -> tuple[str, float, str]:
 
 _SERVING = ("output_tokens_per_s", "throughput_req_s", "avg_first_token_latency_s",
             "avg_latency_s")
+
+
+# sources whose multi-device runs are mapped onto a simcost plan (MLPerf: NeMo's configs;
+# Qwen: finetune_lora_ds.sh / DeepSpeed; torchtune: the lora_finetune_distributed recipe, FSDP)
+MULTI_DEVICE_SOURCES = ("MLPERF", "FT-QWEN", "FT-TORCHTUNE")
 
 
 def _common_unsupported(row: dict) -> None:
@@ -298,7 +304,7 @@ def _common_unsupported(row: dict) -> None:
         raise Unsupported("serving / generation measurement: simcost estimates training steps "
                           "only (no serving model yet)")
     n = _int(row["n_devices"]) or 1
-    if n > 1 and src != "MLPERF":
+    if n > 1 and src not in MULTI_DEVICE_SOURCES:
         raise Unsupported(f"multi-device run ({n} devices): no mapping of this source's "
                           "parallel setup (framework, sharding, launcher) yet")
     if row["metric"] == "time_to_train_min":
@@ -317,7 +323,8 @@ def _common_unsupported(row: dict) -> None:
         raise Unsupported("Stable Diffusion UNet: not a language model")
     if "mlx" in method or "apple" in row["hardware"].lower():
         raise Unsupported("Apple MLX framework: simcost models CUDA PyTorch training")
-    if "deepspeed" in method or "fsdp" in method or "offload" in method:
+    if "offload" in method or (("deepspeed" in method or "fsdp" in method)
+                               and src not in MULTI_DEVICE_SOURCES):
         raise Unsupported("DeepSpeed/FSDP/offload run: sharding and CPU offload not modelled")
 
 
@@ -398,10 +405,35 @@ def _map_qwen(row: dict) -> Mapping:
         # trains at up to 8192); simcost's zoo caps max_positions at seq_length
         max_pos = int(cfg.get("max_position_embeddings") or seq)
         notes.append(f"dynamic-NTK RoPE: positions up to max_position_embeddings={max_pos}")
-    return Mapping(model=model, hardware=hw, batch=batch or 1, seq=seq,
+    n = _int(row["n_devices"]) or 1
+    dist, mem_dev, gbatch = None, 1, batch or 1
+    if n > 1:
+        if kind != "memory":
+            raise Unsupported(f"multi-device speed ({n} GPUs on several servers): the "
+                              "inter-server network of these runs is not stated")
+        dist, mem_dev, gbatch = _qwen_distributed(row, n, batch or 1, ga, notes)
+    return Mapping(model=model, hardware=hw, batch=gbatch, seq=seq,
                    peft=spec, grad_accum=ga, dtype="bf16", attn="flash", optimizer="adamw",
                    grad_checkpointing="on" in row["grad_ckpt"].lower(),
-                   memory_scope="device", caveats=caveats, notes=notes, max_positions=max_pos)
+                   memory_scope="device", caveats=caveats, notes=notes, max_positions=max_pos,
+                   distributed=dist, memory_devices=mem_dev)
+
+
+def _qwen_distributed(row: dict, n: int, batch: int, ga: int, notes: list):
+    """Qwen's multi-GPU LoRA runs: finetune/finetune_lora_ds.sh launches HF Trainer under
+    torchrun with DeepSpeed; the default config is finetune/ds_config_zero2.json (ZeRO-2:
+    optimizer state and gradients sharded, the frozen weights replicated), the 72B rows name
+    ZeRO-3 (ds_config_zero3.json: the weights sharded too). Pure data parallelism, per-device
+    batch 1; the metric sums device memory over the GPUs."""
+    method = row["method"].lower()
+    zero = 3 if "zero3" in method else 2
+    m = re.search(r"(\d+) servers? x (\d+) gpus?", row["notes"].lower())
+    nodes = int(m.group(1)) if m and int(m.group(1)) * int(m.group(2)) == n else None
+    notes.append(f"{n} GPUs{f' on {nodes} nodes' if nodes else ''}: DeepSpeed ZeRO-{zero} "
+                 f"data parallel (dp {n}, micro-batch {batch}, GA {ga}); memory = per-device "
+                 f"peak x {n}")
+    dist = dict(devices=n, nodes=nodes, dp=n, zero=zero, micro_batch=batch)
+    return dist, n, n * batch * ga
 
 
 # torchtune ---------------------------------------------------------------------------------
@@ -614,7 +646,7 @@ def predict(mp: Mapping, kind: str) -> tuple[float, dict]:
     if kind == "tokens_per_s":
         return mp.batch * mp.seq * mp.grad_accum / step, detail
     if kind == "memory":
-        return peak, detail
+        return peak * mp.memory_devices, detail
     raise Unsupported(f"metric kind '{kind}' does not apply to a training estimate")
 
 
