@@ -42,11 +42,13 @@ class TrainEstimate(BaseModel):
     tokens_per_s: float
     fits: bool
     parallel: dict | None = None    # multi-device / fp8 estimates: plan, per-device numbers
+    checkpointing: str | None = None  # 'full' or 'selective' when activations are recomputed
 
     def model_dump_public(self) -> dict:
         d = self.model_dump()
-        if d.get("parallel") is None:
-            d.pop("parallel", None)
+        for k in ("parallel", "checkpointing"):
+            if d.get(k) is None:
+                d.pop(k, None)
         return d
 
     @property
@@ -149,17 +151,107 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
                 p.dtype = dtype
     n = train_numbers(g, a, device, batch=batch, seq=seq, optimizer=optimizer,
                       mixed=mixed_precision, checkpointing=grad_checkpointing)
-    f = lambda x: float(x)  # noqa: E731
+    return make_estimate(spec, device, pspec, n, batch=batch, seq=seq, dtype=dtype,
+                         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+                         checkpointing=grad_checkpointing)
+
+
+def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dtype: str,
+                  mixed_precision: str, attn: str, optimizer: str, checkpointing,
+                  flops: dict | None = None, memory_bytes: dict | None = None,
+                  time_s: dict | None = None, tokens_per_s=None, fits=None,
+                  parallel: dict | None = None) -> TrainEstimate:
+    """The one place a :class:`TrainEstimate` is assembled: parameter counts from ``n`` (a
+    :class:`~simcost.sim.train.TrainNumbers`), every other number from ``n`` unless given
+    (the multi-device path passes its per-device memory, time and whole-job FLOPs)."""
+    from simcost.sim.memory import ckpt_mode
+    mode = ckpt_mode(checkpointing)
+    f = float
     return TrainEstimate(
         model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
-        grad_checkpointing=grad_checkpointing, peft=_peft_dict(pspec),
+        grad_checkpointing=mode != "none", peft=_peft_dict(pspec),
         params={"total": n.params_total, "trainable": n.params_trainable,
                 "added": n.params_added, "with_adapters": n.params_total + n.params_added},
-        flops={k: f(v) for k, v in n.flops.items()},
-        memory_bytes={k: f(v) for k, v in n.memory_bytes.items()},
-        time_s={k: f(v) for k, v in n.time_s.items()},
-        tokens_per_s=f(n.tokens_per_s), fits=bool(n.fits))
+        flops={k: f(v) for k, v in (n.flops if flops is None else flops).items()},
+        memory_bytes={k: f(v) for k, v in (n.memory_bytes if memory_bytes is None
+                                           else memory_bytes).items()},
+        time_s={k: f(v) for k, v in (n.time_s if time_s is None else time_s).items()},
+        tokens_per_s=f(n.tokens_per_s if tokens_per_s is None else tokens_per_s),
+        fits=bool(n.fits if fits is None else fits), parallel=parallel,
+        checkpointing=None if mode == "none" else mode)
+
+
+class MultiTrainEstimate(BaseModel):
+    """N PEFT jobs sharing one frozen base (mLoRA/ASPEN BatchLoRA) against N separate runs."""
+    jobs: int
+    shared: TrainEstimate           # all N jobs in one process; batch = per-job batch
+    separate: TrainEstimate         # one job alone (each of N separate runs)
+    phases_s: dict                  # the shared step: base vs adapter ops, optimizer
+    comparison: dict                # speed-up and memory against N separate runs
+
+
+def estimate_multi_train(model: str | ModelSpec, hardware: str, *, jobs: int, batch: int,
+                         seq: int, peft: str | PeftSpec | None = "lora",
+                         peft_config: str | None = None, dtype: str = "bf16",
+                         mixed_precision: str = "none", attn: str = "sdpa",
+                         optimizer: str = "adamw", grad_checkpointing=False,
+                         max_positions: int | None = None,
+                         **peft_options: Any) -> MultiTrainEstimate:
+    """``jobs`` PEFT jobs (same model and adapter config, ``batch`` sequences each) trained in
+    one process on one device, base GEMMs batched across jobs (see :mod:`simcost.sim.multi`).
+
+    ``comparison`` holds ``speedup`` (N sequential separate steps / one shared step),
+    ``throughput_ratio`` (the same, as tokens/s), and the peak memory of the shared run vs N
+    separate runs held at once (``memory_saved_bytes`` = (N-1) base copies, minus nothing)."""
+    from simcost.sim.multi import multi_numbers
+    if batch < 1:
+        raise SimcostError(f"batch must be >= 1, got {batch}")
+    if jobs < 1:
+        raise SimcostError(f"--jobs must be >= 1, got {jobs}")
+    spec = _model(model)
+    if max_positions:
+        import dataclasses
+        spec = dataclasses.replace(spec, max_positions=int(max_positions))
+    check_options(dtype, mixed_precision)
+    pspec = resolve_peft(peft, peft_config, **peft_options)
+    from simcost.peft import tokens_added
+    _check_seq(spec, seq, tokens_added(pspec))
+    device = load_profile(hardware).device()
+    compute = mixed_precision if mixed_precision != "none" else dtype
+
+    def build(b):
+        g, a = pipeline.build_graph(spec, b, seq, dtype=compute, attn=attn, peft=pspec,
+                                    device_kind=_kernel_kind(device))
+        if dtype != compute:
+            for p, _ in g.params():
+                if p.dtype == compute and p.role != "adapter":
+                    p.dtype = dtype
+        return g, a
+
+    m = multi_numbers(build, device, jobs=jobs, batch=batch, seq=seq, optimizer=optimizer,
+                      mixed=mixed_precision, checkpointing=grad_checkpointing)
+    kw = dict(seq=seq, dtype=dtype, mixed_precision=mixed_precision, attn=attn,
+              optimizer=optimizer, checkpointing=grad_checkpointing)
+    shared = make_estimate(spec, device, pspec, m.shared, batch=batch, **kw)
+    single = make_estimate(spec, device, pspec, m.single, batch=batch, **kw)
+    sep_step = jobs * single.time_s["step"]
+    sep_peak = jobs * (single.memory_bytes["peak"] - single.memory_bytes["runtime_overhead"]) \
+        + single.memory_bytes["runtime_overhead"]
+    comparison = {
+        "separate_sequential_step_s": sep_step,
+        "speedup": sep_step / shared.time_s["step"],
+        "throughput_ratio": shared.tokens_per_s / single.tokens_per_s,
+        "shared_peak_bytes": shared.memory_bytes["peak"],
+        "separate_peak_bytes_each": single.memory_bytes["peak"],
+        "separate_concurrent_peak_bytes": sep_peak,
+        "memory_saved_bytes": sep_peak - shared.memory_bytes["peak"],
+        "base_weight_bytes_shared": single.memory_bytes["weights"]
+        - float(sum(p.nbytes * c for p, c in build(1)[0].params() if p.role == "adapter")),
+    }
+    return MultiTrainEstimate(jobs=jobs, shared=shared, separate=single,
+                              phases_s={k: float(v) for k, v in m.phases.items()},
+                              comparison=comparison)
 
 
 def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -> dict:
@@ -205,6 +297,8 @@ def _peft_dict(spec: PeftSpec) -> dict:
                  dropout=spec.dropout)
     if spec.method in ("prefix", "prompt"):
         d["num_virtual_tokens"] = spec.num_virtual_tokens
+    if spec.method == "lst":
+        d["reduction"] = spec.side_reduction
     return d
 
 

@@ -12,7 +12,7 @@ import sys
 from simcost.errors import SimcostError
 
 PEFT_CHOICES = ("full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "ln_tuning",
-                "prefix", "prompt", "adapter")
+                "prefix", "prompt", "adapter", "lst")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,12 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="freeze: train only the last K blocks (and the head)")
     t.add_argument("--adapter-dim", type=_positive_int, default=None,
                    help="serial adapter bottleneck (default 64)")
+    t.add_argument("--lst-reduction", type=_positive_int, default=None,
+                   help="lst: side network width = hidden / this (default 8)")
     t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8"),
                    help="fp8: TransformerEngine-style fp8 GEMMs on bf16 weights")
     t.add_argument("--mixed-precision", default="none", choices=("none", "bf16", "fp16"))
     t.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash"))
-    t.add_argument("--grad-checkpointing", action="store_true")
-    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit"))
+    t.add_argument("--grad-checkpointing", action="store_true",
+                   help="full activation checkpointing per decoder layer (= --checkpointing full)")
+    t.add_argument("--checkpointing", default=None, choices=("none", "full", "selective"),
+                   help="selective: recompute only the attention core (Korthikanti et al.)")
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit", "mezo"),
+                   help="mezo: zeroth-order MeZO, two forward passes and no backward")
+    t.add_argument("--jobs", type=_positive_int, default=None,
+                   help="N PEFT jobs sharing one frozen base (mLoRA BatchLoRA); --batch is "
+                        "per job; compares against N separate runs")
     t.add_argument("--max-positions", type=_positive_int, default=None,
                    help="override the config's position limit (RoPE models run longer "
                         "sequences, e.g. MLPerf's llama-2-70b at 8192)")
@@ -180,12 +189,18 @@ def _estimate_train(a) -> int:
     peft = a.peft
     opts = dict(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.lora_dropout,
                 rslora=a.rslora, num_virtual_tokens=a.num_virtual_tokens,
-                trainable_layers=a.trainable_layers, adapter_dim=a.adapter_dim)
+                trainable_layers=a.trainable_layers, adapter_dim=a.adapter_dim,
+                side_reduction=a.lst_reduction)
     if peft == "dora":
         peft, opts["dora"] = "lora", True
+    ckpt = a.checkpointing or ("full" if a.grad_checkpointing else "none")
+    if a.checkpointing not in (None, "full") and a.grad_checkpointing:
+        raise SimcostError(f"--grad-checkpointing contradicts --checkpointing {a.checkpointing}")
+    if a.jobs is not None:
+        return _estimate_multi(a, peft, ckpt, opts)
     r = estimate_train(a.model, a.hardware, batch=a.batch, seq=a.seq, peft=peft,
                        peft_config=a.peft_config, dtype=a.dtype, mixed_precision=a.mixed_precision,
-                       attn=a.attn, optimizer=a.optimizer, grad_checkpointing=a.grad_checkpointing,
+                       attn=a.attn, optimizer=a.optimizer, grad_checkpointing=ckpt,
                        devices=a.devices, nodes=a.nodes, tp=a.tp, pp=a.pp, dp=a.dp, cp=a.cp,
                        zero=a.zero, parallel=a.parallel, micro_batch=a.micro_batch,
                        sequence_parallel=False if a.no_sequence_parallel else None,
@@ -199,6 +214,41 @@ def _estimate_train(a) -> int:
         print_train(r)
         if r.parallel is not None:
             _print_parallel(r)
+    return 0
+
+
+def _estimate_multi(a, peft, ckpt, opts) -> int:
+    from simcost.api import estimate_multi_train
+
+    if a.devices != 1 or a.parallel or a.dtype == "fp8" or a.offload != "none" or a.zero or \
+            any(x not in (None, 1) for x in (a.tp, a.pp, a.dp, a.cp)):
+        raise SimcostError("--jobs is priced on one device (no --devices, --parallel, --zero, "
+                           "--offload or fp8)")
+    r = estimate_multi_train(a.model, a.hardware, jobs=a.jobs, batch=a.batch, seq=a.seq,
+                             peft=peft or "lora", peft_config=a.peft_config, dtype=a.dtype,
+                             mixed_precision=a.mixed_precision, attn=a.attn,
+                             optimizer=a.optimizer, grad_checkpointing=ckpt,
+                             max_positions=a.max_positions, **opts)
+    if a.json:
+        d = r.model_dump()
+        d["shared"] = r.shared.model_dump_public()
+        d["separate"] = r.separate.model_dump_public()
+        print(json.dumps(d))
+        return 0
+    c = r.comparison
+    gib = 2 ** 30
+    sh, se = r.shared, r.separate
+    print(f"{r.jobs} {sh.peft['method']} jobs on one {sh.model} base, {sh.hardware}, "
+          f"batch {sh.batch} x seq {sh.seq} per job")
+    print(f"  shared (base GEMMs batched): step {sh.time_s['step']:.3f} s, "
+          f"{sh.tokens_per_s:,.0f} tokens/s, peak {sh.memory_bytes['peak'] / gib:.1f} GiB"
+          f"{'' if sh.fits else '  (does not fit)'}")
+    print(f"  separate runs: step {se.time_s['step']:.3f} s each, {r.jobs} in sequence "
+          f"{c['separate_sequential_step_s']:.3f} s; peak {se.memory_bytes['peak'] / gib:.1f} GiB "
+          f"each, {c['separate_concurrent_peak_bytes'] / gib:.1f} GiB held at once")
+    print(f"  speed-up x{c['speedup']:.2f}; memory saved "
+          f"{c['memory_saved_bytes'] / gib:.1f} GiB (one base of "
+          f"{c['base_weight_bytes_shared'] / gib:.1f} GiB instead of {r.jobs})")
     return 0
 
 

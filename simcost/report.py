@@ -31,7 +31,9 @@ def print_train(r) -> None:
     title = (f"{r.model} on {r.hardware}: batch {r.batch} x seq {r.seq}, {p['method']}"
              + (f" r={p['r']}" if "r" in p else "") + f", {r.dtype}"
              + (f" + {r.mixed_precision} mixed" if r.mixed_precision != "none" else "")
-             + f", attn {r.attn}, {r.optimizer}" + (", grad ckpt" if r.grad_checkpointing else ""))
+             + f", attn {r.attn}, {r.optimizer}" + (
+                 ", selective ckpt" if r.checkpointing == "selective"
+                 else ", grad ckpt" if r.grad_checkpointing else ""))
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("quantity")
     t.add_column("value", justify="right")

@@ -77,6 +77,8 @@ class Segment:
     first_layer: int | None = None   # layer index of the first instance (blocks only)
     input_tid: int | None = None     # the hidden state entering each instance
     output_tid: int | None = None    # the hidden state leaving each instance
+    aux_in: int | None = None        # a second carried state (LST's side network) entering
+    aux_out: int | None = None       # ... and leaving each instance
 
     @property
     def layers(self) -> range:
@@ -188,7 +190,9 @@ class ModelGraph:
                           tuple(pcopy(p) for p in op.params), attrs, op.module))
         return Segment(seg.name, ops, seg.count, seg.first_layer,
                        remap(seg.input_tid) if seg.input_tid is not None else None,
-                       remap(seg.output_tid) if seg.output_tid is not None else None)
+                       remap(seg.output_tid) if seg.output_tid is not None else None,
+                       remap(seg.aux_in) if seg.aux_in is not None else None,
+                       remap(seg.aux_out) if seg.aux_out is not None else None)
 
     # -- editing (used by PEFT transforms) ---------------------------------------------------
     def insert_after(self, seg: Segment, op: Op, new_ops: list[Op], rewire_from: int, rewire_to: int):
@@ -201,6 +205,8 @@ class ModelGraph:
                 later.inputs = tuple(rewire_to if t == rewire_from else t for t in later.inputs)
         if seg.output_tid == rewire_from:
             seg.output_tid = rewire_to
+        if seg.aux_out == rewire_from:
+            seg.aux_out = rewire_to
 
     def insert_before(self, seg: Segment, op: Op, new_ops: list[Op], rewire_from: int, rewire_to: int):
         """Insert ``new_ops`` before ``op``; ``op`` and later ops read ``rewire_to``."""

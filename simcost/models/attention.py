@@ -46,6 +46,7 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
         contiguous = True              # RoPE's output is a fresh contiguous (B, H, S, hd)
 
     one = _is_one(B)
+    core_from = len(b.seg.ops)   # the attention core (selective checkpointing recomputes it)
     if attn == "eager":
         # matmul folds (B, H) into bmm's batch with a reshape: a view when the operand is
         # contiguous in (B, H) (RoPE's output, a repeat_kv copy, or any operand when B == 1),
@@ -94,6 +95,8 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
         # the fused kernels write (B, S, H, hd)-laid-out output, so transformers'
         # transpose(1, 2).contiguous() is a no-op
         ctx_c = b.op("view", "context_transpose", [ctx], (B, S, H, hd), dt, view=True)
+    for op in b.seg.ops[core_from:]:
+        op.attrs["attn_core"] = True
     return b.op("view", "context_merge_heads", [ctx_c], (B, S, H * hd), dt, view=True)
 
 

@@ -1,5 +1,5 @@
 """PEFT methods as graph transforms, one module per method."""
-from simcost.peft import adapter, bitfit, dora, freeze, full, ia3, ln_tuning, lora, prefix, prompt, qlora  # noqa: F401
+from simcost.peft import adapter, bitfit, dora, freeze, full, ia3, ln_tuning, lora, lst, prefix, prompt, qlora  # noqa: F401
 from simcost.peft.base import METHODS, apply_peft
 from simcost.peft.spec import PeftSpec, from_adapter_config, from_peft_dict
 

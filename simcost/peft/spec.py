@@ -29,6 +29,7 @@ class PeftSpec:
     trainable_layers: int | None = None            # freeze: train only the last k blocks
     trainable_modules: tuple[str, ...] = ()        # freeze: train modules whose name matches
     adapter_dim: int = 64                           # serial (Houlsby) adapter bottleneck
+    side_reduction: int = 8                         # LST: side network width = hidden / this
     adapter_dtype: str | None = None   # None: fp32 adapters on a 16-bit base (peft's autocast)
     extra: dict = field(default_factory=dict)
 
@@ -102,6 +103,8 @@ def validate(spec: PeftSpec) -> None:
         raise SimcostError(f"LoRA bias must be none, all or lora_only, got '{spec.bias}'")
     if spec.adapter_dim <= 0:
         raise SimcostError(f"adapter bottleneck must be positive, got {spec.adapter_dim}")
+    if spec.side_reduction < 1:
+        raise SimcostError(f"LST reduction must be >= 1, got {spec.side_reduction}")
     if spec.trainable_layers is not None and spec.trainable_layers < 0:
         raise SimcostError(f"trainable layers must be >= 0, got {spec.trainable_layers}")
 

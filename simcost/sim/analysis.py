@@ -40,22 +40,31 @@ class Analysis:
         return s
 
 
-def _run(g: ModelGraph, seg: Segment, entry: bool, rg: dict) -> bool:
-    """Propagate requires-grad through one instance; returns the instance's output state."""
+def _run(g: ModelGraph, seg: Segment, entry, rg: dict):
+    """Propagate requires-grad through one instance; ``entry`` and the result are the
+    (hidden, side) states (the side state is LST's carried side-network tensor)."""
     if seg.input_tid is not None:
-        rg[seg.input_tid] = entry
+        rg[seg.input_tid] = entry[0]
+    if seg.aux_in is not None:
+        rg[seg.aux_in] = entry[1]
     for op in seg.ops:
         r = (any(rg.get(t, False) for t in op.inputs) or any(p.trainable for p in op.params)) \
             and not op.attrs.get("detached")
         for t in op.outputs:
             rg[t] = r
-    return rg.get(seg.output_tid, False) if seg.output_tid is not None else False
+    return _out_state(seg, rg, entry)
+
+
+def _out_state(seg: Segment, rg: dict, entry):
+    h = rg.get(seg.output_tid, False) if seg.output_tid is not None else False
+    side = rg.get(seg.aux_out, False) if seg.aux_out is not None else entry[1]
+    return (h, side)
 
 
 def split_for_gradient_flow(g: ModelGraph) -> None:
     """Split block groups whose first instance sees a different gradient state."""
     rg: dict[int, bool] = {}
-    state = False
+    state = (False, False)
     i = 0
     while i < len(g.segments):
         seg = g.segments[i]
@@ -70,13 +79,15 @@ def split_for_gradient_flow(g: ModelGraph) -> None:
 def analyse(g: ModelGraph) -> Analysis:
     split_for_gradient_flow(g)
     rg: dict[int, bool] = {}
-    state = False
+    state = (False, False)
     records: list[OpRecord] = []
     saved_local = []
     global_storages: dict[int, object] = {}
     for si, seg in enumerate(g.segments):
         if seg.input_tid is not None:
-            rg[seg.input_tid] = state
+            rg[seg.input_tid] = state[0]
+        if seg.aux_in is not None:
+            rg[seg.aux_in] = state[1]
         local: dict[object, object] = {}
         for op in seg.ops:
             rin = tuple(rg.get(t, False) for t in op.inputs)
@@ -99,8 +110,8 @@ def analyse(g: ModelGraph) -> Analysis:
                         local[base.tid] = base.nbytes
             records.append(OpRecord(si, op, seg.count, rin, rout, cost))
         saved_local.append(sum(local.values()) if local else 0)
-        if seg.output_tid is not None:
-            state = rg.get(seg.output_tid, False)
+        h = rg.get(seg.output_tid, False) if seg.output_tid is not None else state[0]
+        state = (h, rg.get(seg.aux_out, False) if seg.aux_out is not None else state[1])
     total_global = sum(global_storages.values()) if global_storages else 0
     act = total_global
     for seg, b in zip(g.segments, saved_local):

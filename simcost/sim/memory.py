@@ -21,7 +21,7 @@ import numpy as np
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 
-OPTIMIZERS = ("adamw", "sgd", "adamw8bit")
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "mezo")
 MIXED = ("none", "bf16", "fp16")
 
 
@@ -41,7 +41,7 @@ def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:
     """trainable: (numel of one tensor, dtype, how many such tensors) per trainable tensor."""
     if optimizer not in OPTIMIZERS:
         raise SimcostError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
-    if optimizer == "sgd":          # torch.optim.SGD, momentum 0: no state
+    if optimizer in ("sgd", "mezo"):   # torch.optim.SGD, momentum 0 / MeZO: no state
         return 0
     total = 0
     for n, dt, count in trainable:
@@ -53,7 +53,22 @@ def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:
     return total
 
 
-def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: bool,
+CHECKPOINTING = ("none", "full", "selective")
+
+
+def ckpt_mode(checkpointing) -> str:
+    """False/None/'none' -> 'none'; True/'full' -> 'full'; 'selective' (Korthikanti et al.
+    2022: keep everything but the attention core, recompute that core in backward)."""
+    if checkpointing in (False, None, "none"):
+        return "none"
+    if checkpointing is True or checkpointing == "full":
+        return "full"
+    if checkpointing == "selective":
+        return "selective"
+    raise SimcostError(f"unknown checkpointing '{checkpointing}'; valid: {', '.join(CHECKPOINTING)}")
+
+
+def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
                     runtime_overhead: float, foreach: bool = True) -> Memory:
     weights = 0
     grads = 0
@@ -76,8 +91,11 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: b
         opt_temp = 2 * max(n * (4 if mixed != "none" else BYTES[dt]) for n, dt, _ in trainable)
 
     act = analysis.activations_bytes
-    if checkpointing:
+    mode = ckpt_mode(checkpointing)
+    if mode == "full":
         act = checkpointed_activations(g, analysis)
+    elif mode == "selective":
+        act = selective_activations(g, analysis)[0]
     temps = 0
     for r in analysis.records:
         temps = np.maximum(temps, r.cost.temp_bytes)
@@ -93,6 +111,36 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing: b
     dynamic = np.maximum(np.maximum(np.maximum(end_fwd, start_bwd), end_bwd), opt_step) + temps
     peak = runtime_overhead + weights + master + opt + dynamic
     return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak)
+
+
+def inference_memory(g, analysis, *, runtime_overhead: float) -> Memory:
+    """MeZO's memory: forward passes under ``torch.no_grad`` only. Nothing is kept for a
+    backward; what is live is the residual stream entering the current block plus the op at
+    hand (its distinct input and output storages), or, at the end, the logits with the loss's
+    fp32 upcast; plus one z (MeZO regenerates z per parameter tensor from the seed)."""
+    weights = 0
+    z = 0
+    for p, count in g.params():
+        weights += p.nbytes * count
+        if p.trainable:
+            z = max(z, p.nbytes)
+    work = 0
+    for seg in g.segments:
+        resid = g.tensors[seg.input_tid].nbytes if seg.input_tid is not None else 0
+        for op in seg.ops:
+            if op.kind == "view":
+                continue
+            st = {g.tensors[t].storage for t in (*op.inputs, *op.outputs)}
+            work = np.maximum(work, resid + sum(g.tensors[s].nbytes for s in st))
+    lt = g.tensors[_logits_tid(g)]
+    logits = lt.nbytes + lt.nbytes / BYTES[lt.dtype] * 4
+    act = np.maximum(work, logits)
+    temps = 0
+    for r in analysis.records:
+        temps = np.maximum(temps, r.cost.temp_bytes)
+    temps = temps + z
+    peak = runtime_overhead + weights + act + temps
+    return Memory(weights, 0, 0, 0, act, temps, runtime_overhead, peak)
 
 
 def _logits_tid(g):
@@ -113,3 +161,45 @@ def checkpointed_activations(g, analysis):
             total = total + g.tensors[seg.input_tid].nbytes * seg.count
             worst_block = np.maximum(worst_block, b)
     return total + worst_block
+
+
+def selective_activations(g, analysis):
+    """Selective activation checkpointing (Korthikanti et al. 2022, arXiv 2205.05198): the
+    attention core (QKᵀ, softmax, dropout, ·V, or the fused SDPA kernel) keeps only its inputs
+    (q, k, v) and is recomputed in backward; every other op keeps what autograd saves.
+    Returns (total bytes, per-segment bytes of one instance)."""
+    by_seg: dict[int, list] = {}
+    for r in analysis.records:
+        by_seg.setdefault(r.segment, []).append(r)
+    glob: dict[int, object] = {}
+    per_seg = []
+    for si, seg in enumerate(g.segments):
+        local: dict[object, object] = {}
+        for r in by_seg.get(si, ()):
+            if not r.rg_out:
+                continue
+            kept = list(r.op.inputs) if r.op.attrs.get("attn_core") else r.cost.saved
+            for s in kept:
+                if isinstance(s, tuple):
+                    local[(r.op.name, len(local))] = s[1]
+                    continue
+                base = g.tensors[g.tensors[s].storage]
+                # the core's inputs made inside the core (views, copies) are recomputed too
+                if r.op.attrs.get("attn_core") and _made_in_core(seg, s):
+                    continue
+                if base.is_global:
+                    glob[base.tid] = base.nbytes
+                else:
+                    local[base.tid] = base.nbytes
+        per_seg.append(sum(local.values()) if local else 0)
+    total = sum(glob.values()) if glob else 0
+    for seg, b in zip(g.segments, per_seg):
+        total = total + b * seg.count
+    return total, per_seg
+
+
+def _made_in_core(seg, tid) -> bool:
+    for op in seg.ops:
+        if tid in op.outputs:
+            return bool(op.attrs.get("attn_core"))
+    return False

@@ -49,8 +49,9 @@ import numpy as np
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim import collectives as C
-from simcost.sim.memory import checkpointed_activations, training_memory
-from simcost.sim.timing import TimeModel, attention_kind, optimizer_time
+from simcost.sim.memory import (checkpointed_activations, ckpt_mode, selective_activations,
+                                training_memory)
+from simcost.sim.timing import TimeModel, attention_kind, optimizer_time, recomputed
 
 BLOCK_PREFIX = ("model.layers", "transformer.h")
 COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "w1", "w3",
@@ -161,7 +162,7 @@ class SegTimes:
 
 
 def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int,
-                  fp8: bool, fp8_attention: bool, recompute: bool) -> SegTimes:
+                  fp8: bool, fp8_attention: bool, recompute) -> SegTimes:
     nseg = len(g.segments)
     out = SegTimes(*[[0.0] * nseg for _ in range(7)])
     for r in a.records:
@@ -207,7 +208,7 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
                 tb = tb + sum(3.0 * x[0] * x[1] * x[3] for x in gb[:1]) / tm.bandwidth
         out.fwd[si] += tf
         out.bwd[si] += tb
-        if recompute and r.rg_out and r.op.module.startswith(BLOCK_PREFIX) and c.fwd_kernels:
+        if c.fwd_kernels and recomputed(r, recompute):
             out.bwd[si] += tf
         if role in ("column_base", "row_base") and r.op.kind == "linear":
             out.lin_fwd[si] += tf
@@ -243,7 +244,7 @@ def tp_overlap_exposed(tp_f, tp_b, lin_f, lin_b, wgrad_b, sp: bool):
     tensor-parallel all-reduce)."""
     if not sp:
         return tp_f, tp_b / 2 + max(0.0, tp_b / 2 - wgrad_b)
-    ag_f = rs_f = tp_f / 2
+    rs_f = tp_f / 2                  # the other half of the forward volume is all-gather
     ag_b = rs_b = tp_b / 2
     exp_f = max(0.0, tp_f - lin_f) + rs_f / UB_PIPELINE_SPLITS
     exp_b = max(0.0, ag_b - (lin_b - wgrad_b)) + max(0.0, rs_b - wgrad_b)
@@ -313,7 +314,8 @@ class Context:
         self.fp8_attention = fp8_attention
         self.optimizer = optimizer
         self.mixed = mixed
-        self.checkpointing = checkpointing
+        self.checkpointing = {"none": False, "full": "full", "selective": "selective"}[
+            ckpt_mode(checkpointing)]
         self.spec = spec
         tm = TimeModel.from_device(device)
         self.tm = fp8_time_model(tm, device, profile.name) if (fp8 or fp8_attention) else tm
@@ -399,7 +401,11 @@ def _act_split(g, a, checkpointing) -> dict:
     """Activation bytes of one micro-batch: per block layer (summed) vs outside blocks."""
     block = 0.0
     other = a.saved_global
-    for seg, b in zip(g.segments, a.saved_local):
+    local = a.saved_local
+    if checkpointing == "selective":
+        local = selective_activations(g, a)[1]
+        checkpointing = False
+    for seg, b in zip(g.segments, local):
         if seg.first_layer is None:
             other = other + b * seg.count
         elif checkpointing:

@@ -15,7 +15,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                       attn, optimizer, grad_checkpointing, devices, nodes, tp, pp, dp, cp, zero,
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
                       virtual_stages, offload, fp8_attention, peft_options):
-    from simcost.api import TrainEstimate, _check_seq, _kernel_kind, _peft_dict, resolve_peft
+    from simcost.api import _check_seq, _kernel_kind, make_estimate, resolve_peft
     from simcost.peft import tokens_added
 
     if dtype not in (*FLOAT_DTYPES, "fp8"):
@@ -26,6 +26,9 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
         raise SimcostError(f"--devices must be >= 1, got {devices}")
     if parallel not in (None, "auto", "manual"):
         raise SimcostError(f"unknown --parallel '{parallel}'; valid: auto")
+    if optimizer == "mezo":
+        raise SimcostError("--optimizer mezo is priced on one device only (no --devices, "
+                           "--parallel, --offload or fp8)")
     fp8 = dtype == "fp8"
     store = "bf16" if fp8 else dtype
     compute = mixed_precision if mixed_precision != "none" else store
@@ -98,12 +101,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                       "host_overhead": best.time_s["host_overhead"]},
            "fp8": fp8, "fp8_attention": fp8_attention, "plans_searched": searched,
            "candidates": candidates}
-    return TrainEstimate(
-        model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
-        mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
-        grad_checkpointing=grad_checkpointing, peft=_peft_dict(pspec),
-        params={"total": n1.params_total, "trainable": n1.params_trainable,
-                "added": n1.params_added, "with_adapters": n1.params_total + n1.params_added},
-        flops=flops, memory_bytes={k: f(v) for k, v in best.memory_bytes.items()},
-        time_s={k: f(v) for k, v in best.time_s.items()}, tokens_per_s=f(best.tokens_per_s),
-        fits=best.fits, parallel=par)
+    return make_estimate(spec, device, pspec, n1, batch=batch, seq=seq, dtype=dtype,
+                         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+                         checkpointing=grad_checkpointing, flops=flops,
+                         memory_bytes=best.memory_bytes, time_s=best.time_s,
+                         tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par)

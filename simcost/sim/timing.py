@@ -211,6 +211,16 @@ def _square(s_q, s_k) -> bool:
         return bool(np.all(s_q == s_k))
 
 
+def recomputed(rec, checkpointing) -> bool:
+    """Whether backward re-runs this op's forward: every op of a decoder block under full
+    checkpointing, only the attention core under selective checkpointing."""
+    if not checkpointing or not rec.rg_out:
+        return False
+    if checkpointing == "selective":
+        return bool(rec.op.attrs.get("attn_core"))
+    return rec.op.module.startswith(("model.layers", "transformer.h"))
+
+
 def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool = False,
                 per_op: list | None = None):
     """(forward, backward) seconds summed over ops; ``per_op`` collects (record, fwd, bwd)."""
@@ -226,7 +236,7 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
                                c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels,
                                c.special_fwd, attention=att and ("fwd", att[1]))
             fwd = fwd + tf * r.count
-            if recompute_blocks and r.rg_out and r.op.module.startswith(("model.layers", "transformer.h")):
+            if recomputed(r, recompute_blocks):
                 bwd = bwd + tf * r.count
         if c.bwd_kernels:
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
@@ -237,6 +247,22 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
         if per_op is not None:
             per_op.append((r, tf, tb))
     return fwd, bwd
+
+
+def mezo_perturb_time(tm: TimeModel, trainable_numel, n_tensors: int, elem_bytes: float):
+    """MeZO's parameter passes per step (Malladi et al. 2023, Algorithm 1): θ+εz, θ-2εz,
+    θ+εz (restore) and θ-η·g·z, each regenerating z from the step's seed: per pass and
+    tensor a ``normal_`` (write z) and an ``add_`` (read z, read and write θ)."""
+    if trainable_numel == 0:
+        return 0.0
+    passes = 4
+    nbytes = passes * 4 * elem_bytes * trainable_numel
+    flops = passes * 4 * trainable_numel         # RNG (Box-Muller) + the axpy
+    kernels = passes * 2 * n_tensors
+    t = max(flops / tm.vec_peak, nbytes / tm.bandwidth)
+    if tm.kind == "cpu":
+        return float(t + kernels * tm.dispatch_s)
+    return float(max(t, kernels * (tm.dispatch_s + tm.launch_s)))
 
 
 def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: int, mixed: str,

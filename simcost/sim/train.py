@@ -7,8 +7,8 @@ import numpy as np
 
 from simcost.dtypes import BYTES, FLOAT_DTYPES
 from simcost.errors import SimcostError
-from simcost.sim.memory import MIXED, training_memory
-from simcost.sim.timing import TimeModel, optimizer_time, phase_times
+from simcost.sim.memory import MIXED, ckpt_mode, inference_memory, training_memory
+from simcost.sim.timing import TimeModel, mezo_perturb_time, optimizer_time, phase_times, recomputed
 
 
 @dataclass
@@ -31,19 +31,15 @@ def check_options(dtype: str, mixed: str) -> None:
 
 
 def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str,
-                  checkpointing: bool) -> TrainNumbers:
-    total = 0          # the base model's parameters
-    added = 0          # what the PEFT method adds (adapters, trainable copies)
-    trainable = 0
-    n_tensors = 0
-    for p, count in g.params():
-        if p.role == "adapter":
-            added += p.numel * count
-        else:
-            total += p.numel * count
-        if p.trainable:
-            trainable += p.numel * count
-            n_tensors += count
+                  checkpointing) -> TrainNumbers:
+    """``checkpointing``: False/'none', True/'full' or 'selective'; ``optimizer='mezo'`` prices
+    a zeroth-order MeZO step instead (:func:`mezo_numbers`)."""
+    if optimizer == "mezo":
+        return mezo_numbers(g, analysis, device, batch=batch, seq=seq)
+    checkpointing = ckpt_mode(checkpointing)
+    if checkpointing == "none":
+        checkpointing = False
+    total, added, trainable, n_tensors = param_counts(g)
     a = analysis
     fwd_mm = a.total("fwd_matmul_flops")
     bwd_mm = a.total("bwd_act_matmul_flops") + a.total("bwd_weight_matmul_flops")
@@ -53,7 +49,8 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     recompute = 0
     if checkpointing:
         for r in a.records:
-            if r.op.module.startswith(("model.layers", "transformer.h")):
+            if checkpointing == "full" and r.op.module.startswith(("model.layers", "transformer.h")) \
+                    or checkpointing == "selective" and recomputed(r, "selective"):
                 recompute = recompute + r.cost.fwd_flops * r.count
     opt_flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable
     compute_dtype = g.dtype
@@ -77,4 +74,46 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
              "host_overhead": tm.step_overhead_s}
     tokens = batch * seq
     return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
+                        np.asarray(mem.peak) <= device.memory_bytes)
+
+
+def param_counts(g):
+    """(base parameters, parameters the PEFT method adds, trainable, trainable tensors)."""
+    total = added = trainable = n_tensors = 0
+    for p, count in g.params():
+        if p.role == "adapter":
+            added += p.numel * count
+        else:
+            total += p.numel * count
+        if p.trainable:
+            trainable += p.numel * count
+            n_tensors += count
+    return total, added, trainable, n_tensors
+
+
+def mezo_numbers(g, analysis, device, *, batch, seq) -> TrainNumbers:
+    """MeZO (Malladi et al. 2023, arXiv 2305.17333): a zeroth-order step is two forward passes
+    (at θ+εz and θ-εz) under no_grad, four in-place passes over the trainable parameters
+    (perturb, perturb back twice, update with z regenerated from a seed), no backward, no
+    saved activations, no gradients, no optimizer state: memory is inference memory. With a
+    PEFT method only its trainable parameters are perturbed."""
+    total, added, trainable, n_tensors = param_counts(g)
+    a = analysis
+    tm = TimeModel.from_device(device)
+    t_fwd, _ = phase_times(tm, g.dtype, a)
+    elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
+    t_opt = mezo_perturb_time(tm, trainable, n_tensors, elem)
+    step = 2 * t_fwd + t_opt + tm.step_overhead_s
+    mem = inference_memory(g, a, runtime_overhead=device.runtime_overhead_bytes)
+    fwd = a.total("fwd_flops")
+    flops = {"forward": 2 * fwd, "backward": 0, "backward_activation": 0, "backward_weight": 0,
+             "recompute": 0, "optimizer": 16 * trainable,
+             "matmul_forward": 2 * a.total("fwd_matmul_flops"), "matmul_backward": 0}
+    memory = {"weights": mem.weights, "gradients": 0, "optimizer": 0, "master_weights": 0,
+              "activations": mem.activations, "temporaries": mem.temporaries,
+              "runtime_overhead": mem.runtime_overhead, "peak": mem.peak,
+              "capacity": device.memory_bytes}
+    times = {"step": step, "forward": 2 * t_fwd, "backward": 0.0, "optimizer": t_opt,
+             "host_overhead": tm.step_overhead_s}
+    return TrainNumbers(total, added, trainable, flops, memory, times, batch * seq / step,
                         np.asarray(mem.peak) <= device.memory_bytes)

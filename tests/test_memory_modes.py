@@ -1,0 +1,232 @@
+"""Memory-efficient PEFT modes (LST, MeZO, freeze-bottom-k), selective activation
+checkpointing, multi-LoRA training (mLoRA BatchLoRA) and the single TrainEstimate builder."""
+import json
+
+import pytest
+
+from simcost import pipeline
+from simcost.api import estimate_multi_train, estimate_train
+from simcost.cli import main
+from simcost.errors import SimcostError
+from simcost.models.config import load_model
+from simcost.peft import PeftSpec
+
+M, H = "llama-2-7b", "a100-80gb-sxm"
+KW = dict(batch=2, seq=512)
+
+
+# -- LST ------------------------------------------------------------------------------------
+
+def _lst_graph(model=M, r=8):
+    spec = load_model(model)
+    return spec, *pipeline.build_graph(spec, 2, 256, dtype="bf16",
+                                       peft=PeftSpec("lst", side_reduction=r), device_kind="gpu")
+
+
+def test_lst_trains_only_the_side_network_and_ladders():
+    spec, g, a = _lst_graph()
+    ds, dff = spec.hidden // 8, spec.ffn // 8
+    per_layer = spec.hidden * ds + 1 + ds + 2 * ds * dff      # ladder, gate, norm, up + down
+    expected = spec.layers * per_layer + 2 * spec.hidden * ds  # + embed_down, side up
+    trainable = sum(p.numel * c for p, c in g.params() if p.trainable)
+    assert trainable == expected
+    assert all(p.role == "adapter" for p, _ in g.params() if p.trainable)
+
+
+def test_lst_has_no_backward_through_the_backbone():
+    _, g, a = _lst_graph()
+    for r in a.records:
+        if r.op.attrs.get("adapter") or r.op.module in ("lm_head",) or \
+                r.op.module.endswith("norm") and r.segment == len(g.segments) - 1 or \
+                r.op.module == "loss":
+            continue
+        # every backbone op (embedding, attention, MLP, block norms) is forward only
+        assert not r.rg_out, r.op.name
+        assert r.cost.bwd_kernels == 0 or not any(r.rg_in)
+        assert not r.cost.saved
+
+
+def test_lst_saves_only_the_layer_outputs_the_ladders_read():
+    spec, g, a = _lst_graph()
+    lora = estimate_train(M, H, peft="lora", **KW)
+    lst = estimate_train(M, H, peft="lst", **KW)
+    assert lst.memory_bytes["activations"] < 0.25 * lora.memory_bytes["activations"]
+    assert lst.flops["backward"] < 0.1 * lora.flops["backward"]
+    assert lst.params["trainable"] == lst.params["added"]
+    # per block, the saved bytes are the ladder's input (B, S, d) plus side-network tensors
+    # of width d/8 and ffn/8
+    hidden = 2 * 256 * spec.hidden * 2
+    side = 2 * 256 * (4 * spec.hidden // 8 + 2 * spec.ffn // 8) * 2
+    for seg, b in zip(g.segments, a.saved_local):
+        if seg.first_layer is not None:
+            assert hidden + side <= b < hidden + side + hidden / 2
+
+
+def test_lst_reduction_scales_the_side_network_and_is_validated():
+    a = estimate_train(M, H, peft="lst", side_reduction=8, **KW)
+    b = estimate_train(M, H, peft="lst", side_reduction=16, **KW)
+    assert b.params["trainable"] < a.params["trainable"]
+    with pytest.raises(SimcostError):
+        estimate_train(M, H, peft="lst", side_reduction=3, **KW)
+
+
+def test_lst_gpt2_builds():
+    r = estimate_train("gpt2", H, peft="lst", batch=2, seq=128)
+    assert r.params["trainable"] > 0 and r.flops["backward_weight"] > 0
+
+
+# -- MeZO -----------------------------------------------------------------------------------
+
+def test_mezo_is_two_forwards_and_no_backward():
+    lora = estimate_train(M, H, peft="lora", **KW)
+    mezo = estimate_train(M, H, peft="lora", optimizer="mezo", **KW)
+    assert mezo.flops["forward"] == pytest.approx(2 * lora.flops["forward"])
+    assert mezo.flops["backward"] == 0 and mezo.time_s["backward"] == 0
+    assert mezo.time_s["forward"] == pytest.approx(2 * lora.time_s["forward"])
+    for k in ("gradients", "optimizer", "master_weights"):
+        assert mezo.memory_bytes[k] == 0
+    assert mezo.params["trainable"] == lora.params["trainable"]   # only LoRA is perturbed
+
+
+def test_mezo_memory_is_about_inference():
+    full = estimate_train(M, H, peft="full", **KW)
+    mezo = estimate_train(M, H, peft="full", optimizer="mezo", **KW)
+    w = mezo.memory_bytes["weights"]
+    assert mezo.memory_bytes["activations"] < 0.05 * full.memory_bytes["activations"]
+    assert mezo.memory_bytes["peak"] < w + mezo.memory_bytes["runtime_overhead"] + 0.1 * w
+    assert full.memory_bytes["peak"] > 3 * mezo.memory_bytes["peak"]
+    # the perturbation passes touch every trainable parameter
+    assert mezo.flops["optimizer"] == 16 * mezo.params["trainable"]
+
+
+def test_mezo_rejects_multi_device():
+    with pytest.raises(SimcostError):
+        estimate_train(M, "h100-sxm", peft="lora", optimizer="mezo", devices=2, **KW)
+
+
+# -- freeze-bottom-k --------------------------------------------------------------------------
+
+def test_freeze_bottom_k_backward_stops_at_the_lowest_trainable_layer():
+    k2 = estimate_train(M, H, peft="freeze", trainable_layers=2, **KW)
+    k8 = estimate_train(M, H, peft="freeze", trainable_layers=8, **KW)
+    assert k2.flops["backward"] < k8.flops["backward"]
+    assert k2.memory_bytes["activations"] < k8.memory_bytes["activations"]
+
+
+# -- selective activation checkpointing -----------------------------------------------------
+
+def test_selective_checkpointing_drops_the_attention_core():
+    kw = dict(peft="lora", attn="eager", **KW)
+    none = estimate_train(M, H, **kw)
+    sel = estimate_train(M, H, grad_checkpointing="selective", **kw)
+    full = estimate_train(M, H, grad_checkpointing="full", **kw)
+    spec = load_model(M)
+    # eager attention keeps (B, H, S, S) scores / probabilities; selective drops them
+    scores = 2 * spec.heads * 512 * 512 * 2 * spec.layers
+    assert none.memory_bytes["activations"] - sel.memory_bytes["activations"] >= scores
+    assert full.memory_bytes["activations"] < sel.memory_bytes["activations"]
+    # recompute: the attention core only, far less than full checkpointing
+    assert 0 < sel.flops["recompute"] < 0.2 * full.flops["recompute"]
+    assert sel.checkpointing == "selective" and sel.grad_checkpointing
+    assert "checkpointing" not in none.model_dump_public()
+
+
+def test_selective_checkpointing_with_sdpa_and_multi_device():
+    sel = estimate_train(M, H, peft="lora", grad_checkpointing="selective", **KW)
+    none = estimate_train(M, H, peft="lora", **KW)
+    assert sel.memory_bytes["activations"] <= none.memory_bytes["activations"]
+    kw = dict(peft="lora", attn="eager", batch=8, seq=512, devices=8, dp=8)
+    a = estimate_train(M, "h100-sxm", **kw)
+    b = estimate_train(M, "h100-sxm", grad_checkpointing="selective", **kw)
+    assert b.memory_bytes["activations"] < a.memory_bytes["activations"]
+    assert b.time_s["backward"] > a.time_s["backward"]
+
+
+def test_unknown_checkpointing_mode():
+    with pytest.raises(SimcostError):
+        estimate_train(M, H, peft="lora", grad_checkpointing="partial", **KW)
+
+
+# -- multi-LoRA -------------------------------------------------------------------------------
+
+def test_one_job_equals_a_separate_run():
+    r = estimate_multi_train(M, H, jobs=1, rank=16, **KW)
+    for k in ("weights", "activations", "peak"):
+        assert r.shared.memory_bytes[k] == pytest.approx(r.separate.memory_bytes[k], rel=1e-9)
+    assert r.shared.time_s["step"] == pytest.approx(r.separate.time_s["step"], rel=1e-9)
+
+
+def test_multi_lora_shares_the_base_weights():
+    n = 4
+    r = estimate_multi_train(M, H, jobs=n, rank=16, **KW)
+    one = r.separate
+    adapters = one.params["added"] * 4        # fp32 adapters
+    assert r.shared.params["added"] == n * one.params["added"]
+    assert r.shared.memory_bytes["weights"] == pytest.approx(
+        one.memory_bytes["weights"] + (n - 1) * adapters)
+    for k in ("gradients", "optimizer", "activations"):
+        # (AdamW's 4-byte step counters are per tensor: rel 1e-4)
+        assert r.shared.memory_bytes[k] == pytest.approx(n * one.memory_bytes[k], rel=1e-4)
+    base = r.comparison["base_weight_bytes_shared"]
+    assert r.comparison["memory_saved_bytes"] == pytest.approx((n - 1) * base, rel=0.02)
+
+
+def test_multi_lora_speedup_comes_from_batching_the_base_gemms():
+    n = 4
+    r = estimate_multi_train(M, H, jobs=n, rank=16, batch=1, seq=256)
+    p = r.phases_s
+    # adapter work is not batched: N jobs' adapter ops cost N times one job's
+    one = estimate_multi_train(M, H, jobs=1, rank=16, batch=1, seq=256).phases_s
+    assert p["adapter_forward"] == pytest.approx(n * one["adapter_forward"])
+    # the base ops over N*b rows beat N separate passes
+    assert p["base_forward"] + p["base_backward"] < p["separate_base"]
+    assert r.comparison["speedup"] > 1
+    assert r.comparison["throughput_ratio"] == pytest.approx(r.comparison["speedup"])
+
+
+def test_multi_job_rejects_methods_that_train_the_base():
+    with pytest.raises(SimcostError):
+        estimate_multi_train(M, H, jobs=2, peft="full", **KW)
+    with pytest.raises(SimcostError):
+        estimate_multi_train(M, H, jobs=0, **KW)
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+BASE = ["estimate", "train", "--model", M, "--hardware", H, "--batch", "2", "--seq", "512"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--peft", "lst", "--lst-reduction", "16"],
+    ["--peft", "lora", "--optimizer", "mezo"],
+    ["--peft", "lora", "--checkpointing", "selective"],
+    ["--peft", "lora", "--jobs", "3"],
+])
+def test_cli_modes_json(extra, capsys):
+    assert main([*BASE, *extra, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d
+
+
+@pytest.mark.parametrize("extra", [
+    ["--peft", "lst", "--lst-reduction", "3"],
+    ["--peft", "full", "--jobs", "2"],
+    ["--peft", "lora", "--jobs", "2", "--devices", "2"],
+    ["--peft", "lora", "--optimizer", "mezo", "--devices", "2"],
+    ["--peft", "lora", "--grad-checkpointing", "--checkpointing", "selective"],
+    ["--peft", "lora", "--checkpointing", "partial"],
+])
+def test_cli_bad_input_one_line_exit_2(extra, capsys):
+    assert main([*BASE, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err
+
+
+# -- one TrainEstimate builder ---------------------------------------------------------------
+
+def test_single_and_multi_device_share_the_builder():
+    import inspect
+    from simcost import api
+    from simcost.sim import parallel_api
+    assert "TrainEstimate(" not in inspect.getsource(parallel_api)
+    assert inspect.getsource(api).count("TrainEstimate(\n") == 1
