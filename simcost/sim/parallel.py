@@ -44,13 +44,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim import collectives as C
-from simcost.sim.memory import (checkpointed_activations, ckpt_mode, selective_activations,
-                                training_memory)
+from simcost.sim.memory import ckpt_mode, selective_activations, training_memory
 from simcost.sim.timing import TimeModel, attention_kind, optimizer_time, recomputed
 
 BLOCK_PREFIX = ("model.layers", "transformer.h")
