@@ -43,10 +43,11 @@ class TrainEstimate(BaseModel):
     fits: bool
     parallel: dict | None = None    # multi-device / fp8 estimates: plan, per-device numbers
     checkpointing: str | None = None  # 'full' or 'selective' when activations are recomputed
+    cost_usd: dict | None = None    # from the profile's price per device-hour, when it has one
 
     def model_dump_public(self) -> dict:
         d = self.model_dump()
-        for k in ("parallel", "checkpointing"):
+        for k in ("parallel", "checkpointing", "cost_usd"):
             if d.get(k) is None:
                 d.pop(k, None)
         return d
@@ -167,6 +168,8 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
     from simcost.sim.memory import ckpt_mode
     mode = ckpt_mode(checkpointing)
     f = float
+    step_s = f((n.time_s if time_s is None else time_s)["step"])
+    tok_s = f(n.tokens_per_s if tokens_per_s is None else tokens_per_s)
     return TrainEstimate(
         model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
@@ -179,7 +182,18 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         time_s={k: f(v) for k, v in (n.time_s if time_s is None else time_s).items()},
         tokens_per_s=f(n.tokens_per_s if tokens_per_s is None else tokens_per_s),
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
-        checkpointing=None if mode == "none" else mode)
+        checkpointing=None if mode == "none" else mode,
+        cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s))
+
+
+def run_cost(device, devices: int, step_s: float, tokens_per_s: float) -> dict | None:
+    """Rental cost from the profile's price per device-hour (None when the profile has none)."""
+    if not device.price_usd_per_hour:
+        return None
+    per_hour = device.price_usd_per_hour * devices
+    return {"per_hour": per_hour, "per_step": per_hour * step_s / 3600,
+            "per_million_tokens": per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s else None,
+            "devices": devices, "price_per_device_hour": device.price_usd_per_hour}
 
 
 class MultiTrainEstimate(BaseModel):

@@ -56,6 +56,11 @@ def print_train(r) -> None:
               f"{_time(ts['forward'])} / {_time(ts['backward'])} / {_time(ts['optimizer'])}")
     t.add_row("[bold]step time[/bold]", f"[bold]{_time(ts['step'])}[/bold]")
     t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    if r.cost_usd:
+        c_ = r.cost_usd
+        per_m = c_["per_million_tokens"]
+        t.add_row("cost", f"${c_['per_hour']:.2f}/h ({c_['devices']} x ${c_['price_per_device_hour']:.2f}), "
+                  + (f"${per_m:.3f} per 1M tokens" if per_m else ""))
     c.print(t)
     c.print("time model: per-GEMM efficiency, achieved bandwidth and host dispatch from the "
             "hardware profile (see `simcost validate published` for its error)", style="dim")

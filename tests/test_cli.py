@@ -119,3 +119,15 @@ def test_console_script_entry_point():
                         "--hardware", "l40s", "--batch", "1", "--seq", "1"], capture_output=True,
                        text=True, cwd=ROOT, env={**os.environ})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_run_cost_from_profile_price(capsys):
+    rc, out, _ = run(MAIN + ["--json"], capsys)
+    d = json.loads(out)
+    c = d["cost_usd"]                      # a100-80gb-sxm carries a price per device-hour
+    assert c["per_hour"] == c["price_per_device_hour"] > 0
+    assert c["per_step"] == pytest.approx(c["per_hour"] * d["time_s"]["step"] / 3600)
+    assert c["per_million_tokens"] == pytest.approx(c["per_hour"] / (d["tokens_per_s"] * 3600) * 1e6)
+    rc, out, _ = run(["estimate", "train", "--model", "gpt2", "--hardware", "rtx-4090", "--batch", "1",
+                      "--seq", "64", "--json"], capsys)
+    assert "cost_usd" not in json.loads(out)   # no public price in that profile
