@@ -166,11 +166,9 @@ class ModelGraph:
                 new = self._next
                 self._next += 1
                 mapping[tid] = new
-                base = self.tensors[src.storage]
-                storage = new if src.storage == tid else remap(base.tid)
+                # a view shares its (cloned, or global) base's storage
+                storage = new if src.storage == tid else self.tensors[remap(src.storage)].storage
                 self.tensors[new] = Tensor(new, src.shape, src.dtype, storage, False)
-                if src.storage != tid:
-                    self.tensors[new].storage = self.tensors[storage].storage
             return mapping[tid]
 
         pmap: dict[int, Param] = {}
