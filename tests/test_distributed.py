@@ -225,3 +225,61 @@ def test_flash_attention_priced_at_the_measured_fraction_causal_half():
     a = cpu.phase_time("fp32", [(1, 64, 64, 64)], 2 * 64 ** 3, 0.0, 1.0, 1, attention=("fwd", True))
     b = cpu.phase_time("fp32", [(1, 64, 64, 64)], 2 * 64 ** 3, 0.0, 1.0, 1)
     assert a == b
+
+
+# DeepSpeed ZeRO buffers (zero_optimization sizes from the ds_config) -----------------------
+
+def _ds_est(zero, ds, **kw):
+    from simcost.sim.parallel import DeepSpeedZero  # noqa: F401
+    return estimate_train("llama-2-7b", "a100-80gb-sxm", batch=4, seq=512, peft="lora",
+                          devices=4, dp=4, zero=zero, micro_batch=1, attn="flash",
+                          grad_checkpointing=True, deepspeed=ds, **kw)
+
+
+def test_deepspeed_zero2_ipg_buckets_follow_the_config():
+    from simcost.sim.parallel import DeepSpeedZero
+    GB = 2.0
+    one = _ds_est(2, DeepSpeedZero(reduce_bucket_size=2e8, overlap_comm=False)).memory_bytes
+    two = _ds_est(2, DeepSpeedZero(reduce_bucket_size=2e8, overlap_comm=True)).memory_bytes
+    big = _ds_est(2, DeepSpeedZero(reduce_bucket_size=5e8, overlap_comm=True)).memory_bytes
+    assert one["deepspeed_buckets_backward"] == pytest.approx(2e8 * GB)
+    assert two["deepspeed_buckets_backward"] == pytest.approx(2 * 2e8 * GB)   # double buffer
+    assert big["deepspeed_buckets_backward"] == pytest.approx(2 * 5e8 * GB)
+    assert two["peak"] - one["peak"] == pytest.approx(2e8 * GB, rel=1e-6)
+    off = _ds_est(2, DeepSpeedZero(reduce_bucket_size=2e8, contiguous_gradients=False))
+    assert off.memory_bytes["deepspeed_buckets_backward"] == 0.0
+
+
+def test_deepspeed_keeps_fp32_master_and_adam_partitions():
+    from simcost.sim.parallel import DeepSpeedZero
+    r = _ds_est(2, DeepSpeedZero())
+    n = r.params_trainable
+    mem = r.memory_bytes
+    # fp32 master partition = half the fp32 Adam moments, both sharded over dp
+    assert mem["master_weights"] > 0
+    assert mem["optimizer"] == pytest.approx(2 * mem["master_weights"], rel=1e-6)
+    assert mem["master_weights"] == pytest.approx(4 * n / 4, rel=1e-3)   # 4 B x n / dp
+    plain = _ds_est(2, None).memory_bytes
+    assert "deepspeed_buckets_backward" not in plain
+
+
+def test_deepspeed_zero3_auto_buckets_from_hidden_size():
+    from simcost.sim.parallel import DeepSpeedZero
+    ds = DeepSpeedZero.from_config({"reduce_bucket_size": "auto",
+                                    "stage3_prefetch_bucket_size": "auto",
+                                    "stage3_param_persistence_threshold": "auto",
+                                    "overlap_comm": True}, hidden=4096)
+    assert ds.reduce_bucket_size == 4096 ** 2
+    assert ds.stage3_prefetch_bucket_size == pytest.approx(0.9 * 4096 ** 2)
+    assert ds.stage3_param_persistence_threshold == 10 * 4096
+    mem = _ds_est(3, ds).memory_bytes
+    assert mem["deepspeed_buckets_backward"] == 0.0
+    assert mem["deepspeed_buffers_resident"] > 4096 ** 2 * 2      # bucket + 16-bit grad partition
+    with pytest.raises(SimcostError):
+        DeepSpeedZero.from_config({"reduce_bucket_size": "auto"})
+
+
+def test_deepspeed_config_dict_accepted_and_single_device_unchanged():
+    r = _ds_est(2, {"reduce_bucket_size": 2e8, "overlap_comm": True})
+    assert r.memory_bytes["deepspeed_buckets_backward"] == pytest.approx(2 * 2e8 * 2)
+    assert "deepspeed" in r.parallel["plan_label"]

@@ -34,6 +34,23 @@ with sequence parallelism 1/tp, without it (10 + 24/tp)/34 of the per-layer acti
 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 Table 2: the 10·sbh bytes of norm inputs, residuals and dropout masks stay replicated).
 
+DeepSpeed ZeRO (``Plan.deepspeed``, a :class:`DeepSpeedZero` holding the ``zero_optimization``
+buffer sizes of the ds_config the run used) replaces the generic ZeRO memory with what
+DeepSpeed's optimizers allocate (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py):
+
+- the engine casts the module to bf16/fp16 (``bf16.enabled``), so trainable parameters are stored
+  16-bit and an fp32 master partition (4 B x trainable / dp) plus fp32 Adam moments
+  (8 B x trainable / dp) live in the optimizer; the update is DeepSpeed's fused Adam (no
+  parameter-sized temporaries);
+- gradients: the 16-bit reduced partition (``contiguous_gradients``: 2 B x trainable / dp,
+  ZeRO-1 keeps the full 16-bit gradients) and, at the step, its fp32 copy (4 B x trainable / dp);
+- ZeRO-1/2: ``backward()`` allocates the ``reduce_bucket_size``-element 16-bit IPG bucket, twice
+  with ``overlap_comm`` (double buffering), whatever the trainable count (with LoRA the buckets
+  can dwarf the gradients they carry); they are live through the backward, on top of the
+  activations;
+- ZeRO-3: the IPG bucket (``reduce_bucket_size``) and the flat 16-bit gradient partition are
+  allocated once at initialisation and stay resident.
+
 FP8 (``dtype='fp8'``, TransformerEngine style): weights and activations stay bf16, the base
 linears' GEMMs run at the fp8 peak times the measured fp8 matmul efficiency, and each fp8 GEMM
 pays a quantisation pass over its inputs (read bf16, write fp8) forward and backward.
@@ -63,6 +80,57 @@ TP_REPLICATED_ACT_FRACTION = 10 / 34
 
 
 @dataclass(frozen=True)
+class DeepSpeedZero:
+    """The DeepSpeed ``zero_optimization`` buffer sizes (elements) a ZeRO plan runs with.
+
+    Defaults are DeepSpeed's own (deepspeed/runtime/zero/config.py: ``reduce_bucket_size`` and
+    ``allgather_bucket_size`` 5e8, ``overlap_comm`` false for ZeRO-1/2 and true for ZeRO-3,
+    ``contiguous_gradients`` true, ``stage3_prefetch_bucket_size`` 5e7,
+    ``stage3_max_live_parameters`` 1e9, ``stage3_param_persistence_threshold`` 1e5).
+    ``allgather_bucket_size`` is recorded but allocates nothing on torch >= 1.13 (the updated
+    partitions are all-gathered in place with ``all_gather_into_tensor``); the stage-3 prefetch
+    and live-parameter limits bound the gathered weights, which the plan already prices as two
+    unsharded layers in flight."""
+    reduce_bucket_size: float = 5e8
+    allgather_bucket_size: float = 5e8
+    overlap_comm: bool | None = None          # None: DeepSpeed's default (True only for ZeRO-3)
+    contiguous_gradients: bool = True
+    stage3_prefetch_bucket_size: float = 5e7
+    stage3_max_live_parameters: float = 1e9
+    stage3_param_persistence_threshold: float = 1e5
+    source: str = "DeepSpeed defaults"
+
+    def overlap(self, zero: int) -> bool:
+        return (zero == 3) if self.overlap_comm is None else bool(self.overlap_comm)
+
+    def buffer_bytes(self, zero: int, elem: int = 2) -> tuple[float, float]:
+        """(bytes live through the backward only, bytes resident) of the gradient buckets."""
+        if zero == 3:
+            return 0.0, float(self.reduce_bucket_size) * elem
+        if not self.contiguous_gradients:
+            return 0.0, 0.0
+        return (2 if self.overlap(zero) else 1) * float(self.reduce_bucket_size) * elem, 0.0
+
+    @classmethod
+    def from_config(cls, zero_cfg: dict, hidden: int | None = None, source: str = "") -> "DeepSpeedZero":
+        """From a ds_config ``zero_optimization`` dict; ``"auto"`` filled as HF transformers'
+        HfTrainerDeepSpeedConfig does (hidden^2, 0.9 hidden^2, 10 hidden)."""
+        auto = {"reduce_bucket_size": (hidden or 0) ** 2,
+                "stage3_prefetch_bucket_size": 0.9 * (hidden or 0) ** 2,
+                "stage3_param_persistence_threshold": 10 * (hidden or 0)}
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in zero_cfg and f.name != "source":
+                v = zero_cfg[f.name]
+                if v == "auto":
+                    if f.name not in auto or not hidden:
+                        raise SimcostError(f"ds_config '{f.name}': 'auto' needs the hidden size")
+                    v = auto[f.name]
+                kw[f.name] = v
+        return cls(**kw, source=source or "ds_config")
+
+
+@dataclass(frozen=True)
 class Plan:
     dp: int = 1
     tp: int = 1
@@ -76,6 +144,7 @@ class Plan:
     schedule: str = "1f1b"        # 1f1b | interleaved
     virtual_stages: int = 1       # interleaved: model chunks per device
     offload: str = "none"         # none | optimizer | params (ZeRO-Offload / ZeRO-Infinity)
+    deepspeed: DeepSpeedZero | None = None   # ZeRO via DeepSpeed: its buffers (see module doc)
 
     @property
     def devices(self) -> int:
@@ -94,6 +163,8 @@ class Plan:
             s += f" v{self.virtual_stages}"
         if self.offload != "none":
             s += f" offload-{self.offload}"
+        if self.deepspeed is not None and self.zero:
+            s += " deepspeed"
         return s
 
 
@@ -631,12 +702,43 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
     logits = float(lt.nbytes) / tp
     loss_grad = logits / BYTES[lt.dtype] * 4 + (logits if lt.dtype != "fp32" else 0)
     opt_temp = opt / 2 if ctx.optimizer != "sgd" else 0.0
-    dynamic = max(activations + logits + loss_grad, grads + opt_temp) + temps
+    ds_bwd = ds_res = 0.0
+    ds = plan.deepspeed
+    if ds is not None and plan.zero >= 1 and dp > 1:
+        weights, grads, opt, master, opt_temp, ds_bwd, ds_res = _deepspeed_memory(
+            ctx, plan, g, ps, layers_stage, L, weights, opt)
+    dynamic = max(activations + logits + loss_grad + ds_bwd, grads + opt_temp) + temps
     runtime = float(mem.runtime_overhead)
-    peak = runtime + weights + master + opt + dynamic
-    return {"weights": weights, "gradients": grads, "optimizer": opt, "master_weights": master,
-            "activations": activations, "temporaries": temps, "runtime_overhead": runtime,
-            "peak": peak, "capacity": ctx.device.memory_bytes}
+    peak = runtime + weights + master + opt + ds_res + dynamic
+    out = {"weights": weights, "gradients": grads, "optimizer": opt, "master_weights": master,
+           "activations": activations, "temporaries": temps, "runtime_overhead": runtime,
+           "peak": peak, "capacity": ctx.device.memory_bytes}
+    if ds is not None and plan.zero >= 1 and dp > 1:
+        out["deepspeed_buckets_backward"] = ds_bwd
+        out["deepspeed_buffers_resident"] = ds_res
+    return out
+
+
+def _deepspeed_memory(ctx, plan, g, ps, layers_stage, L, weights, opt):
+    """What DeepSpeed's ZeRO optimizers hold per device (see the module docstring); returns
+    (weights, gradients, optimizer, master, optimizer temporaries, bucket bytes live in backward,
+    resident buffer bytes)."""
+    dp, zero, ds = plan.dp, plan.zero, plan.deepspeed
+    n = _stage_trainable(ps, plan.tp, plan.pp, layers_stage, L)     # trainable numel
+    elem = _trainable_elem(g)
+    half = 2                                                        # bf16 / fp16 module
+    if elem > half:        # the engine casts the module (adapters included) to 16-bit
+        weights -= n * (elem - half) / (dp if zero == 3 else 1)
+    master = 4.0 * n / dp                                           # fp32 partition
+    if ctx.optimizer == "adamw":
+        opt = 8.0 * n / dp                                          # fp32 exp_avg, exp_avg_sq
+    grad16 = half * n / (dp if zero >= 2 else 1)                    # reduced 16-bit gradients
+    grads = grad16 + 4.0 * n / dp                                   # + fp32 copy at the step
+    bwd, res = ds.buffer_bytes(zero, half)
+    if zero == 3:
+        res += grad16          # flat 16-bit gradient partition, allocated at initialisation
+        grads -= grad16
+    return weights, grads, opt, master, 0.0, bwd, res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +751,7 @@ def _divisors(n):
 
 def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero=0,
               micro_batch=None, sp=None, tp_overlap=False, schedule="1f1b", virtual_stages=1,
-              offload="none", spec=None, seq=None) -> Plan:
+              offload="none", spec=None, seq=None, deepspeed=None) -> Plan:
     tp, pp, cp = tp or 1, pp or 1, cp or 1
     if dp is None:
         if devices % (tp * pp * cp):
@@ -680,7 +782,8 @@ def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero
     return Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=zero, micro_batch=micro_batch,
                 micro_batches=per // micro_batch, sp=bool(sp if sp is not None else tp > 1),
                 tp_overlap=tp_overlap, schedule=schedule,
-                virtual_stages=virtual_stages if schedule == "interleaved" else 1, offload=offload)
+                virtual_stages=virtual_stages if schedule == "interleaved" else 1, offload=offload,
+                deepspeed=deepspeed)
 
 
 def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0, 1, 2, 3),

@@ -29,6 +29,14 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     if optimizer == "mezo":
         raise SimcostError("--optimizer mezo is priced on one device only (no --devices, "
                            "--parallel, --offload or fp8)")
+    # ZeRO via DeepSpeed: ``deepspeed=DeepSpeedZero(...)`` (or a ds_config zero_optimization
+    # dict) arrives with the keyword arguments estimate_train passes on
+    peft_options = dict(peft_options)
+    ds = peft_options.pop("deepspeed", None)
+    if isinstance(ds, dict):
+        ds = P.DeepSpeedZero.from_config(ds, spec.hidden)
+    if ds is not None and not isinstance(ds, P.DeepSpeedZero):
+        raise SimcostError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
     fp8 = dtype == "fp8"
     store = "bf16" if fp8 else dtype
     compute = mixed_precision if mixed_precision != "none" else store
@@ -63,6 +71,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                                   fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch))
         if offload != "none":
             plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
+        if ds is not None:
+            plans = [P.Plan(**{**p.__dict__, "deepspeed": ds}) for p in plans]
         if not plans:
             raise SimcostError(f"no valid parallel plan for {devices} devices, global batch "
                                f"{batch} and the given constraints")
@@ -74,7 +84,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
         plan = P.make_plan(devices, batch, tp=tp, pp=pp, dp=dp, cp=cp, zero=zero,
                            micro_batch=micro_batch, sp=sequence_parallel, tp_overlap=tp_overlap,
                            schedule=pp_schedule, virtual_stages=virtual_stages, offload=offload,
-                           spec=spec, seq=seq)
+                           spec=spec, seq=seq, deepspeed=ds)
         if plan.tp > topo.gpus_per_node:
             raise SimcostError(f"tp = {plan.tp} exceeds the {topo.gpus_per_node} devices of a node")
         best = P.evaluate_plan(ctx, plan)

@@ -154,7 +154,9 @@ class Mapping:
                 "dtype": self.dtype, "mixed_precision": self.mixed_precision, "attn": self.attn,
                 "optimizer": self.optimizer, "grad_checkpointing": self.grad_checkpointing,
                 "memory_scope": self.memory_scope,
-                **({"distributed": self.distributed} if self.distributed else {})}
+                **({"distributed": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
+                                    for k, v in self.distributed.items()}}
+                   if self.distributed else {})}
 
 
 @dataclass
@@ -432,8 +434,30 @@ def _qwen_distributed(row: dict, n: int, batch: int, ga: int, notes: list):
     notes.append(f"{n} GPUs{f' on {nodes} nodes' if nodes else ''}: DeepSpeed ZeRO-{zero} "
                  f"data parallel (dp {n}, micro-batch {batch}, GA {ga}); memory = per-device "
                  f"peak x {n}")
-    dist = dict(devices=n, nodes=nodes, dp=n, zero=zero, micro_batch=batch)
+    from simcost.models.config import load_model
+    from simcost.sim.parallel import DeepSpeedZero
+    hidden = load_model(_model(row)).hidden
+    ds = DeepSpeedZero.from_config(QWEN_DS_ZERO[zero], hidden,
+                                   source=f"QwenLM/Qwen finetune/ds_config_zero{zero}.json")
+    notes.append(f"DeepSpeed buffers ({ds.source}): reduce_bucket_size {ds.reduce_bucket_size:.3g}"
+                 f", overlap_comm {ds.overlap(zero)}, contiguous_gradients "
+                 f"{ds.contiguous_gradients}; bf16 module, fp32 master/Adam partitions")
+    dist = dict(devices=n, nodes=nodes, dp=n, zero=zero, micro_batch=batch, deepspeed=ds)
     return dist, n, n * batch * ga
+
+
+# the zero_optimization sections of the ds_configs finetune_lora_ds.sh passes (QwenLM/Qwen
+# finetune/ds_config_zero2.json @af22d5e, the script's default; ds_config_zero3.json for the
+# "LoRA + DeepSpeed ZeRO3" 72B rows). "auto" is filled by HF transformers from the hidden size.
+QWEN_DS_ZERO = {
+    2: {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
+        "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
+        "contiguous_gradients": True},
+    3: {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+        "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9},
+}
 
 
 # torchtune ---------------------------------------------------------------------------------
