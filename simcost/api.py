@@ -113,12 +113,13 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
                    sequence_parallel: bool | None = None, tp_overlap: bool = False,
                    pp_schedule: str = "1f1b", virtual_stages: int = 1, offload: str = "none",
                    fp8_attention: bool = False, max_positions: int | None = None,
-                   **peft_options: Any) -> TrainEstimate:
+                   ep: int | None = None, **peft_options: Any) -> TrainEstimate:
     """Estimate one training step (forward with loss, backward, optimizer step).
 
     With ``devices > 1``, an explicit plan (``tp``, ``pp``, ``dp``, ``cp``, ``zero``, ...),
     ``parallel='auto'``, ``offload`` or ``dtype='fp8'``, ``batch`` is the global batch per
-    optimizer step and the estimate is per device (see :mod:`simcost.sim.parallel`)."""
+    optimizer step and the estimate is per device (see :mod:`simcost.sim.parallel`). ``ep``
+    shards a mixture-of-experts model's experts over that many data-parallel ranks."""
     if batch < 1:
         raise SimcostError(f"batch must be >= 1, got {batch}")
     spec = _model(model)
@@ -127,7 +128,7 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
         spec = dataclasses.replace(spec, max_positions=int(max_positions))
     distributed = (devices != 1 or parallel is not None or dtype == "fp8" or offload != "none"
                    or any(x not in (None, 1) for x in (tp, pp, dp, cp)) or zero
-                   or micro_batch is not None or fp8_attention)
+                   or micro_batch is not None or fp8_attention or ep not in (None, 1))
     if distributed:
         from simcost.sim.parallel_api import estimate_parallel
         return estimate_parallel(
@@ -137,7 +138,7 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
             dp=dp, cp=cp, zero=zero, parallel=parallel, micro_batch=micro_batch,
             sequence_parallel=sequence_parallel, tp_overlap=tp_overlap, pp_schedule=pp_schedule,
             virtual_stages=virtual_stages, offload=offload, fp8_attention=fp8_attention,
-            peft_options=peft_options)
+            peft_options=peft_options, ep=ep)
     check_options(dtype, mixed_precision)
     pspec = resolve_peft(peft, peft_config, **peft_options)
     from simcost.peft import tokens_added

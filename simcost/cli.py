@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pp", type=_positive_int, default=None, help="pipeline-parallel stages")
     d.add_argument("--dp", type=_positive_int, default=None, help="data-parallel replicas")
     d.add_argument("--cp", type=_positive_int, default=None, help="context-parallel size")
+    d.add_argument("--ep", type=_positive_int, default=None,
+                   help="expert-parallel size (MoE models): experts sharded over ep dp ranks")
     d.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                    help="ZeRO stage (3 = FSDP full sharding)")
     d.add_argument("--parallel", default=None, choices=("auto",),
@@ -206,7 +208,8 @@ def _estimate_train(a) -> int:
                        sequence_parallel=False if a.no_sequence_parallel else None,
                        tp_overlap=a.tp_overlap, pp_schedule=a.pp_schedule,
                        virtual_stages=a.virtual_stages, offload=a.offload,
-                       fp8_attention=a.fp8_attention, max_positions=a.max_positions, **opts)
+                       fp8_attention=a.fp8_attention, max_positions=a.max_positions, ep=a.ep,
+                       **opts)
     if a.json:
         print(json.dumps(r.model_dump_public()))
     else:
@@ -221,7 +224,7 @@ def _estimate_multi(a, peft, ckpt, opts) -> int:
     from simcost.api import estimate_multi_train
 
     if a.devices != 1 or a.parallel or a.dtype == "fp8" or a.offload != "none" or a.zero or \
-            any(x not in (None, 1) for x in (a.tp, a.pp, a.dp, a.cp)):
+            any(x not in (None, 1) for x in (a.tp, a.pp, a.dp, a.cp, a.ep)):
         raise SimcostError("--jobs is priced on one device (no --devices, --parallel, --zero, "
                            "--offload or fp8)")
     r = estimate_multi_train(a.model, a.hardware, jobs=a.jobs, batch=a.batch, seq=a.seq,

@@ -283,3 +283,86 @@ def test_deepspeed_config_dict_accepted_and_single_device_unchanged():
     r = _ds_est(2, {"reduce_bucket_size": 2e8, "overlap_comm": True})
     assert r.memory_bytes["deepspeed_buckets_backward"] == pytest.approx(2 * 2e8 * 2)
     assert "deepspeed" in r.parallel["plan_label"]
+
+
+# ---- expert parallelism (MoE) and hierarchical collectives ---------------------------------
+
+MOE = dict(hardware="h100-sxm", devices=8, dp=8, batch=8, micro_batch=1, **LORA)
+
+
+def test_all_to_all_formula():
+    link = C.Link("x", 100e9, 2e-6)
+    assert C.all_to_all(1e9, 8, link) == pytest.approx(7 / 8 * 1e9 / 100e9 + 7 * 2e-6)
+    assert C.all_to_all(1e9, 1, link) == 0.0
+
+
+def test_expert_parallel_all_to_all_scales_with_tokens_times_top_k():
+    import dataclasses
+
+    from simcost.models.config import load_model
+    spec = load_model("mixtral-8x7b")
+    a = estimate_train(spec, seq=256, ep=4, **MOE)
+    b = estimate_train(spec, seq=512, ep=4, **MOE)
+    k1 = estimate_train(dataclasses.replace(spec, top_k=1), seq=256, ep=4, **MOE)
+    vol = lambda r: comm(r, "bytes")["ep_all_to_all_per_layer"]  # noqa: E731
+    assert vol(a) == pytest.approx(256 * spec.top_k * spec.hidden * 2)
+    assert vol(b) / vol(a) == pytest.approx(2.0)
+    assert vol(a) / vol(k1) == pytest.approx(spec.top_k)
+    assert comm(b, "expert_parallel")["total_s"] > comm(a, "expert_parallel")["total_s"] > 0
+    # without ep, no all-to-all
+    none = estimate_train(spec, seq=256, **MOE)
+    assert comm(none, "expert_parallel")["total_s"] == 0.0
+
+
+def test_expert_parallel_divides_expert_memory_per_device():
+    from simcost.models.config import load_model
+    spec = load_model("mixtral-8x7b")
+    full = estimate_train(spec, seq=256, peft="full", hardware="h100-sxm", devices=8, dp=8,
+                          batch=8, micro_batch=1)
+    r = {ep: estimate_train(spec, seq=256, ep=ep, **MOE) for ep in (1, 2, 4, 8)}
+    expert_bytes = spec.layers * spec.experts * 3 * spec.hidden * spec.ffn * 2
+    for ep in (2, 4, 8):
+        saved = r[1].memory_bytes["weights"] - r[ep].memory_bytes["weights"]
+        assert saved == pytest.approx(expert_bytes * (1 - 1 / ep), rel=1e-6)
+    # full fine-tuning: expert gradients and optimizer states divide by ep too
+    f4 = estimate_train(spec, seq=256, peft="full", hardware="h100-sxm", devices=8, dp=8,
+                        batch=8, micro_batch=1, ep=4)
+    for k in ("gradients", "optimizer"):
+        assert f4.memory_bytes[k] < full.memory_bytes[k] * 0.45
+
+
+def test_ep_rejected_for_dense_models_and_bad_sizes(capsys):
+    with pytest.raises(SimcostError, match="mixture-of-experts"):
+        estimate_train("llama-2-7b", seq=256, ep=2, **{**MOE, "dp": None})
+    with pytest.raises(SimcostError, match="experts"):
+        estimate_train("mixtral-8x7b", seq=256, ep=3, hardware="h100-sxm", devices=6,
+                       batch=6, **LORA)
+    rc = main(["estimate", "train", "--model", "llama-2-7b", "--peft", "lora", "--hardware",
+               "h100-sxm", "--devices", "8", "--ep", "2", "--batch", "8", "--seq", "256"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--ep 2" in err
+
+
+def test_auto_searches_ep_for_moe_models_only():
+    from simcost.models.config import load_model
+    from simcost.sim import parallel as P
+    moe, dense = load_model("mixtral-8x7b"), load_model("llama-2-7b")
+    pm = P.enumerate_plans(8, 8, moe, 256, 8)
+    pd = P.enumerate_plans(8, 8, dense, 256, 8)
+    assert {p.ep for p in pd} == {1}
+    assert {p.ep for p in pm} == {1, 2, 4, 8}
+    assert all(p.dp % p.ep == 0 and moe.experts % p.ep == 0 for p in pm)
+
+
+def test_hierarchical_all_reduce_beats_flat_ring_across_nodes():
+    intra, inter = C.Link("nvlink", 450e9, 3e-6), C.Link("ib", 50e9, 5e-6)
+    g, k, nbytes = 8, 4, 1e9
+    two = C.hierarchical_all_reduce(nbytes, g, k, intra, inter)
+    flat = C.all_reduce(nbytes, g * k, inter)
+    assert two < flat
+    topo = C.Topology(intra, inter, intra, gpus_per_node=g, nodes=k)
+    assert topo.all_reduce(nbytes, g * k) == pytest.approx(two)
+    assert topo.all_gather(nbytes, g * k) < C.all_gather(nbytes, g * k, inter)
+    # inside one node, or one rank per node: the flat ring, unchanged
+    assert topo.all_reduce(nbytes, g) == pytest.approx(C.all_reduce(nbytes, g, intra))
+    assert topo.all_reduce(nbytes, k, stride=g) == pytest.approx(C.all_reduce(nbytes, k, inter))

@@ -12,6 +12,14 @@ links of bandwidth ``bw`` (bytes/s per GPU, one direction) and per-hop latency `
 (Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication Operations in
 MPICH", IJHPCA 2005; NCCL's nccl-tests "bus bandwidth" convention, PERFORMANCE.md.)
 
+Hierarchical (two-level) collectives: a group of ``n`` ranks spanning ``k`` nodes with ``g``
+ranks in each (n = g·k) can run, instead of one flat ring at the inter-node link, an intra-node
+reduce-scatter (NVLink), an inter-node all-reduce of 1/g of the data over the k nodes (each of
+the g ranks on its own NIC), and an intra-node all-gather (NCCL's tree / NVLS-tree style;
+all-gather and reduce-scatter likewise split into an inter-node step on 1/g of the buffer and
+an intra-node step on all of it). :meth:`Topology.all_reduce` and friends price both and take
+the cheaper, as NCCL's tuner picks the faster algorithm.
+
 Topology: ranks are packed ``gpus_per_node`` to a node. A group whose ranks all lie in one
 node uses the profile's ``interconnect`` (NVLink/NVSwitch, PCIe, Infinity Fabric, TPU ICI); a
 group spanning nodes is limited by the inter-node network, one NIC per GPU (rail-optimised).
@@ -76,6 +84,37 @@ class Topology:
         span = group * stride
         return self.intra if span <= self.gpus_per_node else self.inter
 
+    def _levels(self, n: int, stride: int) -> tuple[int, int] | None:
+        """(ranks per node g, nodes k) of a group spanning nodes that splits evenly; else None."""
+        if n <= 1 or n * stride <= self.gpus_per_node:
+            return None
+        g = min(n, max(1, self.gpus_per_node // max(stride, 1)))
+        if g <= 1 or n % g:
+            return None
+        return g, n // g
+
+    def all_reduce(self, nbytes, n: int, stride: int = 1):
+        """Group all-reduce: the flat ring, or the two-level one across nodes when cheaper."""
+        flat = all_reduce(nbytes, n, self.link(n, stride))
+        lv = self._levels(n, stride)
+        if lv is None:
+            return flat
+        return min(flat, hierarchical_all_reduce(nbytes, lv[0], lv[1], self.intra, self.inter))
+
+    def all_gather(self, nbytes, n: int, stride: int = 1):
+        """Group all-gather (``nbytes``: the gathered buffer), flat or two-level."""
+        flat = all_gather(nbytes, n, self.link(n, stride))
+        lv = self._levels(n, stride)
+        if lv is None:
+            return flat
+        return min(flat, hierarchical_all_gather(nbytes, lv[0], lv[1], self.intra, self.inter))
+
+    reduce_scatter = all_gather
+
+    def all_to_all(self, nbytes, n: int, stride: int = 1):
+        """Group all-to-all (``nbytes``: what one rank holds before the exchange)."""
+        return all_to_all(nbytes, n, self.link(n, stride))
+
 
 def all_reduce(nbytes, n: int, link: Link):
     if n <= 1:
@@ -91,7 +130,27 @@ def all_gather(nbytes, n: int, link: Link):
 
 
 reduce_scatter = all_gather
-all_to_all = all_gather
+
+
+def all_to_all(nbytes, n: int, link: Link):
+    """Pairwise / ring all-to-all: each rank keeps 1/n of its ``nbytes`` and sends the other
+    (n-1)/n, one peer per step: (n-1)/n * B / bw + (n-1) * lat."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * link.latency
+
+
+def hierarchical_all_reduce(nbytes, g: int, k: int, intra: Link, inter: Link):
+    """Two-level all-reduce over k nodes of g ranks: intra-node reduce-scatter, inter-node
+    all-reduce of the 1/g shard, intra-node all-gather."""
+    return (reduce_scatter(nbytes, g, intra) + all_reduce(nbytes / g, k, inter)
+            + all_gather(nbytes, g, intra))
+
+
+def hierarchical_all_gather(nbytes, g: int, k: int, intra: Link, inter: Link):
+    """Two-level all-gather (or, reversed, reduce-scatter): inter-node on 1/g of the buffer,
+    then intra-node on all of it."""
+    return all_gather(nbytes / g, k, inter) + all_gather(nbytes, g, intra)
 
 
 def p2p(nbytes, link: Link):

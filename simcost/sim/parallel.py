@@ -24,6 +24,11 @@ analysed graph onto one device's share of the step:
   shards the optimizer state (and fp32 master weights), ZeRO-2 also the gradients, ZeRO-3/FSDP
   also the parameters, *all* of them, frozen ones included: each micro-batch all-gathers every
   weight of the stage in forward and again in backward (prefetched, overlapped with compute).
+- **Expert parallelism** (MoE, ``ep``): the experts of each MoE layer are sharded over ``ep``
+  ranks inside the data-parallel group (GShard / DeepSpeed-MoE); each rank holds E/ep experts
+  (weights, gradients, optimizer states / ep) and every MoE layer runs an all-to-all dispatch
+  and combine of tokens·top_k·hidden activations forward and again backward, on the critical
+  path. Expert gradients are all-reduced over the dp/ep replicas of each shard.
 - **Gradient accumulation**: global batch = dp x micro-batch size x micro-batches.
 
 Memory per device scales the single-device components: weights by the device's share (TP
@@ -145,6 +150,7 @@ class Plan:
     virtual_stages: int = 1       # interleaved: model chunks per device
     offload: str = "none"         # none | optimizer | params (ZeRO-Offload / ZeRO-Infinity)
     deepspeed: DeepSpeedZero | None = None   # ZeRO via DeepSpeed: its buffers (see module doc)
+    ep: int = 1                   # expert parallelism (MoE): experts sharded over ep dp ranks
 
     @property
     def devices(self) -> int:
@@ -165,6 +171,8 @@ class Plan:
             s += f" offload-{self.offload}"
         if self.deepspeed is not None and self.zero:
             s += " deepspeed"
+        if self.ep > 1:
+            s += f" ep{self.ep}"
         return s
 
 
@@ -423,15 +431,20 @@ def _param_split(g) -> dict:
     """Bytes / numel of parameters by where they live: per block vs outside, TP-split or not."""
     d = dict(block_all=0.0, block_split=0.0, other_all=0.0, other_split=0.0,
              block_tr=0.0, block_tr_split=0.0, other_tr=0.0, other_tr_split=0.0,
-             embed=0.0, head=0.0, layers=0, layer_bytes_max=0.0)
+             embed=0.0, head=0.0, layers=0, layer_bytes_max=0.0,
+             block_expert=0.0, block_expert_tr=0.0, layer_expert_max=0.0, moe_layers=0, top_k=0)
     seen = set()
     layers = 0
     for seg in g.segments:
         blk = seg.first_layer is not None
         if blk:
             layers += seg.count
-        seg_bytes = 0.0
+        seg_bytes = seg_expert = 0.0
         for op in seg.ops:
+            expert = op.kind == "moe_experts"
+            if expert and blk:
+                d["moe_layers"] += seg.count
+                d["top_k"] = max(d["top_k"], int(op.attrs.get("top_k", 1)))
             for p in (*op.params, *op.attrs.get("held_params", ())):
                 if id(p) in seen:
                     continue
@@ -448,6 +461,11 @@ def _param_split(g) -> dict:
                     d[f"{where}_tr"] += n
                     if split:
                         d[f"{where}_tr_split"] += n
+                if blk and expert and any(p is q for q in op.params):
+                    d["block_expert"] += nb
+                    seg_expert += p.nbytes
+                    if p.trainable:
+                        d["block_expert_tr"] += n
                 if blk:
                     seg_bytes += p.nbytes
                 elif seg is g.segments[0]:
@@ -456,6 +474,7 @@ def _param_split(g) -> dict:
                     d["head"] += nb
         if blk:
             d["layer_bytes_max"] = max(d["layer_bytes_max"], seg_bytes)
+            d["layer_expert_max"] = max(d["layer_expert_max"], seg_expert)
     d["layers"] = layers
     return d
 
@@ -556,21 +575,45 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
 
     # ZeRO-3 / FSDP: gather every parameter of the stage forward and backward
     ps = ctx.base_memory(mb, cp)[1]
-    stage_param_bytes = _stage_bytes(ps, tp, pp, layers_stage, L)
+    ep = plan.ep
+    stage_param_bytes = _stage_bytes(ps, tp, pp, layers_stage, L, ep)
     z3_f = z3_b = z3_tot = z3_tot_f = z3_tot_b = 0.0
-    dp_link = topo.link(dp, tp * cp)
-    tr_numel_stage = _stage_trainable(ps, tp, pp, layers_stage, L)
+    dp_stride = tp * cp
+    tr_numel_stage = _stage_trainable(ps, tp, pp, layers_stage, L, ep)
     tr_elem = _trainable_elem(g)
-    grad_bytes = tr_numel_stage * (4 if ctx.mixed != "none" else tr_elem)
+    grad_elem = 4 if ctx.mixed != "none" else tr_elem
+    grad_bytes = tr_numel_stage * grad_elem
+    # expert shards (ep > 1) synchronise over their dp/ep replicas only, spaced ep apart
+    exp_param_bytes = ps["block_expert"] / ep / max(L, 1) * layers_stage
+    exp_grad_bytes = ps["block_expert_tr"] / ep / max(L, 1) * layers_stage * grad_elem
+    exp_tr_numel = ps["block_expert_tr"] / ep / max(L, 1) * layers_stage
+
+    def dp_coll(fn, total, expert):
+        if ep <= 1 or expert <= 0:
+            return fn(total, dp, dp_stride)
+        return fn(total - expert, dp, dp_stride) + fn(expert, dp // ep, dp_stride * ep)
+
     if plan.zero == 3 and dp > 1:
-        ag = C.all_gather(stage_param_bytes, dp, dp_link)
+        ag = dp_coll(topo.all_gather, stage_param_bytes, exp_param_bytes)
         first_layer = ag / max(layers_stage, 1)
-        rs = C.reduce_scatter(grad_bytes, dp, dp_link)
+        rs = dp_coll(topo.reduce_scatter, grad_bytes, exp_grad_bytes)
         z3_f = max(0.0, ag - comp_f) + first_layer
         z3_b = max(0.0, ag + rs - comp_b) + first_layer
         z3_tot_f, z3_tot_b = ag, ag + rs
         z3_tot = (2 * ag + rs) * m
     comm["zero3_gather"] = z3_tot, (z3_f + z3_b) * m
+
+    # expert parallelism: all-to-all dispatch + combine per MoE layer, forward and backward,
+    # on the critical path (the experts wait for their tokens, the next layer for the outputs)
+    ep_f = ep_b = a2a_bytes = 0.0
+    if ep > 1 and ps["moe_layers"]:
+        moe_stage = ps["moe_layers"] / max(L, 1) * layers_stage
+        tokens = mb * seq_local / (tp if sp else 1)
+        a2a_bytes = tokens * ps["top_k"] * hidden * elem
+        t_a2a = topo.all_to_all(a2a_bytes, ep, dp_stride)
+        ep_f = 2 * t_a2a * moe_stage
+        ep_b = 2 * t_a2a * moe_stage * bwd_frac
+    comm["expert_parallel"] = (ep_f + ep_b) * m, (ep_f + ep_b) * m
 
     # collectives that run concurrently with compute take SMs from it (see overlap_slowdown)
     sm_frac = comm_sm_fraction(ctx.device)
@@ -578,8 +621,8 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
                               + (z3_tot_f - z3_f if plan.zero == 3 and dp > 1 else 0.0), sm_frac)
     slow_b = overlap_slowdown((tp_b - tp_exp_b) + (cp_tot_b - cp_exp_b)
                               + (z3_tot_b - z3_b if plan.zero == 3 and dp > 1 else 0.0), sm_frac)
-    slot_f = comp_f + tp_exp_f + cp_exp_f + z3_f + slow_f
-    slot_b = comp_b + tp_exp_b + cp_exp_b + z3_b + slow_b
+    slot_f = comp_f + tp_exp_f + cp_exp_f + z3_f + slow_f + ep_f
+    slot_b = comp_b + tp_exp_b + cp_exp_b + z3_b + slow_b + ep_b
 
     # pipeline schedule
     v = plan.virtual_stages if plan.schedule == "interleaved" else 1
@@ -601,18 +644,20 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
     # data-parallel gradient reduction (trainable gradients only)
     dp_exposed = dp_tot = 0.0
     if dp > 1 and plan.zero < 3:
-        t_red = C.all_reduce(grad_bytes, dp, dp_link)
-        last = C.all_reduce(min(grad_bytes, DDP_BUCKET_BYTES), dp, dp_link)
+        t_red = dp_coll(topo.all_reduce, grad_bytes, exp_grad_bytes)
+        last = topo.all_reduce(min(grad_bytes, DDP_BUCKET_BYTES), dp, dp_stride)
         dp_exposed = max(t_red - slot_b, last) if grad_bytes > 0 else 0.0
         dp_tot = t_red
         if plan.zero in (1, 2):      # updated trainable params all-gathered after the step
-            t_ag = C.all_gather(tr_numel_stage * tr_elem, dp, dp_link)
+            t_ag = dp_coll(topo.all_gather, tr_numel_stage * tr_elem, exp_tr_numel * tr_elem)
             dp_exposed += t_ag
             dp_tot += t_ag
     comm["data_parallel"] = dp_tot, dp_exposed
 
     # optimizer on this device's share
     n_opt = tr_numel_stage / (dp if plan.zero >= 1 else 1)
+    if plan.zero >= 1 and ep > 1:      # expert optimizer states shard over dp/ep replicas
+        n_opt += exp_tr_numel / (dp // ep) - exp_tr_numel / dp
     n_tensors = max(1, int(sum(c for p, c in g.params() if p.trainable) / pp))
     t_opt = optimizer_time(ctx.tm, ctx.optimizer, n_opt, n_tensors, ctx.mixed,
                            foreach=ctx.device.kind != "cpu", elem_bytes=tr_elem)
@@ -642,7 +687,8 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
     comm_d = {k: {"total_s": v[0], "exposed_s": v[1], "hidden_s": max(0.0, v[0] - v[1])}
               for k, v in comm.items()}
     comm_d["bytes"] = {"tp_allreduce_per_block": act_bytes, "dp_gradients": grad_bytes,
-                       "zero3_params_per_gather": stage_param_bytes if plan.zero == 3 else 0.0}
+                       "zero3_params_per_gather": stage_param_bytes if plan.zero == 3 else 0.0,
+                       "ep_all_to_all_per_layer": a2a_bytes}
     tokens = ctx.global_batch * ctx.seq
     return PlanResult(plan, times, mem, comm_d, fits, tokens / step)
 
@@ -651,8 +697,10 @@ def _trainable_elem(g) -> float:
     return max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
 
 
-def _stage_bytes(ps, tp, pp, layers_stage, L):
+def _stage_bytes(ps, tp, pp, layers_stage, L, ep=1):
     block = (ps["block_all"] - ps["block_split"] + ps["block_split"] / tp) / max(L, 1) * layers_stage
+    if ep > 1:
+        block -= ps["block_expert"] * (1 - 1 / ep) / max(L, 1) * layers_stage
     o_rep = ps["other_all"] - ps["other_split"]
     other = o_rep + ps["other_split"] / tp
     if pp > 1:
@@ -660,8 +708,10 @@ def _stage_bytes(ps, tp, pp, layers_stage, L):
     return block + other
 
 
-def _stage_trainable(ps, tp, pp, layers_stage, L):
+def _stage_trainable(ps, tp, pp, layers_stage, L, ep=1):
     block = (ps["block_tr"] - ps["block_tr_split"] + ps["block_tr_split"] / tp) / max(L, 1) * layers_stage
+    if ep > 1:
+        block -= ps["block_expert_tr"] * (1 - 1 / ep) / max(L, 1) * layers_stage
     other = ps["other_tr"] - ps["other_tr_split"] + ps["other_tr_split"] / tp
     if pp > 1:
         other = other / 2
@@ -672,18 +722,31 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
     tp, pp, dp, m = plan.tp, plan.pp, plan.dp, plan.micro_batches
     mem, ps, act = ctx.base_memory(plan.micro_batch, plan.cp)
     w_all = ps["block_all"] + ps["other_all"]
-    w_stage = _stage_bytes(ps, tp, pp, layers_stage, L)
+    ep = plan.ep
+    w_stage = _stage_bytes(ps, tp, pp, layers_stage, L, ep)
     w_share = w_stage / w_all if w_all else 1.0
     tr_all = ps["block_tr"] + ps["other_tr"]
-    tr_share = _stage_trainable(ps, tp, pp, layers_stage, L) / tr_all if tr_all else 0.0
+    tr_share = _stage_trainable(ps, tp, pp, layers_stage, L, ep) / tr_all if tr_all else 0.0
     weights = float(mem.weights) * w_share
+    layer_max = ps["layer_bytes_max"] - ps["layer_expert_max"] * (1 - 1 / ep)
+    # expert shards (ep > 1): their ZeRO partitions span the dp/ep replicas of the shard
+    w_exp = float(mem.weights) * (ps["block_expert"] / ep / max(L, 1) * layers_stage) / w_all \
+        if ep > 1 and w_all else 0.0
+    tr_exp = ps["block_expert_tr"] / ep / max(L, 1) * layers_stage / tr_all \
+        if ep > 1 and tr_all else 0.0
+
+    def zdiv(total, share, exp_share, on):
+        if not on:
+            return total * share
+        return total * (share - exp_share) / dp + total * exp_share / (dp // ep)
+
     if plan.zero == 3 and dp > 1:
-        weights = weights / dp + 2 * ps["layer_bytes_max"] / tp
+        weights = (weights - w_exp) / dp + w_exp / (dp // ep) + 2 * layer_max / tp
     if plan.offload == "params":
-        weights = 2 * ps["layer_bytes_max"] / tp
-    grads = float(mem.gradients) * tr_share / (dp if plan.zero >= 2 else 1)
-    opt = float(mem.optimizer) * tr_share / (dp if plan.zero >= 1 else 1)
-    master = float(mem.master_weights) * tr_share / (dp if plan.zero >= 1 else 1)
+        weights = 2 * layer_max / tp
+    grads = zdiv(float(mem.gradients), tr_share, tr_exp, plan.zero >= 2)
+    opt = zdiv(float(mem.optimizer), tr_share, tr_exp, plan.zero >= 1)
+    master = zdiv(float(mem.master_weights), tr_share, tr_exp, plan.zero >= 1)
     if plan.offload != "none":
         opt = master = 0.0
     sp = plan.sp and tp > 1
@@ -724,7 +787,7 @@ def _deepspeed_memory(ctx, plan, g, ps, layers_stage, L, weights, opt):
     (weights, gradients, optimizer, master, optimizer temporaries, bucket bytes live in backward,
     resident buffer bytes)."""
     dp, zero, ds = plan.dp, plan.zero, plan.deepspeed
-    n = _stage_trainable(ps, plan.tp, plan.pp, layers_stage, L)     # trainable numel
+    n = _stage_trainable(ps, plan.tp, plan.pp, layers_stage, L, plan.ep)     # trainable numel
     elem = _trainable_elem(g)
     half = 2                                                        # bf16 / fp16 module
     if elem > half:        # the engine casts the module (adapters included) to 16-bit
@@ -751,7 +814,7 @@ def _divisors(n):
 
 def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero=0,
               micro_batch=None, sp=None, tp_overlap=False, schedule="1f1b", virtual_stages=1,
-              offload="none", spec=None, seq=None, deepspeed=None) -> Plan:
+              offload="none", spec=None, seq=None, deepspeed=None, ep=None) -> Plan:
     tp, pp, cp = tp or 1, pp or 1, cp or 1
     if dp is None:
         if devices % (tp * pp * cp):
@@ -773,6 +836,12 @@ def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero
             raise SimcostError(f"tp = {tp} does not divide {spec.name}'s {spec.heads} heads")
         if pp > spec.layers:
             raise SimcostError(f"pp = {pp} exceeds {spec.name}'s {spec.layers} layers")
+    ep = ep or 1
+    if ep > 1:
+        if spec is not None:
+            check_ep(spec, ep)
+        if dp % ep:
+            raise SimcostError(f"--ep {ep} does not divide the data-parallel size dp = {dp}")
     if seq is not None and seq % cp:
         raise SimcostError(f"sequence {seq} is not divisible by cp = {cp}")
     if schedule not in ("1f1b", "interleaved"):
@@ -783,14 +852,28 @@ def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero
                 micro_batches=per // micro_batch, sp=bool(sp if sp is not None else tp > 1),
                 tp_overlap=tp_overlap, schedule=schedule,
                 virtual_stages=virtual_stages if schedule == "interleaved" else 1, offload=offload,
-                deepspeed=deepspeed)
+                deepspeed=deepspeed, ep=ep)
+
+
+def check_ep(spec, ep) -> None:
+    """Expert parallelism needs a mixture-of-experts model whose expert count ep divides."""
+    if ep is None or ep == 1:
+        return
+    if ep < 1:
+        raise SimcostError(f"--ep must be >= 1, got {ep}")
+    if not getattr(spec, "experts", 0):
+        raise SimcostError(f"--ep {ep} needs a mixture-of-experts model; {spec.name} has no experts")
+    if spec.experts % ep:
+        raise SimcostError(f"--ep {ep} does not divide {spec.name}'s {spec.experts} experts")
 
 
 def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0, 1, 2, 3),
                     tp_overlap=False, fixed: dict | None = None) -> list[Plan]:
     """Valid plans: tp within a node and dividing the heads, pp <= layers, cp dividing the
-    sequence (into 2cp chunks, for load-balanced causal attention), dp dividing the batch."""
+    sequence (into 2cp chunks, for load-balanced causal attention), dp dividing the batch; for
+    mixture-of-experts models also ep dividing both dp and the expert count."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    experts = getattr(spec, "experts", 0) or 0
     plans = []
     for tp in _divisors(devices):
         if tp > gpus_per_node or spec.heads % tp or (spec.kv_heads % tp and tp % spec.kv_heads):
@@ -808,13 +891,17 @@ def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0
                 if any(cand[k] != v for k, v in fixed.items() if k in cand):
                     continue
                 per = global_batch // dp
+                eps = [e for e in _divisors(dp) if e == 1 or (experts and experts % e == 0)]
+                if "ep" in fixed:
+                    eps = [e for e in eps if e == fixed["ep"]]
                 for mb in _divisors(per):
                     if "micro_batch" in fixed and mb != fixed["micro_batch"]:
                         continue
                     for z in (zeros if dp > 1 else (0,)):
-                        plans.append(Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=z, micro_batch=mb,
-                                          micro_batches=per // mb, sp=tp > 1,
-                                          tp_overlap=tp_overlap))
+                        for ep in eps:
+                            plans.append(Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=z, micro_batch=mb,
+                                              micro_batches=per // mb, sp=tp > 1,
+                                              tp_overlap=tp_overlap, ep=ep))
     return plans
 
 

@@ -14,7 +14,7 @@ from simcost.sim.train import train_numbers
 def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, mixed_precision,
                       attn, optimizer, grad_checkpointing, devices, nodes, tp, pp, dp, cp, zero,
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
-                      virtual_stages, offload, fp8_attention, peft_options):
+                      virtual_stages, offload, fp8_attention, peft_options, ep=None):
     from simcost.api import _check_seq, _kernel_kind, make_estimate, resolve_peft
     from simcost.peft import tokens_added
 
@@ -26,6 +26,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
         raise SimcostError(f"--devices must be >= 1, got {devices}")
     if parallel not in (None, "auto", "manual"):
         raise SimcostError(f"unknown --parallel '{parallel}'; valid: auto")
+    P.check_ep(spec, ep)
     if optimizer == "mezo":
         raise SimcostError("--optimizer mezo is priced on one device only (no --devices, "
                            "--parallel, --offload or fp8)")
@@ -68,7 +69,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     if parallel == "auto":
         plans = P.enumerate_plans(devices, batch, spec, seq, topo.gpus_per_node,
                                   zeros=(zero,) if zero else (0, 1, 2, 3), tp_overlap=tp_overlap,
-                                  fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch))
+                                  fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch,
+                                             ep=ep))
         if offload != "none":
             plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
         if ds is not None:
@@ -84,7 +86,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
         plan = P.make_plan(devices, batch, tp=tp, pp=pp, dp=dp, cp=cp, zero=zero,
                            micro_batch=micro_batch, sp=sequence_parallel, tp_overlap=tp_overlap,
                            schedule=pp_schedule, virtual_stages=virtual_stages, offload=offload,
-                           spec=spec, seq=seq, deepspeed=ds)
+                           spec=spec, seq=seq, deepspeed=ds, ep=ep)
         if plan.tp > topo.gpus_per_node:
             raise SimcostError(f"tp = {plan.tp} exceeds the {topo.gpus_per_node} devices of a node")
         best = P.evaluate_plan(ctx, plan)
