@@ -36,6 +36,13 @@ class Memory:
     runtime_overhead: object
     peak: object
 
+    def breakdown(self, capacity: float) -> dict:
+        """The ``memory_bytes`` mapping of an estimate."""
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "master_weights": self.master_weights, "activations": self.activations,
+                "temporaries": self.temporaries, "runtime_overhead": self.runtime_overhead,
+                "peak": self.peak, "capacity": capacity}
+
 
 def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:
     """trainable: (numel of one tensor, dtype, how many such tensors) per trainable tensor."""

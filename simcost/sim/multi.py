@@ -83,10 +83,7 @@ def multi_numbers(build, device, *, jobs: int, batch: int, seq: int, optimizer: 
                           foreach=device.kind != "cpu")
     total, added, trainable, _ = param_counts(gN)
     flops = {k: v * jobs for k, v in single.flops.items()}   # N jobs' work, batched or not
-    memory = {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
-              "master_weights": mem.master_weights, "activations": mem.activations,
-              "temporaries": mem.temporaries, "runtime_overhead": mem.runtime_overhead,
-              "peak": mem.peak, "capacity": device.memory_bytes}
+    memory = mem.breakdown(device.memory_bytes)
     times = {"step": step, "forward": fwd, "backward": bwd, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     shared = TrainNumbers(total, added, trainable, flops, memory, times,

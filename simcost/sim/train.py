@@ -66,10 +66,7 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
              "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
              "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}
-    memory = {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
-              "master_weights": mem.master_weights, "activations": mem.activations,
-              "temporaries": mem.temporaries, "runtime_overhead": mem.runtime_overhead,
-              "peak": mem.peak, "capacity": device.memory_bytes}
+    memory = mem.breakdown(device.memory_bytes)
     times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     tokens = batch * seq
