@@ -202,7 +202,9 @@ class Result:
 
 
 def default_csv() -> Path:
-    return data_dir("validation") / "published" / CSV_NAME
+    """The repo's copy (validation/published/), or the one a wheel carries (_data/published/)."""
+    repo = data_dir("validation") / "published" / CSV_NAME
+    return repo if repo.is_file() else data_dir("published") / CSV_NAME
 
 
 def load_rows(path: str | Path | None = None) -> list[dict]:
