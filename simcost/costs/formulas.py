@@ -61,6 +61,12 @@ def linear(op, g, rg, train):
                   gemms_fwd=[(1, tokens, d_out, d_in)])
     w_train = train[0]
     b_train = len(train) > 1 and train[1]
+    if op.attrs.get("weight_input"):
+        # the weight is a tensor (peft's parametrised W + ΔW, see lora_params): it needs a
+        # gradient when ΔW does, and it is kept (a fresh storage) for the input's gradient
+        w_train = rg[1]
+        if rg[0]:
+            cost.saved.append(op.inputs[1])
     if rg[0]:
         cost.bwd_act_flops += mm
         cost.bwd_act_matmul_flops += mm
@@ -467,11 +473,28 @@ def moe_experts(op, g, rg, train):
                   fwd_kernels=14)
     cost.gemms_fwd = [(n_exp, routed / n_exp, two_f, d), (n_exp, routed / n_exp, d, f)]
     w_gu, w_dn = bool(train[0]), bool(train[1])
+    # peft's LoRA on the expert parameters (lora_params): the weights are parametrised tensors
+    # W + ΔW read as extra inputs; each needs a gradient when its ΔW does, and is kept for the
+    # gradient of its grouped_mm's input
+    slots = op.attrs.get("weight_inputs", (False, False))
+    wt, j = [None, None], 2
+    for i in (0, 1):
+        if slots[i]:
+            wt[i] = op.inputs[j]
+            j += 1
+    if wt[0] is not None:
+        w_gu = w_gu or bool(rg[op.inputs.index(wt[0])])
+    if wt[1] is not None:
+        w_dn = w_dn or bool(rg[op.inputs.index(wt[1])])
     if rg[0] or rg[1] or w_gu or w_dn:
         per = routed / n_exp      # tokens per expert on average (the totals do not depend on it)
-        cost.gemms_bwd = [(n_exp, per, f, d)] + ([(n_exp, per, d, two_f)] if rg[0] else [])
-        act = 2 * routed * d * two_f + 2 * routed * f * d if rg[0] else 2 * routed * f * d
-        cost.bwd_act_flops = act + routed * 10 * f
+        proj = rg[0] or w_gu               # the gate_up output needs a gradient
+        # down's input gradient only when the product needs one (not when only the routing
+        # weights or only down's weight do)
+        cost.gemms_bwd = ([(n_exp, per, f, d)] if proj else []) + \
+            ([(n_exp, per, d, two_f)] if rg[0] else [])
+        act = (2 * routed * f * d if proj else 0) + (2 * routed * d * two_f if rg[0] else 0)
+        cost.bwd_act_flops = act + (routed * 10 * f if proj else 0)
         cost.bwd_act_matmul_flops = act
         if w_gu or w_dn:
             wmm = (2 * routed * d * two_f if w_gu else 0) + (2 * routed * f * d if w_dn else 0)
@@ -503,7 +526,38 @@ def moe_experts(op, g, rg, train):
             saved.append(("new", routed * BYTES[w.dtype]))   # gathered routing weights
         if out or rg[1]:
             saved.append(("new", idx))                       # inv_perm
+        if wt[0] is not None and rg[0]:
+            saved.append(wt[0])                              # W' gate_up (for dX)
+        if wt[1] is not None and proj:
+            saved.append(wt[1])                              # W' down (for d(product))
         cost.saved = saved
+    return cost
+
+
+@register("lora_param_delta")
+def lora_param_delta(op, g, rg, train):
+    """peft's ParamWrapper delta (``lora_params``): with E experts of (out, in) and rank r per
+    expert, ``B`` (out, r·E) and ``A`` (r·E, in) give ΔW = s·B_e·A_e per expert: one matmul of
+    2·E·out·r·in, run ``evals`` times in forward (the experts' baddbmm is evaluated once more when
+    the parametrisation is registered), and in backward once per trainable factor. On a 16-bit
+    base the experts' factors are cast copies (E·out·r and E·r·in), which baddbmm keeps."""
+    a = op.attrs
+    e, r, o, i = a["experts"], a["rank"], a["out"], a["in"]
+    y = _t(g, op.outputs[0])
+    mm = 2 * e * o * r * i
+    fb = sum(p.nbytes for p in op.params) + y.nbytes
+    cost = OpCost(fwd_flops=a["evals"] * mm, fwd_matmul_flops=a["evals"] * mm,
+                  fwd_bytes=a["evals"] * fb, fwd_kernels=a["evals"] + (2 if a["factor_copies"] else 0),
+                  gemms_fwd=[(e, o, i, r)] * a["evals"])
+    n = int(bool(train[0])) + int(bool(train[1]))
+    if n:
+        cost.bwd_weight_flops = cost.bwd_weight_matmul_flops = n * mm
+        cost.bwd_bytes = n * (y.nbytes + fb)
+        cost.bwd_kernels = 2 * n
+        cost.gemms_bwd = ([(e, o, r, i)] if train[1] else []) + ([(e, r, i, o)] if train[0] else [])
+        if a["factor_copies"]:
+            eb = BYTES[y.dtype]
+            cost.saved = [("new", e * o * r * eb), ("new", e * r * i * eb)]
     return cost
 
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from simcost.graph.ir import Op, Param
 from simcost.peft.base import register
+from simcost.errors import SimcostError
+from simcost.peft.base import LORA_DEFAULTS, model_type
 from simcost.peft.lora import add_back, apply_bias_option, lora_branch, lora_targets
+from simcost.peft.lora_params import split_targets
 from simcost.peft.spec import validate
 
 
 @register("dora")
 def apply(g, model, spec) -> None:
     validate(spec)
+    targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
+    if split_targets(model, targets)[1]:
+        raise SimcostError("DoRA cannot adapt Mixtral's router or expert parameters (peft's "
+                           "ParamWrapper has no DoRA); target the attention projections instead")
     sites = lora_targets(g, model, spec)
     for seg, op in sites:
         y = op.outputs[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from simcost.graph.ir import Op, Param
 from simcost.peft.base import LORA_DEFAULTS, linear_sites, model_type, register, select
+from simcost.peft.lora_params import apply_param_targets, split_targets
 from simcost.peft.spec import validate
 
 
@@ -59,6 +60,7 @@ def add_back(g, op, ops, y: int, branch: int, name: str = "lora_add") -> int:
 
 def lora_targets(g, model, spec):
     targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
+    targets, _ = split_targets(model, targets)
     return select(g, targets, spec.layers, linear_sites(g), "LoRA")
 
 
@@ -77,7 +79,9 @@ def apply_bias_option(g, spec, sites) -> None:
 @register("lora")
 def apply(g, model, spec) -> None:
     validate(spec)
-    sites = lora_targets(g, model, spec)
+    targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
+    mods, params = split_targets(model, targets)
+    sites = lora_targets(g, model, spec) if (mods or not params) else []
     for seg, op in sites:
         y = op.outputs[0]
         ops, branch, _ = lora_branch(g, seg, op, spec)
@@ -86,4 +90,5 @@ def apply(g, model, spec) -> None:
                       op.module))
         out = add_back(g, op, ops, y, scaled)
         g.insert_after(seg, op, ops, y, out)
+    apply_param_targets(g, model, spec, params)
     apply_bias_option(g, spec, sites)

@@ -60,7 +60,8 @@ METHODS: dict[str, PeftSpec] = {
 }
 
 ZOO_CASES = [(m, meth) for m in ("llama-2-7b", "llama-3.1-8b", "mistral-7b", "qwen2.5-7b",
-                                 "mixtral-8x7b") for meth in ("full", "lora-qv")]
+                                 "mixtral-8x7b") for meth in ("full", "lora-qv")] + [
+    ("mixtral-8x7b", "lora-all")]   # peft's LoRA on the router and fused expert parameters
 
 
 @dataclass
@@ -96,9 +97,6 @@ def applicable(config: dict, method: str) -> str | None:
     spec = spec_from_config(config)
     if method == "bitfit" and not (spec.attn_bias or spec.mlp_bias or spec.family == "gpt2"):
         return "model has no biases"
-    if method == "lora-all" and spec.experts:
-        return ("peft turns all-linear on Mixtral into LoRA on the fused expert parameters "
-                "(ParamWrapper, target_parameters), which simcost does not model yet")
     return None
 
 
