@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="profile to start from (default cpu-generic / h100-sxm)")
     cal.add_argument("--out", required=True, help="path of the profile JSON to write")
 
-    val = sub.add_parser("validate", help="check simcost against torch (needs the torch extra)")
+    val = sub.add_parser("validate", help="check simcost against torch runs (torch extra) and "
+                                         "published measurements")
     val_sub = val.add_subparsers(dest="what", required=True, parser_class=_Parser)
     ex = val_sub.add_parser("exact", help="FLOPs, trainable params and saved activations vs torch")
     ex.add_argument("--suite", default="tiny", choices=("tiny", "zoo", "all"),
