@@ -41,8 +41,9 @@ def _timeit(fn, sync, min_time_s: float = 0.02, reps: int = 5) -> float:
         dt = time.perf_counter() - t
         if dt >= min_time_s or n >= 1 << 16:
             break
-        n *= 2 if dt * 4 < min_time_s else 1
-        if dt * 4 >= min_time_s:
+        if dt * 4 < min_time_s:
+            n *= 2
+        else:                        # close: jump straight to the needed count
             n = max(n, int(n * min_time_s / max(dt, 1e-9)) + 1)
     samples = [dt / n]
     for _ in range(reps - 1):
@@ -258,8 +259,9 @@ def write_profile(base: str, fitted: dict, raw: dict, out: str, device: str, thr
     for dt, v in fitted["matmul_flops_per_s"].items():
         prof["peak_flops_per_s"][dt] = q(v, "fitted achievable GEMM throughput at large shapes")
     prof["memory_bandwidth_bytes_per_s"] = q(fitted["bandwidth_bytes_per_s"],
-                                              "median of copy/add over buffers >= 32 MiB")
+                                              "median of copy/add moving >= 128 MiB (beyond the caches)")
     prof["launch_overhead_s"] = q(fitted["op_overhead_s"], "one dispatched op with autograd")
+    gemm_table, stream_table = tables(raw)
     prof["time_model"] = {
         "matmul_efficiency": q(1.0, "peaks above are already achievable throughput"),
         "matmul_half_m": q(fitted["matmul_half_m"]), "matmul_half_n": q(fitted["matmul_half_n"]),
@@ -271,7 +273,7 @@ def write_profile(base: str, fitted: dict, raw: dict, out: str, device: str, thr
         **({"dispatch_s": q(fitted["dispatch_s"], "host time per kernel of a tiny eager HF + peft "
                                                   "training step")} if fitted.get("dispatch_s") else {}),
         "threads": threads, "device_name": name,
-        "gemm_table": tables(raw)[0], "stream_table": tables(raw)[1],
+        "gemm_table": gemm_table, "stream_table": stream_table,
         "special_rates": raw.get("special"),
         "fit_gemm_median_abs_error": fitted["fit_gemm_median_abs_error"],
     }

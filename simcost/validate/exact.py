@@ -160,18 +160,14 @@ def zoo_cases(attns=("eager", "sdpa")):
             yield name, cfg, method, "bf16", at, 1, 512, True
 
 
-def run_suite(suite: str, progress=None) -> list[CaseResult]:
+def suite_cases(suite: str) -> list:
+    """The cases of a suite: 'tiny', 'zoo' or 'all'."""
     cases = []
     if suite in ("tiny", "all"):
         cases += list(tiny_cases())
     if suite in ("zoo", "all"):
         cases += list(zoo_cases())
-    out = []
-    for c in cases:
-        out.append(run_case(*c))
-        if progress:
-            progress(out[-1])
-    return out
+    return cases
 
 
 def run_cli(args) -> int:
@@ -184,12 +180,8 @@ def run_cli(args) -> int:
     if importlib.util.find_spec("torch") is None:
         raise SimcostError("simcost validate needs the torch extra: pip install torch==2.13.0 "
                            "'simcost[torch]'")
-    cases = []
-    if args.suite in ("tiny", "all"):
-        cases += list(tiny_cases())
-    if args.suite in ("zoo", "all"):
-        cases += list(zoo_cases())
-    results = [run_case(*c) for c in track(cases, description="validating", transient=True)]
+    results = [run_case(*c) for c in track(suite_cases(args.suite), description="validating",
+                                           transient=True)]
     t = Table(title=f"simcost vs torch ({args.suite})", header_style="bold")
     for col in ("model", "method", "dtype", "attn", "result"):
         t.add_column(col)
