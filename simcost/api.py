@@ -44,9 +44,12 @@ class TrainEstimate(BaseModel):
     parallel: dict | None = None    # multi-device / fp8 estimates: plan, per-device numbers
     checkpointing: str | None = None  # 'full' or 'selective' when activations are recomputed
     cost_usd: dict | None = None    # from the profile's price per device-hour, when it has one
+    warnings: list[str] = []        # e.g. a sequence beyond the model's trained positions
 
     def model_dump_public(self) -> dict:
         d = self.model_dump()
+        if not d.get("warnings"):
+            d.pop("warnings", None)
         for k in ("parallel", "checkpointing", "cost_usd"):
             if d.get(k) is None:
                 d.pop(k, None)
@@ -84,14 +87,25 @@ def _model(model: str | ModelSpec) -> ModelSpec:
     return model if isinstance(model, ModelSpec) else load_model(model)
 
 
-def _check_seq(spec: ModelSpec, seq, extra: int) -> None:
-    s = np.max(np.asarray(seq)) + extra
-    if s > spec.max_positions:
-        raise SimcostError(f"sequence length {int(s)} exceeds {spec.name}'s "
-                           f"{spec.max_positions} positions (--max-positions N overrides it, "
-                           f"e.g. for RoPE context extension)")
+def _check_seq(spec: ModelSpec, seq, extra: int) -> list[str]:
+    """Validate the sequence length; returns warnings for the estimate.
+
+    A model with a learned position table (GPT-2) cannot run beyond it: an error. Rotary
+    models (Llama, Mistral, Qwen, ...) compute positions for any length, and transformers runs
+    them beyond ``max_position_embeddings`` without complaint (MLPerf's llama2_70b_lora trains
+    Llama-2-70B, 4096 trained positions, at 8192): the cost is modelled, with a warning that
+    the length is beyond the trained context."""
     if np.min(np.asarray(seq)) < 1:
         raise SimcostError("sequence length must be >= 1")
+    s = int(np.max(np.asarray(seq)) + extra)
+    if s <= spec.max_positions:
+        return []
+    if spec.learned_positions:
+        raise SimcostError(f"sequence length {s} exceeds {spec.name}'s "
+                           f"{spec.max_positions} learned positions")
+    return [f"sequence length {s} is beyond {spec.name}'s {spec.max_positions} trained positions "
+            f"(RoPE runs it; the cost is modelled, quality is not; --max-positions N states "
+            f"an extended context)"]
 
 
 def graph(model: str | ModelSpec, *, batch, seq, dtype: str = "bf16", attn: str = "sdpa",
@@ -142,7 +156,7 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
     check_options(dtype, mixed_precision)
     pspec = resolve_peft(peft, peft_config, **peft_options)
     from simcost.peft import tokens_added
-    _check_seq(spec, seq, tokens_added(pspec))
+    warns = _check_seq(spec, seq, tokens_added(pspec))
     device = load_profile(hardware).device()
     compute = mixed_precision if mixed_precision != "none" else dtype
     g, a = pipeline.build_graph(spec, batch, seq, dtype=compute, attn=attn, peft=pspec,
@@ -155,14 +169,14 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
                       mixed=mixed_precision, checkpointing=grad_checkpointing)
     return make_estimate(spec, device, pspec, n, batch=batch, seq=seq, dtype=dtype,
                          mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
-                         checkpointing=grad_checkpointing)
+                         checkpointing=grad_checkpointing, warnings=warns)
 
 
 def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dtype: str,
                   mixed_precision: str, attn: str, optimizer: str, checkpointing,
                   flops: dict | None = None, memory_bytes: dict | None = None,
                   time_s: dict | None = None, tokens_per_s=None, fits=None,
-                  parallel: dict | None = None) -> TrainEstimate:
+                  parallel: dict | None = None, warnings: list[str] = ()) -> TrainEstimate:
     """The one place a :class:`TrainEstimate` is assembled: parameter counts from ``n`` (a
     :class:`~simcost.sim.train.TrainNumbers`), every other number from ``n`` unless given
     (the multi-device path passes its per-device memory, time and whole-job FLOPs)."""
@@ -184,7 +198,8 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         tokens_per_s=f(n.tokens_per_s if tokens_per_s is None else tokens_per_s),
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
         checkpointing=None if mode == "none" else mode,
-        cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s))
+        cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
+        warnings=list(warnings))
 
 
 def run_cost(device, devices: int, step_s: float, tokens_per_s: float) -> dict | None:
@@ -231,7 +246,7 @@ def estimate_multi_train(model: str | ModelSpec, hardware: str, *, jobs: int, ba
     check_options(dtype, mixed_precision)
     pspec = resolve_peft(peft, peft_config, **peft_options)
     from simcost.peft import tokens_added
-    _check_seq(spec, seq, tokens_added(pspec))
+    warns = _check_seq(spec, seq, tokens_added(pspec))
     device = load_profile(hardware).device()
     compute = mixed_precision if mixed_precision != "none" else dtype
 
@@ -247,7 +262,7 @@ def estimate_multi_train(model: str | ModelSpec, hardware: str, *, jobs: int, ba
     m = multi_numbers(build, device, jobs=jobs, batch=batch, seq=seq, optimizer=optimizer,
                       mixed=mixed_precision, checkpointing=grad_checkpointing)
     kw = dict(seq=seq, dtype=dtype, mixed_precision=mixed_precision, attn=attn,
-              optimizer=optimizer, checkpointing=grad_checkpointing)
+              optimizer=optimizer, checkpointing=grad_checkpointing, warnings=warns)
     shared = make_estimate(spec, device, pspec, m.shared, batch=batch, **kw)
     single = make_estimate(spec, device, pspec, m.single, batch=batch, **kw)
     sep_step = jobs * single.time_s["step"]
@@ -285,7 +300,7 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
     bb, ss = np.meshgrid(np.asarray(batches, dtype=np.float64), np.asarray(seqs, dtype=np.float64),
                          indexing="ij")
     from simcost.peft import tokens_added
-    _check_seq(spec, ss, tokens_added(pspec))
+    warns = _check_seq(spec, ss, tokens_added(pspec))
     device = load_profile(hardware).device()
     compute = mixed if mixed != "none" else dtype
     g, a = pipeline.build_graph(spec, bb.ravel(), ss.ravel(), dtype=compute, attn=attn, peft=pspec,
@@ -293,7 +308,7 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
     n = train_numbers(g, a, device, batch=bb.ravel(), seq=ss.ravel(), optimizer=optimizer,
                       mixed=mixed, checkpointing=ckpt)
     shape = bb.shape
-    return {"batch": bb, "seq": ss,
+    return {"batch": bb, "seq": ss, "warnings": warns,
             "step_s": np.broadcast_to(n.time_s["step"], bb.size).reshape(shape),
             "tokens_per_s": np.broadcast_to(n.tokens_per_s, bb.size).reshape(shape),
             "peak_bytes": np.broadcast_to(n.memory_bytes["peak"], bb.size).reshape(shape),

@@ -211,6 +211,7 @@ def _estimate_train(a) -> int:
                        virtual_stages=a.virtual_stages, offload=a.offload,
                        fp8_attention=a.fp8_attention, max_positions=a.max_positions, ep=a.ep,
                        **opts)
+    _warn(r.warnings)
     if a.json:
         print(json.dumps(r.model_dump_public()))
     else:
@@ -219,6 +220,11 @@ def _estimate_train(a) -> int:
         if r.parallel is not None:
             _print_parallel(r)
     return 0
+
+
+def _warn(warnings) -> None:
+    for w in warnings:
+        print(f"simcost: warning: {w}", file=sys.stderr)
 
 
 def _estimate_multi(a, peft, ckpt, opts) -> int:
@@ -233,6 +239,7 @@ def _estimate_multi(a, peft, ckpt, opts) -> int:
                              mixed_precision=a.mixed_precision, attn=a.attn,
                              optimizer=a.optimizer, grad_checkpointing=ckpt,
                              max_positions=a.max_positions, **opts)
+    _warn(r.shared.warnings)
     if a.json:
         d = r.model_dump()
         d["shared"] = r.shared.model_dump_public()

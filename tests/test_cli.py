@@ -53,7 +53,8 @@ def test_cli_without_torch_import():
     (["--rank", "0"], "rank must be positive"),
     (["--rank", "-3"], "rank must be positive"),
     (["--targets", "q_proj,w_gate"], "'w_gate' is not in this model"),
-    (["--seq", "5000"], "exceeds llama-2-7b's 4096 positions"),
+    (["--model", "gpt2", "--peft", "full", "--seq", "1025"],
+     "sequence length 1025 exceeds gpt2's 1024 learned positions"),
     (["--peft", "lorra"], "invalid choice"),
     (["--batch", "0"], "batch must be >= 1"),
 ])
@@ -66,6 +67,19 @@ def test_bad_input_one_line_exit_2(args, needle, capsys):
     rc, out, err = run(argv, capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_rope_model_beyond_trained_positions_warns(capsys):
+    # transformers runs rotary models past max_position_embeddings (MLPerf trains
+    # Llama-2-70B, 4096 positions, at 8192): estimated, with one warning line on stderr
+    argv = [x if x != "2048" else "5000" for x in MAIN] + ["--json"]
+    rc, out, err = run(argv, capsys)
+    d = json.loads(out)
+    assert rc == 0 and d["seq"] == 5000
+    assert err.count("\n") == 1 and "beyond llama-2-7b's 4096 trained positions" in err
+    assert d["warnings"] == [err.strip().removeprefix("simcost: warning: ")]
+    rc, out, err = run([*argv, "--max-positions", "8192"], capsys)
+    assert rc == 0 and err == "" and "warnings" not in json.loads(out)
 
 
 def test_unsupported_architecture(tmp_path, capsys):

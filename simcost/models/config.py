@@ -50,6 +50,12 @@ class ModelSpec:
     config: dict | None = None  # the raw config.json (for the torch harness)
 
     @property
+    def learned_positions(self) -> bool:
+        """Absolute position embeddings (a ``max_positions``-row table: longer inputs cannot
+        run); otherwise rotary positions, computed for any length."""
+        return self.family == "gpt2"
+
+    @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 

@@ -42,7 +42,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     store = "bf16" if fp8 else dtype
     compute = mixed_precision if mixed_precision != "none" else store
     pspec = resolve_peft(peft, peft_config, **peft_options)
-    _check_seq(spec, seq, tokens_added(pspec))
+    warns = _check_seq(spec, seq, tokens_added(pspec))
     profile = load_profile(hardware)
     device = profile.device()
     if nodes is not None and nodes < 1:
@@ -117,4 +117,5 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                          mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
                          checkpointing=grad_checkpointing, flops=flops,
                          memory_bytes=best.memory_bytes, time_s=best.time_s,
-                         tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par)
+                         tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
+                         warnings=warns)
