@@ -184,3 +184,19 @@ def test_qwen_multi_gpu_memory_is_total_over_devices(results):
     assert r.status == "evaluated" and r.kind == "memory"
     # the total over 4 GPUs, each holding the whole frozen 7B model (ZeRO-2)
     assert r.predicted > 4 * 7e9 * 2
+
+
+def test_mlperf_mapping_follows_the_submitters_system_config(rows):
+    # NVIDIA's NeMo configs: TP overlap and fp8 attention on by default (config_common.sh),
+    # both off on L40S (config_L40S_*.sh); the plan itself is left to --parallel auto
+    h100 = P.map_row(_row(rows, "MLPERF-022"))
+    l40s = P.map_row(_row(rows, "MLPERF-026"))
+    assert h100.distributed["parallel"] == l40s.distributed["parallel"] == "auto"
+    assert (h100.distributed["tp_overlap"], h100.distributed["fp8_attention"]) == (True, True)
+    assert (l40s.distributed["tp_overlap"], l40s.distributed["fp8_attention"]) == (False, False)
+    assert h100.dtype == l40s.dtype == "fp8" and h100.seq == 8192
+    amd = dict(_row(rows, "MLPERF-022"), hardware="AMD Instinct MI300X 192GB (MI300X_8)")
+    mp = P.map_row(amd)
+    assert mp.hardware == "mi300x" and any("non-NVIDIA" in c for c in mp.caveats)
+    with pytest.raises(P.Unsupported, match="no profile"):
+        P.map_row(dict(amd, hardware="NVIDIA GB200 (GB200 NVL72)"))
