@@ -185,3 +185,63 @@ def test_slora_engine_frees_idle_adapters_and_pool_cap():
                                 adapter_ranks=ar, merged=False, host_bw=hbw, host_lat=hl)
            for pol in ("lru", "running-batch")}
     assert res["running-batch"].swaps > res["lru"].swaps
+
+
+def test_slora_generator_draws_the_benchmark_requests():
+    """Workload(generator="slora") makes S-LoRA benchmarks/trace.py's draws: one legacy
+    RandomState(seed), power -> randint (exclusive) -> randint -> gamma, int(rate x duration)."""
+    from simcost.serve.sim import Workload
+    wl = Workload(rate=10, duration=120, cv=1, input_len=(8, 512), output_len=(8, 512),
+                  adapters=100, ranks=(8,), popularity_alpha=1, seed=42, generator="slora")
+    t, ad, pr, out = wl.generate()
+    rs = np.random.RandomState(42)
+    exp_ad = (rs.power(1, 1200) * 100).astype(int)
+    exp_pr = rs.randint(8, 512, 1200)
+    exp_out = rs.randint(8, 512, 1200)
+    exp_t = np.cumsum(rs.gamma(1.0, 1.0 / 10, 1200))
+    assert t.size == 1200 and pr.max() <= 511 and out.max() <= 511
+    assert np.array_equal(ad, exp_ad) and np.array_equal(pr, exp_pr) and np.array_equal(out, exp_out)
+    assert np.allclose(t, exp_t)
+
+
+def test_slora_admits_by_peak_usage_not_reservation(tmp_path):
+    """LightLLM's test (req_queue.py _can_add_new_req) counts the peak of the admitted requests'
+    future usage, freeing each at its end: one long request plus short ones fit where a
+    prompt + max_new_tokens reservation per request would not."""
+    p = tmp_path / "t.csv"
+    rows = ["time,adapter,prompt_len,output_len", "0.0,0,10,1000"]
+    rows += [f"0.0,0,10,200" for _ in range(30)]
+    p.write_text("\n".join(rows) + "\n")
+    r = simulate_serve(M, H, adapters=0, trace=str(p), engine="slora", max_total_tokens=3000)
+    # first batch by peak: max(11 + 999, n·(11 + 199)) < 3000 -> 14 (more join as the running
+    # ones shrink); reserving 1010 + 210·k <= 3000 tokens would hold at most 10 at any time
+    assert r.max_batch >= 14
+
+
+def test_slora_bgmv_is_per_token_and_switches_kernel_for_long_prefills():
+    from simcost.serve.api import _setup
+    _, _, _, bg, *_ = _setup(M, H, "fp16", None, None, 1, None, "slora-bgmv", None, False)
+    _, _, _, mb, *_ = _setup(M, H, "fp16", None, None, 1, None, "mbgmv", None, False)
+    one = np.array([64.0])
+    # one adapter: the idealised MBGMV reads it once, S-LoRA's BGMV once per token
+    assert bg.lora_time(256, one)[0] > 4 * mb.lora_time(256, one)[0]
+    assert bg.lora_time(256, one)[0] > 1.8 * bg.lora_time(128, one)[0]
+    # a long prefill with rank 64 and >= 2 prompts takes the Triton MBGMM path (per-32-token
+    # weight loads on the tensor cores): cheaper than the per-token BGMV path
+    t_mbgmm = bg.lora_time(4096, one, prefill_max_len=512, n_seqs=8)[0]
+    t_bgmv = bg.lora_time(4096, one, prefill_max_len=512, n_seqs=1)[0]
+    assert t_mbgmm < t_bgmv
+
+
+def test_slora_engine_host_and_sampling_facts_slow_it_down():
+    from simcost.serve.engines import get_engine
+    e = get_engine("slora")
+    assert e.lora_kernel == "slora-bgmv" and e.host_ops_per_seq == 1 and e.full_sort_sampling
+    for k in ("admission", "lora_kernel", "host_ops_per_seq", "full_sort_sampling", "workload"):
+        assert "S-LoRA/S-LoRA" in e.sources[k]
+    from simcost.serve.sim import Engine
+    assert Engine(scheduler="slora").host_ops_per_seq == 1     # facts follow the scheduler
+    assert Engine(scheduler="fcfs").host_ops_per_seq == 0
+    from simcost.serve.api import _setup
+    _, _, _, st, *_ = _setup(M, H, "fp16", None, None, 1, None, "slora-bgmv", None, False)
+    assert st.sample_time(200) > 2 * st.sample_time(64) > 0

@@ -10,7 +10,7 @@ from simcost.hardware import load_profile
 from simcost.models.config import ModelSpec, load_model
 from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
 from simcost.serve.engines import ENGINES, SCHEDULER_ENGINE, get_engine
-from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
+from simcost.serve.sim import GENERATORS, SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
 from simcost.sim.timing import TimeModel
 
@@ -180,13 +180,18 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
                    max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                    prefetch: bool = False, gpu_memory_utilization: float = 0.9,
                    cuda_graphs: bool | None = None, engine: str | None = None,
-                   max_total_tokens: int | None = None) -> ServeSimulation:
+                   max_total_tokens: int | None = None,
+                   generator: str = "default") -> ServeSimulation:
     """Simulate ``duration`` seconds of traffic (or a trace) against one TP group.
 
     ``engine`` (:data:`simcost.serve.engines.ENGINES`) fixes the engine's physical facts
     (scheduler, LoRA kernel, CUDA graphs, paged-attention overhead, adapter residency); without
     it the engine follows ``scheduler`` (fcfs: vllm, slora: slora, mixed: trtllm).
-    ``max_total_tokens`` caps the KV pool in token slots (LightLLM's ``--max_total_token_num``)."""
+    ``max_total_tokens`` caps the KV pool in token slots (LightLLM's ``--max_total_token_num``).
+    ``generator='slora'`` draws the requests as S-LoRA's benchmark does (``benchmarks/trace.py``;
+    with ``seed=42`` they are the very requests of its published runs)."""
+    if generator not in GENERATORS:
+        raise SimcostError(f"unknown generator '{generator}'; valid: {', '.join(GENERATORS)}")
     if engine is not None:
         espec = get_engine(engine)
         scheduler = espec.scheduler          # the engine's own batching policy
@@ -229,10 +234,11 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
                  adapter_residency=espec.adapter_residency,
                  adapter_copies=espec.adapter_copies_per_load,
                  batch_max_tokens_frac=espec.batch_max_tokens_frac,
-                 max_total_tokens=max_total_tokens)
+                 max_total_tokens=max_total_tokens, host_ops_per_seq=espec.host_ops_per_seq,
+                 full_sort_sampling=espec.full_sort_sampling)
     wl = Workload(rate=rate, duration=duration, cv=cv, input_len=ii, output_len=oo,
                   adapters=max(adapters, 1), ranks=tuple(ranks), popularity_alpha=popularity_alpha,
-                  trace=trace, n_requests=n_requests, seed=seed)
+                  trace=trace, n_requests=n_requests, seed=seed, generator=generator)
     arank = None
     if peft == "lora" and adapters > 0:
         arank = np.array([ranks[k % len(ranks)] for k in range(adapters)], dtype=float)

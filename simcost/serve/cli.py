@@ -75,6 +75,9 @@ def add_commands(subparsers, parser_class) -> None:
     s.add_argument("--scheduler", default="fcfs", choices=("fcfs", "slora", "mixed"))
     s.add_argument("--slo-ttft", type=float, default=None)
     s.add_argument("--seed", type=_int, default=0)
+    s.add_argument("--generator", default="default", choices=("default", "slora"),
+                   help="how requests are drawn: 'slora' as S-LoRA's benchmarks/trace.py does "
+                        "(with --seed 42, the requests of its published runs)")
     s.add_argument("--prefetch", action="store_true")
     s.add_argument("--engine", default=None, choices=("vllm", "slora", "trtllm"),
                    help="serving engine whose physical facts to use (overrides --scheduler; "
@@ -113,6 +116,7 @@ def dispatch(args) -> int:
                            popularity_alpha=args.popularity_alpha, duration=args.duration,
                            input_len=args.input_len, output_len=args.output_len, trace=args.trace,
                            scheduler=args.scheduler, slo_ttft=args.slo_ttft, seed=args.seed,
+                           generator=args.generator,
                            targets=args.targets, prefetch=args.prefetch, engine=args.engine,
                            max_total_tokens=args.max_total_tokens)
         if args.json:

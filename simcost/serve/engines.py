@@ -27,6 +27,11 @@ Fields and how the simulation uses them:
 - ``adapter_copies_per_load``: host-to-device transfers of an adapter's bytes per load.
 - ``max_num_seqs`` / ``max_num_tokens`` / ``max_wait_tokens`` / ``batch_max_tokens_frac``:
   the engine's default batch limits.
+- ``host_ops_per_seq``: eager host ops per sequence per iteration issued while the GPU waits
+  (between the previous step's host sync and the next forward), each at the profile's
+  dispatch + launch time.
+- ``full_sort_sampling``: the sampler sorts the full vocabulary of every sequence each step
+  (:meth:`simcost.serve.step.StepModel.sample_time`).
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ class EngineSpec:
     max_num_tokens: int
     max_wait_tokens: int = 10
     batch_max_tokens_frac: float | None = None
+    host_ops_per_seq: int = 0
+    full_sort_sampling: bool = False
     simulated: bool = True
     sources: dict = field(default_factory=dict)
     unpublished: str = ""
@@ -79,11 +86,11 @@ ENGINES: dict[str, EngineSpec] = {
         }),
     "slora": EngineSpec(
         name="slora", display="S-LoRA (LightLLM-based, 2023)", scheduler="slora",
-        lora_kernel="mbgmv", cuda_graphs=False, kv_page_tokens=1,
+        lora_kernel="slora-bgmv", cuda_graphs=False, kv_page_tokens=1,
         decode_attn_overhead=None,
         adapter_residency="running-batch", adapter_copies_per_load=2,
         max_num_seqs=1000, max_num_tokens=2048, max_wait_tokens=10,
-        batch_max_tokens_frac=1 / 6,
+        batch_max_tokens_frac=1 / 6, host_ops_per_seq=1, full_sort_sampling=True,
         sources={
             "paper": "Sheng et al., S-LoRA (arXiv:2311.03285): unified paging (§4), MBGMM/MBGMV "
                      "kernels (§5), built on LightLLM",
@@ -98,6 +105,29 @@ ENGINES: dict[str, EngineSpec] = {
             "batch_max_tokens_frac": "LightLLM api_server: batch_max_tokens defaults to 1/6 of "
                                      "max_total_token_num",
             "max_num_seqs": "S-LoRA input_params running_max_req_size default 1000",
+            "admission": "S-LoRA/S-LoRA slora/server/router/req_queue.py ReqQueue._can_add_new_req "
+                         "(LightLLM's test): admits while the peak token usage of running + new "
+                         "requests, each run to max_new_tokens and freed when done, stays below "
+                         "max_total_token_num minus 4r slots per distinct adapter; prefill batches "
+                         "add prompts while their sum <= batch_max_tokens",
+            "lora_kernel": "S-LoRA/S-LoRA slora/models/peft/lora_unordered_batch_infer.py: decode "
+                           "calls dispatch_bgmv (slora/csrc/bgmv/bgmv_impl.cuh: one thread block per "
+                           "(token, rank row) of A, per (token, 16 outputs) of B, scalar fp32 FMAs, "
+                           "each token gathering its own adapter's rows); prefill uses the Triton "
+                           "MBGMM kernels (triton_kernel/lora/lora_prefill.py) only when the longest "
+                           "prompt >= 200, the largest rank >= 64 and >= 2 requests, else BGMV",
+            "host_ops_per_seq": "S-LoRA/S-LoRA lora_unordered_batch_infer.py LoraUnorderedBatchInfer."
+                                "__init__, built for every prefill and decode step by model_rpc.py "
+                                "forward: req_bins[i] = idx, one eager CUDA op per request, after "
+                                "the previous step's next-token .cpu() sync",
+            "full_sort_sampling": "S-LoRA/S-LoRA slora/server/router/model_infer/post_process.py "
+                                  "sample: softmax, full descending sort of the probabilities, "
+                                  "cumsum, top-p/top-k masks and multinomial over batch x vocab "
+                                  "every step (top_k = -1 becomes vocab_size, infer_batch.py)",
+            "workload": "S-LoRA/S-LoRA benchmarks/trace.py generate_requests + run_exp.py (seed 42, "
+                        "throughput = finished requests / time until the last one finishes, "
+                        "first-token latency at the first streamed chunk): Workload(generator="
+                        "'slora') draws the same requests",
             "adapter_residency": "S-LoRA/S-LoRA slora/server/router/manager.py _handle_finish_req: "
                                  "offload_adapters(batch.adapter_dirs) after every step that finishes "
                                  "a request; _filter_runing_batch offloads all when the batch drains "

@@ -48,6 +48,9 @@ from simcost.errors import SimcostError
 SCHEDULERS = ("fcfs", "slora", "mixed")
 
 
+GENERATORS = ("default", "slora")   # how synthetic requests are drawn (Workload.generator)
+
+
 @dataclass
 class Workload:
     rate: float = 10.0
@@ -61,11 +64,20 @@ class Workload:
     trace: str | None = None
     n_requests: int | None = None     # all arriving at t = 0 when rate is inf (offline)
     seed: int = 0
+    # "default": numpy Generator(seed), lengths uniform on [lo, hi]; "slora": the draws of
+    # S-LoRA's benchmark generator (S-LoRA/S-LoRA benchmarks/trace.py generate_requests, run
+    # by benchmarks/run_exp.py with seed 42): legacy np.random seeded once, then
+    # power(alpha, n) for the adapter, randint(lo, hi, n) for prompt and output lengths
+    # (upper bound exclusive), gamma(1/cv², cv²/rate, n) gaps, n = int(rate · duration), so
+    # the simulated requests are the benchmark's own
+    generator: str = "default"
 
     def generate(self):
-        rng = np.random.default_rng(self.seed)
         if self.trace:
             return _read_trace(self.trace)
+        if self.generator == "slora":
+            return _slora_generate(self)
+        rng = np.random.default_rng(self.seed)
         if self.rate <= 0:
             raise SimcostError("--rate must be > 0")
         lo_i, hi_i = self.input_len
@@ -89,6 +101,24 @@ class Workload:
         ad = np.minimum((rng.power(self.popularity_alpha, n) * self.adapters).astype(np.int64),
                         self.adapters - 1)
         return t, ad, prompt.astype(np.int64), out.astype(np.int64)
+
+
+def _slora_generate(wl: "Workload"):
+    if wl.rate <= 0 or not np.isfinite(wl.rate) or wl.cv <= 0 or wl.popularity_alpha <= 0:
+        raise SimcostError("the S-LoRA generator needs a finite --rate > 0, --cv > 0 and "
+                           "--popularity-alpha > 0")
+    (lo_i, hi_i), (lo_o, hi_o) = wl.input_len, wl.output_len
+    if lo_i < 1 or hi_i < lo_i or lo_o < 1 or hi_o < lo_o:
+        raise SimcostError("lengths must be MIN:MAX with 1 <= MIN <= MAX")
+    rs = np.random.RandomState(wl.seed)
+    n = max(1, int(wl.rate * wl.duration))
+    ad = np.minimum((rs.power(wl.popularity_alpha, n) * wl.adapters).astype(np.int64),
+                    wl.adapters - 1)
+    prompt = rs.randint(lo_i, max(hi_i, lo_i + 1), n).astype(np.int64)
+    out = rs.randint(lo_o, max(hi_o, lo_o + 1), n).astype(np.int64)
+    shape = 1.0 / wl.cv ** 2
+    t = np.cumsum(rs.gamma(shape, wl.cv ** 2 / wl.rate, n))
+    return t, ad, prompt, out
 
 
 def _read_trace(path: str):
@@ -124,6 +154,19 @@ class Engine:
     adapter_copies: int = 1                  # host-to-device transfers per adapter load
     batch_max_tokens_frac: float | None = None   # prefill batch limit as a pool fraction
     max_total_tokens: int | None = None      # KV pool in tokens (LightLLM --max_total_token_num)
+    # eager host ops per sequence per iteration, serial with the GPU; and the full-vocabulary
+    # sort of LightLLM's sampler (simcost.serve.engines). None: the scheduler's engine's facts
+    host_ops_per_seq: int | None = None
+    full_sort_sampling: bool | None = None
+
+    def __post_init__(self):
+        if self.host_ops_per_seq is None or self.full_sort_sampling is None:
+            from simcost.serve.engines import ENGINES, SCHEDULER_ENGINE
+            e = ENGINES.get(SCHEDULER_ENGINE.get(self.scheduler, ""))
+            if self.host_ops_per_seq is None:
+                self.host_ops_per_seq = e.host_ops_per_seq if e else 0
+            if self.full_sort_sampling is None:
+                self.full_sort_sampling = e.full_sort_sampling if e else False
 
 
 @dataclass
@@ -241,9 +284,36 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
                 freed += abytes[a]
                 del resident[a]
 
-    def ensure_adapters(batch_ids):
+    pool_tok = pool / kvtok
+    adm = {}                                   # the LightLLM admission state (slora)
+
+    def slora_start():
+        """(cached tokens, tokens still to come) of each running request, and the slots its
+        adapters take, as ReqQueue._init_cache_list builds them."""
+        adm["run"] = (prompt[r_id] + gen[r_id] + prefix).astype(float)
+        adm["left"] = (out[r_id] - gen[r_id] - 1).astype(float)
+        adm["ads"] = set(ad[r_id].tolist()) if use_lora else set()
+        adm["ad_tok"] = float(sum(abytes[a] for a in adm["ads"])) / kvtok if use_lora else 0.0
+
+    def slora_fits(i):
+        run = np.append(adm["run"], prompt[i] + gen[i] + 1 + prefix)
+        left = np.append(adm["left"], out[i] - gen[i] - 1)
+        ad_tok = adm["ad_tok"]
+        if use_lora and ad[i] not in adm["ads"]:
+            ad_tok += abytes[ad[i]] / kvtok
+        o = np.argsort(-left, kind="stable")
+        need = float(np.max(left[o] * np.arange(1, o.size + 1) + np.cumsum(run[o])))
+        if need >= pool_tok - ad_tok:
+            return False
+        adm["run"], adm["left"], adm["ad_tok"] = run, left, ad_tok
+        if use_lora:
+            adm["ads"].add(ad[i])
+        return True
+
+    def ensure_adapters(batch_ids, check=True):
         """Make the new batch's adapters resident (unified pool, LRU eviction of adapters no
-        running request uses); returns False when the pool has no room."""
+        running request uses); returns False when the pool has no room. ``check=False``: the
+        caller's admission test has already counted the adapters' slots (S-LoRA)."""
         nonlocal res_bytes, swaps, swap_time, pending_load, res_max
         needed = set(ad[batch_ids].tolist()) - set(resident)
         if not needed:
@@ -252,14 +322,14 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
             return True
         busy = active_adapters() | set(ad[batch_ids].tolist())
         extra = float(sum(abytes[a] for a in needed))
-        if used + res_bytes + extra > pool:
+        if check and used + res_bytes + extra > pool:
             for a in sorted(resident, key=resident.get):
                 if a not in busy:
                     res_bytes -= abytes[a]
                     del resident[a]
                     if used + res_bytes + extra <= pool:
                         break
-        if used + res_bytes + extra > pool:
+        if check and used + res_bytes + extra > pool:
             return False
         load = 0.0
         for a in needed:
@@ -294,6 +364,8 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
                 cur_adapter = ad[waiting[0]]
             budget = max_tokens - (r_id.size if sched == "mixed" else 0)
             nseq = r_id.size + len(pf)
+            if sched == "slora":
+                slora_start()
             skipped = []
             while waiting and nseq < eng.max_num_seqs:
                 i = waiting[0]
@@ -308,6 +380,24 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
                 if sched == "mixed" and budget <= 0:
                     break
                 nb = need_bytes(i)
+                if sched == "slora":
+                    # LightLLM's admission test (S-LoRA/S-LoRA slora/server/router/req_queue.py
+                    # ReqQueue._can_add_new_req): not a reservation of prompt + max_new_tokens
+                    # per request, but the peak token usage if every admitted request runs to
+                    # its max_new_tokens and frees its slots when it finishes: with (cached,
+                    # left) pairs sorted by tokens left, max_k Σ_{j<=k} cached_j + (k+1)·left_k,
+                    # which must stay below the pool minus 4r slots per distinct rank-r
+                    # adapter of the running and new requests
+                    if not slora_fits(i):
+                        break
+                    if use_lora:
+                        ensure_adapters(np.array([i]), check=False)
+                    waiting.popleft()
+                    used += nb
+                    new.append(i)
+                    nseq += 1
+                    budget -= ptoks
+                    continue
                 lim = pool * (0.99 if not reserve else 1.0)
                 if use_lora and used + res_bytes + nb > lim:
                     evict_idle(used + res_bytes + nb - lim, ad[i])
@@ -387,17 +477,31 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks: np.ndarray 
         if use_lora:
             ids = np.concatenate([r_id[:n_dec], np.asarray(pre_ids, dtype=np.int64)]) \
                 if n_pre else r_id
-            key = (T, ids.size, int(ids.sum()) if ids.size else 0)
+            pmax = int(pre_lens.max()) if (n_pre and sched == "slora") else 0
+            key = (T, ids.size, int(ids.sum()) if ids.size else 0, n_pre, pmax)
             if lora_cache is not None and lora_cache[0] == key:
                 lt, lk = lora_cache[1]
             else:
                 u, cnt = np.unique(ad[ids], return_counts=True) if ids.size else (np.zeros(0, int), None)
-                lt, lk = step.lora_time(T, adapter_ranks[u], cnt * (T / max(ids.size, 1)) if cnt is not None else None)
+                if n_pre and cnt is not None and sched == "slora":
+                    # a prefill batch: each adapter's tokens are its requests' prompt tokens
+                    cnt = np.bincount(np.searchsorted(u, ad[ids]), weights=pre_lens,
+                                      minlength=u.size)
+                    tpa = cnt
+                else:
+                    tpa = cnt * (T / max(ids.size, 1)) if cnt is not None else None
+                lt, lk = step.lora_time(T, adapter_ranks[u], tpa, prefill_max_len=pmax,
+                                        n_seqs=n_pre if pmax else 0)
                 lora_cache = (key, (lt, lk))
             dt += lt
             kernels += lk
+        if eng.full_sort_sampling:
+            dt += step.sample_time(n_dec + n_pre)
         if not (graphs and n_pre == 0):
             dt = max(dt, kernels * host_per_kernel)
+        # per-sequence eager ops issued after the previous step's next-token .cpu() sync and
+        # before this step's first kernel: the GPU waits for them
+        dt += (n_dec + n_pre) * eng.host_ops_per_seq * host_per_kernel
         if pending_load:
             exposed = max(0.0, pending_load - last_iter) if eng.prefetch else pending_load
             dt += exposed

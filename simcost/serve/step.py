@@ -23,6 +23,9 @@ One iteration runs every decoder layer once over the batch's ``T`` new tokens:
   * ``sgmv`` (Punica, arXiv:2310.18547 §4: SGMV shrink/expand over segments of requests that
     share an adapter): the same traffic, with every adapter padded to the batch's largest rank
     (Punica's kernels take one rank per launch);
+  * ``slora-bgmv`` (S-LoRA's code as run: per-token BGMV gathers of each token's adapter
+    rows on the CUDA cores for decode and small prefills, Triton MBGMM for large ones; see
+    :meth:`StepModel._slora_lora_time`);
   * ``loop`` (huggingface/peft's mixed-batch forward, ``_mixed_batch_forward``): for each
     distinct adapter, index the sub-batch, run ``lora_A`` and ``lora_B`` as separate GEMMs,
     scale and scatter-add back: about 5 eager kernels per adapter per target, each paying the
@@ -48,7 +51,22 @@ from simcost.models.config import ModelSpec
 from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, target_shapes
 from simcost.sim.timing import TimeModel
 
-LORA_KERNELS = ("mbgmv", "sgmv", "loop")
+LORA_KERNELS = ("mbgmv", "sgmv", "loop", "slora-bgmv")
+# S-LoRA's prefill switches from its BGMV CUDA kernel to the Triton MBGMM kernels
+# (lora_get_qkvo_fwd_shrink / _expand) when the longest prompt is >= 200 tokens, the batch's
+# largest rank >= 64 and the batch holds >= 2 requests (S-LoRA/S-LoRA
+# slora/models/peft/lora_unordered_batch_infer.py _lora_get_qkv / _lora_get_o); those Triton
+# programs cover BLOCK_M = 32 tokens of one request and rank blocks of BLOCK_N = 16
+# (slora/models/peft/triton_kernel/lora/lora_prefill.py)
+SLORA_MBGMM_MIN_LEN, SLORA_MBGMM_MIN_RANK, SLORA_MBGMM_BLOCK_M, SLORA_MBGMM_BLOCK_N = 200, 64, 32, 16
+# Bytes moved per logit by LightLLM's sampling (S-LoRA/S-LoRA
+# slora/server/router/model_infer/post_process.py sample): with top_k = -1 (= vocab) and
+# top_p = 1 every step still runs div_ by the temperature (r/w 4+4), softmax (max and sum
+# passes, r/w: 16), a full descending sort of the fp32 probabilities with int64 indices
+# (radix sort, 4 passes of 8 bits over 4 B keys + 8 B values, read and written: 96), cumsum
+# (8), the top-p mask (probs_sum - probs_sort > p, masked store: 25), the top-k mask (6) and
+# multinomial (read and normalise: 12): 175 B per vocabulary entry per sequence
+SLORA_SAMPLE_BYTES_PER_LOGIT = 175.0
 # kernels of one decoder layer in an optimised serving engine: input norm, qkv GEMM, rotary,
 # KV-cache write, attention, o GEMM, fused residual + post-norm, gate/up GEMM, activation,
 # down GEMM, residual add
@@ -172,9 +190,12 @@ class StepModel:
         return (self.spec.layers * float(self.tm.stream_time(ctx_sum * self.kv_tok_layer))
                 * (1.0 + self.decode_attn_overhead))
 
-    def lora_time(self, T: float, ranks_distinct, tokens_per_adapter=None):
+    def lora_time(self, T: float, ranks_distinct, tokens_per_adapter=None, prefill_max_len: int = 0,
+                  n_seqs: int = 0):
         """All layers' unmerged-LoRA work for ``T`` tokens using the distinct adapters of
-        ``ranks_distinct`` (their ranks), ``tokens_per_adapter`` their token counts."""
+        ``ranks_distinct`` (their ranks), ``tokens_per_adapter`` their token counts.
+        ``prefill_max_len`` / ``n_seqs``: the longest prompt and the number of prompts of a
+        prefill batch (0 for decode), which select S-LoRA's prefill kernel."""
         ranks = np.asarray(ranks_distinct, dtype=float)
         if ranks.size == 0 or T <= 0:
             return 0.0, 0
@@ -184,6 +205,8 @@ class StepModel:
         tpa = np.asarray(tokens_per_adapter, dtype=float)
         t = 0.0
         kernels = 0
+        if self.lora_kernel == "slora-bgmv":
+            return self._slora_lora_time(T, ranks, tpa, prefill_max_len, n_seqs)
         if self.lora_kernel == "loop":
             for tgt in self.targets:
                 i, o = self.shapes[tgt]
@@ -212,6 +235,53 @@ class StepModel:
                 t += float(self.allreduce_time(T * rmax * ab) / 2)
         kernels = 2 * len(self.targets)
         return L * t, L * kernels
+
+    def _slora_lora_time(self, T, ranks, tpa, prefill_max_len, n_seqs):
+        """S-LoRA's LoRA kernels as its code runs them (S-LoRA/S-LoRA, not the paper's
+        idealised MBGMV): decode, and prefill batches below the MBGMM thresholds, call
+        ``dispatch_bgmv`` (slora/csrc/bgmv/bgmv_impl.cuh): the shrink launches one thread block
+        per (token, rank row) that loads that row of A and the token's input row (``in``
+        elements each) and reduces them with scalar fp32 FMAs; the expand launches blocks of 16
+        outputs per token that load the token's rank-r input and r·16 elements of B. Nothing is
+        shared between tokens of the same adapter, so each token requests its adapter's
+        ``r·(in + out)`` weight elements (the rows are gathered through ``a_loc`` from the
+        unified pool), and the FMAs run on the CUDA cores. The Triton MBGMM prefill path loads
+        the weights once per 32-token program and the input once per 16-rank block, on the
+        tensor cores. The per-token weight rows are priced at the achievable DRAM streaming
+        rate (the repeated input rows are taken as cache hits, counted once): with many
+        distinct adapters in a batch their rows exceed the L2 and this is what the DRAM moves;
+        with a handful of adapters repeated rows may come from L2, whose bandwidth the profile
+        does not hold, so there it is an upper bound."""
+        tm, ab, L = self.tm, self.ab, self.spec.layers
+        rmax = float(ranks.max())
+        r_tok = float(np.sum(ranks * tpa)) / max(T, 1)            # token-weighted rank
+        mbgmm = (prefill_max_len >= SLORA_MBGMM_MIN_LEN and rmax >= SLORA_MBGMM_MIN_RANK
+                 and n_seqs >= 2)
+        t = 0.0
+        for tgt in self.targets:
+            i, o = self.shapes[tgt]
+            i_s, o_s = (i, o // self.tp) if tgt not in ("o_proj", "down_proj") else (i // self.tp, o)
+            flops = 2.0 * T * r_tok * (i_s + o_s)
+            if mbgmm:
+                nbytes = (T / SLORA_MBGMM_BLOCK_M * r_tok * (i_s + o_s)
+                          + T * i_s * np.ceil(rmax / SLORA_MBGMM_BLOCK_N) + 2 * T * o_s
+                          + T * rmax * (1 + o_s / 128)) * ab
+                eff = tm.gemm_efficiency(1, T, rmax, i_s)
+                t_c = flops / (tm.matmul_peak(self.act_dtype) * eff)
+            else:
+                nbytes = T * (r_tok * (i_s + o_s) + i_s + r_tok + 2 * o_s) * ab
+                t_c = flops / tm.vec_peak
+            t += float(max(t_c, tm.stream_time(nbytes)))
+            if self.tp > 1:
+                t += float(self.allreduce_time(T * rmax * ab) / 2)
+        return L * t, L * 2 * len(self.targets)
+
+    def sample_time(self, n_seq: int) -> float:
+        """LightLLM's per-step sampling over the full vocabulary (SLORA_SAMPLE_BYTES_PER_LOGIT)."""
+        if n_seq <= 0:
+            return 0.0
+        return float(self.tm.stream_time(n_seq * (self.spec.vocab // self.tp)
+                                         * SLORA_SAMPLE_BYTES_PER_LOGIT))
 
     # -- one iteration --------------------------------------------------------------------
     def iteration(self, prefill_lens=(), decode_ctx_sum: float = 0.0, n_decode: int = 0,
