@@ -45,12 +45,15 @@ class TrainEstimate(BaseModel):
     checkpointing: str | None = None  # 'full' or 'selective' when activations are recomputed
     cost_usd: dict | None = None    # from the profile's price per device-hour, when it has one
     warnings: list[str] = []        # e.g. a sequence beyond the model's trained positions
+    loss_chunks: int | None = None  # chunked cross-entropy (torchtune), when N > 1
+    optimizer_in_backward: bool | None = None  # optimizer stepped per parameter in backward
 
     def model_dump_public(self) -> dict:
         d = self.model_dump()
         if not d.get("warnings"):
             d.pop("warnings", None)
-        for k in ("parallel", "checkpointing", "cost_usd"):
+        for k in ("parallel", "checkpointing", "cost_usd", "loss_chunks",
+                  "optimizer_in_backward"):
             if d.get(k) is None:
                 d.pop(k, None)
         return d
@@ -127,8 +130,14 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
                    sequence_parallel: bool | None = None, tp_overlap: bool = False,
                    pp_schedule: str = "1f1b", virtual_stages: int = 1, offload: str = "none",
                    fp8_attention: bool = False, max_positions: int | None = None,
-                   ep: int | None = None, **peft_options: Any) -> TrainEstimate:
+                   ep: int | None = None, loss_chunks: int = 1,
+                   optimizer_in_backward: bool = False, **peft_options: Any) -> TrainEstimate:
     """Estimate one training step (forward with loss, backward, optimizer step).
+
+    ``loss_chunks`` = N > 1 prices torchtune's chunked cross-entropy (logits as N sequence
+    chunks, upcast and cross-entropy'd one at a time); ``optimizer_in_backward`` the optimizer
+    stepped per parameter from its gradient hook (gradients freed as they are applied). Both
+    change memory only (:mod:`simcost.sim.memory`).
 
     With ``devices > 1``, an explicit plan (``tp``, ``pp``, ``dp``, ``cp``, ``zero``, ...),
     ``parallel='auto'``, ``offload`` or ``dtype='fp8'``, ``batch`` is the global batch per
@@ -136,6 +145,7 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
     shards a mixture-of-experts model's experts over that many data-parallel ranks."""
     if batch < 1:
         raise SimcostError(f"batch must be >= 1, got {batch}")
+    _check_memory_modes(loss_chunks, optimizer_in_backward, optimizer)
     spec = _model(model)
     if max_positions:
         import dataclasses
@@ -152,7 +162,8 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
             dp=dp, cp=cp, zero=zero, parallel=parallel, micro_batch=micro_batch,
             sequence_parallel=sequence_parallel, tp_overlap=tp_overlap, pp_schedule=pp_schedule,
             virtual_stages=virtual_stages, offload=offload, fp8_attention=fp8_attention,
-            peft_options=peft_options, ep=ep)
+            peft_options=peft_options, ep=ep, loss_chunks=loss_chunks,
+            optimizer_in_backward=optimizer_in_backward)
     check_options(dtype, mixed_precision)
     pspec = resolve_peft(peft, peft_config, **peft_options)
     from simcost.peft import tokens_added
@@ -166,17 +177,28 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
             if p.dtype == compute and p.role != "adapter":
                 p.dtype = dtype
     n = train_numbers(g, a, device, batch=batch, seq=seq, optimizer=optimizer,
-                      mixed=mixed_precision, checkpointing=grad_checkpointing)
+                      mixed=mixed_precision, checkpointing=grad_checkpointing,
+                      loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward)
     return make_estimate(spec, device, pspec, n, batch=batch, seq=seq, dtype=dtype,
                          mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
-                         checkpointing=grad_checkpointing, warnings=warns)
+                         checkpointing=grad_checkpointing, warnings=warns,
+                         loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward)
+
+
+def _check_memory_modes(loss_chunks, optimizer_in_backward, optimizer: str) -> None:
+    if isinstance(loss_chunks, bool) or int(loss_chunks) != loss_chunks or loss_chunks < 1:
+        raise SimcostError(f"--loss-chunks must be an integer >= 1, got {loss_chunks}")
+    if optimizer_in_backward and optimizer == "mezo":
+        raise SimcostError("--optimizer-in-backward needs a backward pass (not with "
+                           "--optimizer mezo)")
 
 
 def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dtype: str,
                   mixed_precision: str, attn: str, optimizer: str, checkpointing,
                   flops: dict | None = None, memory_bytes: dict | None = None,
                   time_s: dict | None = None, tokens_per_s=None, fits=None,
-                  parallel: dict | None = None, warnings: list[str] = ()) -> TrainEstimate:
+                  parallel: dict | None = None, warnings: list[str] = (),
+                  loss_chunks: int = 1, optimizer_in_backward: bool = False) -> TrainEstimate:
     """The one place a :class:`TrainEstimate` is assembled: parameter counts from ``n`` (a
     :class:`~simcost.sim.train.TrainNumbers`), every other number from ``n`` unless given
     (the multi-device path passes its per-device memory, time and whole-job FLOPs)."""
@@ -199,7 +221,8 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
         checkpointing=None if mode == "none" else mode,
         cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
-        warnings=list(warnings))
+        warnings=list(warnings), loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
+        optimizer_in_backward=True if optimizer_in_backward else None)
 
 
 def run_cost(device, devices: int, step_s: float, tokens_per_s: float) -> dict | None:

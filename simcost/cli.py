@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selective: recompute only the attention core (Korthikanti et al.)")
     t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit", "mezo"),
                    help="mezo: zeroth-order MeZO, two forward passes and no backward")
+    t.add_argument("--loss-chunks", type=_positive_int, default=1, metavar="N",
+                   help="chunked cross-entropy (torchtune CEWithChunkedOutputLoss): logits "
+                        "upcast and cross-entropy'd N sequence chunks at a time (default 1)")
+    t.add_argument("--optimizer-in-backward", action="store_true",
+                   help="optimizer stepped per parameter in backward (torchtune "
+                        "optimizer_in_bwd): gradients freed as they are applied")
     t.add_argument("--jobs", type=_positive_int, default=None,
                    help="N PEFT jobs sharing one frozen base (mLoRA BatchLoRA); --batch is "
                         "per job; compares against N separate runs")
@@ -210,6 +216,7 @@ def _estimate_train(a) -> int:
                        tp_overlap=a.tp_overlap, pp_schedule=a.pp_schedule,
                        virtual_stages=a.virtual_stages, offload=a.offload,
                        fp8_attention=a.fp8_attention, max_positions=a.max_positions, ep=a.ep,
+                       loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
                        **opts)
     _warn(r.warnings)
     if a.json:
@@ -234,6 +241,8 @@ def _estimate_multi(a, peft, ckpt, opts) -> int:
             any(x not in (None, 1) for x in (a.tp, a.pp, a.dp, a.cp, a.ep)):
         raise SimcostError("--jobs is priced on one device (no --devices, --parallel, --zero, "
                            "--offload or fp8)")
+    if a.loss_chunks != 1 or a.optimizer_in_backward:
+        raise SimcostError("--jobs does not take --loss-chunks or --optimizer-in-backward")
     r = estimate_multi_train(a.model, a.hardware, jobs=a.jobs, batch=a.batch, seq=a.seq,
                              peft=peft or "lora", peft_config=a.peft_config, dtype=a.dtype,
                              mixed_precision=a.mixed_precision, attn=a.attn,

@@ -106,6 +106,16 @@ def test_fits_and_does_not_fit():
     on = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=1, seq=512, peft="full")
     assert off.memory_bytes["optimizer"] == 0 and on.memory_bytes["optimizer"] > 0
     assert off.memory_bytes["peak"] < on.memory_bytes["peak"]
+    # the reduced gradient shards go to the host with the optimizer (FSDP CPUOffloadPolicy,
+    # ZeRO-Offload): one block's gradients stay in flight on the device
+    for mode in ("optimizer", "params"):
+        z3 = dict(devices=8, dp=8, zero=3, micro_batch=1)
+        a = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=8, seq=512, peft="full", **z3)
+        b = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=8, seq=512, peft="full",
+                           offload=mode, **z3)
+        one_block = 2 * (4096 * 4096 * 4 + 3 * 4096 * 11008 + 2 * 4096)     # bf16 grads
+        assert a.memory_bytes["gradients"] > 3 * one_block
+        assert b.memory_bytes["gradients"] == pytest.approx(one_block, rel=0.1)
 
 
 def test_plan_validation():

@@ -230,3 +230,193 @@ def test_single_and_multi_device_share_the_builder():
     from simcost.sim import parallel_api
     assert "TrainEstimate(" not in inspect.getsource(parallel_api)
     assert inspect.getsource(api).count("TrainEstimate(\n") == 1
+
+
+# -- chunked cross-entropy and optimizer in backward (torchtune) ------------------------------
+
+L8 = "llama-3.1-8b"
+
+
+def _logits(spec, b, s, elt=2):
+    return b * s * spec.vocab * elt
+
+
+def test_loss_chunks_lower_peak_by_the_logits_term_only():
+    spec = load_model(L8)
+    kw = dict(peft="lora", batch=2, seq=2048, grad_checkpointing=True)
+    one = estimate_train(L8, H, **kw)
+    assert estimate_train(L8, H, loss_chunks=1, **kw).memory_bytes == one.memory_bytes
+    eight = estimate_train(L8, H, loss_chunks=8, **kw)
+    for k in one.memory_bytes:
+        if k != "peak":
+            assert eight.memory_bytes[k] == one.memory_bytes[k], k
+    L = _logits(spec, 2, 2048)            # bf16 logits
+    F = 2 * L                             # their fp32 upcast / log-probabilities
+    before = L + F + L                    # HF: logits + fp32 loss gradient + its bf16 cast
+    after = max(L + F / 8, 2 * F / 8)     # all bf16 chunks + one chunk's upcast (forward)
+    assert one.memory_bytes["peak"] - eight.memory_bytes["peak"] == pytest.approx(before - after)
+    assert eight.loss_chunks == 8 and one.loss_chunks is None
+
+
+def test_loss_chunks_with_a_trainable_head_pay_the_weight_gradient_accumulation():
+    # full FT: the head's N chunk linears add weight-gradient contributions out of place
+    spec = load_model(L8)
+    kw = dict(peft="full", batch=1, seq=256, optimizer_in_backward=True)
+    r = estimate_train(L8, H, loss_chunks=8, **kw)
+    lora = estimate_train(L8, H, loss_chunks=8, **{**kw, "peft": "lora"})
+    W = spec.vocab * spec.hidden * 2
+    assert r.memory_bytes["peak"] > lora.memory_bytes["peak"] + 3 * W
+
+
+def test_optimizer_in_backward_frees_the_gradient_set():
+    spec = load_model(L8)
+    kw = dict(peft="full", batch=1, seq=256)
+    r0 = estimate_train(L8, H, **kw)
+    r1 = estimate_train(L8, H, optimizer_in_backward=True, **kw)
+    m0, m1 = r0.memory_bytes, r1.memory_bytes
+    for k in ("weights", "optimizer", "master_weights", "activations", "temporaries"):
+        assert m1[k] == m0[k], k
+    W = spec.vocab * spec.hidden * 2          # the LM head: the largest single gradient
+    assert m1["gradients"] == W and m0["gradients"] == r0.params_trainable * 2
+    # before: gradients + one foreach temporary per parameter (AdamW's exp_avg_sq size);
+    # after: the head's gradient + its update temporary, over the activations left
+    # (all but the fp32 log-probabilities) and the gradient flowing into the blocks
+    L, act = _logits(spec, 1, 256), m0["activations"]
+    F, flow = 2 * L, 256 * spec.hidden * 2
+    static = m0["runtime_overhead"] + m0["weights"] + m0["optimizer"] + m0["temporaries"]
+    assert m0["peak"] == pytest.approx(static + 2 * m0["gradients"], rel=1e-6)
+    assert m1["peak"] == pytest.approx(static + max(act + 2 * F, act - F + 2 * W + 2 * flow))
+    assert r1.time_s["optimizer"] == r0.time_s["optimizer"]
+    assert r1.optimizer_in_backward is True and r0.optimizer_in_backward is None
+
+
+def test_memory_modes_per_device_with_fsdp():
+    spec = load_model(L8)
+    kw = dict(batch=16, seq=2048, devices=8, zero=3, micro_batch=2, grad_checkpointing=True)
+    one = estimate_train(L8, H, peft="lora", **kw)
+    eight = estimate_train(L8, H, peft="lora", loss_chunks=8, **kw)
+    L = _logits(spec, 2, 2048)
+    F = 2 * L
+    assert one.memory_bytes["peak"] - eight.memory_bytes["peak"] == \
+        pytest.approx(2 * L + F - max(L + F / 8, F / 4))
+    full = estimate_train(L8, H, peft="full", **kw)
+    fib = estimate_train(L8, H, peft="full", optimizer_in_backward=True, **kw)
+    assert fib.memory_bytes["gradients"] < full.memory_bytes["gradients"] / 10
+    assert fib.memory_bytes["peak"] <= full.memory_bytes["peak"]
+    assert fib.parallel["memory_bytes_per_device"]["peak"] == fib.memory_bytes["peak"]
+
+
+def test_memory_modes_validation():
+    with pytest.raises(SimcostError, match="loss-chunks"):
+        estimate_train(M, H, loss_chunks=0, **KW)
+    with pytest.raises(SimcostError, match="backward"):
+        estimate_train(M, H, peft="lora", optimizer="mezo", optimizer_in_backward=True, **KW)
+    from simcost.sim.parallel import DeepSpeedZero
+    ds = {"stage": 2, "reduce_bucket_size": 5e8}
+    with pytest.raises(SimcostError, match="DeepSpeed"):
+        estimate_train(M, H, peft="lora", devices=2, zero=2, deepspeed=ds,
+                       optimizer_in_backward=True, **KW)
+    assert DeepSpeedZero   # the dict form is what estimate_train accepts
+
+
+def test_cli_memory_mode_flags_in_json(capsys):
+    assert main([*BASE, "--peft", "full", "--loss-chunks", "8", "--optimizer-in-backward",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["loss_chunks"] == 8 and d["optimizer_in_backward"] is True
+    assert main([*BASE, "--peft", "full", "--json"]) == 0
+    d0 = json.loads(capsys.readouterr().out)
+    assert "loss_chunks" not in d0 and "optimizer_in_backward" not in d0
+    assert d["memory_bytes"]["peak"] < d0["memory_bytes"]["peak"]
+
+
+@pytest.mark.parametrize("extra", [["--loss-chunks", "0"], ["--loss-chunks", "-1"],
+                                   ["--loss-chunks", "two"],
+                                   ["--peft", "lora", "--jobs", "2", "--loss-chunks", "4"]])
+def test_cli_memory_mode_bad_values(extra, capsys):
+    assert main([*BASE, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("simcost: error:") and "\n" not in err
+
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1001, "max_position_embeddings": 128}
+
+
+def _torch_peak(cfg, *, chunks, in_bwd, dtype, batch, seq):
+    """Live-storage peak of the second step of torchtune's loop on a tiny HF Llama: the
+    model's final hidden state through the LM head in ``chunks`` sequence chunks,
+    CEWithChunkedOutputLoss's per-chunk ``F.cross_entropy(chunk.float(), ...)``, ``del
+    logits``, backward; AdamW per parameter from post-accumulate-grad hooks with in_bwd."""
+    import torch
+    import torch.nn.functional as F
+    from simcost.validate.torch_measure import build_peft_model
+    from simcost.validate.torch_peak import LiveMemory, _storage_bytes
+
+    model = build_peft_model(cfg, None, dtype, "sdpa", meta=False)
+    params = list(model.parameters())
+    if in_bwd:
+        opts = {p: torch.optim.AdamW([p], lr=1e-4, foreach=False) for p in params}
+
+        def hook(p):
+            opts[p].step()
+            opts[p].zero_grad(set_to_none=True)
+        for p in params:
+            p.register_post_accumulate_grad_hook(hook)
+        optims = list(opts.values())
+    else:
+        optims = [torch.optim.AdamW(params, lr=1e-4, foreach=False)]
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+    labels = torch.hstack((ids[:, 1:], torch.full((batch, 1), -100)))
+
+    def loss_fn(logits):
+        total = (labels != -100).sum()
+        loss = 0.0
+        for lg, lb in zip(logits, labels.tensor_split(chunks, dim=1)):
+            loss += F.cross_entropy(lg.reshape(-1, lg.size(-1)).float(), lb.reshape(-1),
+                                    ignore_index=-100, reduction="sum")
+        return loss / total
+
+    def step():
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        logits = [model.lm_head(c) for c in h.tensor_split(chunks, dim=1)]
+        del h
+        loss = loss_fn(logits)
+        del logits
+        loss.backward()
+        if not in_bwd:
+            optims[0].step()
+            optims[0].zero_grad(set_to_none=True)
+
+    step()
+    state = [v for o in optims for s in o.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor)]
+    static = _storage_bytes(params + list(model.buffers()) + state) + ids.untyped_storage().nbytes()
+    tracker = LiveMemory(static)
+    with tracker:
+        step()
+    return tracker.peak
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("tied,dtype,batch,seq,chunks,in_bwd", [
+    (False, "bf16", 2, 64, 1, False),    # logits-bound, unchunked (today's HF numbers)
+    (False, "bf16", 2, 64, 8, False),    # logits-bound, chunked (unchunked formula: +27 %)
+    (True, "fp32", 1, 64, 8, False),     # head weight-gradient accumulation (without: -6 %)
+    (True, "fp32", 1, 16, 1, True),      # gradients freed in backward (without: +11 %)
+    (False, "bf16", 1, 32, 8, True),     # both (either one alone: about +-2.4 %)
+])
+def test_memory_modes_match_torch(tied, dtype, batch, seq, chunks, in_bwd):
+    from simcost.models.config import spec_from_config
+    from simcost.sim.memory import training_memory
+    cfg = {**TINY, "tie_word_embeddings": tied}
+    measured = _torch_peak(cfg, chunks=chunks, in_bwd=in_bwd, dtype=dtype, batch=batch,
+                           seq=seq)
+    g, a = pipeline.build_graph(spec_from_config(cfg), batch, seq, dtype=dtype, attn="sdpa",
+                                peft=PeftSpec("full"), device_kind="cpu")
+    m = training_memory(g, a, optimizer="adamw", mixed="none", checkpointing=False,
+                        runtime_overhead=0, foreach=False, loss_chunks=chunks,
+                        optimizer_in_backward=in_bwd)
+    assert float(m.peak) == pytest.approx(measured, rel=0.01)

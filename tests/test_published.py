@@ -140,7 +140,7 @@ def test_torchtune_lora_targets(rows):
     ("FT-QWEN-092", "inter-server"),       # multi-node speed: network not stated
     ("FT-TORCHTUNE-017", "data-dependent"),  # unpacked baseline
     ("FT-TORCHTUNE-037", "data-dependent"),  # "variable (alpaca, unpacked)"
-    ("FT-TORCHTUNE-027", "fused into backward"),
+    ("FT-TORCHTUNE-029", "activation offloading"),   # chunked CE / opt-in-bwd are modelled
     ("FT-PEFTREADME-001", "T5"),
     ("FT-PEFTREADME-002", "CPU"),
     ("FT-EDGE-001", "MLX"),

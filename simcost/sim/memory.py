@@ -10,6 +10,34 @@ on, and ``zero_grad(set_to_none=True)`` frees gradients before forward):
   the default on GPUs, one list as large as all exp_avg_sq states).
 plus the largest transient an op allocates (DoRA's dense weight, NF4 dequantisation) and the
 runtime's own reservation from the hardware profile.
+
+Chunked cross-entropy (``loss_chunks`` = N > 1, torchtune's ``CEWithChunkedOutputLoss``: the
+output projection returns the logits as N sequence chunks, each upcast to fp32 and
+cross-entropy'd on its own, then ``del logits`` before backward). Measured in torch (live
+storages, CPU): autograd still keeps every chunk's fp32 log-probabilities (the same total as
+unchunked, inside the activations); the bf16 logits chunks are all alive at the end of forward
+(the model returns them) but nothing saves them; what shrinks to one chunk is the fp32 upcast
+(forward) and the loss gradient (backward: nll's and log_softmax's fp32 gradients of the chunk).
+So, with L the logits bytes and F their fp32 size (c = ceil(S/N)/S of the tokens per chunk):
+  end of forward:    act + L + c·F (upcast; 0 when the logits are fp32)
+  start of backward: act + 2·c·F
+(unchunked the HF formulas above give act + 2·F, the same as N = 1 here). With a trainable
+LM head, its N chunk linears each make a weight-gradient contribution that autograd adds to
+the previous ones out of place: act − F + (N−2)/N·L + 3·W + the hidden-state gradient, W the
+head weight's gradient bytes (the log-probabilities are freed by then, the later chunks'
+logits gradients still wait). Uneven splits take the largest chunk (an upper bound).
+
+Optimizer step fused into backward (``optimizer_in_backward``, torchtune ``optimizer_in_bwd``:
+one optimizer per parameter, stepped from ``register_post_accumulate_grad_hook``, then its
+gradient set to None): a gradient lives from its accumulation to its own step, so the
+gradient set never coexists; the end-of-backward and optimizer-step instants become, per
+trainable parameter p, (activations still alive when p's hook fires) + grad(p) + the update's
+temporaries for p alone + the gradient flowing through the lowest block. Alive activations: all
+of them for block parameters (upper bound: the top instance's hook fires first), all but the
+loss's fp32 log-probabilities for the head (freed before the LM head's backward), only the
+prologue's own for the embedding. A parameter used in several segments (tied embeddings)
+holds its first gradient contribution in the autograd engine's input buffer from its top use
+down to its bottom one: (activations at the top use) + grad(p).
 """
 from __future__ import annotations
 
@@ -35,6 +63,10 @@ class Memory:
     temporaries: object
     runtime_overhead: object
     peak: object
+    # optimizer-in-backward instants, per kind of alive activations ('head': all but the
+    # loss's log-probabilities, 'act': all, 'prologue': the prologue's own): (kind, gradient
+    # bytes, update temporaries bytes) of the worst parameter of each kind (see the docstring)
+    bwd_steps: tuple = ()
 
     def breakdown(self, capacity: float) -> dict:
         """The ``memory_bytes`` mapping of an estimate."""
@@ -76,7 +108,13 @@ def ckpt_mode(checkpointing) -> str:
 
 
 def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
-                    runtime_overhead: float, foreach: bool = True) -> Memory:
+                    runtime_overhead: float, foreach: bool = True, loss_chunks: int = 1,
+                    optimizer_in_backward: bool = False) -> Memory:
+    """``loss_chunks``: 1 = HF's cross-entropy over the whole logits; N > 1 = torchtune's
+    chunked cross-entropy. ``optimizer_in_backward``: per-parameter optimizer steps in the
+    backward (gradients freed as they are applied). See the module docstring."""
+    if int(loss_chunks) != loss_chunks or loss_chunks < 1:
+        raise SimcostError(f"loss_chunks must be an integer >= 1, got {loss_chunks}")
     weights = 0
     grads = 0
     master = 0
@@ -108,16 +146,110 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
         temps = np.maximum(temps, r.cost.temp_bytes)
     lt = g.tensors[_logits_tid(g)]
     logits = lt.nbytes
-    loss_grad = logits / BYTES[lt.dtype] * 4 + (logits if lt.dtype != "fp32" else 0)
+    f32 = logits / BYTES[lt.dtype] * 4
+    loss_grad = f32 + (logits if lt.dtype != "fp32" else 0)
     blocks = g.block_segments()
     lowest_grad = g.tensors[blocks[0].input_tid].nbytes if blocks else 0
-    end_fwd = act + logits
-    start_bwd = act + logits + loss_grad
-    end_bwd = grads + 2 * lowest_grad
-    opt_step = grads + opt_temp
+    if loss_chunks == 1:
+        end_fwd = act + logits
+        start_bwd = act + logits + loss_grad
+    else:
+        c = loss_chunk_fraction(g.seq, loss_chunks)
+        end_fwd = act + logits + (c * f32 if lt.dtype != "fp32" else 0)
+        start_bwd = act + np.maximum(2 * c * f32, chunked_head_grad_peak(
+            g, logits, f32, loss_chunks, lowest_grad))
+    bwd_steps = backward_step_terms(g, optimizer, mixed, foreach)
+    if optimizer_in_backward and trainable:
+        base = {"head": act - f32, "act": act, "prologue": _prologue_saved(g, analysis)}
+        step = 0
+        for kind, gb, tb in bwd_steps:
+            step = np.maximum(step, base[kind] + gb + tb)
+        end_bwd = step + 2 * lowest_grad
+        opt_step = 0
+        grads = max(gb for _, gb, _ in bwd_steps)   # the most gradient bytes live at once
+    else:
+        end_bwd = grads + 2 * lowest_grad
+        opt_step = grads + opt_temp
     dynamic = np.maximum(np.maximum(np.maximum(end_fwd, start_bwd), end_bwd), opt_step) + temps
     peak = runtime_overhead + weights + master + opt + dynamic
-    return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak)
+    return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak,
+                  tuple(bwd_steps))
+
+
+def loss_chunk_fraction(seq, chunks: int):
+    """The share of the tokens in the largest of ``chunks`` chunks (``tensor_split`` along the
+    sequence: the first chunks get ceil(S/N) positions)."""
+    s = np.asarray(seq, dtype=np.float64)
+    frac = np.ceil(s / chunks) / s
+    return float(frac) if frac.ndim == 0 else frac
+
+
+def chunked_head_grad_peak(g, logits, f32, chunks: int, flowing):
+    """Above the activations, during the LM head's backward under a chunked loss: each chunk's
+    linear adds a weight-gradient contribution to the first one out of place (old + new +
+    sum live at once) while the later chunks' logits gradients wait and every chunk's fp32
+    log-probabilities are already freed. Only when the head's weight is trainable."""
+    w = _head_weight(g)
+    if w is None or not w.trainable:
+        return 0
+    wgrad = w.numel * BYTES[g.tensors[_logits_tid(g)].dtype]
+    return -f32 + (chunks - 2) / chunks * logits + 3 * wgrad + flowing
+
+
+def _head_weight(g):
+    head = g.segments[-1]
+    op = next((op for op in head.ops if op.module == "lm_head" and op.params), None)
+    return op.params[0] if op is not None else None
+
+
+def backward_step_terms(g, optimizer: str, mixed: str, foreach: bool) -> list:
+    """Per kind of alive activations, the worst (kind, gradient bytes, update temporaries)
+    of one trainable parameter stepped inside the backward (see the module docstring)."""
+    segs: dict[int, list] = {}
+    first_block = next((i for i, s in enumerate(g.segments) if s.first_layer is not None), None)
+    head = len(g.segments) - 1
+    for si, seg in enumerate(g.segments):
+        for op in seg.ops:
+            for p in (*op.params, *op.attrs.get("held_params", ())):
+                segs.setdefault(id(p), [p, set()])[1].add(si)
+
+    def kind(si):
+        if si == head:
+            return "head"
+        if first_block is not None and si < first_block:
+            return "prologue"
+        return "act"
+
+    worst: dict[str, tuple] = {}
+    for p, where in segs.values():
+        if not p.trainable:
+            continue
+        elt = 4 if mixed != "none" else BYTES[p.dtype]
+        gb = p.numel * elt
+        if optimizer in ("sgd", "mezo"):
+            tb = 0
+        elif foreach:
+            tb = optimizer_state_bytes(optimizer, [(p.numel, p.dtype, 1)], mixed) / 2
+        else:
+            tb = 2 * gb
+        terms = [(kind(min(where)), gb, tb)]
+        if len(where) > 1:      # first contribution held from the top use downwards
+            terms.append((kind(max(where)), gb, 0))
+        for k, a, b in terms:
+            if k not in worst or a + b > worst[k][1] + worst[k][2]:
+                worst[k] = (k, a, b)
+    return list(worst.values())
+
+
+def _prologue_saved(g, analysis):
+    """Saved bytes of the segments before the first block (the embedding's), alive when the
+    embedding's gradient is made."""
+    total = 0
+    for seg, b in zip(g.segments, analysis.saved_local):
+        if seg.first_layer is not None:
+            break
+        total = total + b * seg.count
+    return total
 
 
 def inference_memory(g, analysis, *, runtime_overhead: float) -> Memory:

@@ -748,7 +748,14 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
     opt = zdiv(float(mem.optimizer), tr_share, tr_exp, plan.zero >= 1)
     master = zdiv(float(mem.master_weights), tr_share, tr_exp, plan.zero >= 1)
     if plan.offload != "none":
+        # the optimizer lives on the host, and so do the reduced gradient shards it consumes:
+        # FSDP2 with CPUOffloadPolicy copies each reduce-scattered shard to the host and frees
+        # the device copy (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py
+        # foreach_reduce); ZeRO-Offload copies each reduced partition into a pinned host buffer
+        # (deepspeed/runtime/zero/stage_1_and_2.py, cpu_offload). On the device: one block's
+        # gradients in flight before they are reduced
         opt = master = 0.0
+        grads = float(mem.gradients) * tr_share / max(layers_stage, 1)
     sp = plan.sp and tp > 1
     tp_act = 1.0 / tp if sp else (TP_REPLICATED_ACT_FRACTION + (1 - TP_REPLICATED_ACT_FRACTION) / tp)
     inflight = min(m, pp) if pp > 1 else 1
@@ -763,14 +770,36 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
     from simcost.sim.memory import _logits_tid
     lt = g.tensors[_logits_tid(g)]
     logits = float(lt.nbytes) / tp
-    loss_grad = logits / BYTES[lt.dtype] * 4 + (logits if lt.dtype != "fp32" else 0)
+    f32 = logits / BYTES[lt.dtype] * 4
+    loss_grad = f32 + (logits if lt.dtype != "fp32" else 0)
+    # chunked cross-entropy and optimizer-in-backward (simcost.sim.memory's docstring): the
+    # options ride on the context (estimate_parallel sets them)
+    chunks = getattr(ctx, "loss_chunks", 1)
+    in_bwd = getattr(ctx, "optimizer_in_backward", False)
+    if chunks > 1:
+        from simcost.sim.memory import chunked_head_grad_peak, loss_chunk_fraction
+        c = loss_chunk_fraction(g.seq, chunks)
+        loss_peak = max(logits + (c * f32 if lt.dtype != "fp32" else 0.0), 2 * c * f32,
+                        float(chunked_head_grad_peak(g, float(lt.nbytes), f32 * tp, chunks, 0))
+                        / tp)
+    else:
+        loss_peak = logits + loss_grad
     opt_temp = opt / 2 if ctx.optimizer != "sgd" else 0.0
+    g_share = grads / float(mem.gradients) if float(mem.gradients) else 0.0
+    o_share = opt / float(mem.optimizer) if float(mem.optimizer) else 0.0
     ds_bwd = ds_res = 0.0
     ds = plan.deepspeed
     if ds is not None and plan.zero >= 1 and dp > 1:
         weights, grads, opt, master, opt_temp, ds_bwd, ds_res = _deepspeed_memory(
             ctx, plan, g, ps, layers_stage, L, weights, opt)
-    dynamic = max(activations + logits + loss_grad + ds_bwd, grads + opt_temp) + temps
+    grad_term = grads + opt_temp
+    if in_bwd and mem.bwd_steps:
+        # one parameter's (sharded) gradient and update temporaries at a time, on top of the
+        # activations still alive when its hook fires
+        base = {"head": activations - f32, "act": activations, "prologue": 0.0}
+        grad_term = max(base[k] + gb * g_share + tb * o_share for k, gb, tb in mem.bwd_steps)
+        grads = max(gb * g_share for _, gb, _ in mem.bwd_steps)
+    dynamic = max(activations + loss_peak + ds_bwd, grad_term) + temps
     runtime = float(mem.runtime_overhead)
     peak = runtime + weights + master + opt + ds_res + dynamic
     out = {"weights": weights, "gradients": grads, "optimizer": opt, "master_weights": master,

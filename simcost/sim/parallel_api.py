@@ -14,7 +14,8 @@ from simcost.sim.train import train_numbers
 def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, mixed_precision,
                       attn, optimizer, grad_checkpointing, devices, nodes, tp, pp, dp, cp, zero,
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
-                      virtual_stages, offload, fp8_attention, peft_options, ep=None):
+                      virtual_stages, offload, fp8_attention, peft_options, ep=None,
+                      loss_chunks=1, optimizer_in_backward=False):
     from simcost.api import _check_seq, _kernel_kind, make_estimate, resolve_peft
     from simcost.peft import tokens_added
 
@@ -38,6 +39,9 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
         ds = P.DeepSpeedZero.from_config(ds, spec.hidden)
     if ds is not None and not isinstance(ds, P.DeepSpeedZero):
         raise SimcostError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
+    if ds is not None and optimizer_in_backward:
+        raise SimcostError("optimizer in backward is not modelled with DeepSpeed ZeRO (its "
+                           "optimizer owns the gradient partitions)")
     fp8 = dtype == "fp8"
     store = "bf16" if fp8 else dtype
     compute = mixed_precision if mixed_precision != "none" else store
@@ -65,6 +69,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                     compute_dtype=compute, fp8=fp8, fp8_attention=fp8_attention,
                     optimizer=optimizer, mixed=mixed_precision,
                     checkpointing=grad_checkpointing, spec=spec)
+    ctx.loss_chunks = loss_chunks                      # read by plan_memory
+    ctx.optimizer_in_backward = optimizer_in_backward
     candidates = []
     if parallel == "auto":
         plans = P.enumerate_plans(devices, batch, spec, seq, topo.gpus_per_node,
@@ -94,7 +100,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     # whole-job FLOPs and parameter counts from the single-sequence graph
     g1, a1 = build(1, seq)
     n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
-                       mixed=mixed_precision, checkpointing=grad_checkpointing)
+                       mixed=mixed_precision, checkpointing=grad_checkpointing,
+                       loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward)
     flops = {k: float(v) * (batch if k != "optimizer" else 1) for k, v in n1.flops.items()}
     f = float
     plan_d = best.plan.as_dict()
@@ -118,4 +125,5 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                          checkpointing=grad_checkpointing, flops=flops,
                          memory_bytes=best.memory_bytes, time_s=best.time_s,
                          tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
-                         warnings=warns)
+                         warnings=warns, loss_chunks=loss_chunks,
+                         optimizer_in_backward=optimizer_in_backward)

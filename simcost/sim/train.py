@@ -31,9 +31,12 @@ def check_options(dtype: str, mixed: str) -> None:
 
 
 def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str,
-                  checkpointing) -> TrainNumbers:
+                  checkpointing, loss_chunks: int = 1,
+                  optimizer_in_backward: bool = False) -> TrainNumbers:
     """``checkpointing``: False/'none', True/'full' or 'selective'; ``optimizer='mezo'`` prices
-    a zeroth-order MeZO step instead (:func:`mezo_numbers`)."""
+    a zeroth-order MeZO step instead (:func:`mezo_numbers`). ``loss_chunks`` (chunked
+    cross-entropy) and ``optimizer_in_backward`` change memory only (see
+    :mod:`simcost.sim.memory`); the optimizer's work and time are the same."""
     if optimizer == "mezo":
         return mezo_numbers(g, analysis, device, batch=batch, seq=seq)
     checkpointing = ckpt_mode(checkpointing)
@@ -62,7 +65,8 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
                           runtime_overhead=device.runtime_overhead_bytes,
-                          foreach=device.kind != "cpu")
+                          foreach=device.kind != "cpu", loss_chunks=loss_chunks,
+                          optimizer_in_backward=optimizer_in_backward)
     flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
              "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
              "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}

@@ -131,6 +131,8 @@ class Mapping:
     notes: list[str] = field(default_factory=list)
     distributed: dict | None = None  # multi-device: estimate_train's plan arguments; batch global
     memory_devices: int = 1          # a memory metric summed over this many devices
+    loss_chunks: int = 1             # torchtune CEWithChunkedOutputLoss: N output chunks
+    optimizer_in_backward: bool = False  # torchtune optimizer_in_bwd
 
     def estimate_kwargs(self) -> dict:
         kw = dict(batch=self.batch, seq=self.seq, peft=self.peft, dtype=self.dtype,
@@ -138,6 +140,10 @@ class Mapping:
                   optimizer=self.optimizer, grad_checkpointing=self.grad_checkpointing)
         if self.distributed:
             kw.update(self.distributed)
+        if self.loss_chunks != 1:
+            kw["loss_chunks"] = self.loss_chunks
+        if self.optimizer_in_backward:
+            kw["optimizer_in_backward"] = True
         return kw
 
     def describe(self) -> dict:
@@ -154,6 +160,8 @@ class Mapping:
                 "dtype": self.dtype, "mixed_precision": self.mixed_precision, "attn": self.attn,
                 "optimizer": self.optimizer, "grad_checkpointing": self.grad_checkpointing,
                 "memory_scope": self.memory_scope,
+                **({"loss_chunks": self.loss_chunks} if self.loss_chunks != 1 else {}),
+                **({"optimizer_in_backward": True} if self.optimizer_in_backward else {}),
                 **({"distributed": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
                                     for k, v in self.distributed.items()}}
                    if self.distributed else {})}
@@ -306,7 +314,7 @@ def _common_unsupported(row: dict) -> None:
         raise Unsupported(f"hardware-efficiency input: sets {PROFILE_INPUTS[rid]}")
     if row["metric"] in _SERVING or src in ("SERVE-SLORA", "INF-TRTLLM", "INF-QWEN"):
         raise Unsupported("serving / generation measurement: simcost estimates training steps "
-                          "only (no serving model yet)")
+                          "only (serving is checked by python -m simcost.validate.serving)")
     n = _int(row["n_devices"]) or 1
     if n > 1 and src not in MULTI_DEVICE_SOURCES:
         raise Unsupported(f"multi-device run ({n} devices): no mapping of this source's "
@@ -489,6 +497,7 @@ def _map_torchtune(row: dict) -> Mapping:
     seq_text = row["seq_len"].lower()
     loc = row["source_locator"].lower()
     kind = metric_value(row)[0]
+    n = _int(row["n_devices"]) or 1
     if "optimization flags" in loc:
         flags = _tt_table_flags(row)
     else:
@@ -504,39 +513,66 @@ def _map_torchtune(row: dict) -> Mapping:
             flags.add("opt_in_bwd")
         if "paged" in opt or "8bit" in opt:
             flags.add("adamw8bit")
+        if "fsdp cpu offload" in opt:
+            flags.add("fsdp_cpu_offload")
         if "memory and training speed" in loc:
             # the README's Llama 3.1 table (2024-09-24) ran the configs of torchtune >= 0.3,
-            # whose llama3_1 single-device recipes use CEWithChunkedOutputLoss
-            # (recipes/configs/llama3_1/8B_qlora_single_device.yaml); the row does not say it
+            # whose llama3_1 recipes use CEWithChunkedOutputLoss
+            # (recipes/configs/llama3_1/8B_qlora_single_device.yaml, 70B_lora.yaml,
+            # 70B_full.yaml, 405B_qlora.yaml); the row does not say it
             flags.add("chunked_ce")
+            if n > 1 and "opt_in_bwd" in flags:
+                # the README footnote is '**= Uses CPU offload with fused optimizer': the
+                # 70B_full config's torch.optim.AdamW(fused=True) with fsdp_cpu_offload: True.
+                # full_finetune_distributed gained optimizer_in_bwd only with torchtune PR
+                # #1833 (merged 2024-10-14), after this table's commit (2024-09-24)
+                flags.discard("opt_in_bwd")
+                notes.append("optimizer NOT fused into backward (the row's reading of the "
+                             "footnote 'CPU offload with fused optimizer'): "
+                             "full_finetune_distributed had no optimizer_in_bwd before "
+                             "torchtune PR #1833 (2024-10-14); the 70B_full config's "
+                             "AdamW(fused=True) steps the CPU-offloaded shards after backward")
     if "packed" not in flags:
         raise Unsupported("sequence length is data-dependent (unpacked alpaca samples padded "
                           "per batch): not stated")
     if kind == "memory":
         missing = []
-        if "chunked_ce" in flags:
-            missing.append("chunked cross-entropy (CEWithChunkedOutputLoss) changes the logits "
-                           "memory")
-        if "opt_in_bwd" in flags:
-            missing.append("optimizer step fused into backward (gradients freed per parameter)")
         if "act_offload" in flags:
             missing.append("activation offloading to host memory")
         if "paged" in row["optimizer"].lower():
             missing.append("paged 8-bit AdamW (state paged to host under pressure)")
         if missing:
             raise Unsupported("not modelled: " + "; ".join(missing))
+        if "chunked_ce" in flags:
+            notes.append("chunked cross-entropy: CEWithChunkedOutputLoss, num_output_chunks=8 "
+                         "(its default), the recipe's `del logits` before backward")
+        if "opt_in_bwd" in flags:
+            notes.append("optimizer_in_bwd: one AdamW per parameter stepped from its "
+                         "post-accumulate-grad hook, gradient then set to None")
     else:
         if "paged" in row["optimizer"].lower():
             caveats.append("paged optimizer: host paging under memory pressure not modelled")
         if "chunked_ce" in flags:
-            caveats.append("chunked cross-entropy not modelled (small time effect)")
+            caveats.append("chunked cross-entropy priced for memory only (its small time "
+                           "effect, N smaller loss kernels, not modelled)")
         if "opt_in_bwd" in flags:
-            caveats.append("optimizer step fused into backward not modelled (same work)")
+            caveats.append("optimizer step fused into backward: same optimizer work, priced "
+                           "after the backward (no overlap modelled)")
         if "act_offload" in flags:
             caveats.append("activation offloading not modelled (copies overlap compute)")
     if "compile" in flags:
         caveats.append("torch.compile not modelled: eager kernels and eager saved tensors")
-    hw = _hardware(row, notes)
+        if "chunked_ce" in flags and kind == "memory":
+            caveats.append("compiled compute_cross_entropy may save other tensors than eager's "
+                           "fp32 log-probabilities per chunk")
+    if kind == "memory" and re.fullmatch(r"a100 \(80gb assumed\)", row["hardware"].strip().lower()):
+        # the README says '8x A100'; a memory row is the torch allocator's count (CUDA
+        # context excluded), which does not depend on the A100 variant
+        hw = "a100-80gb-sxm"
+        notes.append("'8x A100' (variant not stated): the allocator's bytes do not depend on "
+                     "it; the a100-80gb-sxm profile is used")
+    else:
+        hw = _hardware(row, notes)
     batch, ga = parse_batch(row["batch_size"])
     seq = _int(row["seq_len"])
     method = row["method"].lower()
@@ -548,6 +584,8 @@ def _map_torchtune(row: dict) -> Mapping:
         if "q,k,v,o + mlp" in cfg or "q,k,v,o+mlp" in cfg:
             targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                        "down_proj")
+        elif re.search(r"\bq,k,v\b(?!,)", cfg):
+            targets = ("q_proj", "k_proj", "v_proj")
         elif "q_proj,v_proj" in cfg or "q,v" in cfg:
             targets = ("q_proj", "v_proj")
         elif "default" in cfg or "not stated" in cfg or not cfg:
@@ -567,10 +605,27 @@ def _map_torchtune(row: dict) -> Mapping:
     opt = "adamw8bit" if "adamw8bit" in flags else "adamw"
     notes.append("pure bf16 (parameters, adapters, optimizer state); attention as a fused "
                  "kernel over the packed length (document masking not modelled)")
-    return Mapping(model=_model(row), hardware=hw, batch=batch or 1, seq=seq, peft=spec,
+    dist, gbatch = None, batch or 1
+    if n > 1:
+        # full_finetune_distributed / lora_finetune_distributed: FSDP2 fully_shard per
+        # decoder layer = ZeRO-3 data parallelism, per-device batch from the row
+        dist = dict(devices=n, dp=n, zero=3, micro_batch=batch or 1)
+        gbatch = n * (batch or 1) * ga
+        notes.append(f"{n} GPUs: FSDP full sharding (ZeRO-3 plan), dp {n}, micro-batch "
+                     f"{batch or 1}, GA {ga}; memory per device")
+        if "fsdp_cpu_offload" in flags:
+            dist["offload"] = "params"
+            notes.append("fsdp_cpu_offload: parameter shards and the AdamW step on the host "
+                         "(plan offload 'params': two unsharded layers on the device)")
+            caveats.append("FSDP2 CPU offload copies each reduced gradient shard to the host "
+                           "after its reduce-scatter; simcost's offload plan keeps the "
+                           "gradient shards (gradients / dp) on the device")
+    return Mapping(model=_model(row), hardware=hw, batch=gbatch, seq=seq, peft=spec,
                    grad_accum=ga, dtype="bf16", attn="flash", optimizer=opt,
                    grad_checkpointing="ac" in flags, memory_scope="torch_allocator",
-                   caveats=caveats, notes=notes)
+                   caveats=caveats, notes=notes, distributed=dist,
+                   loss_chunks=8 if "chunked_ce" in flags else 1,
+                   optimizer_in_backward="opt_in_bwd" in flags)
 
 
 # Vidur operator profiles ------------------------------------------------------------------------
@@ -670,7 +725,8 @@ def predict(mp: Mapping, kind: str) -> tuple[float, dict]:
     if mp.distributed:          # the plan's step already holds accumulation and communication
         step = t["step"]
         micro = t["micro_step_forward"] + t["micro_step_backward"]
-        mp.notes.append(f"plan chosen by --parallel auto: {r.parallel['plan_label']}; "
+        how = "chosen by --parallel auto" if mp.distributed.get("parallel") == "auto" else "stated"
+        mp.notes.append(f"plan {how}: {r.parallel['plan_label']}; "
                         f"exposed communication {t['communication_exposed']:.3f} s, "
                         f"bubble {t['pipeline_bubble']:.3f} s")
     mem = r.memory_bytes
