@@ -276,7 +276,9 @@ def _print_parallel(r) -> None:
     par = r.parallel
     t = r.time_s
     gib = 2 ** 30
-    print(f"plan: {par['plan_label']}  ({par['devices']} devices, {par['nodes']} node(s), "
+    torus = par["topology"].get("ici_torus")
+    where = (f"one {torus['dims']}-D ICI torus" if torus else f"{par['nodes']} node(s)")
+    print(f"plan: {par['plan_label']}  ({par['devices']} devices, {where}, "
           f"{par['plans_searched']} plan(s) evaluated)")
     print(f"  per device: peak {r.memory_bytes['peak'] / gib:.1f} GiB of "
           f"{r.memory_bytes['capacity'] / gib:.0f} GiB; step {t['step']:.3f} s "

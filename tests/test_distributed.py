@@ -376,3 +376,21 @@ def test_hierarchical_all_reduce_beats_flat_ring_across_nodes():
     # inside one node, or one rank per node: the flat ring, unchanged
     assert topo.all_reduce(nbytes, g) == pytest.approx(C.all_reduce(nbytes, g, intra))
     assert topo.all_reduce(nbytes, k, stride=g) == pytest.approx(C.all_reduce(nbytes, k, inter))
+
+
+def test_tpu_slice_is_one_ici_torus():
+    # v5p: 3-D torus, 6 links of 1e11 B/s one way per chip (jax-ml/scaling-book); a group's
+    # collective gets 2 links per torus axis it spans, and no host network is ever crossed
+    from simcost.hardware import load_profile
+    t = C.Topology.from_profile(load_profile("tpu-v5p"), 64)
+    assert (t.nodes, t.torus_dims, t.torus_axis) == (1, 3, 4)
+    assert t.link(4).bandwidth == pytest.approx(2e11)           # one axis
+    assert t.link(4, stride=16).bandwidth == pytest.approx(2e11)  # one axis, the outer one
+    assert t.link(16).bandwidth == pytest.approx(4e11)          # two axes
+    assert t.link(64).bandwidth == pytest.approx(6e11)          # all three
+    assert "infiniband" not in t.link(64).kind
+    nbytes = 1e9
+    assert t.all_reduce(nbytes, 64) == pytest.approx(2 * 63 / 64 * nbytes / 6e11 + 2 * 63 * 2e-6)
+    r = estimate_train("llama-2-7b", "tpu-v5e", batch=16, seq=1024, devices=16, dp=16,
+                       micro_batch=1, peft="full")
+    assert r.parallel["topology"]["ici_torus"]["dims"] == 2

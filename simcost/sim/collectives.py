@@ -27,9 +27,19 @@ Unless the profile says otherwise the inter-node link is 400 Gb/s NDR InfiniBand
 (ConnectX-7, 8 per DGX H100: NVIDIA DGX H100 user guide, "8x single-port ConnectX-7 VPI,
 400 Gb/s InfiniBand or 400 GbE") = 50 GB/s, with 5 us end-to-end small-message latency
 (an engineering figure: IB switch hop ~0.1-0.2 us, NCCL's network proxy several us).
+
+TPU slices (a profile interconnect with ``torus_dims``) have no nodes: every chip of the slice
+is on the ICI torus, each with 2 links per axis. Ranks are laid out along the axes in order
+(axis size ceil(n^(1/dims)) for an n-chip slice) and a group's collective runs bidirectional
+rings on every axis it spans at once, so its bandwidth is the per-axis bandwidth (2 links one
+way) times the axes spanned (jax-ml/scaling-book, "How to Think About TPUs" and the sharded
+matmul chapter: an AllGather over one axis takes V / (2 W_ici), over several axes the
+bandwidth multiplies by their number). Partial axes without wrap-around (slices smaller than a
+full torus) would halve it; that is not modelled.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # 400 Gb/s NDR InfiniBand per GPU (ConnectX-7), one direction: 400e9 / 8 bytes/s
@@ -56,6 +66,8 @@ class Topology:
     host: Link
     gpus_per_node: int
     nodes: int
+    torus_dims: int = 0          # > 0: a TPU slice, one ICI torus of that many dimensions
+    torus_axis: int = 1          # chips along each axis
 
     @classmethod
     def from_profile(cls, profile, devices: int, nodes: int | None = None) -> "Topology":
@@ -72,6 +84,10 @@ class Topology:
         else:
             host = Link("pcie (default)", DEFAULT_INTRA_BW, 1e-5)
         inter = Link("infiniband-ndr (default)", DEFAULT_INTER_NODE_BW, DEFAULT_INTER_NODE_LAT)
+        dims = int(ic.torus_dims.value) if ic is not None and ic.torus_dims is not None else 0
+        if dims > 0:           # the whole slice is one ICI domain, whatever the host count
+            axis = max(2, math.ceil(round(devices ** (1.0 / dims), 9)))
+            return cls(intra, inter, host, devices, 1, dims, axis)
         if nodes is None or nodes < 1:
             nodes = max(1, -(-devices // DEFAULT_GPUS_PER_NODE))
         per_node = max(1, -(-devices // nodes))
@@ -81,6 +97,13 @@ class Topology:
         """The bottleneck link of a group of ``group`` ranks spaced ``stride`` apart."""
         if group <= 1:
             return self.intra
+        if self.torus_dims:
+            a = self.torus_axis
+            lo = int(math.floor(math.log(max(stride, 1)) / math.log(a) + 1e-9))
+            hi = int(math.floor(math.log((group - 1) * stride) / math.log(a) + 1e-9))
+            axes = max(1, min(self.torus_dims, hi - lo + 1))
+            return Link(f"{self.intra.kind} torus ({axes} of {self.torus_dims} axes)",
+                        self.intra.bandwidth / self.torus_dims * axes, self.intra.latency)
         span = group * stride
         return self.intra if span <= self.gpus_per_node else self.inter
 

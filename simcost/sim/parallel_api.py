@@ -107,10 +107,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     plan_d = best.plan.as_dict()
     par = {"plan": plan_d, "plan_label": best.plan.label(), "devices": devices,
            "nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node,
-           "topology": {"intra_node": {"kind": topo.intra.kind, "bandwidth_bytes_per_s": topo.intra.bandwidth,
-                                       "latency_s": topo.intra.latency},
-                        "inter_node": {"kind": topo.inter.kind, "bandwidth_bytes_per_s": topo.inter.bandwidth,
-                                       "latency_s": topo.inter.latency}},
+           "topology": _topology_dict(topo),
            "memory_bytes_per_device": {k: f(v) for k, v in best.memory_bytes.items()},
            "communication": best.communication,
            "phases": {"forward": best.time_s["forward"], "backward": best.time_s["backward"],
@@ -127,3 +124,15 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                          tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
                          warnings=warns, loss_chunks=loss_chunks,
                          optimizer_in_backward=optimizer_in_backward)
+
+
+def _topology_dict(topo) -> dict:
+    if topo.torus_dims:
+        return {"ici_torus": {"kind": topo.intra.kind, "dims": topo.torus_dims,
+                              "chips_per_axis": topo.torus_axis,
+                              "bandwidth_per_axis_bytes_per_s": topo.intra.bandwidth / topo.torus_dims,
+                              "latency_s": topo.intra.latency}}
+    return {"intra_node": {"kind": topo.intra.kind, "bandwidth_bytes_per_s": topo.intra.bandwidth,
+                           "latency_s": topo.intra.latency},
+            "inter_node": {"kind": topo.inter.kind, "bandwidth_bytes_per_s": topo.inter.bandwidth,
+                           "latency_s": topo.inter.latency}}
