@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N PEFT jobs sharing one frozen base (mLoRA BatchLoRA); --batch is "
                         "per job; compares against N separate runs")
     t.add_argument("--max-positions", type=_positive_int, default=None,
-                   help="override the config's position limit (RoPE models run longer "
-                        "sequences, e.g. MLPerf's llama-2-70b at 8192)")
+                   help="the model's context length, when extended beyond its config "
+                        "(RoPE models run longer sequences anyway, with a warning; a learned "
+                        "position table such as GPT-2's cannot)")
     d = t.add_argument_group("distributed (--batch is then the global batch per step)")
     d.add_argument("--devices", type=_positive_int, default=1, help="total devices (default 1)")
     d.add_argument("--nodes", type=_positive_int, default=None,
