@@ -221,8 +221,19 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
         checkpointing=None if mode == "none" else mode,
         cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
-        warnings=list(warnings), loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
+        warnings=[*warnings, *device_warnings(device)],
+        loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
         optimizer_in_backward=True if optimizer_in_backward else None)
+
+
+def device_warnings(device) -> list[str]:
+    """What an estimate on ``device`` should say about its profile's time model."""
+    tm = device.time_model or {}
+    if "matmul_efficiency" in tm or "gemm_table" in tm:
+        return []
+    return [f"hardware profile '{device.name}' has no measured matmul efficiency "
+            f"(time_model.matmul_efficiency): GEMMs are priced at the datasheet peak, an "
+            f"optimistic bound ('simcost calibrate' on the device measures it)"]
 
 
 def run_cost(device, devices: int, step_s: float, tokens_per_s: float) -> dict | None:

@@ -145,3 +145,13 @@ def test_run_cost_from_profile_price(capsys):
     rc, out, _ = run(["estimate", "train", "--model", "gpt2", "--hardware", "rtx-4090", "--batch", "1",
                       "--seq", "64", "--json"], capsys)
     assert "cost_usd" not in json.loads(out)   # no public price in that profile
+
+
+def test_profile_without_measured_matmul_efficiency_warns(capsys):
+    argv = ["estimate", "train", "--model", "llama-2-7b", "--peft", "lora", "--hardware", "l40s",
+            "--batch", "1", "--seq", "256", "--json"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and "'l40s' has no measured matmul efficiency" in err
+    assert any("datasheet peak" in w for w in json.loads(out)["warnings"])
+    rc, out, err = run([*MAIN, "--json"], capsys)           # a100-80gb-sxm: measured (MAMF)
+    assert rc == 0 and err == "" and "warnings" not in json.loads(out)

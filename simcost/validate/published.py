@@ -91,7 +91,7 @@ SOURCES = {
 PROFILE_INPUTS = {
     "HWEFF-MAMF-002": "a100-80gb-sxm / a100-40gb-sxm time_model.matmul_efficiency",
     "HWEFF-MAMF-004": "a100-80gb-pcie time_model.matmul_efficiency",
-    "HWEFF-MAMF-005": "h100-sxm time_model.matmul_efficiency",
+    "HWEFF-MAMF-005": "h100-sxm / h200 time_model.matmul_efficiency",
     "HWEFF-MAMF-007": "b200 time_model.matmul_efficiency",
     "HWEFF-MAMF-012": "mi300x time_model.matmul_efficiency",
     "INF-VIDUR-OP-014": "a100-80gb-sxm time_model.bandwidth_efficiency (decode GEMV, weight-bound)",
