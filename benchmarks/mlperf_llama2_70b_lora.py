@@ -73,7 +73,8 @@ def main(out_dir: str = "validation/reports") -> int:
              "llama-2-70b, seq 8192, LoRA r=16 alpha 32 dropout 0.1 on q/k/v/o (bf16 adapters), "
              "global batch and gradient accumulation from the row (micro-batch 1, so "
              "dp = global / GA), fp8 linears + fp8 attention (NeMo FP8=True, FP8_DPA=1), "
-             "TP communication overlap, AdamW; tp / pp / cp / ZeRO from `--parallel auto`. "
+             "TP communication overlap (both off on L40S, as its configs set), AdamW; "
+             "tp / pp / cp / ZeRO from `--parallel auto`. "
              "No per-row tuning: the only inputs are the device profiles (datasheet peaks, "
              "measured bf16/fp8 max-achievable-matmul efficiency) and the default 400 Gb/s "
              "NDR per GPU between nodes.", "",

@@ -186,11 +186,15 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
 
 
 def _check_memory_modes(loss_chunks, optimizer_in_backward, optimizer: str) -> None:
-    if isinstance(loss_chunks, bool) or int(loss_chunks) != loss_chunks or loss_chunks < 1:
-        raise SimcostError(f"--loss-chunks must be an integer >= 1, got {loss_chunks}")
-    if optimizer_in_backward and optimizer == "mezo":
-        raise SimcostError("--optimizer-in-backward needs a backward pass (not with "
-                           "--optimizer mezo)")
+    try:
+        ok = not isinstance(loss_chunks, bool) and int(loss_chunks) == loss_chunks >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SimcostError(f"--loss-chunks must be an integer >= 1, got {loss_chunks!r}")
+    if optimizer == "mezo" and (optimizer_in_backward or loss_chunks != 1):
+        raise SimcostError("--optimizer-in-backward and --loss-chunks shape the backward "
+                           "pass; --optimizer mezo has none")
 
 
 def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dtype: str,
@@ -260,7 +264,8 @@ def estimate_multi_train(model: str | ModelSpec, hardware: str, *, jobs: int, ba
                          peft_config: str | None = None, dtype: str = "bf16",
                          mixed_precision: str = "none", attn: str = "sdpa",
                          optimizer: str = "adamw", grad_checkpointing=False,
-                         max_positions: int | None = None,
+                         max_positions: int | None = None, loss_chunks: int = 1,
+                         optimizer_in_backward: bool = False,
                          **peft_options: Any) -> MultiTrainEstimate:
     """``jobs`` PEFT jobs (same model and adapter config, ``batch`` sequences each) trained in
     one process on one device, base GEMMs batched across jobs (see :mod:`simcost.sim.multi`).
@@ -273,6 +278,9 @@ def estimate_multi_train(model: str | ModelSpec, hardware: str, *, jobs: int, ba
         raise SimcostError(f"batch must be >= 1, got {batch}")
     if jobs < 1:
         raise SimcostError(f"--jobs must be >= 1, got {jobs}")
+    if loss_chunks != 1 or optimizer_in_backward:
+        raise SimcostError("--jobs is priced with one loss and one optimizer step per job "
+                           "(no --loss-chunks or --optimizer-in-backward)")
     spec = _model(model)
     if max_positions:
         import dataclasses
@@ -329,6 +337,13 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
     attn = kw.pop("attn", "sdpa")
     optimizer = kw.pop("optimizer", "adamw")
     ckpt = kw.pop("grad_checkpointing", False)
+    chunks = kw.pop("loss_chunks", 1)
+    in_bwd = kw.pop("optimizer_in_backward", False)
+    max_positions = kw.pop("max_positions", None)
+    _check_memory_modes(chunks, in_bwd, optimizer)
+    if max_positions:
+        import dataclasses
+        spec = dataclasses.replace(spec, max_positions=int(max_positions))
     check_options(dtype, mixed)
     pspec = resolve_peft(kw.pop("peft", None), kw.pop("peft_config", None), **kw)
     bb, ss = np.meshgrid(np.asarray(batches, dtype=np.float64), np.asarray(seqs, dtype=np.float64),
@@ -340,7 +355,9 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
     g, a = pipeline.build_graph(spec, bb.ravel(), ss.ravel(), dtype=compute, attn=attn, peft=pspec,
                                 device_kind=_kernel_kind(device))
     n = train_numbers(g, a, device, batch=bb.ravel(), seq=ss.ravel(), optimizer=optimizer,
-                      mixed=mixed, checkpointing=ckpt)
+                      mixed=mixed, checkpointing=ckpt, loss_chunks=int(chunks),
+                      optimizer_in_backward=bool(in_bwd))
+    warns = [*warns, *device_warnings(device)]
     shape = bb.shape
     return {"batch": bb, "seq": ss, "warnings": warns,
             "step_s": np.broadcast_to(n.time_s["step"], bb.size).reshape(shape),

@@ -394,3 +394,6 @@ def test_tpu_slice_is_one_ici_torus():
     r = estimate_train("llama-2-7b", "tpu-v5e", batch=16, seq=1024, devices=16, dp=16,
                        micro_batch=1, peft="full")
     assert r.parallel["topology"]["ici_torus"]["dims"] == 2
+    with pytest.raises(SimcostError, match="one ICI torus"):
+        estimate_train("llama-2-7b", "tpu-v5e", batch=16, seq=1024, devices=16, nodes=4,
+                       dp=16, micro_batch=1, peft="full")

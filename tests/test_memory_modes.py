@@ -5,7 +5,7 @@ import json
 import pytest
 
 from simcost import pipeline
-from simcost.api import estimate_multi_train, estimate_train
+from simcost.api import estimate_multi_train, estimate_train, sweep_train
 from simcost.cli import main
 from simcost.errors import SimcostError
 from simcost.models.config import load_model
@@ -303,7 +303,33 @@ def test_memory_modes_per_device_with_fsdp():
     fib = estimate_train(L8, H, peft="full", optimizer_in_backward=True, **kw)
     assert fib.memory_bytes["gradients"] < full.memory_bytes["gradients"] / 10
     assert fib.memory_bytes["peak"] <= full.memory_bytes["peak"]
-    assert fib.parallel["memory_bytes_per_device"]["peak"] == fib.memory_bytes["peak"]
+    # DDP (ZeRO-0/1) keeps gradient-sized buckets: stepping in the backward frees nothing
+    ddp = dict(batch=16, seq=2048, devices=8, tp=2, dp=4, micro_batch=4, grad_checkpointing=True)
+    a = estimate_train(L8, H, peft="full", **ddp)
+    b = estimate_train(L8, H, peft="full", optimizer_in_backward=True, **ddp)
+    assert b.memory_bytes["gradients"] == a.memory_bytes["gradients"]
+    # no gradient accumulation under it: refused for an explicit plan, skipped by the search
+    with pytest.raises(SimcostError, match="micro-batches"):
+        estimate_train(L8, H, peft="full", optimizer_in_backward=True,
+                       **dict(kw, micro_batch=1))
+    auto = estimate_train(L8, H, peft="full", optimizer_in_backward=True, batch=16, seq=2048,
+                          devices=8, parallel="auto", grad_checkpointing=True)
+    assert auto.parallel["plan"]["micro_batches"] == 1
+
+
+def test_memory_modes_reach_the_sweep_and_are_refused_where_not_modelled():
+    r = sweep_train(M, H, batches=[1, 2], seqs=[64, 128], peft="lora", loss_chunks=4,
+                    optimizer_in_backward=True)
+    e = estimate_train(M, H, batch=2, seq=128, peft="lora", loss_chunks=4,
+                       optimizer_in_backward=True)
+    assert r["peak_bytes"][1, 1] == pytest.approx(e.memory_bytes["peak"])
+    with pytest.raises(SimcostError, match="jobs"):
+        estimate_multi_train(M, H, jobs=2, batch=1, seq=64, loss_chunks=4)
+    with pytest.raises(SimcostError, match="mezo"):
+        estimate_train(M, H, peft="lora", optimizer="mezo", loss_chunks=4, **KW)
+    for bad in (None, "x", 1.5, True):
+        with pytest.raises(SimcostError, match="loss-chunks"):
+            estimate_train(M, H, loss_chunks=bad, **KW)
 
 
 def test_memory_modes_validation():
@@ -311,12 +337,10 @@ def test_memory_modes_validation():
         estimate_train(M, H, loss_chunks=0, **KW)
     with pytest.raises(SimcostError, match="backward"):
         estimate_train(M, H, peft="lora", optimizer="mezo", optimizer_in_backward=True, **KW)
-    from simcost.sim.parallel import DeepSpeedZero
     ds = {"stage": 2, "reduce_bucket_size": 5e8}
     with pytest.raises(SimcostError, match="DeepSpeed"):
         estimate_train(M, H, peft="lora", devices=2, zero=2, deepspeed=ds,
                        optimizer_in_backward=True, **KW)
-    assert DeepSpeedZero   # the dict form is what estimate_train accepts
 
 
 def test_cli_memory_mode_flags_in_json(capsys):

@@ -210,7 +210,7 @@ def test_slora_admits_by_peak_usage_not_reservation(tmp_path):
     prompt + max_new_tokens reservation per request would not."""
     p = tmp_path / "t.csv"
     rows = ["time,adapter,prompt_len,output_len", "0.0,0,10,1000"]
-    rows += [f"0.0,0,10,200" for _ in range(30)]
+    rows += ["0.0,0,10,200" for _ in range(30)]
     p.write_text("\n".join(rows) + "\n")
     r = simulate_serve(M, H, adapters=0, trace=str(p), engine="slora", max_total_tokens=3000)
     # first batch by peak: max(11 + 999, n·(11 + 199)) < 3000 -> 14 (more join as the running
@@ -243,5 +243,27 @@ def test_slora_engine_host_and_sampling_facts_slow_it_down():
     assert Engine(scheduler="slora").host_ops_per_seq == 1     # facts follow the scheduler
     assert Engine(scheduler="fcfs").host_ops_per_seq == 0
     from simcost.serve.api import _setup
-    _, _, _, st, *_ = _setup(M, H, "fp16", None, None, 1, None, "slora-bgmv", None, False)
-    assert st.sample_time(200) > 2 * st.sample_time(64) > 0
+    from simcost.serve.memory import serve_memory
+    from simcost.serve.sim import Workload, simulate
+    spec, _, dev, st, tg, hbw, hlat = _setup(M, H, "fp16", None, None, 1, None, "slora-bgmv",
+                                             None, False)
+    assert st.sample_time(200) > 0
+    mem = serve_memory(spec, dev, wdtype=st.wdtype, act_dtype="fp16", kv_dtype=st.kv_dtype, tp=1,
+                       ranks=[8], targets=tg, max_tokens=2048, max_seqs=256)
+    wl = Workload(rate=8, duration=20, cv=1, input_len=(8, 512), output_len=(8, 512),
+                  adapters=20, ranks=(8,), popularity_alpha=1, seed=42, generator="slora")
+
+    def latency(**facts):
+        eng = Engine(scheduler="slora", max_num_seqs=1000, max_num_tokens=2048,
+                     batch_max_tokens_frac=1 / 6, max_total_tokens=125000, **facts)
+        res = simulate(st, mem, wl, eng, adapter_ranks=np.full(20, 8.0), merged=False,
+                       host_bw=hbw, host_lat=hlat)
+        return float(np.mean(res.latency))
+    assert latency() > latency(host_ops_per_seq=0, full_sort_sampling=False)
+
+
+def test_trace_and_generator_are_exclusive(tmp_path):
+    t = tmp_path / "t.csv"
+    t.write_text("time,adapter,prompt_len,output_len\n0,0,8,8\n")
+    with pytest.raises(SimcostError, match="give one"):
+        simulate_serve(M, H, adapters=1, trace=str(t), generator="slora")

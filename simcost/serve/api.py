@@ -192,6 +192,8 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
     with ``seed=42`` they are the very requests of its published runs)."""
     if generator not in GENERATORS:
         raise SimcostError(f"unknown generator '{generator}'; valid: {', '.join(GENERATORS)}")
+    if trace and generator != "default":
+        raise SimcostError("--trace replays a file; --generator draws requests: give one")
     if engine is not None:
         espec = get_engine(engine)
         scheduler = espec.scheduler          # the engine's own batching policy

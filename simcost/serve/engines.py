@@ -16,7 +16,8 @@ Fields and how the simulation uses them:
 - ``cuda_graphs``: decode iterations replayed from CUDA graphs (no per-kernel host cost).
 - ``kv_page_tokens``: KV-cache allocation granularity in tokens (vLLM block 16; S-LoRA /
   LightLLM one token per slot, its "TokenAttention"); documentation, the simulation allocates
-  vLLM's blocks of 16 and reserves whole requests for the other schedulers.
+  vLLM's blocks of 16, admits S-LoRA requests by LightLLM's peak-usage test and reserves whole
+  requests for the ``mixed`` scheduler.
 - ``decode_attn_overhead``: fractional latency a paged decode-attention kernel adds over a
   contiguous-KV kernel streaming the same bytes (block-table look-ups, extra branches);
   multiplies the decode attention time by ``1 + x``. ``None``: not published, not applied.
@@ -141,10 +142,11 @@ ENGINES: dict[str, EngineSpec] = {
         },
         unpublished="The achieved bandwidth of LightLLM's token-granular attention kernels "
                     "(token_att_fwd / token_softmax / token_att_fwd2, one Triton program per "
-                    "request and head, num_stages=1) and the per-request Python cost of each "
-                    "decode step (sampling post-processing, router and detokenizer bookkeeping) "
-                    "are not published; the simulation prices the attention at the streaming "
-                    "rate and the host at the per-kernel dispatch time."),
+                    "request and head, num_stages=1), of the BGMV thread blocks, and the "
+                    "per-request Python cost of each decode step (router and detokenizer "
+                    "bookkeeping, InferBatch filter/merge) are not published; the simulation "
+                    "prices the attention and BGMV reads at the streaming rate, the sampler's "
+                    "sort by its bytes and one eager op per request at the dispatch time."),
     "trtllm": EngineSpec(
         name="trtllm", display="TensorRT-LLM (PyTorch backend, trtllm-bench)", scheduler="mixed",
         lora_kernel="sgmv", cuda_graphs=True, kv_page_tokens=None,

@@ -3,12 +3,14 @@
 Events are iterations of the engine (one forward over the batch), arrivals are consumed between
 them. Per iteration the work is O(batch) numpy, never per token per request in Python.
 
-Workload (as S-LoRA's benchmark generator, ``benchmarks/trace.py`` of S-LoRA/S-LoRA):
-``round(rate · duration)`` requests with gamma inter-arrival times with shape ``1/cv²`` and mean ``1/rate`` (cv = 1: Poisson); prompt and
-output lengths uniform integers in ``[lo, hi]``; the adapter of a request is
-``floor(N · X)`` with ``X ~ Power(alpha)`` (pdf ``alpha·x^(alpha−1)``; alpha = 1 is uniform,
-smaller alpha concentrates on low ids); adapter ``k`` has rank ``ranks[k mod len(ranks)]``.
-Or a trace CSV with columns ``time,adapter,prompt_len,output_len``.
+Workload: ``round(rate · duration)`` requests with gamma inter-arrival times with shape
+``1/cv²`` and mean ``1/rate`` (cv = 1: Poisson); prompt and output lengths uniform integers in
+``[lo, hi]``; the adapter of a request is ``floor(N · X)`` with ``X ~ Power(alpha)`` (pdf
+``alpha·x^(alpha−1)``; alpha = 1 is uniform, smaller alpha concentrates on low ids); adapter
+``k`` has rank ``ranks[k mod len(ranks)]``. ``generator='slora'`` draws them exactly as S-LoRA's
+benchmark does (``benchmarks/trace.py`` of S-LoRA/S-LoRA: legacy ``np.random`` seeded once,
+``int(rate · duration)`` requests, upper bounds exclusive). Or a trace CSV with columns
+``time,adapter,prompt_len,output_len``.
 
 Schedulers:
 
@@ -18,11 +20,14 @@ Schedulers:
   grows block by block (16 tokens) and, when it runs out, the newest request is preempted and
   later recomputed. Decode runs under CUDA graphs. LoRA through Punica's SGMV kernels.
 - ``slora``: S-LoRA's router (LightLLM base, arXiv:2311.03285): new requests are admitted only
-  when nothing runs or after ``max_wait_tokens`` = 10 decode steps; admission reserves each
-  request's prompt plus its maximum new tokens in the unified pool (no preemption); a prefill
-  batch holds at most ``batch_max_tokens`` tokens (LightLLM default: 1/6 of the pool); the
-  adapters of the new batch are swapped in from host memory before its prefill (exposed,
-  or overlapped with the previous iteration with ``prefetch``); eager kernels; MBGMM/MBGMV.
+  when nothing runs or after ``max_wait_tokens`` = 10 decode steps; admission is LightLLM's
+  peak-usage test (the running and new requests, each run to its maximum new tokens and
+  freed when done, must fit the unified pool minus the adapters' slots; no preemption); a
+  prefill batch holds at most ``batch_max_tokens`` tokens (LightLLM default: 1/6 of the
+  pool); the adapters of the new batch are swapped in from host memory before its prefill
+  (exposed, or overlapped with the previous iteration with ``prefetch``); eager kernels, the
+  engine's LoRA kernel (S-LoRA's code: per-token BGMV, MBGMM for large prefills), one eager
+  op per request per step and a full-vocabulary sort in sampling.
   With the S-LoRA engine's ``running-batch`` residency, adapters no running request uses are
   freed whenever requests finish, and each load crosses the host link twice
   (:mod:`simcost.serve.engines`).
@@ -91,7 +96,7 @@ class Workload:
             if self.cv <= 0:
                 raise SimcostError("--cv must be > 0")
             shape = 1.0 / self.cv ** 2
-            # S-LoRA's generator: exactly rate x duration requests, gamma gaps (mean 1/rate)
+            # round(rate x duration) requests, gamma gaps (mean 1/rate)
             n = max(1, int(round(self.rate * self.duration)))
             t = np.cumsum(rng.gamma(shape, 1.0 / (shape * self.rate), n))
         prompt = rng.integers(lo_i, hi_i + 1, n)

@@ -42,6 +42,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from simcost.errors import SimcostError
+
 # 400 Gb/s NDR InfiniBand per GPU (ConnectX-7), one direction: 400e9 / 8 bytes/s
 DEFAULT_INTER_NODE_BW = 400e9 / 8
 DEFAULT_INTER_NODE_LAT = 5e-6
@@ -86,6 +88,9 @@ class Topology:
         inter = Link("infiniband-ndr (default)", DEFAULT_INTER_NODE_BW, DEFAULT_INTER_NODE_LAT)
         dims = int(ic.torus_dims.value) if ic is not None and ic.torus_dims is not None else 0
         if dims > 0:           # the whole slice is one ICI domain, whatever the host count
+            if nodes not in (None, 1):
+                raise SimcostError(f"--nodes does not apply to {profile.name}: a TPU slice is "
+                                   f"one ICI torus, whatever its host count")
             axis = max(2, math.ceil(round(devices ** (1.0 / dims), 9)))
             return cls(intra, inter, host, devices, 1, dims, axis)
         if nodes is None or nodes < 1:

@@ -144,36 +144,57 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
     temps = 0
     for r in analysis.records:
         temps = np.maximum(temps, r.cost.temp_bytes)
-    lt = g.tensors[_logits_tid(g)]
-    logits = lt.nbytes
-    f32 = logits / BYTES[lt.dtype] * 4
-    loss_grad = f32 + (logits if lt.dtype != "fp32" else 0)
     blocks = g.block_segments()
     lowest_grad = g.tensors[blocks[0].input_tid].nbytes if blocks else 0
-    if loss_chunks == 1:
-        end_fwd = act + logits
-        start_bwd = act + logits + loss_grad
-    else:
-        c = loss_chunk_fraction(g.seq, loss_chunks)
-        end_fwd = act + logits + (c * f32 if lt.dtype != "fp32" else 0)
-        start_bwd = act + np.maximum(2 * c * f32, chunked_head_grad_peak(
-            g, logits, f32, loss_chunks, lowest_grad))
+    loss = loss_peak(g, loss_chunks, lowest_grad)
     bwd_steps = backward_step_terms(g, optimizer, mixed, foreach)
     if optimizer_in_backward and trainable:
-        base = {"head": act - f32, "act": act, "prologue": _prologue_saved(g, analysis)}
-        step = 0
-        for kind, gb, tb in bwd_steps:
-            step = np.maximum(step, base[kind] + gb + tb)
-        end_bwd = step + 2 * lowest_grad
+        end_bwd = in_backward_peak(bwd_steps, act, logits_fp32_bytes(g),
+                                   prologue_saved(g, analysis)) + 2 * lowest_grad
         opt_step = 0
         grads = max(gb for _, gb, _ in bwd_steps)   # the most gradient bytes live at once
     else:
         end_bwd = grads + 2 * lowest_grad
         opt_step = grads + opt_temp
+    end_fwd = start_bwd = act + loss
     dynamic = np.maximum(np.maximum(np.maximum(end_fwd, start_bwd), end_bwd), opt_step) + temps
     peak = runtime_overhead + weights + master + opt + dynamic
     return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak,
                   tuple(bwd_steps))
+
+
+def logits_fp32_bytes(g, tp: int = 1):
+    """The logits' fp32 size (the loss's log-probabilities), per device of a vocab split."""
+    lt = g.tensors[_logits_tid(g)]
+    return lt.nbytes / BYTES[lt.dtype] * 4 / tp
+
+
+def loss_peak(g, chunks: int, flowing, tp: int = 1):
+    """Bytes above the activations at the loss's worst instant (end of forward or start of
+    backward), per device when the LM head is vocabulary-parallel over ``tp``. Unchunked (HF):
+    the logits, their fp32 log-probabilities and the fp32 gradient plus its cast. Chunked
+    (``chunks`` > 1): see the module docstring; ``flowing`` is the hidden-state gradient
+    entering the blocks."""
+    lt = g.tensors[_logits_tid(g)]
+    logits = lt.nbytes / tp
+    f32 = logits_fp32_bytes(g, tp)
+    if chunks == 1:
+        return logits + f32 + (logits if lt.dtype != "fp32" else 0)
+    c = loss_chunk_fraction(g.seq, chunks)
+    end_fwd = logits + (c * f32 if lt.dtype != "fp32" else 0)
+    head = chunked_head_grad_peak(g, lt.nbytes, f32 * tp, chunks, flowing) / tp
+    return np.maximum(end_fwd, np.maximum(2 * c * f32, head))
+
+
+def in_backward_peak(bwd_steps, act, f32, prologue, g_share=1.0, o_share=1.0):
+    """With the optimizer stepped inside the backward: the worst (activations alive at a
+    parameter's hook) + its gradient + its update temporaries (shares: the device's part of
+    them under ZeRO)."""
+    base = {"head": act - f32, "act": act, "prologue": prologue}
+    step = 0
+    for kind, gb, tb in bwd_steps:
+        step = np.maximum(step, base[kind] + gb * g_share + tb * o_share)
+    return step
 
 
 def loss_chunk_fraction(seq, chunks: int):
@@ -241,7 +262,7 @@ def backward_step_terms(g, optimizer: str, mixed: str, foreach: bool) -> list:
     return list(worst.values())
 
 
-def _prologue_saved(g, analysis):
+def prologue_saved(g, analysis):
     """Saved bytes of the segments before the first block (the embedding's), alive when the
     embedding's gradient is made."""
     total = 0

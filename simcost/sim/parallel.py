@@ -69,7 +69,8 @@ from dataclasses import dataclass, field
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim import collectives as C
-from simcost.sim.memory import ckpt_mode, selective_activations, training_memory
+from simcost.sim.memory import (ckpt_mode, in_backward_peak, logits_fp32_bytes, loss_peak,
+                                prologue_saved, selective_activations, training_memory)
 from simcost.sim.timing import TimeModel, attention_kind, optimizer_time, recomputed
 
 BLOCK_PREFIX = ("model.layers", "transformer.h")
@@ -377,8 +378,11 @@ class Context:
     micro-batch shape, segment times cached per (shape, tp, sp, cp))."""
 
     def __init__(self, build, device, profile, topo, *, global_batch, seq, dtype, compute_dtype,
-                 fp8, fp8_attention, optimizer, mixed, checkpointing, spec):
+                 fp8, fp8_attention, optimizer, mixed, checkpointing, spec, loss_chunks=1,
+                 optimizer_in_backward=False):
         self.build = build            # (micro_batch, seq_local) -> (g, a)
+        self.loss_chunks = loss_chunks                      # simcost.sim.memory's docstring
+        self.optimizer_in_backward = optimizer_in_backward
         self.device = device
         self.profile = profile
         self.topo = topo
@@ -752,10 +756,13 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
         # FSDP2 with CPUOffloadPolicy copies each reduce-scattered shard to the host and frees
         # the device copy (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py
         # foreach_reduce); ZeRO-Offload copies each reduced partition into a pinned host buffer
-        # (deepspeed/runtime/zero/stage_1_and_2.py, cpu_offload). On the device: one block's
-        # gradients in flight before they are reduced
+        # (deepspeed/runtime/zero/stage_1_and_2.py, cpu_offload). With sharded gradients
+        # (ZeRO-2/3) the device holds the unreduced gradients of one block, or of the largest
+        # parameter outside the blocks (embedding, head), in flight
         opt = master = 0.0
-        grads = float(mem.gradients) * tr_share / max(layers_stage, 1)
+        if plan.zero >= 2:
+            grads = min(grads, max(float(mem.gradients) * tr_share / max(layers_stage, 1),
+                                   _largest_outside_grad(ctx, plan, mem) / tp))
     sp = plan.sp and tp > 1
     tp_act = 1.0 / tp if sp else (TP_REPLICATED_ACT_FRACTION + (1 - TP_REPLICATED_ACT_FRACTION) / tp)
     inflight = min(m, pp) if pp > 1 else 1
@@ -765,25 +772,15 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
     other_act = act["other"] / tp
     activations = block_act + other_act + act["recompute_block"] * tp_act
     temps = float(mem.temporaries) / tp
-    # logits (vocab-parallel) and the loss gradient on the last stage
-    g, _ = ctx.graph(plan.micro_batch, plan.cp)
-    from simcost.sim.memory import _logits_tid
-    lt = g.tensors[_logits_tid(g)]
-    logits = float(lt.nbytes) / tp
-    f32 = logits / BYTES[lt.dtype] * 4
-    loss_grad = f32 + (logits if lt.dtype != "fp32" else 0)
-    # chunked cross-entropy and optimizer-in-backward (simcost.sim.memory's docstring): the
-    # options ride on the context (estimate_parallel sets them)
-    chunks = getattr(ctx, "loss_chunks", 1)
-    in_bwd = getattr(ctx, "optimizer_in_backward", False)
-    if chunks > 1:
-        from simcost.sim.memory import chunked_head_grad_peak, loss_chunk_fraction
-        c = loss_chunk_fraction(g.seq, chunks)
-        loss_peak = max(logits + (c * f32 if lt.dtype != "fp32" else 0.0), 2 * c * f32,
-                        float(chunked_head_grad_peak(g, float(lt.nbytes), f32 * tp, chunks, 0))
-                        / tp)
-    else:
-        loss_peak = logits + loss_grad
+    # logits (vocab-parallel) and the loss on the last stage; chunked cross-entropy and
+    # optimizer-in-backward as simcost.sim.memory prices them. The latter frees gradients only
+    # where each rank owns its shard (ZeRO-2/3, FSDP): DDP's reducer keeps gradient-sized
+    # buckets whatever the optimizer does
+    g, a = ctx.graph(plan.micro_batch, plan.cp)
+    blocks = g.block_segments()
+    flowing = float(g.tensors[blocks[0].input_tid].nbytes) / tp if blocks else 0.0
+    loss = float(loss_peak(g, ctx.loss_chunks, flowing, tp))
+    in_bwd = ctx.optimizer_in_backward and (plan.zero >= 2 or dp == 1)
     opt_temp = opt / 2 if ctx.optimizer != "sgd" else 0.0
     g_share = grads / float(mem.gradients) if float(mem.gradients) else 0.0
     o_share = opt / float(mem.optimizer) if float(mem.optimizer) else 0.0
@@ -796,10 +793,11 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
     if in_bwd and mem.bwd_steps:
         # one parameter's (sharded) gradient and update temporaries at a time, on top of the
         # activations still alive when its hook fires
-        base = {"head": activations - f32, "act": activations, "prologue": 0.0}
-        grad_term = max(base[k] + gb * g_share + tb * o_share for k, gb, tb in mem.bwd_steps)
+        grad_term = float(in_backward_peak(mem.bwd_steps, activations, logits_fp32_bytes(g, tp),
+                                           float(prologue_saved(g, a)) / tp, g_share, o_share)
+                          ) + 2 * flowing
         grads = max(gb * g_share for _, gb, _ in mem.bwd_steps)
-    dynamic = max(activations + loss_peak + ds_bwd, grad_term) + temps
+    dynamic = max(activations + loss + ds_bwd, grad_term) + temps
     runtime = float(mem.runtime_overhead)
     peak = runtime + weights + master + opt + ds_res + dynamic
     out = {"weights": weights, "gradients": grads, "optimizer": opt, "master_weights": master,
@@ -809,6 +807,18 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
         out["deepspeed_buckets_backward"] = ds_bwd
         out["deepspeed_buffers_resident"] = ds_res
     return out
+
+
+def _largest_outside_grad(ctx, plan, mem) -> float:
+    """Gradient bytes of the largest trainable parameter outside the transformer blocks."""
+    g, _ = ctx.graph(plan.micro_batch, plan.cp)
+    numel = {id(p): (p, c) for p, c in g.params() if p.trainable}
+    total = sum(p.numel * c for p, c in numel.values())
+    outside = [p.numel for seg in g.segments if seg.first_layer is None for op in seg.ops
+               for p in op.params if p.trainable]
+    if not total or not outside:
+        return 0.0
+    return float(mem.gradients) / total * max(outside)
 
 
 def _deepspeed_memory(ctx, plan, g, ps, layers_stage, L, weights, opt):

@@ -68,9 +68,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     ctx = P.Context(build, device, profile, topo, global_batch=batch, seq=seq, dtype=store,
                     compute_dtype=compute, fp8=fp8, fp8_attention=fp8_attention,
                     optimizer=optimizer, mixed=mixed_precision,
-                    checkpointing=grad_checkpointing, spec=spec)
-    ctx.loss_chunks = loss_chunks                      # read by plan_memory
-    ctx.optimizer_in_backward = optimizer_in_backward
+                    checkpointing=grad_checkpointing, spec=spec, loss_chunks=loss_chunks,
+                    optimizer_in_backward=optimizer_in_backward)
     candidates = []
     if parallel == "auto":
         plans = P.enumerate_plans(devices, batch, spec, seq, topo.gpus_per_node,
@@ -81,6 +80,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
             plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
         if ds is not None:
             plans = [P.Plan(**{**p.__dict__, "deepspeed": ds}) for p in plans]
+        if optimizer_in_backward:       # no gradient accumulation (see _check_in_backward)
+            plans = [p for p in plans if p.micro_batches == 1]
         if not plans:
             raise SimcostError(f"no valid parallel plan for {devices} devices, global batch "
                                f"{batch} and the given constraints")
@@ -93,6 +94,10 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                            micro_batch=micro_batch, sp=sequence_parallel, tp_overlap=tp_overlap,
                            schedule=pp_schedule, virtual_stages=virtual_stages, offload=offload,
                            spec=spec, seq=seq, deepspeed=ds, ep=ep)
+        if optimizer_in_backward and plan.micro_batches > 1:
+            raise SimcostError(f"--optimizer-in-backward steps each parameter as its gradient "
+                               f"arrives, so gradients cannot accumulate over the plan's "
+                               f"{plan.micro_batches} micro-batches (torchtune refuses it too)")
         if plan.tp > topo.gpus_per_node:
             raise SimcostError(f"tp = {plan.tp} exceeds the {topo.gpus_per_node} devices of a node")
         best = P.evaluate_plan(ctx, plan)

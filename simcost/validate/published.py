@@ -615,11 +615,9 @@ def _map_torchtune(row: dict) -> Mapping:
                      f"{batch or 1}, GA {ga}; memory per device")
         if "fsdp_cpu_offload" in flags:
             dist["offload"] = "params"
-            notes.append("fsdp_cpu_offload: parameter shards and the AdamW step on the host "
-                         "(plan offload 'params': two unsharded layers on the device)")
-            caveats.append("FSDP2 CPU offload copies each reduced gradient shard to the host "
-                           "after its reduce-scatter; simcost's offload plan keeps the "
-                           "gradient shards (gradients / dp) on the device")
+            notes.append("fsdp_cpu_offload: parameter and gradient shards and the AdamW step "
+                         "on the host (plan offload 'params': two unsharded layers and one "
+                         "layer's unreduced gradients on the device)")
     return Mapping(model=_model(row), hardware=hw, batch=gbatch, seq=seq, peft=spec,
                    grad_accum=ga, dtype="bf16", attn="flash", optimizer=opt,
                    grad_checkpointing="ac" in flags, memory_scope="torch_allocator",
