@@ -397,3 +397,12 @@ def test_tpu_slice_is_one_ici_torus():
     with pytest.raises(SimcostError, match="one ICI torus"):
         estimate_train("llama-2-7b", "tpu-v5e", batch=16, seq=1024, devices=16, nodes=4,
                        dp=16, micro_batch=1, peft="full")
+
+
+def test_nvl72_rack_is_one_nvlink_domain():
+    from simcost.hardware import load_profile
+    t = C.Topology.from_profile(load_profile("gb200"), 144)
+    assert (t.gpus_per_node, t.nodes) == (72, 2)
+    assert "nvlink" in t.link(64).kind and "infiniband" in t.link(144).kind
+    t8 = C.Topology.from_profile(load_profile("b200"), 144)
+    assert t8.gpus_per_node == 8 and "infiniband" in t8.link(16).kind

@@ -198,5 +198,6 @@ def test_mlperf_mapping_follows_the_submitters_system_config(rows):
     amd = dict(_row(rows, "MLPERF-022"), hardware="AMD Instinct MI300X 192GB (MI300X_8)")
     mp = P.map_row(amd)
     assert mp.hardware == "mi300x" and any("non-NVIDIA" in c for c in mp.caveats)
+    assert P.map_row(dict(amd, hardware="NVIDIA GB200 (GB200 NVL72)")).hardware == "gb200"
     with pytest.raises(P.Unsupported, match="no profile"):
-        P.map_row(dict(amd, hardware="NVIDIA GB200 (GB200 NVL72)"))
+        P.map_row(dict(amd, hardware="NVIDIA GB300 (GB300 NVL72)"))

@@ -41,12 +41,15 @@ class Link(BaseModel):
     """A device's link. ``bandwidth_bytes_per_s``: one direction, all of the device's links
     together. ``torus_dims`` (TPU ICI): the devices form a wrap-around torus of that many
     dimensions, every device with 2 links per axis; a collective over a group gets the
-    bandwidth of the axes the group spans (see :mod:`simcost.sim.collectives`)."""
+    bandwidth of the axes the group spans (see :mod:`simcost.sim.collectives`).
+    ``domain_devices``: how many devices share this link (an NVLink domain: 8 in an HGX
+    server, 72 in a GB200 NVL72 rack); absent: 8."""
     model_config = ConfigDict(extra="forbid")
     kind: str
     bandwidth_bytes_per_s: Quantity | None = None
     latency_s: Quantity | None = None
     torus_dims: Quantity | None = None
+    domain_devices: Quantity | None = None
 
 
 class TimeModelSpec(BaseModel):

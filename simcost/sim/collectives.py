@@ -20,8 +20,9 @@ all-gather and reduce-scatter likewise split into an inter-node step on 1/g of t
 an intra-node step on all of it). :meth:`Topology.all_reduce` and friends price both and take
 the cheaper, as NCCL's tuner picks the faster algorithm.
 
-Topology: ranks are packed ``gpus_per_node`` to a node. A group whose ranks all lie in one
-node uses the profile's ``interconnect`` (NVLink/NVSwitch, PCIe, Infinity Fabric, TPU ICI); a
+Topology: ranks are packed ``gpus_per_node`` to a node (the profile's NVLink domain,
+``interconnect.domain_devices``: 8 unless stated; 72 for a GB200 NVL72 rack). A group whose
+ranks all lie in one node uses the profile's ``interconnect`` (NVLink/NVSwitch, PCIe, Infinity Fabric, TPU ICI); a
 group spanning nodes is limited by the inter-node network, one NIC per GPU (rail-optimised).
 Unless the profile says otherwise the inter-node link is 400 Gb/s NDR InfiniBand per GPU
 (ConnectX-7, 8 per DGX H100: NVIDIA DGX H100 user guide, "8x single-port ConnectX-7 VPI,
@@ -93,8 +94,10 @@ class Topology:
                                    f"one ICI torus, whatever its host count")
             axis = max(2, math.ceil(round(devices ** (1.0 / dims), 9)))
             return cls(intra, inter, host, devices, 1, dims, axis)
+        domain = (int(ic.domain_devices.value) if ic is not None and ic.domain_devices is not None
+                  else DEFAULT_GPUS_PER_NODE)
         if nodes is None or nodes < 1:
-            nodes = max(1, -(-devices // DEFAULT_GPUS_PER_NODE))
+            nodes = max(1, -(-devices // domain))
         per_node = max(1, -(-devices // nodes))
         return cls(intra, inter, host, per_node, nodes)
 

@@ -94,6 +94,11 @@ PROFILE_INPUTS = {
     "HWEFF-MAMF-005": "h100-sxm / h200 time_model.matmul_efficiency",
     "HWEFF-MAMF-007": "b200 time_model.matmul_efficiency",
     "HWEFF-MAMF-012": "mi300x time_model.matmul_efficiency",
+    "HWEFF-MAMF-009": "gb200 time_model.matmul_efficiency",
+    "HWEFF-MAMF-016": "b200 time_model.matmul_efficiency_fp8",
+    "HWEFF-MAMF-018": "h200 time_model.matmul_efficiency_fp8",
+    "HWEFF-MAMF-019": "gb200 time_model.matmul_efficiency_fp8",
+    "HWEFF-MAMF-020": "h100-sxm time_model.matmul_efficiency_fp8",
     "INF-VIDUR-OP-014": "a100-80gb-sxm time_model.bandwidth_efficiency (decode GEMV, weight-bound)",
     "INF-VIDUR-OP-029": "h100-sxm time_model.bandwidth_efficiency (decode GEMV, weight-bound)",
 }
@@ -642,8 +647,9 @@ def _map_vidur(row: dict) -> GemmMapping:
 
 # MLPerf Training llama2_70b_lora -------------------------------------------------------------
 
-MLPERF_HARDWARE = [(r"h100", "h100-sxm"), (r"h200", "h200"), (r"gb200", None),
-                   (r"b200|blackwell", "b200"), (r"l40s", "l40s"), (r"mi300x", "mi300x")]
+MLPERF_HARDWARE = [(r"h100", "h100-sxm"), (r"h200", "h200"), (r"gb300|b300", None),
+                   (r"gb200", "gb200"), (r"b200|blackwell", "b200"), (r"l40s", "l40s"),
+                   (r"mi300x", "mi300x")]
 
 
 # (TP communication overlap, fp8 fused attention) where a system's NeMo config overrides
@@ -668,7 +674,7 @@ def _map_mlperf(row: dict) -> Mapping:
         raise Unsupported("MLPerf: only per-step time rows are expressible")
     hw_text = row["hardware"].lower()
     hw = next((name for pat, name in MLPERF_HARDWARE if re.search(pat, hw_text)), None)
-    if hw is None:      # no pattern, or GB200 (NVL72: a 72-GPU NVLink domain, no profile yet)
+    if hw is None:      # no pattern, or a device without a profile (Blackwell Ultra)
         raise Unsupported(f"hardware '{row['hardware']}' has no profile")
     n = _int(row["n_devices"]) or 1
     gb, ga = parse_batch(row["batch_size"])
