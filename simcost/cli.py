@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "upcast and cross-entropy'd N sequence chunks at a time (default 1)")
     t.add_argument("--optimizer-in-backward", action="store_true",
                    help="optimizer stepped per parameter in backward (torchtune "
-                        "optimizer_in_bwd): gradients freed as they are applied")
+                        "optimizer_in_bwd): gradients freed as they are applied; no "
+                        "gradient accumulation, and nothing freed under DDP (ZeRO-0/1)")
     t.add_argument("--jobs", type=_positive_int, default=None,
                    help="N PEFT jobs sharing one frozen base (mLoRA BatchLoRA); --batch is "
                         "per job; compares against N separate runs")
