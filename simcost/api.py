@@ -86,8 +86,13 @@ def resolve_peft(peft: str | PeftSpec | None = None, peft_config: str | None = N
     return spec
 
 
-def _model(model: str | ModelSpec) -> ModelSpec:
-    return model if isinstance(model, ModelSpec) else load_model(model)
+def _model(model: str | ModelSpec, max_positions: int | None = None) -> ModelSpec:
+    """The model's spec; ``max_positions`` states an extended context (``--max-positions``)."""
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    if max_positions:
+        import dataclasses
+        spec = dataclasses.replace(spec, max_positions=int(max_positions))
+    return spec
 
 
 def _check_seq(spec: ModelSpec, seq, extra: int) -> list[str]:
@@ -146,10 +151,7 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
     if batch < 1:
         raise SimcostError(f"batch must be >= 1, got {batch}")
     _check_memory_modes(loss_chunks, optimizer_in_backward, optimizer)
-    spec = _model(model)
-    if max_positions:
-        import dataclasses
-        spec = dataclasses.replace(spec, max_positions=int(max_positions))
+    spec = _model(model, max_positions)
     distributed = (devices != 1 or parallel is not None or dtype == "fp8" or offload != "none"
                    or any(x not in (None, 1) for x in (tp, pp, dp, cp)) or zero
                    or micro_batch is not None or fp8_attention or ep not in (None, 1))
@@ -281,10 +283,7 @@ def estimate_multi_train(model: str | ModelSpec, hardware: str, *, jobs: int, ba
     if loss_chunks != 1 or optimizer_in_backward:
         raise SimcostError("--jobs is priced with one loss and one optimizer step per job "
                            "(no --loss-chunks or --optimizer-in-backward)")
-    spec = _model(model)
-    if max_positions:
-        import dataclasses
-        spec = dataclasses.replace(spec, max_positions=int(max_positions))
+    spec = _model(model, max_positions)
     check_options(dtype, mixed_precision)
     pspec = resolve_peft(peft, peft_config, **peft_options)
     from simcost.peft import tokens_added
@@ -331,7 +330,6 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
 
     Returns arrays shaped (len(batches), len(seqs)) for step time, tokens/s, peak memory, fits.
     """
-    spec = _model(model)
     dtype = kw.pop("dtype", "bf16")
     mixed = kw.pop("mixed_precision", "none")
     attn = kw.pop("attn", "sdpa")
@@ -339,11 +337,8 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **kw) -
     ckpt = kw.pop("grad_checkpointing", False)
     chunks = kw.pop("loss_chunks", 1)
     in_bwd = kw.pop("optimizer_in_backward", False)
-    max_positions = kw.pop("max_positions", None)
+    spec = _model(model, kw.pop("max_positions", None))
     _check_memory_modes(chunks, in_bwd, optimizer)
-    if max_positions:
-        import dataclasses
-        spec = dataclasses.replace(spec, max_positions=int(max_positions))
     check_options(dtype, mixed)
     pspec = resolve_peft(kw.pop("peft", None), kw.pop("peft_config", None), **kw)
     bb, ss = np.meshgrid(np.asarray(batches, dtype=np.float64), np.asarray(seqs, dtype=np.float64),

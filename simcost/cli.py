@@ -243,13 +243,12 @@ def _estimate_multi(a, peft, ckpt, opts) -> int:
             any(x not in (None, 1) for x in (a.tp, a.pp, a.dp, a.cp, a.ep)):
         raise SimcostError("--jobs is priced on one device (no --devices, --parallel, --zero, "
                            "--offload or fp8)")
-    if a.loss_chunks != 1 or a.optimizer_in_backward:
-        raise SimcostError("--jobs does not take --loss-chunks or --optimizer-in-backward")
     r = estimate_multi_train(a.model, a.hardware, jobs=a.jobs, batch=a.batch, seq=a.seq,
                              peft=peft or "lora", peft_config=a.peft_config, dtype=a.dtype,
                              mixed_precision=a.mixed_precision, attn=a.attn,
                              optimizer=a.optimizer, grad_checkpointing=ckpt,
-                             max_positions=a.max_positions, **opts)
+                             max_positions=a.max_positions, loss_chunks=a.loss_chunks,
+                             optimizer_in_backward=a.optimizer_in_backward, **opts)
     _warn(r.shared.warnings)
     if a.json:
         d = r.model_dump()

@@ -101,6 +101,11 @@ class Topology:
         per_node = max(1, -(-devices // nodes))
         return cls(intra, inter, host, per_node, nodes)
 
+    @property
+    def torus_axis_bandwidth(self) -> float:
+        """One torus axis's bandwidth per chip, one way (2 of its links)."""
+        return self.intra.bandwidth / self.torus_dims
+
     def link(self, group: int, stride: int = 1) -> Link:
         """The bottleneck link of a group of ``group`` ranks spaced ``stride`` apart."""
         if group <= 1:
@@ -111,7 +116,7 @@ class Topology:
             hi = int(math.floor(math.log((group - 1) * stride) / math.log(a) + 1e-9))
             axes = max(1, min(self.torus_dims, hi - lo + 1))
             return Link(f"{self.intra.kind} torus ({axes} of {self.torus_dims} axes)",
-                        self.intra.bandwidth / self.torus_dims * axes, self.intra.latency)
+                        self.torus_axis_bandwidth * axes, self.intra.latency)
         span = group * stride
         return self.intra if span <= self.gpus_per_node else self.inter
 

@@ -63,10 +63,6 @@ class Memory:
     temporaries: object
     runtime_overhead: object
     peak: object
-    # optimizer-in-backward instants, per kind of alive activations ('head': all but the
-    # loss's log-probabilities, 'act': all, 'prologue': the prologue's own): (kind, gradient
-    # bytes, update temporaries bytes) of the worst parameter of each kind (see the docstring)
-    bwd_steps: tuple = ()
 
     def breakdown(self, capacity: float) -> dict:
         """The ``memory_bytes`` mapping of an estimate."""
@@ -147,8 +143,8 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
     blocks = g.block_segments()
     lowest_grad = g.tensors[blocks[0].input_tid].nbytes if blocks else 0
     loss = loss_peak(g, loss_chunks, lowest_grad)
-    bwd_steps = backward_step_terms(g, optimizer, mixed, foreach)
     if optimizer_in_backward and trainable:
+        bwd_steps = backward_step_terms(g, optimizer, mixed, foreach)
         end_bwd = in_backward_peak(bwd_steps, act, logits_fp32_bytes(g),
                                    prologue_saved(g, analysis)) + 2 * lowest_grad
         opt_step = 0
@@ -156,11 +152,10 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
     else:
         end_bwd = grads + 2 * lowest_grad
         opt_step = grads + opt_temp
-    end_fwd = start_bwd = act + loss
-    dynamic = np.maximum(np.maximum(np.maximum(end_fwd, start_bwd), end_bwd), opt_step) + temps
+    # the loss instants (end of forward, start of backward), the end of backward, the step
+    dynamic = np.maximum(np.maximum(act + loss, end_bwd), opt_step) + temps
     peak = runtime_overhead + weights + master + opt + dynamic
-    return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak,
-                  tuple(bwd_steps))
+    return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak)
 
 
 def logits_fp32_bytes(g, tp: int = 1):
@@ -224,8 +219,10 @@ def _head_weight(g):
 
 
 def backward_step_terms(g, optimizer: str, mixed: str, foreach: bool) -> list:
-    """Per kind of alive activations, the worst (kind, gradient bytes, update temporaries)
-    of one trainable parameter stepped inside the backward (see the module docstring)."""
+    """Per kind of alive activations ('head': all but the loss's log-probabilities, 'act':
+    all, 'prologue': the prologue's own), the worst (kind, gradient bytes, update
+    temporaries) of one trainable parameter stepped inside the backward (see the module
+    docstring)."""
     segs: dict[int, list] = {}
     first_block = next((i for i, s in enumerate(g.segments) if s.first_layer is not None), None)
     head = len(g.segments) - 1

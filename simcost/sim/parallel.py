@@ -69,8 +69,9 @@ from dataclasses import dataclass, field
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim import collectives as C
-from simcost.sim.memory import (ckpt_mode, in_backward_peak, logits_fp32_bytes, loss_peak,
-                                prologue_saved, selective_activations, training_memory)
+from simcost.sim.memory import (backward_step_terms, ckpt_mode, in_backward_peak,
+                                logits_fp32_bytes, loss_peak, prologue_saved,
+                                selective_activations, training_memory)
 from simcost.sim.timing import TimeModel, attention_kind, optimizer_time, recomputed
 
 BLOCK_PREFIX = ("model.layers", "transformer.h")
@@ -790,13 +791,15 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> dict:
         weights, grads, opt, master, opt_temp, ds_bwd, ds_res = _deepspeed_memory(
             ctx, plan, g, ps, layers_stage, L, weights, opt)
     grad_term = grads + opt_temp
-    if in_bwd and mem.bwd_steps:
+    steps = backward_step_terms(g, ctx.optimizer, ctx.mixed, ctx.device.kind != "cpu") \
+        if in_bwd else []
+    if steps:
         # one parameter's (sharded) gradient and update temporaries at a time, on top of the
         # activations still alive when its hook fires
-        grad_term = float(in_backward_peak(mem.bwd_steps, activations, logits_fp32_bytes(g, tp),
+        grad_term = float(in_backward_peak(steps, activations, logits_fp32_bytes(g, tp),
                                            float(prologue_saved(g, a)) / tp, g_share, o_share)
                           ) + 2 * flowing
-        grads = max(gb * g_share for _, gb, _ in mem.bwd_steps)
+        grads = max(gb * g_share for _, gb, _ in steps)
     dynamic = max(activations + loss + ds_bwd, grad_term) + temps
     runtime = float(mem.runtime_overhead)
     peak = runtime + weights + master + opt + ds_res + dynamic

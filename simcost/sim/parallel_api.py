@@ -80,7 +80,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
             plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
         if ds is not None:
             plans = [P.Plan(**{**p.__dict__, "deepspeed": ds}) for p in plans]
-        if optimizer_in_backward:       # no gradient accumulation (see _check_in_backward)
+        if optimizer_in_backward:       # no gradient accumulation under it (refused below)
             plans = [p for p in plans if p.micro_batches == 1]
         if not plans:
             raise SimcostError(f"no valid parallel plan for {devices} devices, global batch "
@@ -135,7 +135,7 @@ def _topology_dict(topo) -> dict:
     if topo.torus_dims:
         return {"ici_torus": {"kind": topo.intra.kind, "dims": topo.torus_dims,
                               "chips_per_axis": topo.torus_axis,
-                              "bandwidth_per_axis_bytes_per_s": topo.intra.bandwidth / topo.torus_dims,
+                              "bandwidth_per_axis_bytes_per_s": topo.torus_axis_bandwidth,
                               "latency_s": topo.intra.latency}}
     return {"intra_node": {"kind": topo.intra.kind, "bandwidth_bytes_per_s": topo.intra.bandwidth,
                            "latency_s": topo.intra.latency},

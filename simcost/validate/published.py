@@ -716,13 +716,8 @@ def predict(mp: Mapping, kind: str) -> tuple[float, dict]:
     if not mp.seq:
         raise Unsupported("sequence length not stated")
 
-    model = mp.model
-    if mp.max_positions:
-        import dataclasses
-
-        from simcost.models.config import load_model
-        model = dataclasses.replace(load_model(mp.model), max_positions=mp.max_positions)
-    r = estimate_train(model, mp.hardware, **mp.estimate_kwargs())
+    r = estimate_train(mp.model, mp.hardware, max_positions=mp.max_positions,
+                       **mp.estimate_kwargs())
     t = r.time_s
     micro = t["forward"] + t["backward"]
     step = mp.grad_accum * micro + t["optimizer"] + t.get("host_overhead", 0.0)
