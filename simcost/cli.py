@@ -15,17 +15,33 @@ PEFT_CHOICES = ("full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "ln_
                 "prefix", "prompt", "adapter", "lst")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its description (unless the text states it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kw)
+
     def error(self, message):  # one line, exit 2 (argparse prints usage + message otherwise)
-        raise SimcostError(f"{self.prog}: {message}")
+        where = self.prog.removeprefix("simcost").strip()
+        raise SimcostError(f"{where}: {message}" if where else message)
 
 
 def _positive_int(s: str) -> int:
+    """An integer; its range is the request's to check (one place for every entrance)."""
     try:
-        v = int(s)
+        return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got '{s}'") from None
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:                 # bare `simcost`: the help, as users expect
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
         return _dispatch(args)
     except SimcostError as e:
         print(f"simcost: error: {e}", file=sys.stderr)
@@ -194,32 +215,39 @@ def _dispatch(args) -> int:
     raise SimcostError(f"unknown command '{args.command}'")
 
 
-def _estimate_train(a) -> int:
-    from simcost.api import estimate_train
-
-    peft = a.peft
-    opts = dict(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.lora_dropout,
-                rslora=a.rslora, num_virtual_tokens=a.num_virtual_tokens,
-                trainable_layers=a.trainable_layers, adapter_dim=a.adapter_dim,
-                side_reduction=a.lst_reduction)
-    if peft == "dora":
-        peft, opts["dora"] = "lora", True
-    ckpt = a.checkpointing or ("full" if a.grad_checkpointing else "none")
+def _train_request(a, cls=None, **extra):
+    """The CLI's arguments as the same request the API builds (one validation for both)."""
+    from simcost.request.train import PeftShorthand, TrainRequest
     if a.checkpointing not in (None, "full") and a.grad_checkpointing:
         raise SimcostError(f"--grad-checkpointing contradicts --checkpointing {a.checkpointing}")
+    peft, dora = a.peft, None
+    if peft == "dora":              # DoRA is peft's LoRA with use_dora
+        peft, dora = "lora", True
+    short = PeftShorthand.build(rank=a.rank, alpha=a.alpha, targets=a.targets,
+                                dropout=a.lora_dropout, rslora=a.rslora, dora=dora,
+                                num_virtual_tokens=a.num_virtual_tokens,
+                                trainable_layers=a.trainable_layers, adapter_dim=a.adapter_dim,
+                                side_reduction=a.lst_reduction)
+    return (cls or TrainRequest).build(
+        model=a.model, hardware=a.hardware, batch=a.batch, seq=a.seq, peft=peft,
+        peft_config=a.peft_config, dtype=a.dtype, mixed_precision=a.mixed_precision,
+        attn=a.attn, optimizer=a.optimizer,
+        grad_checkpointing=a.checkpointing or ("full" if a.grad_checkpointing else "none"),
+        devices=a.devices, nodes=a.nodes, tp=a.tp, pp=a.pp, dp=a.dp, cp=a.cp, ep=a.ep,
+        zero=a.zero, parallel=a.parallel, micro_batch=a.micro_batch,
+        sequence_parallel=False if a.no_sequence_parallel else None, tp_overlap=a.tp_overlap,
+        pp_schedule=a.pp_schedule, virtual_stages=a.virtual_stages, offload=a.offload,
+        fp8_attention=a.fp8_attention, max_positions=a.max_positions,
+        loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
+        shorthand=short, **extra)
+
+
+def _estimate_train(a) -> int:
+    from simcost.api import run_train
+
     if a.jobs is not None:
-        return _estimate_multi(a, peft, ckpt, opts)
-    r = estimate_train(a.model, a.hardware, batch=a.batch, seq=a.seq, peft=peft,
-                       peft_config=a.peft_config, dtype=a.dtype, mixed_precision=a.mixed_precision,
-                       attn=a.attn, optimizer=a.optimizer, grad_checkpointing=ckpt,
-                       devices=a.devices, nodes=a.nodes, tp=a.tp, pp=a.pp, dp=a.dp, cp=a.cp,
-                       zero=a.zero, parallel=a.parallel, micro_batch=a.micro_batch,
-                       sequence_parallel=False if a.no_sequence_parallel else None,
-                       tp_overlap=a.tp_overlap, pp_schedule=a.pp_schedule,
-                       virtual_stages=a.virtual_stages, offload=a.offload,
-                       fp8_attention=a.fp8_attention, max_positions=a.max_positions, ep=a.ep,
-                       loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
-                       **opts)
+        return _estimate_multi(a)
+    r = run_train(_train_request(a))
     _warn(r.warnings)
     if a.json:
         print(json.dumps(r.model_dump_public()))
@@ -236,25 +264,16 @@ def _warn(warnings) -> None:
         print(f"simcost: warning: {w}", file=sys.stderr)
 
 
-def _estimate_multi(a, peft, ckpt, opts) -> int:
-    from simcost.api import estimate_multi_train
+def _estimate_multi(a) -> int:
+    from simcost.api import run_multi_train
+    from simcost.request.train import MultiTrainRequest
 
-    if a.devices != 1 or a.parallel or a.dtype == "fp8" or a.offload != "none" or a.zero or \
-            any(x not in (None, 1) for x in (a.tp, a.pp, a.dp, a.cp, a.ep)):
-        raise SimcostError("--jobs is priced on one device (no --devices, --parallel, --zero, "
-                           "--offload or fp8)")
-    r = estimate_multi_train(a.model, a.hardware, jobs=a.jobs, batch=a.batch, seq=a.seq,
-                             peft=peft or "lora", peft_config=a.peft_config, dtype=a.dtype,
-                             mixed_precision=a.mixed_precision, attn=a.attn,
-                             optimizer=a.optimizer, grad_checkpointing=ckpt,
-                             max_positions=a.max_positions, loss_chunks=a.loss_chunks,
-                             optimizer_in_backward=a.optimizer_in_backward, **opts)
+    if a.peft is None:
+        a.peft = "lora"
+    r = run_multi_train(_train_request(a, MultiTrainRequest, jobs=a.jobs))
     _warn(r.shared.warnings)
     if a.json:
-        d = r.model_dump()
-        d["shared"] = r.shared.model_dump_public()
-        d["separate"] = r.separate.model_dump_public()
-        print(json.dumps(d))
+        print(json.dumps(r.model_dump_public()))
         return 0
     c = r.comparison
     gib = 2 ** 30
@@ -316,8 +335,10 @@ def _models(a) -> int:
 
     specs = [load_model(n) for n in zoo_names()]
     if a.json:
-        print(json.dumps([{"name": s.name, "architecture": s.architecture, "layers": s.layers,
-                           "hidden": s.hidden} for s in specs]))
+        from simcost.result import SCHEMA_VERSION
+        print(json.dumps({"schema_version": SCHEMA_VERSION,
+                          "models": [{"name": s.name, "architecture": s.architecture,
+                                      "layers": s.layers, "hidden": s.hidden} for s in specs]}))
     else:
         from simcost.report import print_models
         print_models(specs)

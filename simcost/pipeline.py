@@ -20,3 +20,8 @@ def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str 
     g.meta["seq"] = seq
     apply_peft(g, model, peft)
     return g, analyse(g)
+
+
+def kernel_kind(device) -> str:
+    """Which kernel set runs: torch's CPU kernels, or the accelerator ones."""
+    return "cpu" if device.kind == "cpu" else "gpu"

@@ -1,8 +1,139 @@
-"""The result layer: what every entrance returns, and the version of its JSON form.
+"""The result layer: what the training entrances return, and the version of its JSON form.
 
 ``SCHEMA_VERSION`` is written as ``schema_version`` into every ``--json`` object; it changes
 when a key is renamed or removed or its meaning changes (adding keys does not change it).
 """
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict
+
+from simcost.models.config import ModelSpec
+from simcost.peft.spec import PeftSpec
+
 SCHEMA_VERSION = 1
+
+
+class TrainEstimate(BaseModel):
+    """One training-step estimate (SI units: FLOPs, bytes, seconds)."""
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model: str
+    hardware: str
+    batch: int
+    seq: int
+    dtype: str
+    mixed_precision: str
+    attn: str
+    optimizer: str
+    grad_checkpointing: bool
+    peft: dict
+    params: dict
+    flops: dict
+    memory_bytes: dict
+    time_s: dict
+    tokens_per_s: float
+    fits: bool
+    parallel: dict | None = None    # multi-device / fp8 estimates: plan, per-device numbers
+    checkpointing: str | None = None  # 'full' or 'selective' when activations are recomputed
+    cost_usd: dict | None = None    # from the profile's price per device-hour, when it has one
+    warnings: list[str] = []        # e.g. a sequence beyond the model's trained positions
+    loss_chunks: int | None = None  # chunked cross-entropy (torchtune), when N > 1
+    optimizer_in_backward: bool | None = None  # optimizer stepped per parameter in backward
+
+    def model_dump_public(self) -> dict:
+        """The ``--json`` object: ``schema_version`` first, empty optional keys left out."""
+        d = {"schema_version": SCHEMA_VERSION, **self.model_dump()}
+        if not d.get("warnings"):
+            d.pop("warnings", None)
+        for k in ("parallel", "checkpointing", "cost_usd", "loss_chunks",
+                  "optimizer_in_backward"):
+            if d.get(k) is None:
+                d.pop(k, None)
+        return d
+
+    @property
+    def params_trainable(self) -> int:
+        return self.params["trainable"]
+
+    @property
+    def params_total(self) -> int:
+        return self.params["total"]
+
+
+class MultiTrainEstimate(BaseModel):
+    """N PEFT jobs sharing one frozen base (mLoRA/ASPEN BatchLoRA) against N separate runs."""
+    jobs: int
+    shared: TrainEstimate           # all N jobs in one process; batch = per-job batch
+    separate: TrainEstimate         # one job alone (each of N separate runs)
+    phases_s: dict                  # the shared step: base vs adapter ops, optimizer
+    comparison: dict                # speed-up and memory against N separate runs
+
+    def model_dump_public(self) -> dict:
+        d = {"schema_version": SCHEMA_VERSION, **self.model_dump()}
+        d["shared"] = self.shared.model_dump_public()
+        d["separate"] = self.separate.model_dump_public()
+        return d
+
+
+def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dtype: str,
+                  mixed_precision: str, attn: str, optimizer: str, checkpointing,
+                  flops: dict | None = None, memory_bytes: dict | None = None,
+                  time_s: dict | None = None, tokens_per_s=None, fits=None,
+                  parallel: dict | None = None, warnings: list[str] = (),
+                  loss_chunks: int = 1, optimizer_in_backward: bool = False) -> TrainEstimate:
+    """The one place a :class:`TrainEstimate` is assembled: parameter counts from ``n`` (a
+    :class:`~simcost.sim.train.TrainNumbers`), every other number from ``n`` unless given
+    (the multi-device path passes its per-device memory, time and whole-job FLOPs)."""
+    from simcost.sim.memory import ckpt_mode
+    mode = ckpt_mode(checkpointing)
+    f = float
+    step_s = f((n.time_s if time_s is None else time_s)["step"])
+    tok_s = f(n.tokens_per_s if tokens_per_s is None else tokens_per_s)
+    return TrainEstimate(
+        model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
+        mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+        grad_checkpointing=mode != "none", peft=peft_dict(pspec),
+        params={"total": n.params_total, "trainable": n.params_trainable,
+                "added": n.params_added, "with_adapters": n.params_total + n.params_added},
+        flops={k: f(v) for k, v in (n.flops if flops is None else flops).items()},
+        memory_bytes={k: f(v) for k, v in (n.memory_bytes if memory_bytes is None
+                                           else memory_bytes).items()},
+        time_s={k: f(v) for k, v in (n.time_s if time_s is None else time_s).items()},
+        tokens_per_s=tok_s,
+        fits=bool(n.fits if fits is None else fits), parallel=parallel,
+        checkpointing=None if mode == "none" else mode,
+        cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
+        warnings=[*warnings, *device_warnings(device)],
+        loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
+        optimizer_in_backward=True if optimizer_in_backward else None)
+
+
+def device_warnings(device) -> list[str]:
+    """What an estimate on ``device`` should say about its profile's time model."""
+    tm = device.time_model or {}
+    if "matmul_efficiency" in tm or "gemm_table" in tm:
+        return []
+    return [f"hardware profile '{device.name}' has no measured matmul efficiency "
+            f"(time_model.matmul_efficiency): GEMMs are priced at the datasheet peak, an "
+            f"optimistic bound ('simcost calibrate' on the device measures it)"]
+
+
+def run_cost(device, devices: int, step_s: float, tokens_per_s: float) -> dict | None:
+    """Rental cost from the profile's price per device-hour (None when the profile has none)."""
+    if not device.price_usd_per_hour:
+        return None
+    per_hour = device.price_usd_per_hour * devices
+    return {"per_hour": per_hour, "per_step": per_hour * step_s / 3600,
+            "per_million_tokens": per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s else None,
+            "devices": devices, "price_per_device_hour": device.price_usd_per_hour}
+
+
+def peft_dict(spec: PeftSpec) -> dict:
+    d = {"method": "dora" if spec.dora else spec.method}
+    if spec.method in ("lora", "dora", "qlora"):
+        d.update(r=spec.r, alpha=spec.alpha, targets=spec.targets, rslora=spec.rslora,
+                 dropout=spec.dropout)
+    if spec.method in ("prefix", "prompt"):
+        d["num_virtual_tokens"] = spec.num_virtual_tokens
+    if spec.method == "lst":
+        d["reduction"] = spec.side_reduction
+    return d

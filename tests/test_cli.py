@@ -50,8 +50,8 @@ def test_cli_without_torch_import():
 @pytest.mark.parametrize("args,needle", [
     (["--model", "llama-2-7x"], "did you mean: llama-2-7b"),
     (["--hardware", "a100-80gb"], "did you mean: a100-80gb-sxm"),
-    (["--rank", "0"], "rank must be positive"),
-    (["--rank", "-3"], "rank must be positive"),
+    (["--rank", "0"], "--rank must be >= 1, got 0"),
+    (["--rank", "-3"], "--rank must be >= 1, got -3"),
     (["--targets", "q_proj,w_gate"], "'w_gate' is not in this model"),
     (["--model", "gpt2", "--peft", "full", "--seq", "1025"],
      "sequence length 1025 exceeds gpt2's 1024 learned positions"),

@@ -226,10 +226,11 @@ def test_cli_bad_input_one_line_exit_2(extra, capsys):
 
 def test_single_and_multi_device_share_the_builder():
     import inspect
-    from simcost import api
+    from simcost import api, result
     from simcost.sim import parallel_api
     assert "TrainEstimate(" not in inspect.getsource(parallel_api)
-    assert inspect.getsource(api).count("TrainEstimate(\n") == 1
+    assert " TrainEstimate(" not in inspect.getsource(api)
+    assert inspect.getsource(result).count("TrainEstimate(\n") == 1
 
 
 # -- chunked cross-entropy and optimizer in backward (torchtune) ------------------------------

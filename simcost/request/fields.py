@@ -41,7 +41,7 @@ def _int_like(v: Any) -> Any:
         return v
     if isinstance(v, float) and math.isfinite(v) and v == int(v):
         return int(v)
-    if type(v).__module__ == "numpy" and hasattr(v, "item"):
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
         return _int_like(v.item())
     return v
 
@@ -56,31 +56,37 @@ class Request(BaseModel):
         return _int_like(v)
 
     @classmethod
+    def option_name(cls, field: str) -> str:
+        """'micro_batch' -> '--micro-batch' (how the CLI spells a request field)."""
+        return "--" + field.replace("_", "-")
+
+    @classmethod
     def build(cls, **kw):
         """Construct, turning pydantic's report into one line naming the first bad field."""
         try:
             return cls(**kw)
         except ValidationError as e:
-            raise SimcostError(describe(e)) from None
+            raise SimcostError(describe(e, cls.option_name)) from None
 
 
-def option_name(field: str) -> str:
-    """'micro_batch' -> '--micro-batch' (how the CLI spells a request field)."""
-    return "--" + field.replace("_", "-")
+_PHRASES = (("Input should be ", "must be "), ("Value error, ", ""), ("Assertion failed, ", ""),
+            ("greater than or equal to ", ">= "), ("less than or equal to ", "<= "),
+            ("greater than ", "> "), ("less than ", "< "))
 
 
-def describe(e: ValidationError) -> str:
+def describe(e: ValidationError, option_name=Request.option_name) -> str:
     err = e.errors()[0]
+    msg = err["msg"]
+    for a, b in _PHRASES:
+        msg = msg.replace(a, b)
     loc = [str(x) for x in err["loc"] if not isinstance(x, int)]
-    name = option_name(loc[0]) if loc else "input"
+    if not loc:                      # a check across fields: its message says it all
+        return msg
+    name = option_name(loc[0])
     if len(loc) > 1:
         name += " (" + ".".join(loc[1:]) + ")"
-    msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return f"unknown option {name}"
-    for a, b in (("Input should be ", "must be "), ("Value error, ", ""),
-                 ("Assertion failed, ", "")):
-        msg = msg.replace(a, b)
     got = err.get("input")
     shown = repr(got) if isinstance(got, str) else str(got)
     if len(shown) > 40:

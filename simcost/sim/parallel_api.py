@@ -16,7 +16,9 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
                       virtual_stages, offload, fp8_attention, peft_options, ep=None,
                       loss_chunks=1, optimizer_in_backward=False):
-    from simcost.api import _check_seq, _kernel_kind, make_estimate, resolve_peft
+    from simcost.pipeline import kernel_kind as _kernel_kind
+    from simcost.request.train import check_seq as _check_seq, resolve_peft
+    from simcost.result import make_estimate
     from simcost.peft import tokens_added
 
     if dtype not in (*FLOAT_DTYPES, "fp8"):
