@@ -1,11 +1,11 @@
 """HF ``config.json`` → :class:`ModelSpec`, the architecture facts the graph builders need."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from simcost.errors import SimcostError, unknown
+from simcost.jsonio import read_json_object
 from simcost.paths import data_dir
 
 ZOO_DIR = data_dir("models_zoo")
@@ -83,15 +83,7 @@ def load_config_dict(model: str) -> tuple[str, dict]:
         if not file.is_file():
             raise unknown("model", model, zoo_names())
         name = model
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise SimcostError(f"malformed JSON in {file}: {e.msg} at line {e.lineno}") from None
-    except OSError as e:
-        raise SimcostError(f"cannot read {file}: {e.strerror}") from None
-    if not isinstance(cfg, dict):
-        raise SimcostError(f"{file} is not a JSON object")
-    return name, cfg
+    return name, read_json_object(file, "model config")
 
 
 def load_model(model: str) -> ModelSpec:
@@ -99,15 +91,60 @@ def load_model(model: str) -> ModelSpec:
     return spec_from_config(cfg, name)
 
 
+def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
+    """The checked :class:`ModelSpec` of an HF config dict (see :func:`check_spec`)."""
+    return check_spec(_spec_from_config(cfg, name))
+
+
 def _req(cfg: dict, *keys, name: str):
     for k in keys:
         if k in cfg and cfg[k] is not None:
-            return cfg[k]
+            v = cfg[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
+                    or v in (float("inf"), float("-inf")) or v != int(v) or v < 1:
+                raise SimcostError(f"config of '{name}': {k} must be a positive integer, "
+                                   f"got {v!r}")
+            return v
     raise SimcostError(f"config of '{name}' lacks '{keys[0]}'")
 
 
-def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
+# sizes a real model has, with room to spare; beyond them the config is a typo or an attack
+LIMITS = {"layers": 10_000, "hidden": 10 ** 6, "heads": 10 ** 5, "head_dim": 10 ** 5,
+          "ffn": 10 ** 7, "vocab": 10 ** 8, "max_positions": 10 ** 9, "experts": 10 ** 5}
+
+
+def check_spec(spec: ModelSpec) -> ModelSpec:
+    """Refuse a config no model can have: sizes below 1 or beyond :data:`LIMITS`, heads that do
+    not divide the hidden size (unless ``head_dim`` is given, as in Gemma and Qwen3), KV heads
+    that do not divide the heads, top-k above the expert count, dropout outside [0, 1)."""
+    where = f"config of '{spec.name}'"
+    for field, top in LIMITS.items():
+        v = getattr(spec, field)
+        low = 0 if field == "experts" else 1
+        if not low <= v <= top:
+            raise SimcostError(f"{where}: {field} must be in [{low}, {top:,}], got {v}")
+    if spec.kv_heads < 1 or spec.heads % spec.kv_heads:
+        raise SimcostError(f"{where}: {spec.heads} attention heads are not divisible by "
+                           f"{spec.kv_heads} key-value heads")
+    explicit_head_dim = bool((spec.config or {}).get("head_dim") or
+                             (spec.config or {}).get("kv_channels"))
+    if not explicit_head_dim and spec.hidden % spec.heads:
+        raise SimcostError(f"{where}: hidden size {spec.hidden} is not divisible by "
+                           f"{spec.heads} heads (and no head_dim is given)")
+    if spec.experts and not 1 <= spec.top_k <= spec.experts:
+        raise SimcostError(f"{where}: num_experts_per_tok {spec.top_k} must be in "
+                           f"[1, {spec.experts}]")
+    for field in ("dropout_embd", "dropout_attn", "dropout_resid"):
+        v = getattr(spec, field)
+        if not 0 <= v < 1:
+            raise SimcostError(f"{where}: {field} must be in [0, 1), got {v}")
+    return spec
+
+
+def _spec_from_config(cfg: dict, name: str) -> ModelSpec:
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise SimcostError(f"config of '{name}': architectures must be a list of names")
     arch = archs[0] if archs else _MODEL_TYPE_ARCH.get(cfg.get("model_type", ""), "")
     if arch not in ARCHITECTURES:
         raise SimcostError(f"unsupported architecture '{arch or cfg.get('model_type')}' in '{name}'; "
@@ -161,5 +198,7 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
             experts=int(cfg.get("num_local_experts") or 0),
             top_k=int(cfg.get("num_experts_per_tok") or 0),
             dropout_attn=float(cfg.get("attention_dropout", 0.0) or 0.0), config=cfg)
-    except (TypeError, ValueError) as e:
+    except SimcostError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
         raise SimcostError(f"bad value in config of '{name}': {e}") from None
