@@ -44,10 +44,8 @@ def print_train(r) -> None:
     t.add_row("FLOPs forward / backward", f"{_si(f['forward'], 'FLOP')} / {_si(f['backward'], 'FLOP')}")
     t.add_row("  backward: activation / weight grads",
               f"{_si(f['backward_activation'], 'FLOP')} / {_si(f['backward_weight'], 'FLOP')}")
+    _memory_rows(t, r.memory_bytes)
     m = r.memory_bytes
-    for k in ("weights", "gradients", "optimizer", "master_weights", "activations",
-              "temporaries", "runtime_overhead"):
-        t.add_row(f"memory {k.replace('_', ' ')}", f"{m[k] / GiB:.2f} GiB")
     verdict = "[green]fits[/green]" if r.fits else "[red]does NOT fit[/red]"
     t.add_row("[bold]peak memory[/bold]", f"[bold]{m['peak'] / GiB:.2f} GiB[/bold] of "
               f"{m['capacity'] / GiB:.0f} GiB: {verdict}")
@@ -64,6 +62,32 @@ def print_train(r) -> None:
     c.print(t)
     c.print("time model: per-GEMM efficiency, achieved bandwidth and host dispatch from the "
             "hardware profile (see `simcost validate published` for its error)", style="dim")
+
+
+_ROW_NAMES = {"weights": "weights", "master_weights": "master weights (fp32)",
+              "optimizer": "optimizer states", "temporaries": "op workspace (largest op)",
+              "runtime_overhead": "runtime overhead (CUDA context, allocator)",
+              "deepspeed_buffers_resident": "DeepSpeed resident buffers",
+              "activations": "activations saved for backward",
+              "loss_transient": "transient: loss and logits",
+              "gradients": "gradients",
+              "gradient_transient": "transient: input grads, optimizer step"}
+_PHASE = {"loss": "the loss (end of forward)", "gradients": "the end of backward / optimizer step"}
+
+
+def _memory_rows(t, m: dict) -> None:
+    """The rows live at the peak instant, which add up to the peak; what is not live there
+    (activations are freed before the step, gradients appear only in backward) is shown after,
+    marked as not counted."""
+    from simcost.sim.memory import peak_rows
+    phase, rows = peak_rows(m)
+    t.add_row(f"[dim]memory at the peak, at {_PHASE[phase]}:[/dim]", "")
+    for k, v in rows.items():
+        t.add_row(f"  {_ROW_NAMES.get(k, k.replace('_', ' '))}", f"{v / GiB:.2f} GiB")
+    for k in ("activations", "gradients"):
+        if k not in rows and m.get(k):
+            t.add_row(f"  [dim]{_ROW_NAMES[k]} (not live at the peak)[/dim]",
+                      f"[dim]{m[k] / GiB:.2f} GiB[/dim]")
 
 
 def print_hardware_list(profiles) -> None:

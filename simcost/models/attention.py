@@ -95,9 +95,20 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
         # the fused kernels write (B, S, H, hd)-laid-out output, so transformers'
         # transpose(1, 2).contiguous() is a no-op
         ctx_c = b.op("view", "context_transpose", [ctx], (B, S, H, hd), dt, view=True)
-    for op in b.seg.ops[core_from:]:
-        op.attrs["attn_core"] = True
+    _mark_core(b.seg.ops[core_from:])
     return b.op("view", "context_merge_heads", [ctx_c], (B, S, H * hd), dt, view=True)
+
+
+def _mark_core(ops) -> None:
+    """Mark the attention core that selective checkpointing recomputes: from QKᵀ (or the fused
+    kernel) to the context. The layout copies before it (repeat_kv, the contiguous copies,
+    the math path's upcasts and scales) stay outside: their outputs are the core's inputs,
+    the tensors bmm saves anyway, so keeping them instead of the projections they view (a
+    fused qkv output is 3x one of them) means selective checkpointing never keeps more than
+    no checkpointing (Korthikanti et al. 2022 checkpoint the core from laid-out q, k, v)."""
+    start = next(i for i, op in enumerate(ops) if op.kind in ("matmul", "sdpa"))
+    for op in ops[start:]:
+        op.attrs["attn_core"] = True
 
 
 def _is_one(n) -> bool:

@@ -63,13 +63,41 @@ class Memory:
     temporaries: object
     runtime_overhead: object
     peak: object
+    # the transient part of the two candidate peak instants (see :func:`peak_rows`): at the
+    # loss (the logits' loss/log-probabilities on top of all activations), and at the end of
+    # backward / the optimizer step (input gradients, update temporaries on the gradients)
+    loss_transient: object = 0.0
+    gradient_transient: object = 0.0
 
     def breakdown(self, capacity: float) -> dict:
         """The ``memory_bytes`` mapping of an estimate."""
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
                 "master_weights": self.master_weights, "activations": self.activations,
                 "temporaries": self.temporaries, "runtime_overhead": self.runtime_overhead,
+                "loss_transient": self.loss_transient,
+                "gradient_transient": self.gradient_transient,
                 "peak": self.peak, "capacity": capacity}
+
+
+RESIDENT_ROWS = ("weights", "master_weights", "optimizer", "deepspeed_buffers_resident",
+                 "temporaries", "runtime_overhead")
+
+
+def peak_rows(m: dict) -> tuple[str, dict]:
+    """The peak instant of a ``memory_bytes`` mapping and the rows live at it, which add up to
+    ``peak``: what stays resident all step, plus either the activations and the loss's
+    transient (the loss instant) or the gradients and their transient (the end of backward or
+    the optimizer step), whichever is larger."""
+    resident = {k: m[k] for k in RESIDENT_ROWS if m.get(k)}
+    at_loss = m["activations"] + m.get("loss_transient", 0.0) \
+        + m.get("deepspeed_buckets_backward", 0.0)
+    at_step = m["gradients"] + m.get("gradient_transient", 0.0)
+    if at_loss >= at_step:
+        live = {"activations": m["activations"],
+                "loss_transient": at_loss - m["activations"]}
+        return "loss", {**resident, **live}
+    return "gradients", {**resident, "gradients": m["gradients"],
+                         "gradient_transient": m.get("gradient_transient", 0.0)}
 
 
 def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:
@@ -155,7 +183,9 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
     # the loss instants (end of forward, start of backward), the end of backward, the step
     dynamic = np.maximum(np.maximum(act + loss, end_bwd), opt_step) + temps
     peak = runtime_overhead + weights + master + opt + dynamic
-    return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak)
+    return Memory(weights, grads, opt, master, act, temps, runtime_overhead, peak,
+                  loss_transient=loss,
+                  gradient_transient=np.maximum(end_bwd, opt_step) - grads)
 
 
 def logits_fp32_bytes(g, tp: int = 1):

@@ -112,7 +112,8 @@ def mezo_numbers(g, analysis, device, *, batch, seq) -> TrainNumbers:
              "matmul_forward": 2 * a.total("fwd_matmul_flops"), "matmul_backward": 0}
     memory = {"weights": mem.weights, "gradients": 0, "optimizer": 0, "master_weights": 0,
               "activations": mem.activations, "temporaries": mem.temporaries,
-              "runtime_overhead": mem.runtime_overhead, "peak": mem.peak,
+              "runtime_overhead": mem.runtime_overhead, "loss_transient": 0.0,
+              "gradient_transient": 0.0, "peak": mem.peak,
               "capacity": device.memory_bytes}
     times = {"step": step, "forward": 2 * t_fwd, "backward": 0.0, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
