@@ -47,16 +47,27 @@ def _positive_int(s: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="simcost", description="PEFT training and serving cost model.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
     est = sub.add_parser("estimate", help="estimate one step")
     est_sub = est.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    _add_train(est_sub)
+    _add_info(sub)
+    _add_calibrate(sub)
+    _add_validate(sub)
+    from simcost.serve.cli import add_commands as serve_commands
+    serve_commands(sub, _Parser)        # `estimate serve` and `simulate serve`
+    return p
+
+
+def _add_train(est_sub) -> None:
     t = est_sub.add_parser("train", help="one training step: FLOPs, memory, time, fits",
                            description="Estimate one training step (forward with loss, backward, "
                                        "optimizer step) of MODEL on HARDWARE.")
     t.add_argument("--model", required=True, help="zoo name, config.json path or its directory")
     t.add_argument("--hardware", required=True, help="profile name or profile JSON path")
-    t.add_argument("--batch", type=_positive_int, required=True)
-    t.add_argument("--seq", type=_positive_int, required=True)
+    t.add_argument("--batch", type=_positive_int, required=True,
+                   help="sequences per optimizer step (the global batch with --devices)")
+    t.add_argument("--seq", type=_positive_int, required=True,
+                   help="tokens per sequence (virtual tokens of prompt tuning come on top)")
     t.add_argument("--peft", default=None, choices=PEFT_CHOICES, metavar="NAME",
                    help=f"PEFT method ({', '.join(PEFT_CHOICES)}); default full")
     t.add_argument("--peft-config", default=None, metavar="PATH",
@@ -65,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     t.add_argument("--targets", default=None,
                    help="comma-separated target modules, or all-linear (default: peft's)")
-    t.add_argument("--lora-dropout", type=float, default=None)
-    t.add_argument("--rslora", action="store_true", default=None)
-    t.add_argument("--num-virtual-tokens", type=_positive_int, default=None)
+    t.add_argument("--lora-dropout", type=float, default=None,
+                   help="LoRA dropout probability in [0, 1) (default 0)")
+    t.add_argument("--rslora", action="store_true", default=None,
+                   help="rank-stabilised LoRA scaling alpha/sqrt(r) (no cost change)")
+    t.add_argument("--num-virtual-tokens", type=_positive_int, default=None,
+                   help="prefix / prompt tuning: virtual tokens (default 20)")
     t.add_argument("--trainable-layers", type=_positive_int, default=None,
                    help="freeze: train only the last K blocks (and the head)")
     t.add_argument("--adapter-dim", type=_positive_int, default=None,
@@ -76,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lst: side network width = hidden / this (default 8)")
     t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8"),
                    help="fp8: TransformerEngine-style fp8 GEMMs on bf16 weights")
-    t.add_argument("--mixed-precision", default="none", choices=("none", "bf16", "fp16"))
-    t.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash"))
+    t.add_argument("--mixed-precision", default="none", choices=("none", "bf16", "fp16"),
+                   help="autocast compute dtype over --dtype weights (fp32 master weights)")
+    t.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash"),
+                   help="attention implementation (transformers' attn_implementation)")
     t.add_argument("--grad-checkpointing", action="store_true",
                    help="full activation checkpointing per decoder layer (= --checkpointing full)")
     t.add_argument("--checkpointing", default=None, choices=("none", "full", "selective"),
@@ -98,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's context length, when extended beyond its config "
                         "(RoPE models run longer sequences anyway, with a warning; a learned "
                         "position table such as GPT-2's cannot)")
+    _add_distributed(t)
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_distributed(t) -> None:
     d = t.add_argument_group("distributed (--batch is then the global batch per step)")
     d.add_argument("--devices", type=_positive_int, default=1, help="total devices (default 1)")
     d.add_argument("--nodes", type=_positive_int, default=None,
@@ -118,34 +139,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor parallelism without sequence parallelism")
     d.add_argument("--tp-overlap", action="store_true",
                    help="overlap TP communication with the linears' GEMMs (userbuffers)")
-    d.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "interleaved"))
+    d.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "interleaved"),
+                   help="pipeline schedule (interleaved: --virtual-stages chunks per device)")
     d.add_argument("--virtual-stages", type=_positive_int, default=1,
                    help="interleaved schedule: model chunks per device")
     d.add_argument("--offload", default="none", choices=("none", "optimizer", "params"),
                    help="ZeRO-Offload of optimizer states (and parameters) to the host")
     d.add_argument("--fp8-attention", action="store_true",
                    help="with --dtype fp8: fused attention in fp8 too")
-    t.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_info(sub) -> None:
     hw = sub.add_parser("hardware", help="hardware profiles")
     hw_sub = hw.add_subparsers(dest="what", required=True, parser_class=_Parser)
     hw_sub.add_parser("list", help="list bundled profiles")
     show = hw_sub.add_parser("show", help="show one profile with sources")
-    show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("name", help="profile name (simcost hardware list) or profile JSON path")
+    show.add_argument("--json", action="store_true", help="print the profile as JSON")
 
     models = sub.add_parser("models", help="bundled model configs")
-    models.add_argument("--json", action="store_true")
+    models.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_calibrate(sub) -> None:
     cal = sub.add_parser("calibrate", help="microbenchmark this machine and write a profile "
                                            "(needs torch)")
-    cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="the device to microbenchmark")
     cal.add_argument("--threads", type=_positive_int, default=None, help="torch threads (CPU)")
     cal.add_argument("--dtypes", default="fp32,bf16", help="comma-separated GEMM dtypes to fit")
     cal.add_argument("--base", default=None,
                      help="profile to start from (default cpu-generic / h100-sxm)")
     cal.add_argument("--out", required=True, help="path of the profile JSON to write")
 
+
+def _add_validate(sub) -> None:
     val = sub.add_parser("validate", help="check simcost against torch runs (torch extra) and "
                                          "published measurements")
     val_sub = val.add_subparsers(dest="what", required=True, parser_class=_Parser)
@@ -157,21 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                "vs the estimate; no torch needed")
     pub.add_argument("--source", default=None, help="only rows whose id starts with this prefix")
     pub.add_argument("--csv", default=None, help="another CSV with the same columns")
-    pub.add_argument("--out-dir", default="validation/reports")
+    pub.add_argument("--out-dir", default="validation/reports",
+                     help="where the report files are written")
     stp = val_sub.add_parser("steps", help="measured torch training steps vs the estimate")
     stp.add_argument("--hardware", default=None,
                      help="calibrated profile (default: run `simcost calibrate` first)")
-    stp.add_argument("--threads", type=_positive_int, default=None)
-    stp.add_argument("--repeats", type=_positive_int, default=5)
+    stp.add_argument("--threads", type=_positive_int, default=None,
+                     help="torch threads (default: torch's)")
+    stp.add_argument("--repeats", type=_positive_int, default=5,
+                     help="timed steps per case (the median is reported)")
     stp.add_argument("--limit", type=_positive_int, default=None, help="run only the first N cases")
-    stp.add_argument("--out-dir", default="validation/reports")
+    stp.add_argument("--out-dir", default="validation/reports",
+                     help="where the report files are written")
     stp.add_argument("--allocator", default="tcmalloc", choices=("tcmalloc", "system"),
                      help="measure with tcmalloc preloaded when it is installed (default; "
                           "glibc's page faults make CPU steps noisy) or the system allocator")
-
-    from simcost.serve.cli import add_commands as serve_commands
-    serve_commands(sub, _Parser)        # `estimate serve` and `simulate serve`
-    return p
 
 
 def main(argv=None) -> int:

@@ -155,3 +155,37 @@ def test_profile_without_measured_matmul_efficiency_warns(capsys):
     assert any("datasheet peak" in w for w in json.loads(out)["warnings"])
     rc, out, err = run([*MAIN, "--json"], capsys)           # a100-80gb-sxm: measured (MAMF)
     assert rc == 0 and err == "" and "warnings" not in json.loads(out)
+
+
+def _all_parsers(parser, path=("simcost",)):
+    import argparse
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+def test_every_option_has_a_description():
+    from simcost.cli import build_parser
+    missing = [f"{' '.join(path)} {a.option_strings[0] if a.option_strings else a.dest}"
+               for path, p in _all_parsers(build_parser()) for a in p._actions
+               if not a.help and a.dest != "help" and a.__class__.__name__ != "_SubParsersAction"]
+    assert not missing, missing
+
+
+def test_help_shows_defaults_and_bare_simcost_prints_help(capsys):
+    rc, out, err = run([], capsys)
+    assert rc == 0 and "usage: simcost" in out and err == ""
+    from simcost.cli import build_parser
+    text = next(p for path, p in _all_parsers(build_parser())
+                if path == ("simcost", "estimate", "train")).format_help()
+    assert "(default: bf16)" in text and "(default: sdpa)" in text and "(default: adamw)" in text
+
+
+def test_one_error_prefix(capsys):
+    rc, out, err = run(["estimate", "train", "--model", "gpt2"], capsys)
+    assert rc == 2 and err.startswith("simcost: error: estimate train: ")
+    assert err.count("simcost") == 1
+    rc, out, err = run(["estimat"], capsys)
+    assert rc == 2 and err.count("simcost") == 1 and err.count("\n") == 1
