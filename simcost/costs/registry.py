@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from simcost.graph.kinds import ALL as ALL_KINDS
+
 Number = Any  # int, float or numpy array (vectorised over batch x sequence)
 
 
@@ -42,8 +44,14 @@ _REGISTRY: dict[str, Formula] = {}
 
 
 def register(*kinds: str) -> Callable[[Formula], Formula]:
+    """Register ``fn`` as the formula of each op kind; a kind is registered once."""
     def deco(fn: Formula) -> Formula:
         for k in kinds:
+            if k not in ALL_KINDS:
+                raise ValueError(f"'{k}' is not an op kind of simcost.graph.kinds")
+            if k in _REGISTRY:
+                raise ValueError(f"op kind '{k}' already has a cost formula "
+                                 f"({_REGISTRY[k].__name__})")
             _REGISTRY[k] = fn
         return fn
     return deco

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from simcost.graph.kinds import ALL as KINDS
+
 from simcost.dtypes import BYTES
 
 
@@ -67,6 +69,11 @@ class Op:
     params: tuple[Param, ...] = ()
     attrs: dict = field(default_factory=dict)
     module: str = ""             # HF module path, '{i}' = layer index
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"op {self.name!r}: unknown op kind {self.kind!r} "
+                             f"(see simcost.graph.kinds)")
 
 
 @dataclass(slots=True)

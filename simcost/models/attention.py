@@ -5,6 +5,7 @@ SDPA's math fallback (CPU with attention dropout in training: GPT-2)."""
 from __future__ import annotations
 
 from simcost.costs.formulas import device_kind
+from simcost.graph import kinds as K
 from simcost.models.builder import SegmentBuilder
 from simcost.models.config import ModelSpec
 
@@ -106,7 +107,7 @@ def _mark_core(ops) -> None:
     the tensors bmm saves anyway, so keeping them instead of the projections they view (a
     fused qkv output is 3x one of them) means selective checkpointing never keeps more than
     no checkpointing (Korthikanti et al. 2022 checkpoint the core from laid-out q, k, v)."""
-    start = next(i for i, op in enumerate(ops) if op.kind in ("matmul", "sdpa"))
+    start = next(i for i, op in enumerate(ops) if op.kind in K.ATTENTION_MATMULS)
     for op in ops[start:]:
         op.attrs["attn_core"] = True
 

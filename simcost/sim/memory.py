@@ -48,6 +48,7 @@ import numpy as np
 
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
+from simcost.graph import kinds as K
 
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "mezo")
 MIXED = ("none", "bf16", "fp16")
@@ -315,7 +316,7 @@ def inference_memory(g, analysis, *, runtime_overhead: float) -> Memory:
     for seg in g.segments:
         resid = g.tensors[seg.input_tid].nbytes if seg.input_tid is not None else 0
         for op in seg.ops:
-            if op.kind == "view":
+            if op.kind == K.VIEW:
                 continue
             st = {g.tensors[t].storage for t in (*op.inputs, *op.outputs)}
             work = np.maximum(work, resid + sum(g.tensors[s].nbytes for s in st))
@@ -332,7 +333,7 @@ def inference_memory(g, analysis, *, runtime_overhead: float) -> Memory:
 
 def _logits_tid(g):
     head = g.segments[-1]
-    loss = next(op for op in head.ops if op.kind == "cross_entropy")
+    loss = next(op for op in head.ops if op.kind == K.CROSS_ENTROPY)
     return loss.inputs[0]
 
 

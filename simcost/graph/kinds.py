@@ -1,0 +1,38 @@
+"""Op kinds: the names an :class:`~simcost.graph.ir.Op` may carry, each the key of one cost
+formula in :mod:`simcost.costs.formulas`. Code that picks ops by kind compares against these
+constants, so a misspelt kind fails at import instead of matching nothing."""
+from __future__ import annotations
+
+LINEAR = "linear"
+EMBEDDING = "embedding"
+MATMUL = "matmul"
+SDPA = "sdpa"                      # fused attention: sdpa or flash (attrs["impl"])
+MUL_PARAM = "mul_param"            # (IA)³ scaling vector
+ADD_PARAM = "add_param"
+ADD, SUB, SCALE, NEG = "add", "sub", "scale", "neg"
+COPY = "copy"
+VIEW = "view"
+MUL = "mul"
+POW, SILU, GELU = "pow", "silu", "gelu"
+TANH, RSQRT, SIGMOID = "tanh", "rsqrt", "sigmoid"
+SOFTMAX = "softmax"
+DROPOUT = "dropout"
+REDUCE = "reduce"
+RMS_NORM = "rms_norm"
+LAYER_NORM = "layer_norm"
+ROPE = "rope"
+GELU_NEW = "gelu_new"
+CROSS_ENTROPY = "cross_entropy"
+MOE_ROUTER = "moe_router"
+MOE_EXPERTS = "moe_experts"
+LORA_PARAM_DELTA = "lora_param_delta"
+DEQUANTIZE = "dequantize"
+DORA_WEIGHT_NORM = "dora_weight_norm"
+DORA_BASE_LINEAR = "dora_base_linear"
+DORA_COMBINE = "dora_combine"
+
+NORMS = (RMS_NORM, LAYER_NORM)
+ATTENTION_MATMULS = (MATMUL, SDPA)     # where an attention core's compute starts
+
+ALL = frozenset(v for k, v in dict(globals()).items()
+                if k.isupper() and isinstance(v, str))
