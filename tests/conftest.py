@@ -6,6 +6,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+def pytest_configure(config):
+    """``pytest -m fuzz`` runs the fuzz suite at full size (>= 10,000 inputs); the default run
+    takes a few hundred of them."""
+    from hypothesis import HealthCheck, settings
+    common = dict(deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                         HealthCheck.data_too_large,
+                                         HealthCheck.function_scoped_fixture])
+    settings.register_profile("default-run", max_examples=60, **common)
+    settings.register_profile("fuzz", max_examples=2500, **common)
+    settings.load_profile("fuzz" if "fuzz" in (config.option.markexpr or "") else "default-run")
+
+
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 
 
