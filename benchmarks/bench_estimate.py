@@ -43,6 +43,21 @@ def cold(repeat: int, frozen: bool) -> list[float]:
     return out
 
 
+def machine() -> str:
+    """The CPU the figures were measured on (they scale with it)."""
+    import os
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=10)
@@ -83,7 +98,7 @@ def main() -> None:
                                peft="lora", rank=16)
     res["sweep_1000_scalar_s"] = time.perf_counter() - t
     res["per_config_vectorised_ms"] = 1e3 * res["sweep_1000_vectorised_s_median"] / 1000
-    res["python"] = sys.version.split()[0]
+    res["machine"] = machine()
     for k, v in res.items():
         print(f"{k:34s} {v:.4f}" if isinstance(v, float) else f"{k:34s} {v}")
     if a.json:

@@ -17,6 +17,7 @@ import numpy as np
 from simcost import pipeline
 from simcost.graph.ir import ModelGraph
 from simcost.hardware import load_profile
+from simcost.models.attention import UNIT_BATCH_LAYOUT
 from simcost.models.config import ModelSpec, load_model
 from simcost.peft.spec import PeftSpec
 from simcost.request.fields import MAX_BATCH, MAX_SEQ
@@ -200,28 +201,35 @@ def run_sweep(req: SweepRequest) -> dict:
     from simcost.peft import tokens_added
     warns = [*base.notes, *check_seq(spec, ss, tokens_added(pspec))]
     device = load_profile(base.hardware).device()
-    out = {k: np.empty(bb.size) for k in ("step_s", "tokens_per_s", "peak_bytes")}
-    out["fits"] = np.empty(bb.size, dtype=bool)
     flat_b, flat_s = bb.ravel(), ss.ravel()
-    # a batch of one is laid out differently (matmul's reshapes are views, not copies: see
-    # simcost.models.attention), so its points get a graph of their own
-    for sel, graph_batch in ((flat_b == 1, 1), (flat_b != 1, None)):
-        if not sel.any():
-            continue
-        g, a = _build(spec, base, pspec, device,
-                      flat_b[sel] if graph_batch is None else graph_batch, flat_s[sel])
-        n = train_numbers(g, a, device, batch=flat_b[sel], seq=flat_s[sel],
-                          optimizer=base.optimizer, mixed=base.mixed_precision,
-                          checkpointing=base.grad_checkpointing, loss_chunks=base.loss_chunks,
-                          optimizer_in_backward=base.optimizer_in_backward)
-        k = int(sel.sum())
-        out["step_s"][sel] = np.broadcast_to(n.time_s["step"], k)
-        out["tokens_per_s"][sel] = np.broadcast_to(n.tokens_per_s, k)
-        out["peak_bytes"][sel] = np.broadcast_to(n.memory_bytes["peak"], k)
-        out["fits"][sel] = np.broadcast_to(n.fits, k)
+    unit = flat_b == 1
+    out = _sweep_numbers(spec, base, pspec, device, 1 if unit.all() else flat_b, flat_s, flat_b)
+    if out.pop("unit_batch_layout") and unit.any() and not unit.all():
+        # a batch of one is laid out differently (matmul's reshapes are views, not copies:
+        # see simcost.models.attention), so its points get a graph of their own
+        one = _sweep_numbers(spec, base, pspec, device, 1, flat_s[unit], flat_b[unit])
+        one.pop("unit_batch_layout")
+        for k, v in one.items():
+            out[k][unit] = v
     shape = bb.shape
     return {"batch": bb, "seq": ss, "warnings": [*warns, *device_warnings(device)],
             **{k: v.reshape(shape) for k, v in out.items()}}
+
+
+def _sweep_numbers(spec, base: TrainRequest, pspec, device, graph_batch, seqs, batches) -> dict:
+    """Step time, tokens/s, peak and fits at each (batch, seq) point, from one graph built
+    for ``graph_batch`` (a vector, or 1 for a batch of one) over ``seqs``."""
+    g, a = _build(spec, base, pspec, device, graph_batch, seqs)
+    n = train_numbers(g, a, device, batch=batches, seq=seqs, optimizer=base.optimizer,
+                      mixed=base.mixed_precision, checkpointing=base.grad_checkpointing,
+                      loss_chunks=base.loss_chunks,
+                      optimizer_in_backward=base.optimizer_in_backward)
+    k = len(seqs)
+    return {"step_s": np.array(np.broadcast_to(n.time_s["step"], k), dtype=float),
+            "tokens_per_s": np.array(np.broadcast_to(n.tokens_per_s, k), dtype=float),
+            "peak_bytes": np.array(np.broadcast_to(n.memory_bytes["peak"], k), dtype=float),
+            "fits": np.array(np.broadcast_to(n.fits, k), dtype=bool),
+            "unit_batch_layout": bool(g.meta.get(UNIT_BATCH_LAYOUT))}
 
 
 build_graph = graph

@@ -21,6 +21,9 @@ def sdpa_uses_math(g, attn: str, dropout: float) -> bool:
     return attn == "sdpa" and dropout > 0 and device_kind(g) == "cpu"
 
 
+UNIT_BATCH_LAYOUT = "unit_batch_layout"
+
+
 def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, attn: str, *,
                    rope=None, dropout: float = 0.0, fused_qkv: bool = False) -> int:
     """Return the attention output (B, S, H·hd), ready for the output projection.
@@ -47,6 +50,10 @@ def attention_core(b: SegmentBuilder, spec: ModelSpec, q: int, k: int, v: int, a
         contiguous = True              # RoPE's output is a fresh contiguous (B, H, S, hd)
 
     one = _is_one(B)
+    if attn == "eager" or sdpa_uses_math(g, attn, dropout):
+        # these paths lay a batch of one out differently (views, not copies): a graph built
+        # for a batch vector prices its B == 1 points with the B > 1 layout
+        g.meta[UNIT_BATCH_LAYOUT] = True
     core_from = len(b.seg.ops)   # the attention core (selective checkpointing recomputes it)
     if attn == "eager":
         # matmul folds (B, H) into bmm's batch with a reshape: a view when the operand is
