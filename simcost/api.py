@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from simcost import pipeline
+from simcost.errors import SimcostError
 from simcost.graph.ir import ModelGraph
 from simcost.hardware import load_profile
 from simcost.models.attention import UNIT_BATCH_LAYOUT
@@ -97,6 +98,9 @@ def run_train(req: TrainRequest) -> TrainEstimate:
 def _build(spec: ModelSpec, req: TrainRequest, pspec: PeftSpec, device, batch, seq):
     """The analysed graph of ``batch`` x ``seq`` in the request's compute dtype; under AMP
     the parameters are stored in ``req.dtype`` and computed in the 16-bit type."""
+    if req.attn == "flash" and device.kind == "cpu":
+        raise SimcostError(f"--attn flash needs an accelerator; on '{device.name}' (a CPU) "
+                           f"torch runs sdpa or eager attention")
     compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
     g, a = pipeline.build_graph(spec, batch, seq, dtype=compute, attn=req.attn, peft=pspec,
                                 device_kind=pipeline.kernel_kind(device))

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from simcost.errors import SimcostError
-from simcost.models.config import ModelSpec
+from simcost.models.config import ModelSpec, check_spec
 from simcost.peft.spec import PeftSpec
 from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, Batch, Devices, Finite,
                                     Fraction, NonNegInt, PosInt, Request, Seq)
@@ -131,6 +131,13 @@ class TrainRequest(Request):
                              f"{', '.join(PEFT_METHODS)}")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _spec(cls, v):
+        if isinstance(v, ModelSpec):
+            check_spec(v)
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         notes = [*_peft_conflicts(self), *_plan_conflicts(self)]
@@ -218,6 +225,11 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
         notes.append("--no-sequence-parallel has no effect without tensor parallelism")
     if r.pp_schedule == "interleaved" and r.pp in (None, 1) and r.parallel != "auto":
         notes.append("--pp-schedule interleaved has no effect without pipeline stages (--pp > 1)")
+    if r.zero and r.devices == 1 and r.deepspeed is None:
+        notes.append(f"--zero {r.zero} shards over data-parallel ranks; on one device it has "
+                     f"no effect")
+    if r.optimizer == "mezo" and r.checkpointing != "none":
+        notes.append("--checkpointing has no effect with --optimizer mezo (no backward pass)")
     if r.nodes not in (None, 1) and r.devices == 1:
         raise ValueError(f"--nodes {r.nodes} needs --devices (one device is on one node)")
     return notes
