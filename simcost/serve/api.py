@@ -240,7 +240,7 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
                  full_sort_sampling=espec.full_sort_sampling)
     wl = Workload(rate=rate, duration=duration, cv=cv, input_len=ii, output_len=oo,
                   adapters=max(adapters, 1), ranks=tuple(ranks), popularity_alpha=popularity_alpha,
-                  trace=trace, n_requests=n_requests, seed=seed, generator=generator)
+                  requests=None, n_requests=n_requests, seed=seed, generator=generator)
     arank = None
     if peft == "lora" and adapters > 0:
         arank = np.array([ranks[k % len(ranks)] for k in range(adapters)], dtype=float)
