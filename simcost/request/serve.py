@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
 from simcost.errors import SimcostError
-from simcost.request.fields import (MAX_SEQ, Batch, Devices, FinitePos, Flag, NonNegInt,
-                                    PosInt, Rank, Request, Seq, parse_duration_s,
-                                    parse_int_list, parse_len_range)
+from simcost.request.fields import (MAX_SEQ, Batch, Devices, FinitePos, Flag, PosInt, Rank,
+                                    Request, Seq, describe, parse_duration_s, parse_int_list,
+                                    parse_len_range)
 
 MAX_ADAPTERS = 10 ** 12          # ids stay exact in int64 and float64 arithmetic
 MAX_REQUESTS = 10 ** 7           # simulated requests (rate x duration, a trace's rows)
@@ -57,6 +57,18 @@ class _Serve(Request):
     lora_kernel: str | None = None
     num_virtual_tokens: VirtualTokens | None = None
     gpu_memory_utilization: MemFraction = 0.9
+
+    @classmethod
+    def build(cls, **kw):
+        """Construct; a parser's or a cross-field check's own sentence is the one line."""
+        try:
+            return cls(**kw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, SimcostError) or (cause is not None and not err["loc"]):
+                raise SimcostError(str(cause)) from None
+            raise SimcostError(describe(e)) from None
 
     @field_validator("ranks", mode="before", check_fields=False)
     @classmethod
