@@ -83,10 +83,11 @@ class AdapterPool:
             if a not in busy:
                 freed += self._drop(a)
 
-    def ensure(self, wanted: set, busy: set, t: float, *, used: float, pool: float,
+    def ensure(self, wanted: set, busy, t: float, *, used: float, pool: float,
                check: bool = True) -> bool:
-        """Make ``wanted`` resident at time ``t``, evicting LRU adapters outside ``busy`` when
-        ``used`` + resident + new bytes exceed ``pool``; False when they cannot fit.
+        """Make ``wanted`` resident at time ``t``, evicting LRU adapters outside ``busy()`` (the
+        adapters running requests use, asked only when a load is needed) when ``used`` +
+        resident + new bytes exceed ``pool``; False when they cannot fit.
         ``check=False``: the caller's admission test has already counted their slots."""
         needed = wanted - set(self.resident)
         if not needed:
@@ -95,8 +96,9 @@ class AdapterPool:
             return True
         extra = float(sum(self.bytes_of(a) for a in needed))
         if check and used + self.bytes + extra > pool:
+            keep = busy()
             for a in sorted(self.resident, key=self.resident.get):
-                if a not in busy:
+                if a not in keep:
                     self._drop(a)
                     if used + self.bytes + extra <= pool:
                         break

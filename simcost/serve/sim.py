@@ -156,8 +156,8 @@ class Replica:
 
     def ensure_adapters(self, i, check: bool = True) -> bool:
         wanted = {int(self.ad[i])}
-        return self.apool.ensure(wanted, self.active_adapters() | wanted, self.t, used=self.used,
-                                 pool=self.pool, check=check)
+        return self.apool.ensure(wanted, lambda: self.active_adapters() | wanted, self.t,
+                                 used=self.used, pool=self.pool, check=check)
 
     def preempt_newest(self, block: int) -> None:
         j = self.r_id[-1]
@@ -296,30 +296,33 @@ class Replica:
 
     def advance(self, plan, n_dec: int, new: list) -> None:
         """Tokens out, prompts done, finished requests freed."""
+        gen, r_id, r_ctx = self.gen, self.r_id, self.r_ctx
         if n_dec:
-            self.r_ctx = self.r_ctx + 1
-            self.gen[self.r_id] += 1
+            r_ctx = r_ctx + 1
+            gen[r_id] += 1
         if plan.pf_done:
             pd = np.asarray(plan.pf_done, dtype=np.int64)
-            firsts = np.isnan(self.ttft[pd])
-            self.ttft[pd[firsts]] = self.t - self.arr[pd[firsts]]
-            self.first_tok_t[pd[firsts]] = self.t
-            self.gen[pd] += 1
+            firsts = pd[np.isnan(self.ttft[pd])]
+            self.ttft[firsts] = self.t - self.arr[firsts]
+            self.first_tok_t[firsts] = self.t
+            gen[pd] += 1
             self.served.update(self.ad[pd].tolist())
-            self.r_id = np.concatenate([self.r_id, pd])
-            self.r_ctx = np.concatenate([self.r_ctx, self.prompt[pd] + self.gen[pd]])
+            r_id = np.concatenate([r_id, pd])
+            r_ctx = np.concatenate([r_ctx, self.prompt[pd] + gen[pd]])
         self.sched.after_iteration(self, new)
-        if self.r_id.size:
-            fin = self.gen[self.r_id] >= self.out[self.r_id]
+        if r_id.size:
+            fin = gen[r_id] >= self.out[r_id]
             if fin.any():
-                self.finish[self.r_id[fin]] = self.t
+                self.finish[r_id[fin]] = self.t
+                self.r_id, self.r_ctx = r_id, r_ctx
                 self.used -= self.sched.release_bytes(self, fin)
                 keep = ~fin
-                self.r_id, self.r_ctx = self.r_id[keep], self.r_ctx[keep]
+                r_id, r_ctx = r_id[keep], r_ctx[keep]
                 if self.apool is not None and self.eng.adapter_residency == "running-batch":
                     # S-LoRA's router frees every adapter no running request uses
-                    self.apool.release_unused(set(self.ad[self.r_id].tolist())
+                    self.apool.release_unused(set(self.ad[r_id].tolist())
                                               | {self.ad[p[0]] for p in self.pf})
+        self.r_id, self.r_ctx = r_id, r_ctx
         self.used = max(self.used, 0.0)
 
     def result(self) -> SimResult:
