@@ -236,3 +236,26 @@ def test_scheduler_registry_refuses_duplicates_and_suggests():
         get_scheduler("slorra", None)
     with pytest.raises(SimcostError, match="did you mean: fcfs"):
         simulate_serve(M, H, scheduler="fcf", duration=5)
+
+
+# ---- the restructured simulator reproduces the single-function one ---------------------------
+@pytest.mark.parametrize("kw,expect", [
+    (dict(adapters=20, ranks=[8, 16], rate=5, duration=20, scheduler="slora", seed=3),
+     (100, 2140, 48, 0, 22, 24.366741504005372, 3.185053969440901)),
+    (dict(adapters=20, ranks=[8, 16], rate=5, duration=20, scheduler="fcfs", seed=3),
+     (100, 2143, 20, 0, 23, 24.30428236863984, 3.1538929381891023)),
+    (dict(adapters=20, ranks=[8, 16], rate=5, duration=20, scheduler="mixed", seed=3),
+     (100, 2200, 20, 0, 20, 24.066396030414545, 2.8832206649523715)),
+    (dict(adapters=200, ranks=[8, 64], rate=8, duration=30, engine="slora", seed=1),
+     (240, 2181, 197, 0, 55, 36.613474982889464, 5.43383401115474)),
+    (dict(adapters=5, ranks=[8], rate=3, duration=30, merged=True, seed=2),
+     (90, 5381, 0, 0, 17, 51.52775537760324, 14.196176267301206)),
+])
+def test_results_of_the_one_function_simulator(kw, expect):
+    """Numbers `simcost simulate serve` printed before the event loop was split into a replica,
+    scheduler classes and an adapter pool (same seeds, one replica)."""
+    r = simulate_serve(M, H, **kw)
+    got = (r.n_requests, r.iterations, r.swaps, r.preemptions, r.max_batch, r.makespan_s,
+           r.latency_s["mean"])
+    assert got[:5] == expect[:5]
+    assert got[5:] == pytest.approx(expect[5:], rel=1e-12)

@@ -194,7 +194,7 @@ def estimate_from_request(req: ServeEstimateRequest) -> ServeEstimate:
 
 def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | None = None,
                    kv_dtype: str | None = None, devices: int | None = None, tp: int = 1,
-                   routing: str | None = None, adapters: int = 0, ranks=None,
+                   routing: str | None = None, adapters: int = 1, ranks=None,
                    merged: bool = False, rate: float | None = None, cv: float | None = None,
                    popularity_alpha: float | None = None, duration=None, input_len=None,
                    output_len=None, trace: str | None = None, scheduler: str | None = None,
