@@ -259,3 +259,20 @@ def test_results_of_the_one_function_simulator(kw, expect):
            r.latency_s["mean"])
     assert got[:5] == expect[:5]
     assert got[5:] == pytest.approx(expect[5:], rel=1e-12)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rate=st.floats(0.5, 30), duration=st.floats(0.5, 4), cv=st.floats(0.1, 20),
+       alpha=st.floats(0.05, 5), adapters=st.integers(0, 10 ** 9),
+       sched=st.sampled_from(["fcfs", "slora", "mixed"]), devices=st.sampled_from([1, 2, 3]),
+       routing=st.sampled_from(["round-robin", "adapter-affinity"]), seed=st.integers(0, 2 ** 32 - 1))
+def test_simulation_numbers_finite_and_counted(rate, duration, cv, alpha, adapters, sched,
+                                               devices, routing, seed):
+    r = simulate_serve(M, H, rate=rate, duration=duration, cv=cv, popularity_alpha=alpha,
+                       adapters=adapters, scheduler=sched, devices=devices, routing=routing,
+                       seed=seed, input_len="8:256", output_len="2:64")
+    assert r.n_requests == max(1, round(rate * duration)) == sum(r.replica_requests)
+    assert r.makespan_s > 0 and r.throughput_req_s > 0 and r.throughput_tok_s > 0
+    for d in (r.ttft_s, r.latency_s):
+        assert all(np.isfinite(v) and v >= 0 for v in d.values())
+    assert r.latency_s["mean"] >= r.ttft_s["mean"]
