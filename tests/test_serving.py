@@ -121,7 +121,7 @@ def test_quantised_weights_stream_fewer_bytes():
 
 
 @pytest.mark.parametrize("kw", [dict(ranks="x"), dict(scheduler="lifo"), dict(rate=-1),
-                                dict(input_len="5"), dict(tp=3, devices=2)])
+                                dict(input_len="9:5"), dict(tp=3, devices=2)])
 def test_bad_input_one_error(kw):
     with pytest.raises(SimcostError):
         simulate_serve(M, H, duration=5, **kw)

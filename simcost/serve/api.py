@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from simcost.errors import SimcostError
+from simcost.errors import SimcostError, unknown
 from simcost.hardware import load_profile
 from simcost.models.config import ModelSpec, load_model
-from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
+from simcost.request.serve import ServeEstimateRequest, ServeSimRequest, read_trace
+from simcost.result import SCHEMA_VERSION
+from simcost.serve.adapters import AdapterSet
 from simcost.serve.engines import ENGINES, SCHEDULER_ENGINE, get_engine
-from simcost.serve.sim import GENERATORS, SCHEDULERS, Engine, Workload, simulate
+from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
+from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
 from simcost.sim.timing import TimeModel
 
@@ -18,6 +21,7 @@ PEFT_SERVE = ("none", "lora", "prefix", "prompt")
 
 
 class ServeEstimate(BaseModel):
+    schema_version: int = SCHEMA_VERSION
     model: str
     hardware: str
     phase: str
@@ -31,9 +35,13 @@ class ServeEstimate(BaseModel):
     tokens_per_s: float
     memory_bytes: dict
     fits: bool
+    devices: int = 1
+    replicas: int = 1
+    warnings: list[str] = []
 
 
 class ServeSimulation(BaseModel):
+    schema_version: int = SCHEMA_VERSION
     model: str
     hardware: str
     engine: str
@@ -58,6 +66,11 @@ class ServeSimulation(BaseModel):
     max_batch: int
     iterations: int
     memory_bytes: dict
+    devices: int = 1
+    replicas: int = 1
+    routing: str = "round-robin"
+    replica_requests: list[int] = []
+    warnings: list[str] = []
 
 
 def _stats(x: np.ndarray) -> dict:
@@ -84,8 +97,9 @@ def _setup(model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_ker
     kd = kv_dtype or dtype
     if kd not in KV_BYTES:
         raise SimcostError(f"unknown KV-cache dtype '{kd}'; valid: {', '.join(KV_BYTES)}")
-    if devices is not None and tp > devices:
-        raise SimcostError(f"--tp {tp} exceeds --devices {devices}")
+    if devices is not None and (tp > devices or devices % tp):
+        raise SimcostError(f"--devices {devices} is not a multiple of --tp {tp} "
+                           "(devices = tp x replicas)")
     tm = TimeModel.from_device(dev)
     link_bw = link_lat = 0.0
     if prof.interconnect is not None and prof.interconnect.bandwidth_bytes_per_s is not None:
@@ -102,166 +116,197 @@ def _setup(model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_ker
     return spec, prof, dev, step, tg, host_bw, host_lat
 
 
+def _kernel(name: str) -> str:
+    if name not in LORA_KERNELS:
+        raise unknown("LoRA kernel", name, LORA_KERNELS)
+    return name
+
+
 def estimate_serve(model, hardware, *, phase: str = "decode", batch: int = 1, context: int = 512,
                    dtype: str = "fp16", weight_dtype: str | None = None, kv_dtype: str | None = None,
-                   tp: int = 1, devices: int | None = None, peft: str = "none", rank: int = 8,
-                   ranks=None, distinct_adapters: int = 1, merged: bool = False,
-                   lora_kernel: str = "mbgmv", targets=None, num_virtual_tokens: int = 0,
-                   cuda_graphs: bool = False, gpu_memory_utilization: float = 0.9) -> ServeEstimate:
+                   tp: int = 1, devices: int | None = None, peft: str = "none",
+                   rank: int | None = None, ranks=None, distinct_adapters: int | None = None,
+                   merged: bool = False, lora_kernel: str | None = None, targets=None,
+                   num_virtual_tokens: int | None = None, cuda_graphs: bool = False,
+                   gpu_memory_utilization: float = 0.9) -> ServeEstimate:
     """One prefill (``batch`` prompts of ``context`` tokens) or decode (``batch`` sequences each
-    with ``context`` cached tokens) iteration."""
-    if phase not in ("prefill", "decode"):
-        raise SimcostError(f"unknown phase '{phase}'; valid: prefill, decode")
-    if batch < 1 or context < 1:
-        raise SimcostError("--batch and --context must be >= 1")
-    if peft not in PEFT_SERVE:
-        raise SimcostError(f"unknown serving peft '{peft}'; valid: {', '.join(PEFT_SERVE)}")
-    if rank < 1:
-        raise SimcostError("--rank must be >= 1")
-    if not 1 <= distinct_adapters <= batch:
-        raise SimcostError("--distinct-adapters must be between 1 and --batch")
-    spec, prof, dev, step, tg, _, _ = _setup(model, hardware, dtype, weight_dtype, kv_dtype, tp,
-                                              devices, lora_kernel, targets, cuda_graphs)
-    if context > spec.max_positions:
-        raise SimcostError(f"context {context} exceeds {spec.name}'s {spec.max_positions} positions")
-    prefix = num_virtual_tokens if peft == "prefix" else 0
-    extra_in = num_virtual_tokens if peft == "prompt" else 0
-    rk = list(ranks) if ranks else [rank]
-    per = np.array([rk[i % len(rk)] for i in range(distinct_adapters)], dtype=float)
-    lora = peft == "lora" and not merged
-    if phase == "prefill":
-        lens = np.full(batch, context + extra_in, dtype=float)
-        T = float(lens.sum())
+    with ``context`` cached tokens) iteration of one tensor-parallel group of ``tp`` devices
+    (``devices`` = tp x replicas: the estimate is per replica, with a warning).
+
+    ``fits`` is true only when the memory left for the KV cache after weights, runtime and
+    workspace (``memory_bytes['pool']``, of ``gpu_memory_utilization`` x capacity) holds the
+    batch's KV cache and adapters."""
+    req = ServeEstimateRequest.build(
+        model=model, hardware=hardware, phase=phase, batch=batch, context=context, dtype=dtype,
+        weight_dtype=weight_dtype, kv_dtype=kv_dtype, tp=tp, devices=devices, peft=peft,
+        rank=rank, ranks=ranks, distinct_adapters=distinct_adapters, merged=merged,
+        lora_kernel=lora_kernel, targets=targets, num_virtual_tokens=num_virtual_tokens,
+        cuda_graphs=cuda_graphs, gpu_memory_utilization=gpu_memory_utilization)
+    return estimate_from_request(req)
+
+
+def estimate_from_request(req: ServeEstimateRequest) -> ServeEstimate:
+    kernel = _kernel(req.lora_kernel or "mbgmv")
+    spec, prof, dev, step, tg, _, _ = _setup(req.model, req.hardware, req.dtype, req.weight_dtype,
+                                              req.kv_dtype, req.tp, req.devices, kernel,
+                                              req.targets, req.cuda_graphs)
+    nvt = req.virtual_tokens
+    prefix = nvt if req.peft == "prefix" else 0
+    extra_in = nvt if req.peft == "prompt" else 0
+    if req.context + prefix + extra_in > spec.max_positions:
+        raise SimcostError(f"context {req.context + prefix + extra_in} exceeds {spec.name}'s "
+                           f"{spec.max_positions} positions")
+    batch, n_ad, rk = req.batch, req.n_adapters, req.adapter_ranks
+    per = np.array([rk[i % len(rk)] for i in range(n_ad)], dtype=float)
+    lora = req.peft == "lora" and not req.merged
+    if req.phase == "prefill":
+        lens = np.full(batch, req.context + extra_in, dtype=float)
+        toks = float(lens.sum())
         r = step.iteration(prefill_lens=lens, lora_ranks=per if lora else None,
-                           lora_tokens=np.full(distinct_adapters, T / distinct_adapters), prefix=prefix)
-        toks = T
+                           lora_tokens=np.full(n_ad, toks / n_ad), prefix=prefix)
     else:
-        r = step.iteration(decode_ctx_sum=float(batch * (context + extra_in)), n_decode=batch,
+        r = step.iteration(decode_ctx_sum=float(batch * (req.context + extra_in)), n_decode=batch,
                            lora_ranks=per if lora else None,
-                           lora_tokens=np.full(distinct_adapters, batch / distinct_adapters), prefix=prefix)
+                           lora_tokens=np.full(n_ad, batch / n_ad), prefix=prefix)
         toks = batch
-    mem = serve_memory(spec, dev, wdtype=step.wdtype, act_dtype=dtype, kv_dtype=step.kv_dtype, tp=tp,
-                       ranks=per.astype(int).tolist(), targets=tg, max_tokens=int(toks),
-                       max_seqs=batch, gpu_memory_utilization=gpu_memory_utilization)
-    kv = batch * (context + extra_in + prefix + (1 if phase == "decode" else 0)) * mem.kv_per_token
-    ad = sum(mem.adapter_bytes[int(x)] for x in per) if peft == "lora" else 0.0
+    mem = serve_memory(spec, dev, wdtype=step.wdtype, act_dtype=req.dtype, kv_dtype=step.kv_dtype,
+                       tp=req.tp, ranks=per.astype(int).tolist(), targets=tg,
+                       max_tokens=int(toks), max_seqs=batch,
+                       gpu_memory_utilization=req.gpu_memory_utilization)
+    ctx = req.context + extra_in + prefix + (1 if req.phase == "decode" else 0)
+    kv = batch * ctx * mem.kv_per_token
+    ad = sum(mem.adapter_bytes[int(x)] for x in per) if req.peft == "lora" else 0.0
     need = mem.weights + mem.runtime_overhead + mem.workspace + kv + ad
     md = mem.as_dict()
     md.update({"kv_cache": kv, "adapters": ad, "peak": need})
-    return ServeEstimate(model=spec.name, hardware=prof.name, phase=phase, batch=batch,
-                         context=context, tp=tp, dtype=dtype, weight_dtype=step.wdtype,
-                         peft={"method": peft, "ranks": per.astype(int).tolist(), "merged": merged,
-                               "kernel": lora_kernel if lora else None,
-                               "targets": tg if peft == "lora" else [],
-                               "num_virtual_tokens": num_virtual_tokens},
-                         time_s={k: float(v) for k, v in r.items() if k != "kernels"},
-                         tokens_per_s=toks / r["total"], memory_bytes=md,
-                         fits=need <= dev.memory_bytes)
-
-
-def _range(x, name):
-    if isinstance(x, str):
-        try:
-            a, b = (int(v) for v in x.split(":"))
-        except ValueError:
-            raise SimcostError(f"--{name} must be MIN:MAX, got '{x}'") from None
-        return a, b
-    return tuple(int(v) for v in x)
+    return ServeEstimate(
+        model=spec.name, hardware=prof.name, phase=req.phase, batch=batch, context=req.context,
+        tp=req.tp, dtype=req.dtype, weight_dtype=step.wdtype,
+        peft={"method": req.peft, "ranks": per.astype(int).tolist(), "merged": req.merged,
+              "kernel": kernel if lora else None, "targets": tg if req.peft == "lora" else [],
+              "num_virtual_tokens": nvt},
+        time_s={k: float(v) for k, v in r.items() if k != "kernels"},
+        tokens_per_s=toks / r["total"], memory_bytes=md,
+        # the KV pool (usable memory less weights, runtime and workspace) must hold the batch
+        fits=bool(mem.pool > 0 and kv + ad <= mem.pool),
+        devices=req.n_devices, replicas=req.replicas, warnings=req.warnings())
 
 
 def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | None = None,
                    kv_dtype: str | None = None, devices: int | None = None, tp: int = 1,
-                   adapters: int = 1, ranks=(8,), merged: bool = False, rate: float = 10.0,
-                   cv: float = 1.0, popularity_alpha: float = 1.0, duration: float = 60.0,
-                   input_len="8:512", output_len="8:512", trace: str | None = None,
-                   scheduler: str = "fcfs", slo_ttft: float | None = None, seed: int = 0,
+                   routing: str | None = None, adapters: int = 1, ranks=None,
+                   merged: bool = False, rate: float | None = None, cv: float | None = None,
+                   popularity_alpha: float | None = None, duration=None, input_len=None,
+                   output_len=None, trace: str | None = None, scheduler: str | None = None,
+                   slo_ttft: float | None = None, seed: int | None = None,
                    n_requests: int | None = None, lora_kernel: str | None = None,
-                   targets=None, peft: str | None = None, num_virtual_tokens: int = 0,
+                   targets=None, peft: str | None = None, num_virtual_tokens: int | None = None,
                    max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                    prefetch: bool = False, gpu_memory_utilization: float = 0.9,
                    cuda_graphs: bool | None = None, engine: str | None = None,
                    max_total_tokens: int | None = None,
                    generator: str = "default") -> ServeSimulation:
-    """Simulate ``duration`` seconds of traffic (or a trace) against one TP group.
+    """Simulate ``duration`` seconds of traffic (or a trace) against ``devices`` = ``tp`` x
+    replicas (default: one replica of ``tp`` devices); requests are split over the replicas by
+    ``routing`` (``round-robin`` or ``adapter-affinity``, :mod:`simcost.serve.sim`).
 
+    Defaults (None = not given): rate 10 req/s, cv 1, popularity_alpha 1, duration 60 s (a
+    number of seconds or '90s', '10m', '1h'), input and output lengths 8:512 ('512' = 512:512),
+    ranks 8, seed 0, scheduler fcfs. At most 10^7 requests (rate x duration) are simulated.
     ``engine`` (:data:`simcost.serve.engines.ENGINES`) fixes the engine's physical facts
     (scheduler, LoRA kernel, CUDA graphs, paged-attention overhead, adapter residency); without
     it the engine follows ``scheduler`` (fcfs: vllm, slora: slora, mixed: trtllm).
     ``max_total_tokens`` caps the KV pool in token slots (LightLLM's ``--max_total_token_num``).
     ``generator='slora'`` draws the requests as S-LoRA's benchmark does (``benchmarks/trace.py``;
     with ``seed=42`` they are the very requests of its published runs)."""
-    if generator not in GENERATORS:
-        raise SimcostError(f"unknown generator '{generator}'; valid: {', '.join(GENERATORS)}")
-    if trace and generator != "default":
-        raise SimcostError("--trace replays a file; --generator draws requests: give one")
-    if engine is not None:
-        espec = get_engine(engine)
-        scheduler = espec.scheduler          # the engine's own batching policy
+    req = ServeSimRequest.build(
+        model=model, hardware=hardware, dtype=dtype, weight_dtype=weight_dtype,
+        kv_dtype=kv_dtype, devices=devices, tp=tp, routing=routing, adapters=adapters,
+        ranks=ranks, merged=merged, rate=rate, cv=cv, popularity_alpha=popularity_alpha,
+        duration=duration, input_len=input_len, output_len=output_len, trace=trace,
+        scheduler=scheduler, slo_ttft=slo_ttft, seed=seed, n_requests=n_requests,
+        lora_kernel=lora_kernel, targets=targets, peft=peft,
+        num_virtual_tokens=num_virtual_tokens, max_num_seqs=max_num_seqs,
+        max_num_tokens=max_num_tokens, prefetch=prefetch,
+        gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, engine=engine,
+        max_total_tokens=max_total_tokens, generator=generator)
+    return simulate_from_request(req)
+
+
+def _engine(req: ServeSimRequest):
+    """(engine facts, scheduler name, LoRA kernel) of the request."""
+    if req.engine is not None:
+        espec = get_engine(req.engine)
+        sched = espec.scheduler          # the engine's own batching policy
     else:
-        if scheduler not in SCHEDULERS:
-            raise SimcostError(f"unknown scheduler '{scheduler}'; valid: {', '.join(SCHEDULERS)}")
-        espec = ENGINES[SCHEDULER_ENGINE[scheduler]]
-    if scheduler not in SCHEDULERS:
-        raise SimcostError(f"unknown scheduler '{scheduler}'; valid: {', '.join(SCHEDULERS)}")
-    if adapters < 0:
-        raise SimcostError("--adapters must be >= 0")
-    if isinstance(ranks, str):
-        try:
-            ranks = [int(v) for v in ranks.split(",") if v]
-        except ValueError:
-            raise SimcostError(f"--ranks must be integers separated by commas, got '{ranks}'") from None
-    if not ranks or min(ranks) < 1:
-        raise SimcostError("--ranks must be positive integers")
-    if duration <= 0 and not trace and not n_requests:
-        raise SimcostError("--duration must be > 0")
-    if lora_kernel is None:
-        lora_kernel = espec.lora_kernel
-    if lora_kernel not in LORA_KERNELS:
-        raise SimcostError(f"unknown LoRA kernel '{lora_kernel}'; valid: {', '.join(LORA_KERNELS)}")
-    spec, prof, dev, step, tg, host_bw, host_lat = _setup(
-        model, hardware, dtype, weight_dtype, kv_dtype, tp, devices, lora_kernel, targets, False,
-        espec.decode_attn_overhead or 0.0)
-    peft = peft or ("lora" if adapters > 0 else "none")
-    prefix = num_virtual_tokens if peft == "prefix" else 0
-    ii, oo = _range(input_len, "input-len"), _range(output_len, "output-len")
-    if peft == "prompt":
-        ii = (ii[0] + num_virtual_tokens, ii[1] + num_virtual_tokens)
+        sched = req.eff("scheduler")
+        if sched not in SCHEDULERS:
+            raise unknown("scheduler", sched, SCHEDULERS)
+        espec = ENGINES[SCHEDULER_ENGINE[sched]]
+    return espec, sched, _kernel(req.lora_kernel or espec.lora_kernel)
+
+
+def _requests(req: ServeSimRequest, spec, prefix: int):
+    """The workload's length ranges, and the validated trace's arrays (or None)."""
+    ii, oo = req.eff("input_len"), req.eff("output_len")
+    nvt = req.virtual_tokens if req.peft == "prompt" else 0
+    if req.trace:
+        return ii, oo, read_trace(req.trace, adapters=req.adapters,
+                                  max_positions=spec.max_positions, extra_tokens=prefix + nvt)
+    ii = (ii[0] + nvt, ii[1] + nvt)
     if ii[1] + oo[1] + prefix > spec.max_positions:
         raise SimcostError(f"input + output length {ii[1] + oo[1]} exceeds {spec.name}'s "
                            f"{spec.max_positions} positions")
-    eng = Engine(scheduler=scheduler, max_num_seqs=max_num_seqs or espec.max_num_seqs,
-                 max_num_tokens=max_num_tokens or espec.max_num_tokens, prefetch=prefetch,
-                 cuda_graphs=espec.cuda_graphs if cuda_graphs is None else cuda_graphs,
-                 max_wait_tokens=espec.max_wait_tokens,
-                 adapter_residency=espec.adapter_residency,
+    return ii, oo, None
+
+
+def simulate_from_request(req: ServeSimRequest) -> ServeSimulation:
+    espec, sched, kernel = _engine(req)
+    spec, prof, dev, step, tg, host_bw, host_lat = _setup(
+        req.model, req.hardware, req.dtype, req.weight_dtype, req.kv_dtype, req.tp, req.devices,
+        kernel, req.targets, False, espec.decode_attn_overhead or 0.0)
+    peft = req.peft or ("lora" if req.adapters > 0 else "none")
+    prefix = req.virtual_tokens if peft == "prefix" else 0
+    ii, oo, trace = _requests(req, spec, prefix)
+    eng = Engine(scheduler=sched, max_num_seqs=req.max_num_seqs or espec.max_num_seqs,
+                 max_num_tokens=req.max_num_tokens or espec.max_num_tokens,
+                 prefetch=req.prefetch,
+                 cuda_graphs=espec.cuda_graphs if req.cuda_graphs is None else req.cuda_graphs,
+                 max_wait_tokens=espec.max_wait_tokens, adapter_residency=espec.adapter_residency,
                  adapter_copies=espec.adapter_copies_per_load,
                  batch_max_tokens_frac=espec.batch_max_tokens_frac,
-                 max_total_tokens=max_total_tokens, host_ops_per_seq=espec.host_ops_per_seq,
+                 max_total_tokens=req.max_total_tokens, host_ops_per_seq=espec.host_ops_per_seq,
                  full_sort_sampling=espec.full_sort_sampling)
-    wl = Workload(rate=rate, duration=duration, cv=cv, input_len=ii, output_len=oo,
-                  adapters=max(adapters, 1), ranks=tuple(ranks), popularity_alpha=popularity_alpha,
-                  trace=trace, n_requests=n_requests, seed=seed, generator=generator)
-    arank = None
-    if peft == "lora" and adapters > 0:
-        arank = np.array([ranks[k % len(ranks)] for k in range(adapters)], dtype=float)
-    mem = serve_memory(spec, dev, wdtype=step.wdtype, act_dtype=dtype, kv_dtype=step.kv_dtype, tp=tp,
-                       ranks=[int(r) for r in ranks], targets=tg,
-                       max_tokens=eng.max_num_tokens, max_seqs=min(eng.max_num_seqs, 256),
-                       gpu_memory_utilization=gpu_memory_utilization)
-    res = simulate(step, mem, wl, eng, adapter_ranks=arank, merged=merged, prefix=prefix,
-                   host_bw=host_bw, host_lat=host_lat)
+    ranks = req.eff("ranks")
+    wl = Workload(rate=req.eff("rate"), duration=req.eff("duration"), cv=req.eff("cv"),
+                  input_len=ii, output_len=oo, adapters=max(req.adapters, 1), ranks=ranks,
+                  popularity_alpha=req.eff("popularity_alpha"), requests=trace,
+                  n_requests=req.n_requests, seed=req.eff("seed"), generator=req.generator)
+    adapters = AdapterSet(req.adapters, ranks) if peft == "lora" and req.adapters > 0 else None
+    mem = serve_memory(spec, dev, wdtype=step.wdtype, act_dtype=req.dtype, kv_dtype=step.kv_dtype,
+                       tp=req.tp, ranks=list(ranks), targets=tg, max_tokens=eng.max_num_tokens,
+                       max_seqs=min(eng.max_num_seqs, 256),
+                       gpu_memory_utilization=req.gpu_memory_utilization)
+    res = simulate(step, mem, wl, eng, adapter_ranks=adapters, merged=req.merged, prefix=prefix,
+                   host_bw=host_bw, host_lat=host_lat, replicas=req.replicas,
+                   routing=req.eff("routing"))
+    return _summary(req, res, spec, prof, espec, sched, mem)
+
+
+def _summary(req, res, spec, prof, espec, sched, mem) -> ServeSimulation:
     ms = res.makespan
     n = res.extra["n_requests"]
-    slo = None
-    if slo_ttft is not None:
-        slo = float(np.mean(res.ttft <= slo_ttft))
+    slo = None if req.slo_ttft is None else float(np.mean(res.ttft <= req.slo_ttft))
     return ServeSimulation(
-        model=spec.name, hardware=prof.name, engine=espec.name, scheduler=scheduler, tp=tp, adapters=adapters,
-        merged=merged, n_requests=n, duration_s=float(duration), makespan_s=ms,
+        model=spec.name, hardware=prof.name, engine=espec.name, scheduler=sched, tp=req.tp,
+        adapters=req.adapters, merged=req.merged, n_requests=n,
+        duration_s=float(req.eff("duration")), makespan_s=ms,
         throughput_req_s=n / ms if ms > 0 else 0.0,
         throughput_tok_s=float(res.out_tokens.sum()) / ms if ms > 0 else 0.0,
         ttft_s=_stats(res.ttft), tpot_s=_stats(res.tpot), latency_s=_stats(res.latency),
         slo_attainment=slo, adapters_resident=res.adapters_resident_max,
         adapters_served=res.adapters_served, swaps=res.swaps, swap_time_s=res.swap_time,
         preemptions=res.preemptions, max_batch=res.max_batch, iterations=res.iterations,
-        memory_bytes=mem.as_dict())
+        memory_bytes=mem.as_dict(), devices=req.n_devices, replicas=req.replicas,
+        routing=req.eff("routing"),
+        replica_requests=res.extra.get("replica_requests", [n]), warnings=req.warnings())
