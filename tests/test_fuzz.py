@@ -244,3 +244,89 @@ def test_api_any_input(batch, seq, options):
     d = r.model_dump_public()
     for path, v in _numbers(d):
         assert math.isfinite(v) and v >= 0, (path, v)
+
+
+SERVE_MODELS = ["llama-2-7b", "gpt2", "qwen2.5-0.5b", "mixtral-8x7b", "llama-3.2-1b"]
+SERVE_HW = ["a100-80gb-sxm", "a10g", "h100-sxm", "rtx-4090", "l40s", "t4", "cpu-generic"]
+
+
+def _opt(draw, opts: dict, max_size: int) -> list:
+    out = []
+    for k in draw(st.lists(st.sampled_from(sorted(opts)), max_size=max_size, unique=True)):
+        v = draw(opts[k])
+        out += [k] if v is None else [k, v]
+    return out
+
+
+def _small_int(values=("1", "2", "4", "8")):
+    return st.one_of(st.sampled_from(values), st.sampled_from(values), ints())
+
+
+SERVE_COMMON = {
+    "--dtype": st.sampled_from(["fp16", "bf16", "fp32", "fp8"]),
+    "--weight-dtype": st.sampled_from(["fp16", "int8", "int4", "nf4", "fp8", "int2"]),
+    "--kv-dtype": st.sampled_from(["fp16", "fp8", "int8", "int4"]),
+    "--tp": _small_int(), "--devices": _small_int(),
+    "--targets": st.sampled_from(["q_proj,v_proj", "all-linear", "c_attn", "w_gate", ","]),
+}
+
+
+@st.composite
+def estimate_serve_argv(draw):
+    argv = ["estimate", "serve", "--model", draw(st.sampled_from(SERVE_MODELS)),
+            "--hardware", draw(st.sampled_from(SERVE_HW)),
+            "--batch", draw(_small_int(("1", "8", "32", "256"))),
+            "--context", draw(_small_int(("1", "128", "512", "4096", "100000")))]
+    argv += _opt(draw, {**SERVE_COMMON,
+                        "--phase": st.sampled_from(["prefill", "decode", "both"]),
+                        "--peft": st.sampled_from(["none", "lora", "prefix", "prompt", "ia3"]),
+                        "--rank": _small_int(("8", "16", "64")),
+                        "--ranks": st.sampled_from(["8,16", "8,-1", "a,b", "", "64", "8,,16"]),
+                        "--distinct-adapters": _small_int(("1", "4", "32")),
+                        "--merged": st.none(), "--cuda-graphs": st.none(),
+                        "--lora-kernel": st.sampled_from(["mbgmv", "sgmv", "loop", "punica"]),
+                        "--num-virtual-tokens": _small_int(("0", "10", "20"))}, 4)
+    return argv + ["--json"]
+
+
+@st.composite
+def simulate_serve_argv(draw):
+    argv = ["simulate", "serve", "--model", draw(st.sampled_from(SERVE_MODELS)),
+            "--hardware", draw(st.sampled_from(SERVE_HW)),
+            "--duration", draw(st.sampled_from(["2s", "5", "0.5m", "nan", "inf", "-1", "10x",
+                                                 "1h"]))]
+    argv += _opt(draw, {**SERVE_COMMON,
+                        "--adapters": _small_int(("0", "1", "10", "1000000000000")),
+                        "--ranks": st.sampled_from(["8", "8,16", "8,-1", "a,b", "", "0"]),
+                        "--merged": st.none(), "--prefetch": st.none(),
+                        "--rate": st.sampled_from(["1", "10", "0", "-3", "nan", "inf", "1e12",
+                                                   "0.5"]),
+                        "--cv": st.sampled_from(["0", "1", "4", "nan", "inf", "-1", "1000"]),
+                        "--popularity-alpha": st.sampled_from(["1", "0.5", "0", "nan", "-1"]),
+                        "--input-len": st.sampled_from(["512", "8:512", "0", "9:3", "a:b", "1:2:3",
+                                                        "100000"]),
+                        "--output-len": st.sampled_from(["64", "8:128", "0", "-5"]),
+                        "--seed": st.sampled_from(["0", "42", "-1", "4294967296", "x"]),
+                        "--scheduler": st.sampled_from(["fcfs", "slora", "mixed", "lifo"]),
+                        "--engine": st.sampled_from(["vllm", "slora", "trtllm", "tgi"]),
+                        "--routing": st.sampled_from(["round-robin", "adapter-affinity", "random"]),
+                        "--generator": st.sampled_from(["default", "slora", "zipf"]),
+                        "--slo-ttft": st.sampled_from(["0.5", "0", "-1", "nan"]),
+                        "--max-total-tokens": _small_int(("1000", "100000", "0"))}, 5)
+    return argv + ["--json"]
+
+
+def check_serve_result(d):
+    if "fits" in d and "memory_bytes" in d:
+        m = d["memory_bytes"]
+        if not d["fits"]:
+            return
+        assert all(v >= 0 for v in m.values() if isinstance(v, (int, float)))
+
+
+@given(argv=st.one_of(estimate_serve_argv(), simulate_serve_argv()))
+def test_serve_any_input(argv, capsys):
+    rc, out, err = run(argv, capsys)
+    d = check_outcome(rc, out, err)
+    if d is not None:
+        check_serve_result(d)
