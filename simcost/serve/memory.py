@@ -120,7 +120,10 @@ class ServeMemory:
     def as_dict(self) -> dict:
         return {"capacity": self.capacity, "usable": self.usable, "weights": self.weights,
                 "runtime_overhead": self.runtime_overhead, "workspace": self.workspace,
-                "pool": self.pool, "kv_per_token": self.kv_per_token,
+                # what is left for KV and adapters, and by how much the rest overflows usable
+                # memory when nothing is left (then nothing fits)
+                "pool": max(self.pool, 0.0), "pool_shortfall": max(-self.pool, 0.0),
+                "kv_per_token": self.kv_per_token,
                 "kv_tokens_capacity": self.kv_tokens,
                 "adapter_bytes": {str(k): v for k, v in self.adapter_bytes.items()}}
 
