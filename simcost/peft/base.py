@@ -1,4 +1,5 @@
-"""The PEFT transform registry and the target-matching rules peft uses.
+"""The PEFT transform registry, peft's default targets, and target selection on the graph
+(the matching rules themselves are in :mod:`simcost.peft.targeting`).
 
 Every method is a function ``apply(g, model, spec)`` in its own module that rewrites the
 operator graph: marks parameters trainable, inserts adapter ops, or changes the sequence.

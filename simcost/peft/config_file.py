@@ -69,7 +69,7 @@ REFUSED = {
 }
 
 
-def _names(v, key: str, *, allow_str: bool = True):
+def _names(v, *, allow_str: bool = True):
     """A peft name field: a str (a regex, matched in full) or a list of str."""
     if v is None:
         return None
@@ -87,7 +87,7 @@ def _names(v, key: str, *, allow_str: bool = True):
                      else "must be a list of strings")
 
 
-def _patterns(v, kind):
+def _patterns(v):
     if not isinstance(v, dict):
         raise ValueError("must be an object mapping module-name patterns to values")
     for k in v:
@@ -113,7 +113,7 @@ class _Base(BaseModel):
     @field_validator("modules_to_save")
     @classmethod
     def _save(cls, v):
-        return _names(v, "modules_to_save", allow_str=False) or ()
+        return _names(v, allow_str=False) or ()
 
 
 class _Targets(_Base):
@@ -122,8 +122,8 @@ class _Targets(_Base):
 
     @field_validator("target_modules", "exclude_modules")
     @classmethod
-    def _name_fields(cls, v, info):
-        return _names(v, info.field_name)
+    def _name_fields(cls, v):
+        return _names(v)
 
 
 def _layers(v):
@@ -156,7 +156,7 @@ class LoraFile(_Targets):
     @field_validator("layers_pattern")
     @classmethod
     def _lp(cls, v):
-        return _names(v, "layers_pattern")
+        return _names(v)
 
     @field_validator("layers_to_transform")
     @classmethod
@@ -165,8 +165,8 @@ class LoraFile(_Targets):
 
     @field_validator("rank_pattern", "alpha_pattern", mode="before")
     @classmethod
-    def _pat(cls, v, info):
-        return _patterns({} if v is None else v, info.field_name)
+    def _pat(cls, v):
+        return _patterns({} if v is None else v)
 
 
 class IA3File(_Targets):
@@ -176,7 +176,7 @@ class IA3File(_Targets):
     @field_validator("feedforward_modules")
     @classmethod
     def _ff(cls, v):
-        return _names(v, "feedforward_modules")
+        return _names(v)
 
 
 class LnFile(_Targets):

@@ -93,9 +93,12 @@ def from_peft_dict(cfg: dict, where: str = "adapter config") -> PeftSpec:
 
 
 def validate(spec: PeftSpec) -> None:
-    if not isinstance(spec.r, numbers.Integral) or isinstance(spec.r, bool) \
-            or not 1 <= spec.r <= MAX_RANK:
-        raise SimcostError(f"LoRA rank must be an integer in [1, {MAX_RANK}], got {spec.r}")
+    if not isinstance(spec.r, numbers.Integral) or isinstance(spec.r, bool):
+        raise SimcostError(f"LoRA rank must be an integer, got {spec.r!r}")
+    if spec.r <= 0:
+        raise SimcostError(f"LoRA rank must be positive, got {spec.r}")
+    if spec.r > MAX_RANK:
+        raise SimcostError(f"LoRA rank must be at most {MAX_RANK}, got {spec.r}")
     if not isinstance(spec.alpha, numbers.Real) or not math.isfinite(spec.alpha):
         raise SimcostError(f"LoRA alpha must be a finite number, got {spec.alpha}")
     if not 0 <= spec.dropout < 1:
