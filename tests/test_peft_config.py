@@ -164,7 +164,8 @@ def test_fully_qualified_and_layer_selection_llama_2_7b():
         "model.layers.0.self_attn.q_proj", "model.layers.31.self_attn.q_proj"]}) == 2 * one
     assert _trainable("llama-2-7b", {"r": 16, "target_modules": ["q_proj"],
                                      "layers_to_transform": [0, 5, 6, 7]}) == 4 * one
-    assert _trainable("llama-2-7b", {"r": 16, "target_modules": r".*\.(1|2)\d\.self_attn\.q_proj"}) == 20 * one
+    assert _trainable("llama-2-7b", {"r": 16, "target_modules":
+                                     r".*\.(1|2)\d\.self_attn\.q_proj"}) == 20 * one
     assert _trainable("llama-2-7b", {"r": 16, "target_modules": ["q_proj"],
                                      "exclude_modules": r".*\.[0-9]\.self_attn\.q_proj"}) == 22 * one
 
@@ -194,7 +195,8 @@ def test_fully_qualified_and_layer_selection_llama_2_7b():
     ({"lora_bias": True}, "lora_bias"),
     ({"layer_replication": [[0, 1]]}, "layer_replication is not supported"),
     ({"use_qalora": True}, "use_qalora"),
-    ({"target_modules": "all-linear", "layers_to_transform": [0]}, "cannot be used when target_modules is a string"),
+    ({"target_modules": "all-linear", "layers_to_transform": [0]},
+     "cannot be used when target_modules is a string"),
     ({"layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
     ({"peft_type": "PREFIX_TUNING"}, "num_virtual_tokens is required"),
     ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "prefix_projection": True},

@@ -13,7 +13,7 @@ from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.config import ModelSpec
 from simcost.peft.modules_to_save import apply_modules_to_save
 from simcost.peft.targeting import (TargetRule, all_module_names, assign, matches,  # noqa: F401
-                                    module_name)
+                                    module_name, printable)
 
 Transform = Callable[[ModelGraph, ModelSpec, object], None]
 METHODS: dict[str, Transform] = {}
@@ -85,7 +85,7 @@ def select(g: ModelGraph, rule: TargetRule, sites, what: str, value=None) -> lis
     out = assign(g, decide, site_ops)
     if not out:
         leaf = sorted({n.split(".")[-1] for n, so in names.items() if so and id(so[1]) in site_ids})
-        t = rule.targets if isinstance(rule.targets, str) else ", ".join(rule.targets)
+        t = printable(_joined(rule.targets))
         raise SimcostError(f"{what} target modules '{t}' match no module of this model "
                            f"(after layers_to_transform, exclude_modules and modules_to_save); "
                            f"its modules are: {', '.join(leaf)}")
@@ -100,15 +100,19 @@ def _check_targets(rule: TargetRule, names: dict, site_ids: set[int], what: str)
             if not any(matches(n, [entry]) for n in names):
                 leaf = sorted({n.split(".")[-1] for n, so in names.items()
                                if so and id(so[1]) in site_ids})
-                raise SimcostError(f"{what} target module '{entry}' is not in this model; "
+                raise SimcostError(f"{what} target module '{printable(entry)}' is not in this model; "
                                    f"its modules are: {', '.join(leaf)}")
     for name, so in names.items():
         if so is not None and id(so[1]) in site_ids:
             continue
         if rule.check(name, False) is True:
-            raise SimcostError(f"{what} target_modules '{t if isinstance(t, str) else ', '.join(t)}' "
+            raise SimcostError(f"{what} target_modules '{printable(_joined(t))}' "
                                f"match {name} ({_describe(so)}), which simcost cannot adapt "
                                f"with {what}")
+
+
+def _joined(targets) -> str:
+    return targets if isinstance(targets, str) else ", ".join(targets)
 
 
 def _describe(so) -> str:

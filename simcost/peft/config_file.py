@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
     field_validator
 
 from simcost.errors import SimcostError, unknown
+from simcost.peft.targeting import printable
 from simcost.request.fields import MAX_RANK, _int_like
 
 # peft's PeftType names -> simcost method names
@@ -94,7 +95,8 @@ def _patterns(v):
         try:
             re.compile(rf"(.*\.)?({k})$")
         except re.error as e:
-            raise ValueError(f"key '{k}' is not a valid regular expression ({e})") from None
+            raise ValueError(f"key '{printable(k, 40)}' is not a valid regular expression ({e})") \
+                from None
     return v
 
 
@@ -211,7 +213,8 @@ def _describe(e: ValidationError, where: str) -> str:
     if key in ("rank_pattern", "alpha_pattern") and len(loc) > 1:
         key += f"[{loc[1]!r}]"
     msg = err["msg"]
-    for a, b in (("Input should be ", "must be "), ("Value error, ", ""), ("Field required", "is required")):
+    for a, b in (("Input should be ", "must be "), ("Value error, ", ""),
+                 ("Field required", "is required")):
         msg = msg.replace(a, b)
     got = err.get("input")
     tail = "" if err["type"] == "missing" else f", got {_shown(got)}"
@@ -222,18 +225,19 @@ def method_of(cfg: dict, where: str) -> str:
     ptype = cfg.get("peft_type")
     name = ptype.upper() if isinstance(ptype, str) else ("(missing)" if ptype is None else _shown(ptype))
     if name not in PEFT_TYPES:
-        raise unknown(f"peft_type in {where}", name, PEFT_TYPES)
+        raise unknown(f"peft_type in {where}", printable(name, 40), PEFT_TYPES)
     return PEFT_TYPES[name]
 
 
 def parse(cfg: dict, where: str) -> tuple[str, dict, list[str]]:
     """(method, PeftSpec keyword arguments, warnings) for a peft config dict."""
+    where = printable(where, 200)
     if not isinstance(cfg, dict):
         raise SimcostError(f"{where} is not a JSON object")
     method = method_of(cfg, where)
     schema = SCHEMAS[method]
     try:
-        f = schema(**{str(k): v for k, v in cfg.items()})
+        f = schema(**{k: v for k, v in cfg.items() if k in schema.model_fields})
     except ValidationError as e:
         raise SimcostError(_describe(e, where)) from None
     for key, what in REFUSED.items():
@@ -259,7 +263,8 @@ def parse(cfg: dict, where: str) -> tuple[str, dict, list[str]]:
 
 def _lora(f: LoraFile, where: str) -> dict:
     layers = f.layers_to_transform or None          # peft: an empty list restricts nothing
-    if isinstance(f.target_modules, str) and (f.layers_to_transform is not None or f.layers_pattern is not None):
+    restricted = f.layers_to_transform is not None or f.layers_pattern is not None
+    if isinstance(f.target_modules, str) and restricted:
         raise SimcostError(f"{where}: layers_to_transform and layers_pattern cannot be used when "
                            f"target_modules is a string ({_shown(f.target_modules)}); peft refuses it")
     if f.layers_pattern and f.layers_to_transform is None:
@@ -275,22 +280,24 @@ def _lora(f: LoraFile, where: str) -> dict:
 def _ia3(f: IA3File, where: str) -> dict:
     ff, t = f.feedforward_modules, f.target_modules
     if isinstance(ff, tuple) and isinstance(t, tuple) and not set(ff) <= set(t):
-        raise SimcostError(f"{where}: feedforward_modules {list(ff)} must be a subset of "
-                           f"target_modules {list(t)} (peft refuses it)")
+        raise SimcostError(f"{where}: feedforward_modules {_shown(list(ff))} must be a subset "
+                           f"of target_modules {_shown(list(t))} (peft refuses it)")
     return dict(feedforward_modules=ff)
 
 
 def _warnings(cfg: dict, f, schema, where: str) -> list[str]:
     warns = []
     known = set(schema.model_fields) | set(IGNORED) | set(REFUSED)
-    extra = sorted(str(k) for k in cfg if str(k) not in known)
+    extra = sorted(printable(str(k), 40) for k in cfg if k not in known)
     if extra:
-        warns.append(f"{where}: ignored keys {', '.join(extra)} (no peft {schema.__name__[:-4]} "
-                     f"config has them; peft ignores them too)")
+        more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
+        warns.append(f"{where}: ignored keys {', '.join(extra[:8])}{more} (no peft "
+                     f"{schema.__name__[:-4]} config has them; peft ignores them too)")
     if f.task_type not in (None, "CAUSAL_LM"):
-        warns.append(f"{where}: task_type {f.task_type} ignored: simcost prices a causal-LM step")
+        warns.append(f"{where}: task_type {printable(f.task_type, 40)} ignored: simcost prices "
+                     f"a causal-LM step")
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower() != "gaussian":
-        warns.append(f"{where}: init_lora_weights '{init}' changes the initialisation only; its "
-                     f"one-off preprocessing is not priced")
+        warns.append(f"{where}: init_lora_weights '{printable(init, 40)}' changes the "
+                     f"initialisation only; its one-off preprocessing is not priced")
     return warns

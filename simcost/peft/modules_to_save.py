@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from simcost.errors import SimcostError
-from simcost.peft.targeting import all_module_names, assign, module_name, saved_by
+from simcost.peft.targeting import all_module_names, assign, module_name, printable, saved_by
 
 
 def _adapted_names(g) -> set[str]:
@@ -34,7 +34,7 @@ def saved_modules(g, entries) -> list[str]:
     for e in entries:
         if not any(n.endswith(e) for n in saved):
             leaf = sorted({n.split(".")[-1] for n, so in names.items() if so is not None})
-            raise SimcostError(f"modules_to_save '{e}' matches no module of this model; "
+            raise SimcostError(f"modules_to_save '{printable(e)}' matches no module of this model; "
                                f"its modules are: {', '.join(leaf)}")
     for a, b in zip(saved, saved[1:]):
         if b.startswith(a + "."):

@@ -19,12 +19,19 @@ This module imports no PEFT method, so every method (and ``modules_to_save``) ca
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from simcost.graph.ir import ModelGraph, Op, Segment
 
 EXCLUDED = "excluded"
+
+
+def printable(text: str, limit: int = 80) -> str:
+    """A user-given name as it may appear in a one-line message (escaped, shortened)."""
+    t = text if text.isprintable() else json.dumps(text)[1:-1]
+    return t if len(t) <= limit else t[:limit - 3] + "..."
 
 
 def module_name(op: Op, layer: int | None) -> str:
