@@ -158,6 +158,26 @@ def test_rank_pattern_changes_trainable_llama_2_7b():
     assert spec.alpha_pattern == (("q_proj", 64.0),)
 
 
+TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+             "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
+
+
+@pytest.mark.parametrize("rank_pattern,trainable", [({}, 1_126_400), ({"q_proj": 32}, 3_289_088)])
+def test_issue_rank_pattern_case(tmp_path, capsys, rank_pattern, trainable):
+    """The issue's case (a TinyLlama-1.1B-shaped model, r=8 on q_proj and v_proj): rank_pattern
+    was ignored. 22 x (32 x (2048 + 2048) + 8 x (2048 + 256)) = 3,289,088."""
+    (tmp_path / "config.json").write_text(json.dumps(TINYLLAMA))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(_full({
+        "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": rank_pattern})))
+    rc = main(["estimate", "train", "--model", str(tmp_path / "config.json"), "--hardware",
+               "a100-80gb-sxm", "--batch", "1", "--seq", "512", "--peft-config",
+               str(tmp_path / "adapter_config.json"), "--json"])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["params"]["trainable"] == trainable
+
+
 def test_fully_qualified_and_layer_selection_llama_2_7b():
     one = 16 * (4096 + 4096)
     assert _trainable("llama-2-7b", {"r": 16, "target_modules": [
@@ -359,3 +379,45 @@ def test_fuzz_parser_and_graph(ptype, body):
         return
     trainable = sum(p.numel * c for p, c in g.params() if p.trainable)
     assert trainable >= 0 and math.isfinite(float(a.total("fwd_matmul_flops")))
+
+
+MODULES = st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj", "self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                           "model.layers.0.self_attn.v_proj"])
+WELL_TYPED = st.fixed_dictionaries({"peft_type": st.just("LORA"), "r": st.integers(1, 9)}, optional={
+    "target_modules": st.one_of(st.lists(MODULES, min_size=1, max_size=4),
+                                st.sampled_from(["all-linear", r".*\.1\..*_proj", r".*q_proj"])),
+    "exclude_modules": st.one_of(st.lists(MODULES, max_size=2), st.just(r".*\.0\.mlp\..*")),
+    "layers_to_transform": st.one_of(st.integers(0, 2), st.lists(st.integers(0, 2), max_size=2)),
+    "rank_pattern": st.dictionaries(st.one_of(MODULES, st.just(r"layers\.1\..*")),
+                                    st.integers(1, 9), max_size=3),
+    "modules_to_save": st.lists(st.sampled_from(["lm_head", "embed_tokens", "model.norm",
+                                                 "post_attention_layernorm"]), max_size=2),
+    "bias": st.sampled_from(["none", "all", "lora_only"]), "use_dora": st.booleans()})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=WELL_TYPED)
+def test_fuzz_well_typed_configs(cfg):
+    """Well-typed configs build or fail in one line; a rank_pattern naming r itself, or an
+    alpha_pattern, changes no number."""
+    from simcost.models.config import spec_from_config
+    from simcost import pipeline
+
+    model = spec_from_config(exact.TINY_CONFIGS["llama-mha-bias"])
+
+    def numbers(c):
+        g, a = pipeline.build_graph(model, 1, 8, dtype="fp32", peft=from_peft_dict(c))
+        return (sum(p.numel * n for p, n in g.params() if p.trainable),
+                float(a.total("fwd_matmul_flops")), float(a.activations_bytes))
+
+    try:
+        base = numbers(cfg)
+    except SimcostError as e:
+        assert "\n" not in str(e)
+        return
+    same = {**cfg, "rank_pattern": {k: cfg["r"] for k in cfg.get("rank_pattern", {})},
+            "alpha_pattern": {"q_proj": 99.0}}
+    plain = {k: v for k, v in cfg.items() if k != "rank_pattern"}
+    assert numbers(same) == numbers(plain)
+    assert all(math.isfinite(x) and x >= 0 for x in base)

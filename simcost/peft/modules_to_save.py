@@ -36,8 +36,12 @@ def saved_modules(g, entries) -> list[str]:
             leaf = sorted({n.split(".")[-1] for n, so in names.items() if so is not None})
             raise SimcostError(f"modules_to_save '{printable(e)}' matches no module of this model; "
                                f"its modules are: {', '.join(leaf)}")
-    for a, b in zip(saved, saved[1:]):
-        if b.startswith(a + "."):
+    chosen = set(saved)
+    for b in saved:
+        parts = b.split(".")
+        a = next((".".join(parts[:k]) for k in range(1, len(parts))
+                  if ".".join(parts[:k]) in chosen), None)
+        if a is not None:
             raise SimcostError(f"modules_to_save copies both {a} and {b}, which is inside it; "
                                f"name one of them")
     adapted = _adapted_names(g)
