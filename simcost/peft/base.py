@@ -124,7 +124,7 @@ def _describe(so) -> str:
     if op.kind == "embedding":
         return "an embedding: peft can adapt it, simcost does not model that"
     if op.kind == "linear":
-        return "a router: adapt it by name (gate) on Mixtral"
+        return "Mixtral's router: only LoRA adapts it, as a parameter, when named 'gate'"
     return f"a {op.kind.replace('_', ' ')}; peft refuses it too"
 
 
