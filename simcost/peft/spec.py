@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from simcost.errors import SimcostError
-from simcost.peft.config_file import PEFT_TYPES, parse  # noqa: F401  (PEFT_TYPES: re-export)
+from simcost.peft.config_file import parse
 from simcost.request.fields import MAX_RANK
 
 
