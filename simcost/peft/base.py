@@ -1,16 +1,19 @@
-"""The PEFT transform registry and the target-matching rules peft uses.
+"""The PEFT transform registry, peft's default targets, and target selection on the graph
+(the matching rules themselves are in :mod:`simcost.peft.targeting`).
 
 Every method is a function ``apply(g, model, spec)`` in its own module that rewrites the
 operator graph: marks parameters trainable, inserts adapter ops, or changes the sequence.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from simcost.errors import SimcostError, unknown
-from simcost.graph.ir import ModelGraph, Op, Segment
+from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.config import ModelSpec
+from simcost.peft.modules_to_save import apply_modules_to_save
+from simcost.peft.targeting import (TargetRule, all_module_names, assign, matches,  # noqa: F401
+                                    module_name, printable)
 
 Transform = Callable[[ModelGraph, ModelSpec, object], None]
 METHODS: dict[str, Transform] = {}
@@ -18,13 +21,11 @@ METHODS: dict[str, Transform] = {}
 
 def register(name: str):
     def deco(fn: Transform) -> Transform:
+        if name in METHODS:
+            raise ValueError(f"PEFT method '{name}' is registered twice")
         METHODS[name] = fn
         return fn
     return deco
-
-
-def module_name(op: Op, layer: int | None) -> str:
-    return op.module.replace("{i}", str(layer)) if layer is not None else op.module
 
 
 # peft's default targets (peft/utils/constants.py) for the supported architectures
@@ -51,14 +52,6 @@ def model_type(model: ModelSpec) -> str:
     return (model.config or {}).get("model_type", model.family)
 
 
-def matches(name: str, targets) -> bool:
-    """peft's rule: a string is a full regex match; a list matches a name equal to an entry
-    or ending in '.' + entry."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def linear_sites(g: ModelGraph):
     """(segment, op) for every nn.Linear-like op peft can wrap, lm_head excluded."""
     for seg, op in g.iter_ops():
@@ -67,50 +60,72 @@ def linear_sites(g: ModelGraph):
             yield seg, op
 
 
-def select(g: ModelGraph, targets, layers, sites, what: str, check_all_linear: bool = True):
-    """Split block groups so a target set is uniform per group; return matched (seg, op).
+def rule_of(spec, targets) -> TargetRule:
+    """The matching rule of ``spec`` with ``targets`` resolved (peft's default when None)."""
+    return TargetRule(targets, spec.layers, getattr(spec, "layers_pattern", None),
+                      getattr(spec, "exclude", None), tuple(spec.modules_to_save))
 
-    Raises when nothing matches (a target module the model lacks)."""
-    all_linear = targets == "all-linear"
-    sites = list(sites)
-    # which layers hold a match (regex targets may name layer indices)
-    hit_layers: set[int] = set()
-    for seg, op in sites:
-        if seg.first_layer is None:
-            continue
-        for lay in seg.layers:
-            if (layers is None or lay in layers) and (all_linear or matches(module_name(op, lay), targets)):
-                hit_layers.add(lay)
-    if layers is not None or isinstance(targets, str):
-        g.split_layers(hit_layers)
-    out = []
-    for seg, op in list(_sites_again(g, sites)):
-        lay = seg.first_layer
-        if seg.first_layer is not None and layers is not None and lay not in layers:
-            continue
-        if all_linear or matches(module_name(op, lay), targets):
-            out.append((seg, op))
+
+def select(g: ModelGraph, rule: TargetRule, sites, what: str, value=None) -> list:
+    """(seg, op, value) for every site ``rule`` adapts, block groups split so each group is
+    uniform; ``value(name)`` gives the per-module value (default True).
+
+    Raises when a target names a module the model lacks, matches a module the method
+    cannot adapt, or nothing matches."""
+    site_ops = [op for _, op in sites]
+    site_ids = {id(op) for op in site_ops}
+    names = all_module_names(g)
+    _check_targets(rule, names, site_ids, what)
+
+    def decide(op, name):
+        if rule.check(name, True) is not True:
+            return None
+        return True if value is None else value(name)
+
+    out = assign(g, decide, site_ops)
     if not out:
-        names = sorted({op.module.replace("{i}.", "").split(".")[-1] for _, op in sites})
-        t = targets if isinstance(targets, str) else ", ".join(targets)
-        raise SimcostError(f"{what} target modules '{t}' match no module of this model; "
-                           f"its modules are: {', '.join(names)}")
-    if not isinstance(targets, str):
-        known = {op.module.split(".")[-1] for _, op in sites} | {
-            ".".join(op.module.split(".")[-2:]) for _, op in sites}
-        missing = [t for t in targets if t not in known]
-        if missing:
-            raise SimcostError(f"{what} target module '{missing[0]}' is not in this model; "
-                               f"its modules are: {', '.join(sorted(n for n in known if '.' not in n))}")
+        leaf = sorted({n.split(".")[-1] for n, so in names.items() if so and id(so[1]) in site_ids})
+        t = printable(_joined(rule.targets))
+        raise SimcostError(f"{what} target modules '{t}' match no module of this model "
+                           f"(after layers_to_transform, exclude_modules and modules_to_save); "
+                           f"its modules are: {', '.join(leaf)}")
     return out
 
 
-def _sites_again(g: ModelGraph, sites):
-    """Re-enumerate sites after segment splits (ops were cloned into new segments)."""
-    kinds = {(op.kind, op.name) for _, op in sites}
-    for seg, op in g.iter_ops():
-        if (op.kind, op.name) in kinds and not op.attrs.get("adapter"):
-            yield seg, op
+def _check_targets(rule: TargetRule, names: dict, site_ids: set[int], what: str) -> None:
+    """Refuse a list entry naming no module, and any match on a module that is no site."""
+    t = rule.targets
+    if not isinstance(t, str):
+        for entry in t:
+            if not any(matches(n, [entry]) for n in names):
+                leaf = sorted({n.split(".")[-1] for n, so in names.items()
+                               if so and id(so[1]) in site_ids})
+                raise SimcostError(f"{what} target module '{printable(entry)}' is not in this model; "
+                                   f"its modules are: {', '.join(leaf)}")
+    for name, so in names.items():
+        if so is not None and id(so[1]) in site_ids:
+            continue
+        if rule.check(name, False) is True:
+            raise SimcostError(f"{what} target_modules '{printable(_joined(t))}' "
+                               f"match {name} ({_describe(so)}), which simcost cannot adapt "
+                               f"with {what}")
+
+
+def _joined(targets) -> str:
+    return targets if isinstance(targets, str) else ", ".join(targets)
+
+
+def _describe(so) -> str:
+    if so is None:
+        return "a container of modules; peft refuses it too"
+    op = so[1]
+    if op.module == "lm_head":
+        return "the output head: peft can adapt it, simcost does not model that"
+    if op.kind == "embedding":
+        return "an embedding: peft can adapt it, simcost does not model that"
+    if op.kind == "linear":
+        return "Mixtral's router: only LoRA adapts it, as a parameter, when named 'gate'"
+    return f"a {op.kind.replace('_', ' ')}; peft refuses it too"
 
 
 def set_trainable(g: ModelGraph, pred) -> int:
@@ -129,8 +144,7 @@ def apply_peft(g: ModelGraph, model: ModelSpec, spec) -> None:
         raise unknown("PEFT method", spec.method, METHODS)
     METHODS[method](g, model, spec)
     if spec.modules_to_save:
-        from simcost.peft.modules_to_save import apply_modules_to_save
-        apply_modules_to_save(g, model, spec)
+        apply_modules_to_save(g, spec.modules_to_save)
     resync_views(g)
 
 

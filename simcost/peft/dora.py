@@ -8,10 +8,9 @@ second time (no bias) instead of reusing the layer's output.
 """
 from __future__ import annotations
 
-from simcost.graph.ir import Op, Param
-from simcost.peft.base import register
 from simcost.errors import SimcostError
-from simcost.peft.base import LORA_DEFAULTS, model_type
+from simcost.graph.ir import Op, Param
+from simcost.peft.base import LORA_DEFAULTS, model_type, register
 from simcost.peft.lora import add_back, apply_bias_option, lora_branch, lora_targets
 from simcost.peft.lora_params import split_targets
 from simcost.peft.spec import validate
@@ -25,17 +24,17 @@ def apply(g, model, spec) -> None:
         raise SimcostError("DoRA cannot adapt Mixtral's router or expert parameters (peft's "
                            "ParamWrapper has no DoRA); target the attention projections instead")
     sites = lora_targets(g, model, spec)
-    for seg, op in sites:
+    for seg, op, site in sites:
         y = op.outputs[0]
         d_out, d_in = op.params[0].shape
-        ops, branch, cast_x = lora_branch(g, seg, op, spec)
+        ops, branch, cast_x = lora_branch(g, seg, op, site)
         ad = g.tensors[branch].dtype
         # per-step weight norm (detached): its inputs are the layer's weights, not activations
         norm = g.new_tensor((d_out,), ad)
         lora_params = tuple(p for o in ops for p in o.params)
         ops.insert(0, Op(f"{op.name}.dora_weight_norm", "dora_weight_norm", (), (norm,),
                          (op.params[0],) + lora_params,
-                         {"adapter": True, "detached": True, "r": spec.r}, op.module))
+                         {"adapter": True, "detached": True, "r": site.r}, op.module))
         mag = Param(f"{op.module}.lora_magnitude_vector.default.weight", (d_out,), ad, True, "adapter")
         base = y
         if spec.dropout > 0:

@@ -1,6 +1,7 @@
 """Partial fine-tuning: train only the last k blocks (and the head), or named modules."""
 from simcost.errors import SimcostError
-from simcost.peft.base import matches, module_name, register, set_trainable
+from simcost.peft.base import register, set_trainable
+from simcost.peft.targeting import matches, module_name
 
 
 @register("freeze")

@@ -3,19 +3,27 @@ feed-forward targets (peft ``IA3Layer``); on a 16-bit base the vectors are fp32 
 tensor is cast back."""
 from __future__ import annotations
 
+import re
+
 from simcost.graph.ir import Op, Param
-from simcost.peft.base import IA3_DEFAULTS, linear_sites, matches, model_type, module_name, register, select
+from simcost.peft.base import IA3_DEFAULTS, linear_sites, model_type, register, rule_of, select
+
+
+def is_feedforward(name: str, ff) -> bool:
+    """peft's IA3 rule: a str is a full regex match, a list a plain suffix test."""
+    if isinstance(ff, str):
+        return re.fullmatch(ff, name) is not None
+    return any(name.endswith(k) for k in ff)
 
 
 @register("ia3")
 def apply(g, model, spec) -> None:
     default_t, default_ff = IA3_DEFAULTS[model_type(model)]
     targets = spec.targets if spec.targets is not None else default_t
-    ff = spec.feedforward_modules if spec.feedforward_modules is not None else (
-        default_ff if spec.targets is None else [])
-    for seg, op in select(g, targets, spec.layers, linear_sites(g), "(IA)3"):
-        name = module_name(op, seg.first_layer)
-        is_ff = matches(name, ff) if ff else False
+    # peft fills feedforward_modules from its table whenever the config leaves it unset
+    ff = spec.feedforward_modules if spec.feedforward_modules is not None else default_ff
+    for seg, op, is_ff in select(g, rule_of(spec, targets), list(linear_sites(g)), "(IA)3",
+                                 lambda name: is_feedforward(name, ff)):
         d_out, d_in = op.params[0].shape
         vdt = spec.adapter_dtype or "fp32"
         x, y = op.inputs[0], op.outputs[0]

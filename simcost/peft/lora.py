@@ -6,9 +6,11 @@ then runs on an fp32 copy of x and the sum is cast back to the base dtype.
 from __future__ import annotations
 
 from simcost.graph.ir import Op, Param
-from simcost.peft.base import LORA_DEFAULTS, linear_sites, model_type, register, select
+from simcost.errors import SimcostError
+from simcost.peft.base import LORA_DEFAULTS, linear_sites, model_type, register, rule_of, select
 from simcost.peft.lora_params import apply_param_targets, split_targets
 from simcost.peft.spec import validate
+from simcost.peft.targeting import pattern_value
 
 
 def adapter_dtype(spec, base_dtype: str) -> str:
@@ -58,10 +60,19 @@ def add_back(g, op, ops, y: int, branch: int, name: str = "lora_add") -> int:
     return s
 
 
-def lora_targets(g, model, spec):
-    targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
-    targets, _ = split_targets(model, targets)
-    return select(g, targets, spec.layers, linear_sites(g), "LoRA")
+def lora_targets(g, model, spec, targets=None):
+    """(seg, op, site spec) for every linear LoRA adapts; the site spec carries that module's
+    r and alpha (``rank_pattern`` / ``alpha_pattern``, peft's first matching key)."""
+    if targets is None:
+        targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
+        targets, _ = split_targets(model, targets)
+    rp, ap = tuple(spec.rank_pattern), tuple(spec.alpha_pattern)
+
+    def value(name):
+        r, a = pattern_value(rp, name, spec.r), pattern_value(ap, name, spec.alpha)
+        return spec if (r, a) == (spec.r, spec.alpha) else spec.with_(r=r, alpha=a)
+
+    return select(g, rule_of(spec, targets), list(linear_sites(g)), "LoRA", value)
 
 
 def apply_bias_option(g, spec, sites) -> None:
@@ -71,7 +82,7 @@ def apply_bias_option(g, spec, sites) -> None:
                 if p.name.endswith(".bias"):
                     p.trainable = True
     elif spec.bias == "lora_only":
-        for _, op in sites:
+        for _, op, _ in sites:
             for p in op.params[1:]:
                 p.trainable = True
 
@@ -81,10 +92,13 @@ def apply(g, model, spec) -> None:
     validate(spec)
     targets = spec.targets if spec.targets is not None else LORA_DEFAULTS[model_type(model)]
     mods, params = split_targets(model, targets)
-    sites = lora_targets(g, model, spec) if (mods or not params) else []
-    for seg, op in sites:
+    if params and (spec.rank_pattern or spec.exclude):
+        raise SimcostError("rank_pattern and exclude_modules are not modelled for LoRA on "
+                           "Mixtral's router and expert parameters")
+    sites = lora_targets(g, model, spec, mods) if (mods or not params) else []
+    for seg, op, site in sites:
         y = op.outputs[0]
-        ops, branch, _ = lora_branch(g, seg, op, spec)
+        ops, branch, _ = lora_branch(g, seg, op, site)
         scaled = g.new_tensor(g.tensors[branch].shape, g.tensors[branch].dtype)
         ops.append(Op(f"{op.name}.lora_scale", "scale", (branch,), (scaled,), (), {"adapter": True},
                       op.module))

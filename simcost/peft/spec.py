@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from simcost.errors import SimcostError, unknown
-
-# peft's PeftType names -> simcost method names
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
-              "LN_TUNING": "ln_tuning"}
+from simcost.errors import SimcostError
+from simcost.peft.config_file import parse
+from simcost.request.fields import MAX_RANK
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,11 @@ class PeftSpec:
     side_reduction: int = 8                         # LST: side network width = hidden / this
     adapter_dtype: str | None = None   # None: fp32 adapters on a 16-bit base (peft's autocast)
     extra: dict = field(default_factory=dict)
+    layers_pattern: tuple[str, ...] | str | None = None   # peft layers_pattern
+    exclude: tuple[str, ...] | str | None = None          # peft exclude_modules
+    rank_pattern: tuple[tuple[str, int], ...] = ()        # (regex key, r), the file's order
+    alpha_pattern: tuple[tuple[str, float], ...] = ()     # (regex key, lora_alpha): scaling only
+    warnings: tuple[str, ...] = ()     # what the adapter config reader ignored, one line each
 
     @property
     def scaling(self) -> float:
@@ -41,60 +46,61 @@ class PeftSpec:
         return replace(self, **kw)
 
 
-def _tuple(v):
-    if v is None or isinstance(v, str):
-        return v
-    return tuple(v)
+MAX_CONFIG_BYTES = 16 * 2 ** 20   # an adapter_config.json is a few kB
 
 
 def from_adapter_config(path: str) -> PeftSpec:
     """Read what ``PeftConfig.save_pretrained`` writes (the file or its directory)."""
-    p = Path(path)
-    file = p / "adapter_config.json" if p.is_dir() else p
-    if not file.is_file():
-        raise SimcostError(f"no adapter_config.json at '{path}'")
     try:
-        cfg = json.loads(file.read_text())
+        p = Path(path)
+        file = p / "adapter_config.json" if p.is_dir() else p
+        ok = file.is_file()
+    except (TypeError, ValueError, OSError):
+        raise SimcostError(f"--peft-config: not a usable path: {path!r}") from None
+    if not ok:
+        raise SimcostError(f"no adapter_config.json at '{path}'")
+    return from_peft_dict(read_json(file), str(file))
+
+
+def read_json(file: Path):
+    """A JSON file's value; one line for a file that is too big, not UTF-8, malformed or
+    absurdly nested."""
+    try:
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise SimcostError(f"{file} is larger than {MAX_CONFIG_BYTES // 2 ** 20} MiB: "
+                               f"not an adapter config")
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SimcostError(f"{file} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise SimcostError(f"cannot read {file}: {e.strerror or e}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise SimcostError(f"malformed JSON in {file}: {e.msg} at line {e.lineno}") from None
-    if not isinstance(cfg, dict):
-        raise SimcostError(f"{file} is not a JSON object")
-    return from_peft_dict(cfg, str(file))
+    except RecursionError:
+        raise SimcostError(f"{file} is nested too deeply to be an adapter config") from None
 
 
 def from_peft_dict(cfg: dict, where: str = "adapter config") -> PeftSpec:
-    ptype = str(cfg.get("peft_type", "")).upper()
-    if ptype not in PEFT_TYPES:
-        raise unknown(f"peft_type in {where}", ptype or "(missing)", PEFT_TYPES)
-    method = PEFT_TYPES[ptype]
-    layers = cfg.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    kw = dict(targets=_tuple(cfg.get("target_modules")), layers=_tuple(layers),
-              modules_to_save=tuple(cfg.get("modules_to_save") or ()))
-    if method == "lora":
-        if cfg.get("fan_in_fan_out"):
-            pass  # only changes the weight layout, not the cost
-        kw.update(r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
-                  dropout=float(cfg.get("lora_dropout", 0.0)),
-                  rslora=bool(cfg.get("use_rslora", False)), dora=bool(cfg.get("use_dora", False)),
-                  bias=str(cfg.get("bias", "none")))
-        if cfg.get("target_parameters"):
-            raise SimcostError(f"{where}: LoRA target_parameters is not supported yet")
-    elif method == "ia3":
-        kw.update(feedforward_modules=_tuple(cfg.get("feedforward_modules")))
-    elif method in ("prefix", "prompt"):
-        kw.update(num_virtual_tokens=int(cfg.get("num_virtual_tokens", 20)))
-        if method == "prefix" and cfg.get("prefix_projection"):
-            raise SimcostError(f"{where}: prefix_projection=true is not supported yet")
-    spec = PeftSpec(method=method, **kw)
+    """A peft config dict (what ``adapter_config.json`` holds) as a :class:`PeftSpec`, with
+    peft 0.21's semantics (see :mod:`simcost.peft.config_file`); bad input is one
+    :class:`SimcostError` line."""
+    method, kw, warns = parse(cfg, where)
+    spec = PeftSpec(method=method, warnings=tuple(warns), **kw)
     validate(spec)
     return spec
 
 
 def validate(spec: PeftSpec) -> None:
+    if not isinstance(spec.r, numbers.Integral) or isinstance(spec.r, bool):
+        raise SimcostError(f"LoRA rank must be an integer, got {spec.r!r}")
     if spec.r <= 0:
         raise SimcostError(f"LoRA rank must be positive, got {spec.r}")
+    if spec.r > MAX_RANK:
+        raise SimcostError(f"LoRA rank must be at most {MAX_RANK}, got {spec.r}")
+    if not isinstance(spec.alpha, numbers.Real) or not math.isfinite(spec.alpha):
+        raise SimcostError(f"LoRA alpha must be a finite number, got {spec.alpha}")
     if not 0 <= spec.dropout < 1:
         raise SimcostError(f"dropout must be in [0, 1), got {spec.dropout}")
     if spec.num_virtual_tokens <= 0:
@@ -107,6 +113,9 @@ def validate(spec: PeftSpec) -> None:
         raise SimcostError(f"LST reduction must be >= 1, got {spec.side_reduction}")
     if spec.trainable_layers is not None and spec.trainable_layers < 0:
         raise SimcostError(f"trainable layers must be >= 0, got {spec.trainable_layers}")
+    for key, r in spec.rank_pattern:
+        if not isinstance(r, numbers.Integral) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+            raise SimcostError(f"rank_pattern['{key}'] must be an integer in [1, {MAX_RANK}], got {r}")
 
 
 def to_peft_dict(spec: PeftSpec, default_targets) -> dict | None:
@@ -115,15 +124,24 @@ def to_peft_dict(spec: PeftSpec, default_targets) -> dict | None:
     targets = spec.targets if spec.targets is not None else default_targets
     targets = targets if isinstance(targets, str) or targets is None else list(targets)
     common = {"task_type": "CAUSAL_LM"}
-    if spec.layers is not None:
-        common["layers_to_transform"] = list(spec.layers)
     if spec.modules_to_save:
         common["modules_to_save"] = list(spec.modules_to_save)
+    if spec.exclude is not None:
+        common["exclude_modules"] = _jsonable(spec.exclude)
     if spec.method in ("lora", "dora"):
-        return {"peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha,
-                "target_modules": targets, "lora_dropout": spec.dropout,
-                "use_rslora": spec.rslora, "use_dora": spec.dora or spec.method == "dora",
-                "bias": spec.bias, **common}
+        d = {"peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha,
+             "target_modules": targets, "lora_dropout": spec.dropout,
+             "use_rslora": spec.rslora, "use_dora": spec.dora or spec.method == "dora",
+             "bias": spec.bias, **common}
+        if spec.layers is not None:
+            d["layers_to_transform"] = list(spec.layers)
+        if spec.layers_pattern is not None:
+            d["layers_pattern"] = _jsonable(spec.layers_pattern)
+        if spec.rank_pattern:
+            d["rank_pattern"] = dict(spec.rank_pattern)
+        if spec.alpha_pattern:
+            d["alpha_pattern"] = dict(spec.alpha_pattern)
+        return d
     if spec.method == "ia3":
         ff = spec.feedforward_modules
         d = {"peft_type": "IA3", "target_modules": targets, **common}
@@ -142,3 +160,7 @@ def to_peft_dict(spec: PeftSpec, default_targets) -> dict | None:
             d["target_modules"] = targets
         return d
     return None
+
+
+def _jsonable(v):
+    return v if isinstance(v, str) or v is None else list(v)
