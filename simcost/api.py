@@ -216,7 +216,8 @@ def run_sweep(req: SweepRequest) -> dict:
         for k, v in one.items():
             out[k][unit] = v
     shape = bb.shape
-    return {"batch": bb, "seq": ss, "warnings": [*warns, *device_warnings(device)],
+    return {"batch": bb, "seq": ss,
+            "warnings": [*warns, *pspec.warnings, *device_warnings(device)],
             **{k: v.reshape(shape) for k, v in out.items()}}
 
 

@@ -1,7 +1,7 @@
 """Reading the JSON files users hand in (model configs, adapter configs, hardware profiles).
 
-One line for every way a file can be unreadable: missing, not UTF-8, malformed, nested
-absurdly deep, or not a JSON object.
+One line for every way a file can be unreadable: missing, too big, not UTF-8, malformed,
+nested absurdly deep, or (for :func:`read_json_object`) not a JSON object.
 """
 from __future__ import annotations
 
@@ -10,25 +10,31 @@ from pathlib import Path
 
 from simcost.errors import SimcostError
 
-MAX_BYTES = 64 * 2 ** 20     # a config or profile is kilobytes; refuse what is not one
+MAX_BYTES = 16 * 2 ** 20     # a config or profile is kilobytes; refuse what is not one
 
 
-def read_json_object(path: str | Path, what: str = "file") -> dict:
+def read_json(path: str | Path, what: str = "file", max_bytes: int = MAX_BYTES):
+    """The JSON value of a file (a UTF-8 byte-order mark is allowed, as peft writes none but
+    editors do)."""
     file = Path(path)
     try:
-        if file.stat().st_size > MAX_BYTES:
-            raise SimcostError(f"{what} {file} is larger than {MAX_BYTES // 2 ** 20} MiB")
-        text = file.read_bytes().decode("utf-8")
+        if file.stat().st_size > max_bytes:
+            raise SimcostError(f"{file} is larger than {max_bytes // 2 ** 20} MiB: not a {what}")
+        text = file.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SimcostError(f"{what} {file} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise SimcostError(f"cannot read {what} {file}: {e.strerror}") from None
+        raise SimcostError(f"cannot read {what} {file}: {e.strerror or e}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise SimcostError(f"malformed JSON in {file}: {e.msg} at line {e.lineno}") from None
     except RecursionError:
         raise SimcostError(f"{what} {file} is nested too deeply to be a {what}") from None
+
+
+def read_json_object(path: str | Path, what: str = "file", max_bytes: int = MAX_BYTES) -> dict:
+    data = read_json(path, what, max_bytes)
     if not isinstance(data, dict):
-        raise SimcostError(f"{file} is not a JSON object")
+        raise SimcostError(f"{Path(path)} is not a JSON object")
     return data

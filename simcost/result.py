@@ -102,7 +102,7 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
         checkpointing=None if mode == "none" else mode,
         cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
-        warnings=[*warnings, *device_warnings(device)],
+        warnings=[*warnings, *pspec.warnings, *device_warnings(device)],
         loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
         optimizer_in_backward=True if optimizer_in_backward else None)
 
@@ -132,6 +132,15 @@ def peft_dict(spec: PeftSpec) -> dict:
     if spec.method in ("lora", "dora", "qlora"):
         d.update(r=spec.r, alpha=spec.alpha, targets=spec.targets, rslora=spec.rslora,
                  dropout=spec.dropout)
+        # what an adapter_config.json narrowed or varied (absent when it did not)
+        for k in ("layers", "layers_pattern", "exclude", "modules_to_save", "bias"):
+            v = getattr(spec, k)
+            if v not in (None, (), "none"):
+                d[k] = v
+        if spec.rank_pattern:
+            d["rank_pattern"] = dict(spec.rank_pattern)
+        if spec.alpha_pattern:
+            d["alpha_pattern"] = dict(spec.alpha_pattern)
     if spec.method in ("prefix", "prompt"):
         d["num_virtual_tokens"] = spec.num_virtual_tokens
     if spec.method == "lst":

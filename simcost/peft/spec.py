@@ -1,13 +1,13 @@
 """PEFT configuration: shorthand flags or a peft ``adapter_config.json`` → :class:`PeftSpec`."""
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from simcost.errors import SimcostError
+from simcost.jsonio import read_json
 from simcost.peft.config_file import parse
 from simcost.request.fields import MAX_RANK
 
@@ -59,27 +59,7 @@ def from_adapter_config(path: str) -> PeftSpec:
         raise SimcostError(f"--peft-config: not a usable path: {path!r}") from None
     if not ok:
         raise SimcostError(f"no adapter_config.json at '{path}'")
-    return from_peft_dict(read_json(file), str(file))
-
-
-def read_json(file: Path):
-    """A JSON file's value; one line for a file that is too big, not UTF-8, malformed or
-    absurdly nested."""
-    try:
-        if file.stat().st_size > MAX_CONFIG_BYTES:
-            raise SimcostError(f"{file} is larger than {MAX_CONFIG_BYTES // 2 ** 20} MiB: "
-                               f"not an adapter config")
-        text = file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise SimcostError(f"{file} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise SimcostError(f"cannot read {file}: {e.strerror or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SimcostError(f"malformed JSON in {file}: {e.msg} at line {e.lineno}") from None
-    except RecursionError:
-        raise SimcostError(f"{file} is nested too deeply to be an adapter config") from None
+    return from_peft_dict(read_json(file, "adapter config", MAX_CONFIG_BYTES), str(file))
 
 
 def from_peft_dict(cfg: dict, where: str = "adapter config") -> PeftSpec:
