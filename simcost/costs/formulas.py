@@ -472,10 +472,20 @@ def moe_experts(op, g, rg, train):
                   fwd_bytes=gate_up.nbytes + down.nbytes + routed * eb * (2 * d + 4 * f + 2 * d),
                   fwd_kernels=14)
     cost.gemms_fwd = [(n_exp, routed / n_exp, two_f, d), (n_exp, routed / n_exp, d, f)]
+    w_gu, w_dn, wt = _expert_weight_grads(op, rg, train)
+    if rg[0] or rg[1] or w_gu or w_dn:
+        _moe_backward(cost, routed, n_exp, d, f, rg, w_gu, w_dn)
+        cost.saved = _moe_saved(routed, n_exp, d, f, eb, BYTES[w.dtype], rg, w_gu, w_dn, wt)
+    return cost
+
+
+def _expert_weight_grads(op, rg, train):
+    """Whether gate_up and down need weight gradients, and their parametrised-weight inputs.
+
+    peft's LoRA on the expert parameters (lora_params): the weights are parametrised tensors
+    W + ΔW read as extra inputs; each needs a gradient when its ΔW does, and is kept for the
+    gradient of its grouped_mm's input."""
     w_gu, w_dn = bool(train[0]), bool(train[1])
-    # peft's LoRA on the expert parameters (lora_params): the weights are parametrised tensors
-    # W + ΔW read as extra inputs; each needs a gradient when its ΔW does, and is kept for the
-    # gradient of its grouped_mm's input
     slots = op.attrs.get("weight_inputs", (False, False))
     wt, j = [None, None], 2
     for i in (0, 1):
@@ -486,52 +496,60 @@ def moe_experts(op, g, rg, train):
         w_gu = w_gu or bool(rg[op.inputs.index(wt[0])])
     if wt[1] is not None:
         w_dn = w_dn or bool(rg[op.inputs.index(wt[1])])
-    if rg[0] or rg[1] or w_gu or w_dn:
-        per = routed / n_exp      # tokens per expert on average (the totals do not depend on it)
-        proj = rg[0] or w_gu               # the gate_up output needs a gradient
-        # down's input gradient only when the product needs one (not when only the routing
-        # weights or only down's weight do)
-        cost.gemms_bwd = ([(n_exp, per, f, d)] if proj else []) + \
-            ([(n_exp, per, d, two_f)] if rg[0] else [])
-        act = (2 * routed * f * d if proj else 0) + (2 * routed * d * two_f if rg[0] else 0)
-        cost.bwd_act_flops = act + (routed * 10 * f if proj else 0)
-        cost.bwd_act_matmul_flops = act
-        if w_gu or w_dn:
-            wmm = (2 * routed * d * two_f if w_gu else 0) + (2 * routed * f * d if w_dn else 0)
-            cost.gemms_bwd += ([(n_exp, two_f, d, per)] if w_gu else []) + \
-                ([(n_exp, d, f, per)] if w_dn else [])
-            cost.bwd_weight_flops = wmm
-            cost.bwd_weight_matmul_flops = wmm
-        cost.bwd_bytes = 2 * cost.fwd_bytes
-        cost.bwd_kernels = 14
-        proj = rg[0] or w_gu               # the gate_up output needs a gradient
-        out = proj or w_dn                 # the down output needs a gradient
-        idx = routed * BYTES["int64"]
-        saved = []
-        if rg[0]:
-            saved.append(("new", idx))                       # perm // k
-        if rg[1]:
-            saved.append(("new", idx))                       # perm
-        if out:
-            saved.append(("new", n_exp * BYTES["int32"]))    # offsets
-        if w_gu:
-            saved.append(("new", routed * d * eb))           # gathered hidden states
-        if proj:
-            saved += [("new", routed * two_f * eb), ("new", routed * f * eb)]  # gate_up out, silu
-        if w_dn:
-            saved.append(("new", routed * f * eb))           # silu(gate) * up
-        if rg[1]:
-            saved.append(("new", routed * d * eb))           # down output
-        if out:
-            saved.append(("new", routed * BYTES[w.dtype]))   # gathered routing weights
-        if out or rg[1]:
-            saved.append(("new", idx))                       # inv_perm
-        if wt[0] is not None and rg[0]:
-            saved.append(wt[0])                              # W' gate_up (for dX)
-        if wt[1] is not None and proj:
-            saved.append(wt[1])                              # W' down (for d(product))
-        cost.saved = saved
-    return cost
+    return w_gu, w_dn, wt
+
+
+def _moe_backward(cost, routed, n_exp, d, f, rg, w_gu, w_dn) -> None:
+    """The routed experts' backward GEMMs and FLOPs (activation and weight gradients)."""
+    two_f = 2 * f
+    per = routed / n_exp      # tokens per expert on average (the totals do not depend on it)
+    proj = rg[0] or w_gu               # the gate_up output needs a gradient
+    # down's input gradient only when the product needs one (not when only the routing
+    # weights or only down's weight do)
+    cost.gemms_bwd = ([(n_exp, per, f, d)] if proj else []) + \
+        ([(n_exp, per, d, two_f)] if rg[0] else [])
+    act = (2 * routed * f * d if proj else 0) + (2 * routed * d * two_f if rg[0] else 0)
+    cost.bwd_act_flops = act + (routed * 10 * f if proj else 0)
+    cost.bwd_act_matmul_flops = act
+    if w_gu or w_dn:
+        wmm = (2 * routed * d * two_f if w_gu else 0) + (2 * routed * f * d if w_dn else 0)
+        cost.gemms_bwd += ([(n_exp, two_f, d, per)] if w_gu else []) + \
+            ([(n_exp, d, f, per)] if w_dn else [])
+        cost.bwd_weight_flops = wmm
+        cost.bwd_weight_matmul_flops = wmm
+    cost.bwd_bytes = 2 * cost.fwd_bytes
+    cost.bwd_kernels = 14
+
+
+def _moe_saved(routed, n_exp, d, f, eb, w_bytes, rg, w_gu, w_dn, wt) -> list:
+    """What autograd keeps for the routed experts' backward (see :func:`moe_experts`)."""
+    proj = rg[0] or w_gu               # the gate_up output needs a gradient
+    out = proj or w_dn                 # the down output needs a gradient
+    idx = routed * BYTES["int64"]
+    saved = []
+    if rg[0]:
+        saved.append(("new", idx))                       # perm // k
+    if rg[1]:
+        saved.append(("new", idx))                       # perm
+    if out:
+        saved.append(("new", n_exp * BYTES["int32"]))    # offsets
+    if w_gu:
+        saved.append(("new", routed * d * eb))           # gathered hidden states
+    if proj:
+        saved += [("new", routed * 2 * f * eb), ("new", routed * f * eb)]  # gate_up out, silu
+    if w_dn:
+        saved.append(("new", routed * f * eb))           # silu(gate) * up
+    if rg[1]:
+        saved.append(("new", routed * d * eb))           # down output
+    if out:
+        saved.append(("new", routed * w_bytes))          # gathered routing weights
+    if out or rg[1]:
+        saved.append(("new", idx))                       # inv_perm
+    if wt[0] is not None and rg[0]:
+        saved.append(wt[0])                              # W' gate_up (for dX)
+    if wt[1] is not None and proj:
+        saved.append(wt[1])                              # W' down (for d(product))
+    return saved
 
 
 @register("lora_param_delta")
