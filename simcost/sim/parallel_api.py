@@ -76,15 +76,13 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                                   zeros=(zero,) if zero else (0, 1, 2, 3), tp_overlap=tp_overlap,
                                   fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch,
                                              ep=ep))
-        if offload != "none":
-            plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
-        if ds is not None:
-            plans = [P.Plan(**{**p.__dict__, "deepspeed": ds}) for p in plans]
+        plans = [P.with_options(p, sp=sequence_parallel, schedule=pp_schedule,
+                                virtual_stages=virtual_stages, offload=offload, deepspeed=ds)
+                 for p in plans]
         if optimizer_in_backward:       # no gradient accumulation under it (refused below)
             plans = [p for p in plans if p.micro_batches == 1]
         if not plans:
-            raise SimcostError(f"no valid parallel plan for {devices} devices, global batch "
-                               f"{batch} and the given constraints")
+            raise SimcostError(_no_plan(devices, batch, spec, seq, topo.gpus_per_node))
         best, top = P.search(ctx, plans)
         candidates = [{"plan": r.plan.label(), "step_s": r.time_s["step"],
                        "peak_bytes": r.memory_bytes["peak"], "fits": r.fits} for r in top]
@@ -102,6 +100,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
             raise SimcostError(f"tp = {plan.tp} exceeds the {topo.gpus_per_node} devices of a node")
         best = P.evaluate_plan(ctx, plan)
         searched = 1
+    warns = [*warns, *_no_effect(best.plan, tp_overlap, sequence_parallel, pp_schedule,
+                                 virtual_stages)]
     # whole-job FLOPs and parameter counts from the single-sequence graph
     g1, a1 = build(1, seq)
     n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
@@ -141,3 +141,27 @@ def _topology_dict(topo) -> dict:
                            "latency_s": topo.intra.latency},
             "inter_node": {"kind": topo.inter.kind, "bandwidth_bytes_per_s": topo.inter.bandwidth,
                            "latency_s": topo.inter.latency}}
+
+
+def _no_plan(devices, batch, spec, seq, gpus_per_node) -> str:
+    return (f"no valid parallel plan for {devices} devices, global batch {batch} and the given "
+            f"constraints (tp <= {gpus_per_node} per node dividing {spec.name}'s {spec.heads} "
+            f"heads, pp <= {spec.layers} layers, cp dividing half the sequence {seq}, dp "
+            f"dividing the batch, tp*pp*cp*dp = devices)")
+
+
+def _no_effect(plan, tp_overlap, sequence_parallel, pp_schedule, virtual_stages) -> list[str]:
+    """One line for each plan option the chosen plan leaves without effect."""
+    out = []
+    if plan.tp == 1:
+        if tp_overlap:
+            out.append("--tp-overlap has no effect: the plan has tp = 1")
+        if sequence_parallel is not None:
+            out.append(f"sequence_parallel={sequence_parallel} (--no-sequence-parallel) has no "
+                       f"effect: the plan has tp = 1")
+    if pp_schedule == "interleaved" and plan.pp == 1:
+        out.append("--pp-schedule interleaved has no effect: the plan has pp = 1")
+    if virtual_stages != 1 and (pp_schedule != "interleaved" or plan.pp == 1):
+        out.append(f"--virtual-stages {virtual_stages} has no effect without an interleaved "
+                   f"pipeline (--pp-schedule interleaved, pp > 1)")
+    return out

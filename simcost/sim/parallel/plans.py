@@ -128,6 +128,20 @@ def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero
                 deepspeed=deepspeed, ep=ep)
 
 
+def with_options(plan: Plan, *, sp=None, schedule="1f1b", virtual_stages=1, offload="none",
+                 deepspeed=None) -> Plan:
+    """A searched plan with the options the search does not vary: sequence parallelism (None:
+    on wherever tp > 1), the pipeline schedule (where pp > 1), offload, DeepSpeed."""
+    virtual_stages = check_size("virtual_stages", virtual_stages)
+    _check_choices(plan.zero, schedule, offload)
+    interleaved = schedule == "interleaved" and plan.pp > 1
+    return dataclasses.replace(
+        plan, sp=plan.sp if sp is None else bool(sp),
+        schedule="interleaved" if interleaved else plan.schedule,
+        virtual_stages=virtual_stages if interleaved else plan.virtual_stages,
+        offload=offload, deepspeed=deepspeed)
+
+
 def _check_choices(zero, schedule, offload) -> None:
     if zero not in ZERO_STAGES:
         raise SimcostError(f"--zero must be 0, 1, 2 or 3, got {zero}")
@@ -189,6 +203,8 @@ def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0
     sizes (None: free). More than ``max_plans`` plans are refused with one line."""
     devices, global_batch = check_size("devices", devices), check_size("global_batch", global_batch)
     fixed = {k: check_size(k, v) for k, v in (fixed or {}).items() if v is not None}
+    for z in zeros:
+        _check_choices(z, "1f1b", "none")
     experts = getattr(spec, "experts", 0) or 0
     plans = []
     for tp, pp, cp, dp in axis_sizes(devices, global_batch, spec, seq, gpus_per_node):
