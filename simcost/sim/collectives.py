@@ -24,6 +24,7 @@ Topology: ranks are packed ``gpus_per_node`` to a node (the profile's NVLink dom
 ``interconnect.domain_devices``: 8 unless stated; 72 for a GB200 NVL72 rack). A group whose
 ranks all lie in one node uses the profile's ``interconnect`` (NVLink/NVSwitch, PCIe, Infinity Fabric, TPU ICI); a
 group spanning nodes is limited by the inter-node network, one NIC per GPU (rail-optimised).
+
 A profile without a usable device-to-device link: a ``cpu`` or ``edge`` device (a host CPU, a
 Raspberry Pi, an Apple SoC, a Jetson module) whose ``interconnect`` is absent (null), of kind
 ``none``, or without a positive bandwidth has no link at all, and is priced as one device:
@@ -31,6 +32,7 @@ Raspberry Pi, an Apple SoC, a Jetson module) whose ``interconnect`` is absent (n
 ``interconnect`` section, or without its bandwidth, falls back to PCIe peer traffic through the
 host (:data:`DEFAULT_INTRA_BW`: consumer cards that state no link); one that states kind
 ``none`` or a bandwidth that is not a positive number has no link either.
+
 Unless the profile says otherwise the inter-node link is 400 Gb/s NDR InfiniBand per GPU
 (ConnectX-7, 8 per DGX H100: NVIDIA DGX H100 user guide, "8x single-port ConnectX-7 VPI,
 400 Gb/s InfiniBand or 400 GbE") = 50 GB/s, with 5 us end-to-end small-message latency

@@ -101,7 +101,8 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
 def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero=0,
               micro_batch=None, sp=None, tp_overlap=False, schedule="1f1b", virtual_stages=1,
               offload="none", spec=None, seq=None, deepspeed=None, ep=None) -> Plan:
-    devices, global_batch = check_size("devices", devices), check_size("global_batch", global_batch)
+    devices = check_size("devices", devices)
+    global_batch = check_size("global_batch", global_batch)
     tp, pp, cp = _size_or_one("tp", tp), _size_or_one("pp", pp), _size_or_one("cp", cp)
     if dp is None:
         if devices % (tp * pp * cp):
@@ -201,7 +202,8 @@ def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0
     """Valid plans (see :func:`axis_sizes`), every micro-batch size and ZeRO stage; for
     mixture-of-experts models also ep dividing both dp and the expert count. ``fixed`` pins
     sizes (None: free). More than ``max_plans`` plans are refused with one line."""
-    devices, global_batch = check_size("devices", devices), check_size("global_batch", global_batch)
+    devices = check_size("devices", devices)
+    global_batch = check_size("global_batch", global_batch)
     fixed = {k: check_size(k, v) for k, v in (fixed or {}).items() if v is not None}
     for z in zeros:
         _check_choices(z, "1f1b", "none")
