@@ -16,7 +16,7 @@ from simcost.sim.timing import optimizer_time
 DDP_BUCKET_BYTES = 25 * 2 ** 20          # torch DDP bucket_cap_mb default
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AxisComm:
     """One axis's communication: over the whole step, its traffic time and the part on the
     critical path; per micro-batch, forward and backward, the same two (for the overlap)."""
@@ -36,7 +36,7 @@ class AxisComm:
         return self.bwd_s - self.bwd_exposed_s
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StageShard:
     """What the data-parallel collectives of the slowest stage move on one rank."""
     param_bytes: float              # every parameter of the stage (ZeRO-3 gathers)
@@ -166,7 +166,7 @@ def overlap_slowdown(hidden_s: float, sm_fraction: float) -> float:
     return max(0.0, hidden_s) * sm_fraction
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PipelineTime:
     pipe_s: float          # the schedule's slots times the micro-step
     bubble_s: float

@@ -26,7 +26,7 @@ class PlanResult:
     notes: list = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MicroStep:
     """One micro-batch's forward and backward slot on the slowest stage, exposed
     communication and the SMs lent to hidden communication included."""

@@ -47,7 +47,7 @@ class PlanMemory:
         return d
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class States:
     """Per-device weights and training states (bytes)."""
     weights: float

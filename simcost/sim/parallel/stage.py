@@ -148,7 +148,7 @@ def stage_trainable(ps: ParamSplit, tp, pp, layers_stage, L, ep=1):
     return block + other
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StageWork:
     """One micro-batch on the slowest pipeline stage: its compute and what can hide
     communication."""

@@ -86,7 +86,7 @@ class SegTimes:
                            # reduce-scatter of the input gradient can hide behind)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OpShare:
     """One op's share of the work on one TP rank."""
     role: str
@@ -95,7 +95,7 @@ class OpShare:
     gemms_bwd: list
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OpTimes:
     """One op's time on one rank (one execution of its segment)."""
     fwd_s: float
