@@ -7,6 +7,8 @@ cold  = the first estimate in a fresh process after ``import simcost.api`` (prof
         per repetition. Python's cyclic GC often runs its first full pass over the freshly
         imported modules during that call; ``cold_gc_frozen`` freezes those first, as the CLI does.
 warm  = the same estimate again in the same process.
+auto  = ``--devices 8 --parallel auto`` for llama-2-70b LoRA on H100 (batch 8, seq 8192): the
+        plan search, warm, in the same process.
 sweep = llama-2-7b LoRA r16 on A100, 25 batch sizes x 40 sequence lengths through the
         vectorised path (one graph, numpy arrays), and the same 1000 configurations one by one.
 """
@@ -80,6 +82,15 @@ def main() -> None:
         api.estimate_train("llama-2-70b", "a100-80gb-sxm", batch=1, seq=4096, peft="lora", rank=16)
         w.append(time.perf_counter() - t)
     res["warm_70b_ms_median"] = 1e3 * statistics.median(w)
+
+    auto = dict(batch=8, seq=8192, peft="lora", devices=8, parallel="auto")
+    api.estimate_train("llama-2-70b", "h100-sxm", **auto)
+    w = []
+    for _ in range(a.repeat):
+        t = time.perf_counter()
+        api.estimate_train("llama-2-70b", "h100-sxm", **auto)
+        w.append(time.perf_counter() - t)
+    res["auto_70b_8dev_ms_median"] = 1e3 * statistics.median(w)
 
     batches = np.arange(1, 26)
     seqs = np.linspace(128, 4096, 40).astype(int)

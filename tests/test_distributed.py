@@ -406,3 +406,192 @@ def test_nvl72_rack_is_one_nvlink_domain():
     assert "nvlink" in t.link(64).kind and "infiniband" in t.link(144).kind
     t8 = C.Topology.from_profile(load_profile("b200"), 144)
     assert t8.gpus_per_node == 8 and "infiniband" in t8.link(16).kind
+
+
+# ---- hardening (issue 12): plan sizes, devices without an interconnect, bounded search ------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from simcost.hardware import list_profiles, load_profile  # noqa: E402
+from simcost.sim import parallel as P  # noqa: E402
+
+BASE = ["estimate", "train", "--model", "llama-2-7b", "--hardware", "a100-80gb-sxm",
+        "--batch", "8", "--seq", "512"]
+
+
+def _one_line_error(capsys, argv) -> str:
+    rc = main(argv)
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("simcost: error:"), cap.err
+    assert not cap.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,option", [
+    (["--devices", "8", "--tp", "-1"], "tp"), (["--pp", "-1"], "pp"),
+    (["--micro-batch", "-1"], "micro"), (["--tp", "0"], "tp"), (["--pp", "0"], "pp"),
+    (["--cp", "0"], "cp"), (["--micro-batch", "0"], "micro"),
+    (["--devices", "8", "--dp", "0"], "dp"),
+    (["--devices", "2", "--pp", "2", "--pp-schedule", "interleaved", "--virtual-stages", "0"],
+     "virtual"),
+    (["--devices", "8", "--parallel", "auto", "--tp", "0"], "tp"),
+    (["--devices", "8", "--parallel", "auto", "--micro-batch", "-2"], "micro"),
+])
+def test_zero_and_negative_plan_sizes_are_refused_in_one_line(capsys, extra, option):
+    err = _one_line_error(capsys, BASE + extra)
+    assert option in err
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["tp", "pp", "dp", "cp", "ep", "micro_batch", "virtual_stages"]),
+       value=st.one_of(st.integers(max_value=0), st.just(2.5), st.just(True), st.just("2")))
+def test_make_plan_refuses_every_size_that_is_not_a_whole_number_above_zero(name, value):
+    with pytest.raises(SimcostError, match=P.plans.OPTION[name]):
+        P.make_plan(8, 8, **{name: value})
+
+
+def test_plan_layer_refuses_bad_sizes_for_api_callers():
+    for kw in (dict(devices=8, tp=-1), dict(pp=-1), dict(micro_batch=-1), dict(tp=0),
+               dict(pp=0), dict(cp=0), dict(micro_batch=0), dict(devices=0),
+               dict(devices=2, pp=2, pp_schedule="interleaved", virtual_stages=0)):
+        with pytest.raises(SimcostError, match="whole number >= 1|devices must be"):
+            estimate_train("llama-2-7b", "a100-80gb-sxm", batch=8, seq=512, **LORA, **kw)
+    with pytest.raises(SimcostError, match="--batch"):
+        P.make_plan(8, 0)
+    with pytest.raises(SimcostError, match="--zero"):
+        P.enumerate_plans(8, 8, _spec("llama-2-7b"), 512, 8, zeros=(0, 4))
+    # a valid explicit plan is unchanged by the checks
+    p = P.make_plan(8, 8, tp=2, pp=2, micro_batch=1)
+    assert (p.dp, p.tp, p.pp, p.cp, p.micro_batch, p.micro_batches) == (2, 2, 2, 1, 1, 4)
+
+
+HOST_ONLY = [n for n in list_profiles() if load_profile(n).kind in ("cpu", "edge")]
+
+
+def test_the_bundled_edge_and_cpu_profiles_are_the_ones_without_a_link():
+    assert {"cpu-generic", "rpi5", "apple-m2-ultra", "apple-m4-max", "jetson-agx-orin-64gb",
+            "jetson-orin-nano-8gb"} <= set(HOST_ONLY)
+    for n in list_profiles():
+        link, why = C.device_link(load_profile(n))
+        assert (link is None) == (n in HOST_ONLY), (n, why)
+        assert link is None or link.bandwidth > 0
+
+
+@pytest.mark.parametrize("name", HOST_ONLY)
+def test_a_device_without_an_interconnect_refuses_several_devices(capsys, name):
+    err = _one_line_error(capsys, ["estimate", "train", "--model", "gpt2", "--hardware", name,
+                                   "--batch", "2", "--seq", "128", "--devices", "2"])
+    assert f"hardware '{name}' has no device interconnect" in err and "one device" in err
+    # one device still prices (the multi-device path, through --offload)
+    r = estimate_train("gpt2", name, batch=2, seq=128, devices=1, offload="optimizer",
+                       peft="full")
+    assert r.time_s["step"] > 0
+
+
+def test_interconnect_null_or_zero_bandwidth_is_no_link_pcie_fallback_only_for_gpus(tmp_path,
+                                                                                    capsys):
+    rpi = load_profile("rpi5")
+    null = rpi.model_copy(update={"interconnect": None})
+    with pytest.raises(SimcostError, match="no interconnect in its profile"):
+        C.Topology.from_profile(null, 2)
+    assert C.Topology.from_profile(null, 1).intra.bandwidth == 0.0
+    f = tmp_path / "rpi5-null.json"
+    f.write_text(null.model_dump_json())
+    err = _one_line_error(capsys, ["estimate", "train", "--model", "gpt2", "--hardware", str(f),
+                                   "--batch", "2", "--seq", "128", "--devices", "2"])
+    assert "no device interconnect" in err
+    gpu = load_profile("rtx-4090")
+    bare = gpu.model_copy(update={"interconnect": None})      # consumer card: PCIe peer traffic
+    t = C.Topology.from_profile(bare, 2)
+    assert t.intra.bandwidth == C.DEFAULT_INTRA_BW and "pcie" in t.intra.kind
+    zero_bw = gpu.interconnect.model_copy(update={"bandwidth_bytes_per_s":
+                                                  gpu.interconnect.bandwidth_bytes_per_s.model_copy(
+                                                      update={"value": 0.0})})
+    with pytest.raises(SimcostError, match="bandwidth 0"):
+        C.Topology.from_profile(gpu.model_copy(update={"interconnect": zero_bw}), 2)
+    with pytest.raises(SimcostError, match="no usable bandwidth"):
+        C.all_reduce(1e6, 2, C.Link("none", 0.0, 0.0))
+
+
+def _spec(name):
+    from simcost.models.config import load_model
+    return load_model(name)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 5000), limit=st.one_of(st.none(), st.integers(0, 6000)))
+def test_divisors_match_the_definition(n, limit):
+    top = n if limit is None else limit
+    assert P.divisors(n, limit) == [d for d in range(1, n + 1) if n % d == 0 and d <= top]
+
+
+def _reference_plans(devices, batch, spec, seq, gpn):
+    """The search space as first written: every divisor of every factor, filtered."""
+    divs = lambda n: [d for d in range(1, n + 1) if n % d == 0]  # noqa: E731
+    out = []
+    for tp in divs(devices):
+        if tp > gpn or spec.heads % tp or (spec.kv_heads % tp and tp % spec.kv_heads):
+            continue
+        for pp in divs(devices // tp):
+            if pp > spec.layers:
+                continue
+            for cp in divs(devices // (tp * pp)):
+                if cp > 1 and seq % (2 * cp):
+                    continue
+                dp = devices // (tp * pp * cp)
+                if batch % dp:
+                    continue
+                for mb in divs(batch // dp):
+                    for z in ((0, 1, 2, 3) if dp > 1 else (0,)):
+                        out.append((dp, tp, pp, cp, z, mb, batch // dp // mb))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(devices=st.integers(1, 96), batch=st.integers(1, 48),
+       seq=st.sampled_from([1, 2, 3, 6, 96, 256, 1000, 4096]))
+def test_enumerated_plans_are_the_full_search_space_in_its_order(devices, batch, seq):
+    spec = _spec("gpt2")
+    got = [(p.dp, p.tp, p.pp, p.cp, p.zero, p.micro_batch, p.micro_batches)
+           for p in P.enumerate_plans(devices, batch, spec, seq, 8)]
+    assert got == _reference_plans(devices, batch, spec, seq, 8)
+
+
+def test_a_huge_device_count_is_refused_with_its_reason_without_a_scan(capsys):
+    spec = _spec("llama-2-7b")
+    # no tp <= 8, pp <= 32, cp | 256, dp | 8 multiplies to these: nothing to search
+    for n in (10 ** 9, 2 ** 40, 10 ** 18 + 9):
+        assert P.enumerate_plans(n, 8, spec, 512, 8) == []
+    err = _one_line_error(capsys, BASE + ["--devices", "1000000000", "--parallel", "auto"])
+    assert "no valid parallel plan for 1000000000 devices" in err and "pp <= 32 layers" in err
+    # 2^20 devices can be valid: 8 x 32 x 256 x 16 (tp x pp x cp x dp)
+    plans = P.enumerate_plans(2 ** 20, 16, spec, 512, 8)
+    assert plans and all(p.devices == 2 ** 20 for p in plans)
+    assert {(p.tp, p.pp, p.cp) for p in plans} == {(8, 32, 256)}
+
+
+def test_the_plan_count_is_bounded():
+    spec = _spec("llama-2-7b")
+    n = len(P.enumerate_plans(8, 16, spec, 8192, 8))
+    with pytest.raises(SimcostError, match=f"more than {n - 1} plans"):
+        P.enumerate_plans(8, 16, spec, 8192, 8, max_plans=n - 1)
+    with pytest.raises(SimcostError, match=f"more than {P.MAX_PLANS} plans"):
+        P.enumerate_plans(8, 720720, spec, 8192, 8)        # 240 divisors of the batch
+
+
+def test_auto_applies_the_schedule_and_warns_about_options_without_effect():
+    kw = dict(batch=8, seq=256, devices=4, parallel="auto", **LORA)
+    r = estimate_train("llama-2-7b", "h100-sxm", pp=4, pp_schedule="interleaved",
+                       virtual_stages=2, **kw)
+    assert r.parallel["plan"]["schedule"] == "interleaved"
+    assert r.parallel["plan"]["virtual_stages"] == 2
+    assert not any("virtual-stages" in w for w in r.warnings)
+    one = estimate_train("llama-2-7b", "h100-sxm", dp=4, tp_overlap=True,
+                         pp_schedule="interleaved", **kw)
+    w = " | ".join(one.warnings)
+    assert "--tp-overlap has no effect" in w and "--pp-schedule interleaved has no effect" in w
+    manual = estimate_train("llama-2-7b", "h100-sxm", batch=8, seq=256, devices=2, pp=2,
+                            virtual_stages=3, **LORA)
+    assert any("--virtual-stages 3 has no effect" in x for x in manual.warnings)
+    assert manual.parallel["plan"]["virtual_stages"] == 1

@@ -24,6 +24,15 @@ Topology: ranks are packed ``gpus_per_node`` to a node (the profile's NVLink dom
 ``interconnect.domain_devices``: 8 unless stated; 72 for a GB200 NVL72 rack). A group whose
 ranks all lie in one node uses the profile's ``interconnect`` (NVLink/NVSwitch, PCIe, Infinity Fabric, TPU ICI); a
 group spanning nodes is limited by the inter-node network, one NIC per GPU (rail-optimised).
+
+A profile without a usable device-to-device link: a ``cpu`` or ``edge`` device (a host CPU, a
+Raspberry Pi, an Apple SoC, a Jetson module) whose ``interconnect`` is absent (null), of kind
+``none``, or without a positive bandwidth has no link at all, and is priced as one device:
+:meth:`Topology.from_profile` refuses more. A ``gpu`` or ``tpu`` profile without an
+``interconnect`` section, or without its bandwidth, falls back to PCIe peer traffic through the
+host (:data:`DEFAULT_INTRA_BW`: consumer cards that state no link); one that states kind
+``none`` or a bandwidth that is not a positive number has no link either.
+
 Unless the profile says otherwise the inter-node link is 400 Gb/s NDR InfiniBand per GPU
 (ConnectX-7, 8 per DGX H100: NVIDIA DGX H100 user guide, "8x single-port ConnectX-7 VPI,
 400 Gb/s InfiniBand or 400 GbE") = 50 GB/s, with 5 us end-to-end small-message latency
@@ -55,6 +64,9 @@ DEFAULT_INTRA_BW = 32e9
 DEFAULT_INTRA_LAT = 10e-6
 
 
+NO_LINK_KIND = "none"
+
+
 @dataclass(frozen=True)
 class Link:
     kind: str
@@ -75,11 +87,12 @@ class Topology:
     @classmethod
     def from_profile(cls, profile, devices: int, nodes: int | None = None) -> "Topology":
         ic = getattr(profile, "interconnect", None)
-        if ic is not None and ic.bandwidth_bytes_per_s is not None:
-            intra = Link(ic.kind, ic.bandwidth_bytes_per_s.value,
-                         ic.latency_s.value if ic.latency_s is not None else DEFAULT_INTRA_LAT)
-        else:
-            intra = Link("pcie (default)", DEFAULT_INTRA_BW, DEFAULT_INTRA_LAT)
+        intra, why = device_link(profile)
+        if intra is None:
+            if devices > 1:
+                raise SimcostError(f"hardware '{profile.name}' has no device interconnect "
+                                   f"({why}); it is priced as one device, not --devices {devices}")
+            intra = Link(NO_LINK_KIND, 0.0, 0.0)     # never used: one device has no peers
         hl = getattr(profile, "host_link", None)
         if hl is not None and hl.bandwidth_bytes_per_s is not None:
             host = Link(hl.kind, hl.bandwidth_bytes_per_s.value,
@@ -152,9 +165,35 @@ class Topology:
         return all_to_all(nbytes, n, self.link(n, stride))
 
 
+def device_link(profile) -> tuple[Link | None, str]:
+    """(the profile's device-to-device link, '') or (None, why it has none): see the module
+    docstring for which profiles have none and which fall back to PCIe."""
+    ic = getattr(profile, "interconnect", None)
+    bw = ic.bandwidth_bytes_per_s if ic is not None else None
+    host_only = getattr(profile, "kind", "gpu") in ("cpu", "edge")
+    if ic is None or bw is None:
+        if host_only:
+            return None, ("no interconnect in its profile" if ic is None
+                          else "no interconnect bandwidth in its profile")
+        return Link("pcie (default)", DEFAULT_INTRA_BW, DEFAULT_INTRA_LAT), ""
+    if ic.kind == NO_LINK_KIND:
+        return None, f"interconnect kind '{NO_LINK_KIND}'"
+    if not (math.isfinite(bw.value) and bw.value > 0):
+        return None, f"interconnect bandwidth {bw.value:g} B/s"
+    lat = ic.latency_s.value if ic.latency_s is not None else DEFAULT_INTRA_LAT
+    return Link(ic.kind, bw.value, lat), ""
+
+
+def _check_link(link: Link) -> None:
+    if not (link.bandwidth > 0 and math.isfinite(link.bandwidth)):
+        raise SimcostError(f"link '{link.kind}' has no usable bandwidth ({link.bandwidth:g} B/s): "
+                           f"no collective can run over it")
+
+
 def all_reduce(nbytes, n: int, link: Link):
     if n <= 1:
         return 0.0
+    _check_link(link)
     return 2.0 * (n - 1) / n * nbytes / link.bandwidth + 2.0 * (n - 1) * link.latency
 
 
@@ -162,6 +201,7 @@ def all_gather(nbytes, n: int, link: Link):
     """``nbytes``: the gathered (full) buffer."""
     if n <= 1:
         return 0.0
+    _check_link(link)
     return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * link.latency
 
 
@@ -173,6 +213,7 @@ def all_to_all(nbytes, n: int, link: Link):
     (n-1)/n, one peer per step: (n-1)/n * B / bw + (n-1) * lat."""
     if n <= 1:
         return 0.0
+    _check_link(link)
     return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * link.latency
 
 
@@ -190,4 +231,5 @@ def hierarchical_all_gather(nbytes, g: int, k: int, intra: Link, inter: Link):
 
 
 def p2p(nbytes, link: Link):
+    _check_link(link)
     return nbytes / link.bandwidth + link.latency

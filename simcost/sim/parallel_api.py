@@ -33,17 +33,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     if optimizer == "mezo":
         raise SimcostError("--optimizer mezo is priced on one device only (no --devices, "
                            "--parallel, --offload or fp8)")
-    # ZeRO via DeepSpeed: ``deepspeed=DeepSpeedZero(...)`` (or a ds_config zero_optimization
-    # dict) arrives with the keyword arguments estimate_train passes on
-    peft_options = dict(peft_options)
-    ds = peft_options.pop("deepspeed", None)
-    if isinstance(ds, dict):
-        ds = P.DeepSpeedZero.from_config(ds, spec.hidden)
-    if ds is not None and not isinstance(ds, P.DeepSpeedZero):
-        raise SimcostError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
-    if ds is not None and optimizer_in_backward:
-        raise SimcostError("optimizer in backward is not modelled with DeepSpeed ZeRO (its "
-                           "optimizer owns the gradient partitions)")
+    peft_options, ds = _deepspeed(peft_options, spec, optimizer_in_backward)
     fp8 = dtype == "fp8"
     store = "bf16" if fp8 else dtype
     compute = mixed_precision if mixed_precision != "none" else store
@@ -72,21 +62,64 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                     optimizer=optimizer, mixed=mixed_precision,
                     checkpointing=grad_checkpointing, spec=spec, loss_chunks=loss_chunks,
                     optimizer_in_backward=optimizer_in_backward)
+    best, searched, candidates = _choose_plan(
+        ctx, topo, devices=devices, batch=batch, spec=spec, seq=seq, tp=tp, pp=pp, dp=dp, cp=cp,
+        zero=zero, parallel=parallel, micro_batch=micro_batch,
+        sequence_parallel=sequence_parallel, tp_overlap=tp_overlap, pp_schedule=pp_schedule,
+        virtual_stages=virtual_stages, offload=offload, ds=ds, ep=ep,
+        optimizer_in_backward=optimizer_in_backward)
+    warns = [*warns, *_no_effect(best.plan, tp_overlap, sequence_parallel, pp_schedule,
+                                 virtual_stages)]
+    # whole-job FLOPs and parameter counts from the single-sequence graph
+    g1, a1 = build(1, seq)
+    n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
+                       mixed=mixed_precision, checkpointing=grad_checkpointing,
+                       loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward)
+    flops = {k: float(v) * (batch if k != "optimizer" else 1) for k, v in n1.flops.items()}
+    par = _parallel_dict(best, topo, devices, fp8=fp8, fp8_attention=fp8_attention,
+                         searched=searched, candidates=candidates)
+    return make_estimate(spec, device, pspec, n1, batch=batch, seq=seq, dtype=dtype,
+                         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
+                         checkpointing=grad_checkpointing, flops=flops,
+                         memory_bytes=best.memory_bytes, time_s=best.time_s,
+                         tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
+                         warnings=warns, loss_chunks=loss_chunks,
+                         optimizer_in_backward=optimizer_in_backward)
+
+
+def _deepspeed(peft_options, spec, optimizer_in_backward):
+    """ZeRO via DeepSpeed: ``deepspeed=DeepSpeedZero(...)`` (or a ds_config
+    zero_optimization dict) arrives with the keyword arguments estimate_train passes on;
+    returns (the other options, the DeepSpeedZero or None)."""
+    peft_options = dict(peft_options)
+    ds = peft_options.pop("deepspeed", None)
+    if isinstance(ds, dict):
+        ds = P.DeepSpeedZero.from_config(ds, spec.hidden)
+    if ds is not None and not isinstance(ds, P.DeepSpeedZero):
+        raise SimcostError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
+    if ds is not None and optimizer_in_backward:
+        raise SimcostError("optimizer in backward is not modelled with DeepSpeed ZeRO (its "
+                           "optimizer owns the gradient partitions)")
+    return peft_options, ds
+
+
+def _choose_plan(ctx, topo, *, devices, batch, spec, seq, tp, pp, dp, cp, zero, parallel,
+                 micro_batch, sequence_parallel, tp_overlap, pp_schedule, virtual_stages,
+                 offload, ds, ep, optimizer_in_backward):
+    """(the plan's result, plans searched, the best candidates): searched, or as given."""
     candidates = []
     if parallel == "auto":
         plans = P.enumerate_plans(devices, batch, spec, seq, topo.gpus_per_node,
                                   zeros=(zero,) if zero else (0, 1, 2, 3), tp_overlap=tp_overlap,
                                   fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch,
                                              ep=ep))
-        if offload != "none":
-            plans = [P.Plan(**{**p.__dict__, "offload": offload}) for p in plans]
-        if ds is not None:
-            plans = [P.Plan(**{**p.__dict__, "deepspeed": ds}) for p in plans]
+        plans = [P.with_options(p, sp=sequence_parallel, schedule=pp_schedule,
+                                virtual_stages=virtual_stages, offload=offload, deepspeed=ds)
+                 for p in plans]
         if optimizer_in_backward:       # no gradient accumulation under it (refused below)
             plans = [p for p in plans if p.micro_batches == 1]
         if not plans:
-            raise SimcostError(f"no valid parallel plan for {devices} devices, global batch "
-                               f"{batch} and the given constraints")
+            raise SimcostError(_no_plan(devices, batch, spec, seq, topo.gpus_per_node))
         best, top = P.search(ctx, plans)
         candidates = [{"plan": r.plan.label(), "step_s": r.time_s["step"],
                        "peak_bytes": r.memory_bytes["peak"], "fits": r.fits} for r in top]
@@ -104,33 +137,20 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
             raise SimcostError(f"tp = {plan.tp} exceeds the {topo.gpus_per_node} devices of a node")
         best = P.evaluate_plan(ctx, plan)
         searched = 1
-    # whole-job FLOPs and parameter counts from the single-sequence graph
-    g1, a1 = build(1, seq)
-    n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
-                       mixed=mixed_precision, checkpointing=grad_checkpointing,
-                       loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward)
-    flops = {k: float(v) * (batch if k != "optimizer" else 1) for k, v in n1.flops.items()}
-    f = float
-    plan_d = best.plan.as_dict()
-    par = {"plan": plan_d, "plan_label": best.plan.label(), "devices": devices,
-           "nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node,
-           "topology": _topology_dict(topo),
-           "memory_bytes_per_device": {k: f(v) for k, v in best.memory_bytes.items()},
-           "communication": best.communication,
-           "phases": {"forward": best.time_s["forward"], "backward": best.time_s["backward"],
-                      "optimizer": best.time_s["optimizer"],
-                      "pipeline_bubble": best.time_s["pipeline_bubble"],
-                      "communication_exposed": best.time_s["communication_exposed"],
-                      "host_overhead": best.time_s["host_overhead"]},
-           "fp8": fp8, "fp8_attention": fp8_attention, "plans_searched": searched,
-           "candidates": candidates}
-    return make_estimate(spec, device, pspec, n1, batch=batch, seq=seq, dtype=dtype,
-                         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
-                         checkpointing=grad_checkpointing, flops=flops,
-                         memory_bytes=best.memory_bytes, time_s=best.time_s,
-                         tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
-                         warnings=warns, loss_chunks=loss_chunks,
-                         optimizer_in_backward=optimizer_in_backward)
+    return best, searched, candidates
+
+
+def _parallel_dict(best, topo, devices, *, fp8, fp8_attention, searched, candidates) -> dict:
+    t = best.time_s
+    return {"plan": best.plan.as_dict(), "plan_label": best.plan.label(), "devices": devices,
+            "nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node,
+            "topology": _topology_dict(topo),
+            "memory_bytes_per_device": {k: float(v) for k, v in best.memory_bytes.items()},
+            "communication": best.communication,
+            "phases": {k: t[k] for k in ("forward", "backward", "optimizer", "pipeline_bubble",
+                                         "communication_exposed", "host_overhead")},
+            "fp8": fp8, "fp8_attention": fp8_attention, "plans_searched": searched,
+            "candidates": candidates}
 
 
 def _topology_dict(topo) -> dict:
@@ -143,3 +163,27 @@ def _topology_dict(topo) -> dict:
                            "latency_s": topo.intra.latency},
             "inter_node": {"kind": topo.inter.kind, "bandwidth_bytes_per_s": topo.inter.bandwidth,
                            "latency_s": topo.inter.latency}}
+
+
+def _no_plan(devices, batch, spec, seq, gpus_per_node) -> str:
+    return (f"no valid parallel plan for {devices} devices, global batch {batch} and the given "
+            f"constraints (tp <= {gpus_per_node} per node dividing {spec.name}'s {spec.heads} "
+            f"heads, pp <= {spec.layers} layers, cp dividing half the sequence {seq}, dp "
+            f"dividing the batch, tp*pp*cp*dp = devices)")
+
+
+def _no_effect(plan, tp_overlap, sequence_parallel, pp_schedule, virtual_stages) -> list[str]:
+    """One line for each plan option the chosen plan leaves without effect."""
+    out = []
+    if plan.tp == 1:
+        if tp_overlap:
+            out.append("--tp-overlap has no effect: the plan has tp = 1")
+        if sequence_parallel is not None:
+            out.append(f"sequence_parallel={sequence_parallel} (--no-sequence-parallel) has no "
+                       f"effect: the plan has tp = 1")
+    if pp_schedule == "interleaved" and plan.pp == 1:
+        out.append("--pp-schedule interleaved has no effect: the plan has pp = 1")
+    if virtual_stages != 1 and (pp_schedule != "interleaved" or plan.pp == 1):
+        out.append(f"--virtual-stages {virtual_stages} has no effect without an interleaved "
+                   f"pipeline (--pp-schedule interleaved, pp > 1)")
+    return out

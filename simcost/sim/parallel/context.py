@@ -1,0 +1,72 @@
+"""What a plan evaluation needs that does not depend on the plan, with the per-shape caches."""
+from __future__ import annotations
+
+from simcost.sim.memory import ckpt_mode, training_memory
+from simcost.sim.parallel.stage import act_split, param_split
+from simcost.sim.parallel.tensor import fp8_time_model, segment_times
+from simcost.sim.timing import TimeModel
+
+
+class Context:
+    """Everything a plan evaluation needs that does not depend on the plan (graphs cached per
+    micro-batch shape, segment times cached per (shape, tp, sp, cp))."""
+
+    def __init__(self, build, device, profile, topo, *, global_batch, seq, dtype, compute_dtype,
+                 fp8, fp8_attention, optimizer, mixed, checkpointing, spec, loss_chunks=1,
+                 optimizer_in_backward=False):
+        self.build = build            # (micro_batch, seq_local) -> (g, a)
+        self.loss_chunks = loss_chunks                      # simcost.sim.memory's docstring
+        self.optimizer_in_backward = optimizer_in_backward
+        self.device = device
+        self.profile = profile
+        self.topo = topo
+        self.global_batch = global_batch
+        self.seq = seq
+        self.dtype = dtype
+        self.compute_dtype = compute_dtype
+        self.fp8 = fp8
+        self.fp8_attention = fp8_attention
+        self.optimizer = optimizer
+        self.mixed = mixed
+        self.checkpointing = {"none": False, "full": "full", "selective": "selective"}[
+            ckpt_mode(checkpointing)]
+        self.spec = spec
+        tm = TimeModel.from_device(device)
+        self.tm = fp8_time_model(tm, device) if (fp8 or fp8_attention) else tm
+        self._graphs = {}
+        self._times = {}
+        self._mem = {}
+
+    @property
+    def foreach(self) -> bool:
+        """Multi-tensor (foreach) optimizer kernels: torch's default off the CPU."""
+        return self.device.kind != "cpu"
+
+    def graph(self, mb, cp):
+        key = (mb, cp)
+        if key not in self._graphs:
+            self._graphs[key] = self.build(mb, self.seq // cp)
+        return self._graphs[key]
+
+    def times(self, mb, cp, tp, sp):
+        key = (mb, cp, tp, sp)
+        if key not in self._times:
+            g, a = self.graph(mb, cp)
+            self._times[key] = segment_times(self.tm, self.compute_dtype, g, a, tp=tp, sp=sp,
+                                             cp=cp, fp8=self.fp8,
+                                             fp8_attention=self.fp8_attention,
+                                             recompute=self.checkpointing)
+        return self._times[key]
+
+    def base_memory(self, mb, cp):
+        """(single-device :class:`~simcost.sim.memory.Memory`, :class:`ParamSplit`,
+        :class:`ActSplit`) of one micro-batch shape."""
+        key = (mb, cp)
+        if key not in self._mem:
+            g, a = self.graph(mb, cp)
+            mem = training_memory(g, a, optimizer=self.optimizer, mixed=self.mixed,
+                                  checkpointing=self.checkpointing,
+                                  runtime_overhead=self.device.runtime_overhead_bytes,
+                                  foreach=self.foreach)
+            self._mem[key] = (mem, param_split(g), act_split(g, a, self.checkpointing))
+        return self._mem[key]

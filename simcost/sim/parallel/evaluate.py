@@ -1,0 +1,103 @@
+"""One plan priced (step time, communication per axis, memory per device) and the search over
+plans."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from simcost.sim.parallel import comm as K
+from simcost.sim.parallel.context import Context
+from simcost.sim.parallel.memory import plan_memory
+from simcost.sim.parallel.plans import Plan
+from simcost.sim.parallel.stage import StageWork, stage_work
+
+# the communication table's rows, in report order
+AXES = ("tensor_parallel", "context_parallel", "zero3_gather", "expert_parallel",
+        "pipeline_p2p", "data_parallel", "offload")
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    time_s: dict
+    memory_bytes: dict
+    communication: dict
+    fits: bool
+    tokens_per_s: float
+    notes: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class MicroStep:
+    """One micro-batch's forward and backward slot on the slowest stage, exposed
+    communication and the SMs lent to hidden communication included."""
+    fwd_s: float
+    bwd_s: float
+    slowdown_fwd_s: float
+    slowdown_bwd_s: float
+
+
+def micro_step(ctx: Context, work: StageWork, tp: K.AxisComm, cp: K.AxisComm,
+               z3: K.AxisComm, ep: K.AxisComm) -> MicroStep:
+    # collectives that run concurrently with compute take SMs from it (see overlap_slowdown)
+    sm_frac = K.comm_sm_fraction(ctx.device)
+    slow_f = K.overlap_slowdown(tp.fwd_hidden_s + cp.fwd_hidden_s + z3.fwd_hidden_s, sm_frac)
+    slow_b = K.overlap_slowdown(tp.bwd_hidden_s + cp.bwd_hidden_s + z3.bwd_hidden_s, sm_frac)
+    slot_f = work.fwd_s + tp.fwd_exposed_s + cp.fwd_exposed_s + z3.fwd_exposed_s + slow_f \
+        + ep.fwd_exposed_s
+    slot_b = work.bwd_s + tp.bwd_exposed_s + cp.bwd_exposed_s + z3.bwd_exposed_s + slow_b \
+        + ep.bwd_exposed_s
+    return MicroStep(slot_f, slot_b, slow_f, slow_b)
+
+
+def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
+    g, _ = ctx.graph(plan.micro_batch, plan.cp)
+    work = stage_work(g, ctx.times(plan.micro_batch, plan.cp, plan.tp, plan.seq_parallel),
+                      plan.pp)
+    shard = K.stage_shard(ctx, plan, g, work)
+    tp = K.tensor_parallel(ctx, plan, work)
+    cp = K.context_parallel(ctx, plan, work)
+    z3 = K.zero3_gather(ctx, plan, work, shard)
+    ep = K.expert_parallel(ctx, plan, work)
+    ms = micro_step(ctx, work, tp, cp, z3, ep)
+    pipe = K.pipeline(ctx, plan, ms.fwd_s, ms.bwd_s)
+    dp = K.data_parallel(ctx, plan, shard, ms.bwd_s)
+    t_opt, off = K.optimizer_and_offload(ctx, plan, g, shard)
+    comm = dict(zip(AXES, (tp, cp, z3, ep, pipe.p2p, dp, off)))
+    step = pipe.pipe_s + pipe.p2p.exposed_s + dp.exposed_s + t_opt + off.exposed_s \
+        + ctx.tm.step_overhead_s
+    mem = plan_memory(ctx, plan, work.layers_stage, work.layers).as_dict()
+    fits = bool(mem["peak"] <= ctx.device.memory_bytes)
+    m = plan.micro_batches
+    comm_total = sum(v.total_s for v in comm.values())
+    comm_exposed = sum(v.exposed_s for v in comm.values())
+    times = {"step": step, "forward": work.fwd_s * m, "backward": work.bwd_s * m,
+             "optimizer": t_opt, "host_overhead": ctx.tm.step_overhead_s,
+             "pipeline_bubble": pipe.bubble_s,
+             "communication": comm_total, "communication_exposed": comm_exposed,
+             "communication_hidden": max(0.0, comm_total - comm_exposed),
+             "overlap_compute_slowdown": (ms.slowdown_fwd_s + ms.slowdown_bwd_s) * m,
+             "micro_step_forward": ms.fwd_s, "micro_step_backward": ms.bwd_s}
+    tokens = ctx.global_batch * ctx.seq
+    return PlanResult(plan, times, mem, _communication_table(ctx, plan, comm, shard), fits,
+                      tokens / step)
+
+
+def _communication_table(ctx: Context, plan: Plan, comm: dict, shard: K.StageShard) -> dict:
+    d = {k: {"total_s": v.total_s, "exposed_s": v.exposed_s,
+             "hidden_s": max(0.0, v.total_s - v.exposed_s)} for k, v in comm.items()}
+    d["bytes"] = {"tp_allreduce_per_block": K.activation_bytes(ctx, plan),
+                  "dp_gradients": shard.grad_bytes,
+                  "zero3_params_per_gather": shard.param_bytes if plan.zero == 3 else 0.0,
+                  "ep_all_to_all_per_layer": K.expert_all_to_all_bytes(ctx, plan)}
+    return d
+
+
+def search(ctx: Context, plans: list[Plan], keep: int = 5) -> tuple[PlanResult, list[PlanResult]]:
+    results = [evaluate_plan(ctx, p) for p in plans]
+    fitting = [r for r in results if r.fits]
+    if fitting:
+        # fastest; ties (ZeRO stages cost the same for tiny LoRA gradients) go to less memory
+        fitting.sort(key=lambda r: (round(r.time_s["step"], 6), r.memory_bytes["peak"]))
+        return fitting[0], fitting[:keep]
+    results.sort(key=lambda r: r.memory_bytes["peak"])
+    return results[0], results[:keep]

@@ -1,0 +1,195 @@
+"""What one pipeline stage holds and computes: the model's parameters and activations by where
+they live (inside the blocks or outside, TP-split or replicated, expert or not), the slowest
+stage's share of them, and its compute per micro-batch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from simcost.dtypes import BYTES
+from simcost.sim.memory import selective_activations
+from simcost.sim.parallel.tensor import adapter_split
+
+
+@dataclass
+class ParamGroup:
+    """Parameters of one place (the blocks, or outside them): bytes, and trainable numel, all
+    and the TP-split part."""
+    all_bytes: float = 0.0
+    split_bytes: float = 0.0
+    trainable: float = 0.0
+    trainable_split: float = 0.0
+
+
+@dataclass
+class ParamSplit:
+    """Bytes / numel of the parameters by where they live (counted over all layers)."""
+    block: ParamGroup = field(default_factory=ParamGroup)
+    other: ParamGroup = field(default_factory=ParamGroup)
+    embed: float = 0.0                 # bytes of the first (embedding) segment
+    head: float = 0.0                  # bytes outside the blocks after them (norm, LM head)
+    layers: int = 0
+    layer_bytes_max: float = 0.0       # the largest block layer's bytes
+    block_expert: float = 0.0          # expert weights' bytes (MoE)
+    block_expert_tr: float = 0.0       # trainable expert numel
+    layer_expert_max: float = 0.0
+    moe_layers: int = 0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class ActSplit:
+    """Saved-activation bytes of one micro-batch: the block layers (summed), outside them, and
+    the largest block's while it is recomputed (checkpointing)."""
+    block: float
+    other: float
+    recompute_block: float
+
+
+def param_split(g) -> ParamSplit:
+    d = ParamSplit()
+    seen = set()
+    layers = 0
+    for seg in g.segments:
+        blk = seg.first_layer is not None
+        if blk:
+            layers += seg.count
+        seg_bytes = seg_expert = 0.0
+        for op in seg.ops:
+            expert = op.kind == "moe_experts"
+            if expert and blk:
+                d.moe_layers += seg.count
+                d.top_k = max(d.top_k, int(op.attrs.get("top_k", 1)))
+            for p in (*op.params, *op.attrs.get("held_params", ())):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                split = len(p.shape) == 2 and (op.kind in ("linear", "embedding")) and \
+                    p.role != "adapter" or (p.role == "adapter" and adapter_split(op))
+                nb = p.nbytes * seg.count
+                n = p.numel * seg.count
+                _add(d.block if blk else d.other, nb, n, split, p.trainable)
+                if blk and expert and any(p is q for q in op.params):
+                    d.block_expert += nb
+                    seg_expert += p.nbytes
+                    if p.trainable:
+                        d.block_expert_tr += n
+                if blk:
+                    seg_bytes += p.nbytes
+                elif seg is g.segments[0]:
+                    d.embed += nb
+                else:
+                    d.head += nb
+        if blk:
+            d.layer_bytes_max = max(d.layer_bytes_max, seg_bytes)
+            d.layer_expert_max = max(d.layer_expert_max, seg_expert)
+    d.layers = layers
+    return d
+
+
+def _add(grp: ParamGroup, nbytes, numel, split: bool, trainable: bool) -> None:
+    grp.all_bytes += nbytes
+    if split:
+        grp.split_bytes += nbytes
+    if trainable:
+        grp.trainable += numel
+        if split:
+            grp.trainable_split += numel
+
+
+def act_split(g, a, checkpointing) -> ActSplit:
+    block = 0.0
+    other = a.saved_global
+    local = a.saved_local
+    if checkpointing == "selective":
+        local = selective_activations(g, a)[1]
+        checkpointing = False
+    for seg, b in zip(g.segments, local):
+        if seg.first_layer is None:
+            other = other + b * seg.count
+        elif checkpointing:
+            block = block + g.tensors[seg.input_tid].nbytes * seg.count
+        else:
+            block = block + b * seg.count
+    worst = 0.0
+    if checkpointing:
+        for seg, b in zip(g.segments, a.saved_local):
+            if seg.first_layer is not None:
+                worst = max(worst, float(b))
+    return ActSplit(float(block), float(other), worst)
+
+
+def trainable_elem(g) -> float:
+    return max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
+
+
+def stage_bytes(ps: ParamSplit, tp, pp, layers_stage, L, ep=1):
+    """Parameter bytes of the slowest stage on one TP rank (one of ep expert shards)."""
+    b, o = ps.block, ps.other
+    block = (b.all_bytes - b.split_bytes + b.split_bytes / tp) / max(L, 1) * layers_stage
+    if ep > 1:
+        block -= ps.block_expert * (1 - 1 / ep) / max(L, 1) * layers_stage
+    o_rep = o.all_bytes - o.split_bytes
+    other = o_rep + o.split_bytes / tp
+    if pp > 1:
+        other = max(ps.embed, ps.head) / tp + o_rep / 2
+    return block + other
+
+
+def stage_trainable(ps: ParamSplit, tp, pp, layers_stage, L, ep=1):
+    """Trainable numel of the slowest stage on one TP rank (one of ep expert shards)."""
+    b, o = ps.block, ps.other
+    block = (b.trainable - b.trainable_split + b.trainable_split / tp) / max(L, 1) * layers_stage
+    if ep > 1:
+        block -= ps.block_expert_tr * (1 - 1 / ep) / max(L, 1) * layers_stage
+    other = o.trainable - o.trainable_split + o.trainable_split / tp
+    if pp > 1:
+        other = other / 2
+    return block + other
+
+
+@dataclass(slots=True)
+class StageWork:
+    """One micro-batch on the slowest pipeline stage: its compute and what can hide
+    communication."""
+    layers: int                 # L: block layers of the whole model
+    layers_stage: int           # ceil(L / pp)
+    fwd_s: float
+    bwd_s: float
+    bwd_fraction: float         # of the block layers that run a backward at all
+    linear_fwd_s: float         # TP-split linears of the stage's blocks
+    linear_bwd_s: float
+    wgrad_bwd_s: float
+    attn_fwd_per_layer_s: float
+    attn_bwd_per_layer_s: float
+
+
+def stage_work(g, st, pp: int) -> StageWork:
+    """The slowest stage: ceil(L/pp) blocks plus the embedding or the head (pp == 1: both)."""
+    blocks = [i for i, s in enumerate(g.segments) if s.first_layer is not None]
+    L = sum(g.segments[i].count for i in blocks)
+    counts = [s.count for s in g.segments]
+
+    def tot(lst, idx):
+        return sum(lst[i] * counts[i] for i in idx)
+    non = [i for i in range(len(g.segments)) if i not in blocks]
+    first = [i for i in non if i < (blocks[0] if blocks else 0)]
+    last = [i for i in non if i not in first]
+    layers_stage = math.ceil(L / pp)
+    if pp == 1:
+        ends_f, ends_b = tot(st.fwd, non), tot(st.bwd, non)
+    else:
+        ends_f = max(tot(st.fwd, first), tot(st.fwd, last))
+        ends_b = max(tot(st.bwd, first), tot(st.bwd, last))
+    # the block layers that run a backward at all (LoRA: all but possibly the first)
+    bwd_layers = sum(g.segments[i].count for i in blocks if st.bwd[i] > 0)
+    per_stage = lambda lst: tot(lst, blocks) / max(L, 1) * layers_stage  # noqa: E731
+    return StageWork(
+        layers=L, layers_stage=layers_stage,
+        fwd_s=tot(st.fwd, blocks) / max(L, 1) * layers_stage + ends_f,
+        bwd_s=tot(st.bwd, blocks) / max(L, 1) * layers_stage + ends_b,
+        bwd_fraction=bwd_layers / max(L, 1),
+        linear_fwd_s=per_stage(st.lin_fwd), linear_bwd_s=per_stage(st.lin_bwd),
+        wgrad_bwd_s=per_stage(st.wgrad_bwd),
+        attn_fwd_per_layer_s=tot(st.attn_fwd, blocks) / max(L, 1),
+        attn_bwd_per_layer_s=tot(st.attn_bwd, blocks) / max(L, 1))
