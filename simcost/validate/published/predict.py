@@ -2,6 +2,7 @@
 model for a GEMM), compared with its measured value."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from simcost.errors import SimcostError
@@ -98,6 +99,9 @@ def evaluate_row(row: dict) -> Result:
         return res
     except SimcostError as e:
         res.reason = f"simcost rejected the mapping: {e}"
+        return res
+    if not (math.isfinite(pred) and pred > 0):
+        res.reason = f"simcost predicted {pred} for this mapping (not a positive finite value)"
         return res
     res.status = "evaluated"
     res.kind, res.measured, res.predicted, res.unit = kind, measured, float(pred), unit

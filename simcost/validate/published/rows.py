@@ -138,10 +138,14 @@ def _checked_row(p: Path, line: int, header: list[str], fields: list[str]) -> di
         v = float(raw)
     except ValueError:
         return row          # a range or OOM: the row is listed as unsupported (metric_value)
-    if not (math.isfinite(v) and v > 0):
+    if not _measurable(v):
         raise SimcostError(f"{where} (row {rid}): value '{raw}' is not a positive finite "
                            "measurement")
     return row
+
+
+def _measurable(v: float) -> bool:
+    return math.isfinite(v) and v > 0
 
 
 def _check_ids(p: Path, rows: list[dict]) -> None:
@@ -204,6 +208,8 @@ def metric_value(row: dict) -> tuple[str, float, str]:
         v = float(raw)
     except ValueError:
         raise Unsupported(f"value '{raw}' is not a number (a range or OOM)") from None
+    if not _measurable(v):      # load_rows refuses such a file; a row given directly
+        raise Unsupported(f"value '{raw}' is not a positive finite measurement")
     if metric == "step_time_s":
         return "step_time", v, "s per optimizer step"
     if metric == "iterations_per_s":

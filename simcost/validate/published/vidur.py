@@ -16,6 +16,8 @@ def map_vidur(row: dict) -> GemmMapping:
     notes: list[str] = []
     hw = row_hardware(row, notes)
     k, _, n = (int(x) for x in m.groups())
+    if 0 in (t, k, n):
+        raise Unsupported(f"GEMM shape [{t} x {k}] x [{k} x {n}] has a zero dimension")
     return GemmMapping(hardware=hw, dtype=row["precision"].lower() or "fp16", m=t, n=n, k=k,
                        notes=notes)
 
