@@ -410,3 +410,18 @@ def test_cli_out_dir_defaults_to_the_rule():
     from simcost.cli import build_parser
     for what in ("published", "steps"):
         assert build_parser().parse_args(["validate", what]).out_dir is None
+
+
+def test_package_exports_resolve_and_outdir_imports_alone():
+    for name in P.__all__:
+        assert getattr(P, name) is not None
+    # the CLI's parser reads OUT_DIR_HELP: importing outdir must not load the mappers (numpy,
+    # peft), which every `simcost ...` command would then pay for
+    import subprocess
+    import sys
+    code = ("import sys, simcost.validate.published.outdir as o; "
+            "print(sorted(m for m in sys.modules if m.startswith('simcost.validate.published.')"
+            " or m in ('numpy', 'simcost.peft')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.strip()
+    assert out == "['simcost.validate.published.outdir']"

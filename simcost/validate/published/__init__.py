@@ -36,32 +36,38 @@ writes; :mod:`.cli` is the command, :mod:`.outdir` where it writes.
 """
 from __future__ import annotations
 
-# the mapper modules register themselves on import (one per source)
-from simcost.validate.published import mlperf, qwen, torchtune, vidur  # noqa: F401
-from simcost.validate.published.cli import run_cli
-from simcost.validate.published.mapping import (MAPPERS, GemmMapping, Mapping, map_row,
-                                                register_mapper)
-from simcost.validate.published.mlperf import MLPERF_HARDWARE, MLPERF_SYSTEM_SETTINGS
-from simcost.validate.published.outdir import checkout_reports_dir, resolve_out_dir
-from simcost.validate.published.predict import (Result, evaluate, evaluate_row, predict,
-                                                predict_gemm)
-from simcost.validate.published.qwen import QWEN_DS_ZERO
-from simcost.validate.published.report import (KINDS, TIME_KINDS, mape, print_report,
-                                               summarize, to_json, to_markdown)
-from simcost.validate.published.rows import (CSV_NAME, GIB, HARDWARE, MODELS, REQUIRED_COLUMNS,
-                                             Unsupported, default_csv, hardware_name,
-                                             load_rows, metric_value, model_name, parse_batch,
-                                             parse_lora, source_of)
-from simcost.validate.published.sources import (MULTI_DEVICE_SOURCES, PROFILE_INPUTS, SOURCES,
-                                                common_unsupported)
+import importlib
 
-__all__ = [
-    "CSV_NAME", "GIB", "HARDWARE", "KINDS", "MAPPERS", "MLPERF_HARDWARE",
-    "MLPERF_SYSTEM_SETTINGS", "MODELS", "MULTI_DEVICE_SOURCES", "PROFILE_INPUTS",
-    "QWEN_DS_ZERO", "REQUIRED_COLUMNS", "SOURCES", "TIME_KINDS", "GemmMapping", "Mapping",
-    "Result", "Unsupported", "checkout_reports_dir", "common_unsupported", "default_csv",
-    "evaluate", "evaluate_row", "hardware_name", "load_rows", "map_row", "mape",
-    "metric_value", "model_name", "parse_batch", "parse_lora", "predict", "predict_gemm",
-    "print_report", "register_mapper", "resolve_out_dir", "run_cli", "source_of",
-    "summarize", "to_json", "to_markdown",
-]
+# every name other code imports from here -> the submodule defining it. Loaded on first use,
+# so that the light submodules (outdir: the CLI's help text) import without the rest.
+_EXPORTS = {
+    "cli": ("run_cli",),
+    "mapping": ("GemmMapping", "Mapping", "register_mapper"),
+    "mlperf": ("MLPERF_HARDWARE", "MLPERF_SYSTEM_SETTINGS"),
+    "outdir": ("NOT_WRITTEN", "OUT_DIR_HELP", "checkout_reports_dir", "resolve_out_dir"),
+    "predict": ("Result", "evaluate", "evaluate_row", "predict", "predict_gemm"),
+    "qwen": ("QWEN_DS_ZERO",),
+    "report": ("KINDS", "TIME_KINDS", "mape", "print_report", "summarize", "to_json",
+               "to_markdown"),
+    "rows": ("CSV_NAME", "GIB", "HARDWARE", "MODELS", "REQUIRED_COLUMNS", "Unsupported",
+             "default_csv", "hardware_name", "load_rows", "metric_value", "model_name",
+             "parse_batch", "parse_lora", "source_of"),
+    # MAPPERS from sources: importing it registers every source's mapper
+    "sources": ("MAPPERS", "MULTI_DEVICE_SOURCES", "PROFILE_INPUTS", "SOURCES",
+                "common_unsupported", "map_row"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

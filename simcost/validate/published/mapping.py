@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from simcost.errors import SimcostError
 from simcost.peft.spec import PeftSpec
-from simcost.validate.published.rows import Unsupported, hardware_name, model_name, source_of
-from simcost.validate.published.sources import common_unsupported
+from simcost.validate.published.rows import Unsupported, hardware_name, model_name
 
 
 @dataclass
@@ -85,7 +84,7 @@ class GemmMapping:
 
 
 # ---------------------------------------------------------------------------------------------
-# one mapper per source, registered by its module
+# one mapper per source, registered by its module (sources.py imports them all)
 
 Mapper = Callable[[dict], "Mapping | GemmMapping"]
 MAPPERS: dict[str, Mapper] = {}
@@ -100,16 +99,6 @@ def register_mapper(source: str) -> Callable[[Mapper], Mapper]:
         MAPPERS[source] = fn
         return fn
     return deco
-
-
-def map_row(row: dict) -> Mapping | GemmMapping:
-    """The simcost estimate for ``row``, or Unsupported with the reason."""
-    common_unsupported(row)
-    src = source_of(row["id"])
-    mapper = MAPPERS.get(src)
-    if mapper is None:
-        raise Unsupported(f"source {src}: no mapping")
-    return mapper(row)
 
 
 def row_hardware(row: dict, mp_notes: list) -> str:

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 from simcost.errors import SimcostError
-from simcost.validate.published.mapping import GemmMapping, Mapping, map_row
+from simcost.validate.published.mapping import GemmMapping, Mapping
 from simcost.validate.published.rows import GIB, Unsupported, metric_value, source_of
+from simcost.validate.published.sources import map_row
 
 
 @dataclass

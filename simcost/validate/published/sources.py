@@ -1,7 +1,14 @@
-"""The CSV's sources, the rows that set profile inputs, and the rules every row passes before
-its source's mapper: what simcost cannot express yet, whatever the source."""
+"""The CSV's sources, the rows that set profile inputs, the rules every row passes before its
+source's mapper (what simcost cannot express yet, whatever the source), and :func:`map_row`,
+which hands a row to its source's registered mapper."""
 from __future__ import annotations
 
+from simcost.validate.published.mapping import MAPPERS, GemmMapping, Mapping
+# each mapper module registers its source's mapper on import
+from simcost.validate.published.mlperf import map_mlperf  # noqa: F401
+from simcost.validate.published.qwen import map_qwen  # noqa: F401
+from simcost.validate.published.torchtune import map_torchtune  # noqa: F401
+from simcost.validate.published.vidur import map_vidur  # noqa: F401
 from simcost.validate.published.rows import Unsupported, first_int, source_of
 
 SOURCES = {
@@ -85,3 +92,12 @@ def common_unsupported(row: dict) -> None:
                                and src not in MULTI_DEVICE_SOURCES):
         raise Unsupported("DeepSpeed/FSDP/offload run: sharding and CPU offload not modelled")
 
+
+def map_row(row: dict) -> Mapping | GemmMapping:
+    """The simcost estimate for ``row``, or Unsupported with the reason."""
+    common_unsupported(row)
+    src = source_of(row["id"])
+    mapper = MAPPERS.get(src)
+    if mapper is None:
+        raise Unsupported(f"source {src}: no mapping")
+    return mapper(row)
