@@ -218,7 +218,7 @@ def run_cli(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = args.hardware
-    out_dir = Path(args.out_dir)
+    out_dir, keep = _out_dir(getattr(args, "out_dir", None))
     if profile is None:
         from types import SimpleNamespace
 
@@ -241,5 +241,24 @@ def run_cli(args) -> int:
                   f"{c.measured['step']:.3f} s (spread {100 * c.measured['spread']:.0f} %) "
                   f"predicted {c.predicted['step']:.3f} s  {100 * c.error:+.1f} %")
     con.print(f"step-time MAPE {summary['mape_step_pct']:.1f} % over {len(res)} cases; "
-              f"report in {out_dir}/cpu_steps.md")
+              + (f"report in {out_dir}/cpu_steps.md" if keep else "report files not kept"))
     return 0
+
+
+def _out_dir(value: str | None) -> tuple[Path, bool]:
+    """The folder for the report (and the calibrated profile) and whether it is kept:
+    ``--out-dir``, else the checkout's validation/reports, else (an installed package) a
+    temporary folder removed at exit, said in one line on stderr."""
+    import atexit
+    import shutil
+    import sys
+    import tempfile
+
+    from simcost.validate.published.outdir import NOT_WRITTEN, resolve_out_dir
+    out = resolve_out_dir(value)
+    if out is not None:
+        return out, True
+    print(f"simcost: warning: {NOT_WRITTEN}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix="simcost-steps-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp, False
