@@ -445,10 +445,11 @@ def fit_bandwidth(stream) -> float | None:
     return float(statistics.median(rates) if big else max(rates))
 
 
-def _log_model(theta, X, log_flops, log_mem, dt_idx, log_o):
-    log_h, a, log_p = theta[:3], np.exp(theta[3:6]), theta[6:][dt_idx]
+def _log_model(theta, X, log_flops, log_bytes, dt_idx, log_o):
+    """log t; theta = log h (3), log a (3), log GEMM operand bandwidth, log P per dtype."""
+    log_h, a, log_p = theta[:3], np.exp(theta[3:6]), theta[7:][dt_idx]
     log_sat = -np.logaddexp(0.0, a * (log_h - X)).sum(axis=1)
-    log_t = np.maximum(log_flops - log_p - log_sat, log_mem)
+    log_t = np.maximum(log_flops - log_p - log_sat, log_bytes - theta[6])
     return np.logaddexp(log_o, log_t) if log_o is not None else log_t
 
 
@@ -460,24 +461,25 @@ def _saturation_fit(g, dtypes, best, bw, o):
     log_flops = np.log(2.0 * np.prod(np.exp(X), axis=1))
     log_meas = np.log(np.array([r["s"] for r in g]))
     dt_idx = np.array([dtypes.index(r["dtype"]) for r in g])
-    if bw:
-        nbytes = [(r["m"] * r["k"] + r["k"] * r["n"] + r["m"] * r["n"]) * ESIZE[r["dtype"]]
-                  for r in g]
-        log_mem = np.log(np.array(nbytes, dtype=float)) - math.log(bw)
-    else:
-        log_mem = np.full(len(g), -np.inf)
+    nbytes = [(r["m"] * r["k"] + r["k"] * r["n"] + r["m"] * r["n"]) * ESIZE[r["dtype"]]
+              for r in g]
+    log_bytes = np.log(np.array(nbytes, dtype=float))
+    # GEMM operands mostly come from the caches: their bandwidth is fitted, between the DRAM
+    # stream bandwidth (or 1 GB/s unmeasured) and 1000x it
+    log_bw = math.log(bw) if bw else math.log(1e9)
     log_o = math.log(o) if o and o > 0 else None
     log_best = np.log([best[d] for d in dtypes])
-    lo = np.concatenate([[0.0] * 3, [math.log(0.25)] * 3, log_best])
-    hi = np.concatenate([[math.log(1e5)] * 3, [math.log(4.0)] * 3,
+    lo = np.concatenate([[0.0] * 3, [math.log(0.25)] * 3, [log_bw], log_best])
+    hi = np.concatenate([[math.log(1e5)] * 3, [math.log(4.0)] * 3, [log_bw + math.log(1e3)],
                          log_best + math.log(PEAK_MAX_OVER_BEST)])
-    x0 = np.concatenate([[math.log(32.0)] * 3, [0.0] * 3, log_best + math.log(1.2)])
-    sol = least_squares(lambda th: _log_model(th, X, log_flops, log_mem, dt_idx, log_o)
+    x0 = np.concatenate([[math.log(32.0)] * 3, [0.0] * 3, [log_bw + math.log(10.0)],
+                         log_best + math.log(1.2)])
+    sol = least_squares(lambda th: _log_model(th, X, log_flops, log_bytes, dt_idx, log_o)
                         - log_meas, x0, bounds=(lo, hi), method="trf", loss="soft_l1",
                         f_scale=0.1)
     th = np.clip(sol.x, lo, hi)
-    err = np.abs(np.expm1(_log_model(th, X, log_flops, log_mem, dt_idx, log_o) - log_meas))
-    peaks = {d: float(np.exp(th[6 + i])) for i, d in enumerate(dtypes)}
+    err = np.abs(np.expm1(_log_model(th, X, log_flops, log_bytes, dt_idx, log_o) - log_meas))
+    peaks = {d: float(np.exp(th[7 + i])) for i, d in enumerate(dtypes)}
     return peaks, tuple(np.exp(th[:3])), tuple(np.exp(th[3:6])), err
 
 
