@@ -227,12 +227,12 @@ def probe(bench: GemmBench, dtypes, budget: Budget) -> dict:
         if mine:
             r = mine[-1]
             out[dt] = {"m": r["m"], "n": r["n"], "k": r["k"], "flops_per_s": r["flops"] / r["s"]}
-    ref = out.get("fp32")
-    for dt, p in out.items():
-        same = [r for r in bench.rows if r["dtype"] == "fp32" and
-                (r["m"], r["n"], r["k"]) == (p["m"], p["n"], p["k"])]
-        if ref and same:
-            p["rate_over_fp32"] = p["flops_per_s"] / (same[0]["flops"] / same[0]["s"])
+    rate = {(r["dtype"], r["m"], r["n"], r["k"]): r["flops"] / r["s"] for r in bench.rows}
+    for dt, p in out.items():      # at the largest shape probed in both dtypes
+        common = [s for s in PROBE_SHAPES if (dt, *s) in rate and ("fp32", *s) in rate]
+        if common:
+            p["rate_over_fp32"] = rate[(dt, *common[-1])] / rate[("fp32", *common[-1])]
+            p["ratio_shape"] = list(common[-1])
     return out
 
 
@@ -406,7 +406,7 @@ def measure(device: str = "cpu", dtypes=("fp32", "bf16"), progress=None,
 def slow_dtype_notes(probe_res: dict) -> list[str]:
     """'bf16 GEMMs run at 0.004x the fp32 rate': a 16-bit dtype far slower than fp32."""
     return [f"{dt} GEMMs run at {p['rate_over_fp32']:.3g}x the fp32 rate on this device "
-            f"(probe {p['m']}x{p['n']}x{p['k']}; likely emulated: no native {dt} matrix "
+            f"(probe {'x'.join(map(str, p['ratio_shape']))}; likely emulated: no native {dt} matrix "
             f"instructions)"
             for dt, p in probe_res.items() if dt != "fp32" and p.get("rate_over_fp32", 1) < 0.5]
 
