@@ -1,80 +1,192 @@
 """The profile schema (pydantic, used at the file edge only) and loading by name or path.
 
 The simulator reads a plain :class:`Device` (SI floats) built from the validated file, so the
-hot path never touches pydantic.
+hot path never touches pydantic. Every number is checked on load: peaks, bandwidths, memory and
+latencies finite and in range, efficiencies in (0, 1], counts whole and >= 1, measured tables
+well-formed. A violation is one line naming the field path and the value.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from functools import lru_cache
+import math
+from dataclasses import dataclass, field, fields
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError, model_validator)
 
 from simcost.errors import SimcostError, unknown
 from simcost.paths import data_dir
 
 PROFILE_DIR = data_dir("hardware_profiles")
+DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+
+def _number(v: Any) -> Any:
+    """A JSON number (not a bool, not a string)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"must be a number, got {v!r}")
+    return v
+
+
+def _whole(v: float) -> float:
+    if v != int(v):
+        raise ValueError(f"must be a whole number, got {v}")
+    return v
+
+
+Num = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+PosNum = Annotated[Num, Field(gt=0)]
+NonNegNum = Annotated[Num, Field(ge=0)]
+EffNum = Annotated[Num, Field(gt=0, le=1)]
+CountNum = Annotated[Num, Field(ge=1), AfterValidator(_whole)]
 
 
 class Quantity(BaseModel):
+    """A number with its source. The plain class checks finiteness only; the subclasses below
+    state each field's range."""
     model_config = ConfigDict(extra="forbid")
-    value: float
+    value: Num
     source: str
     derived: bool = False
     note: str | None = None
 
 
+class PosQuantity(Quantity):
+    value: PosNum
+
+
+class NonNegQuantity(Quantity):
+    value: NonNegNum
+
+
+class EffQuantity(Quantity):
+    value: EffNum
+
+
+class CountQuantity(Quantity):
+    value: CountNum
+
+
 class Peaks(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    fp32: Quantity
-    tf32: Quantity | None = None
-    bf16: Quantity | None = None
-    fp16: Quantity | None = None
-    fp8: Quantity | None = None
-    int8: Quantity | None = None
+    fp32: PosQuantity
+    tf32: PosQuantity | None = None
+    bf16: PosQuantity | None = None
+    fp16: PosQuantity | None = None
+    fp8: PosQuantity | None = None
+    int8: PosQuantity | None = None
 
 
 class Link(BaseModel):
     """A device's link. ``bandwidth_bytes_per_s``: one direction, all of the device's links
-    together. ``torus_dims`` (TPU ICI): the devices form a wrap-around torus of that many
+    together (> 0: a device without a device-to-device link has no ``interconnect``).
+    ``torus_dims`` (TPU ICI): the devices form a wrap-around torus of that many
     dimensions, every device with 2 links per axis; a collective over a group gets the
     bandwidth of the axes the group spans (see :mod:`simcost.sim.collectives`).
     ``domain_devices``: how many devices share this link (an NVLink domain: 8 in an HGX
     server, 72 in a GB200 NVL72 rack); absent: 8."""
     model_config = ConfigDict(extra="forbid")
     kind: str
-    bandwidth_bytes_per_s: Quantity | None = None
-    latency_s: Quantity | None = None
-    torus_dims: Quantity | None = None
-    domain_devices: Quantity | None = None
+    bandwidth_bytes_per_s: PosQuantity | None = None
+    latency_s: NonNegQuantity | None = None
+    torus_dims: CountQuantity | None = None
+    domain_devices: CountQuantity | None = None
+
+
+def _ascending(xs: list[float], what: str) -> None:
+    if any(b <= a for a, b in zip(xs, xs[1:])):
+        raise ValueError(f"{what} must be strictly ascending, got {xs}")
+
+
+class GemmTable(BaseModel):
+    """Measured GEMM throughput on a grid of shapes (calibrated profiles): FLOP/s at
+    (m[i], n[j], k[l]); at least 2 sizes per axis (the time model interpolates in log2 size)."""
+    model_config = ConfigDict(extra="forbid")
+    m: list[PosNum] = Field(min_length=2)
+    n: list[PosNum] = Field(min_length=2)
+    k: list[PosNum] = Field(min_length=2)
+    flops_per_s: list[list[list[PosNum]]]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        for a in ("m", "n", "k"):
+            _ascending(getattr(self, a), a)
+        g = self.flops_per_s
+        if len(g) != len(self.m) or any(len(r) != len(self.n) for r in g) or \
+                any(len(c) != len(self.k) for r in g for c in r):
+            raise ValueError(f"flops_per_s must be a {len(self.m)} x {len(self.n)} x "
+                             f"{len(self.k)} grid (m x n x k)")
+        return self
+
+
+class StreamTable(BaseModel):
+    """Measured bandwidth of element-wise kernels by bytes moved (calibrated profiles)."""
+    model_config = ConfigDict(extra="forbid")
+    bytes: list[PosNum] = Field(min_length=1)
+    bytes_per_s: list[PosNum] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shape(self):
+        _ascending(self.bytes, "bytes")
+        if len(self.bytes) != len(self.bytes_per_s):
+            raise ValueError(f"bytes and bytes_per_s must have the same length, got "
+                             f"{len(self.bytes)} and {len(self.bytes_per_s)}")
+        return self
+
+
+def _finite_everywhere(x: Any, path: str) -> None:
+    """Any number in free-form metadata is finite (a NaN anywhere is refused)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        raise ValueError(f"{path} must be finite, got {x}")
+    if isinstance(x, dict):
+        for k, v in x.items():
+            _finite_everywhere(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            _finite_everywhere(v, f"{path}[{i}]")
 
 
 class TimeModelSpec(BaseModel):
-    """Parameters of the per-op time model (all optional; see simcost.sim.timing)."""
+    """Parameters of the per-op time model (all optional; see simcost.sim.timing). Other keys
+    (calibration metadata) are kept as they are, provided every number in them is finite."""
     model_config = ConfigDict(extra="allow")
-    matmul_efficiency: Quantity | None = None      # achievable / dense peak at large shapes
-    matmul_efficiency_fp8: Quantity | None = None  # the same for fp8 (lower than 16-bit)
-    bandwidth_efficiency: Quantity | None = None   # achievable / datasheet bandwidth
-    compute_units: Quantity | None = None          # SMs / CUs / cores: wave quantisation
-    tile_m: Quantity | None = None
-    tile_n: Quantity | None = None
-    matmul_half_m: Quantity | None = None          # fitted saturation (calibrated profiles)
-    matmul_half_n: Quantity | None = None
-    matmul_half_k: Quantity | None = None
-    matmul_sharpness_m: Quantity | None = None
-    matmul_sharpness_n: Quantity | None = None
-    matmul_sharpness_k: Quantity | None = None
-    step_overhead_s: Quantity | None = None        # per-step host work (framework, Python)
-    dispatch_s: Quantity | None = None             # host time per eager-framework kernel
+    matmul_efficiency: EffQuantity | None = None      # achievable / dense peak at large shapes
+    matmul_efficiency_fp8: EffQuantity | None = None  # the same for fp8 (lower than 16-bit)
+    bandwidth_efficiency: EffQuantity | None = None   # achievable / datasheet bandwidth
+    compute_units: CountQuantity | None = None        # SMs / CUs / cores: wave quantisation
+    tile_m: CountQuantity | None = None
+    tile_n: CountQuantity | None = None
+    matmul_half_m: PosQuantity | None = None          # fitted saturation (calibrated profiles)
+    matmul_half_n: PosQuantity | None = None
+    matmul_half_k: PosQuantity | None = None
+    matmul_sharpness_m: PosQuantity | None = None
+    matmul_sharpness_n: PosQuantity | None = None
+    matmul_sharpness_k: PosQuantity | None = None
+    step_overhead_s: NonNegQuantity | None = None     # per-step host work (framework, Python)
+    dispatch_s: NonNegQuantity | None = None          # host time per eager-framework kernel
     # fused (flash) attention: achieved / dense peak, causal FLOPs counted as half
-    attention_efficiency_fwd: Quantity | None = None
-    attention_efficiency_bwd: Quantity | None = None
-    attention_efficiency_fp8_fwd: Quantity | None = None
-    attention_efficiency_fp8_bwd: Quantity | None = None
-    comm_overlap_sms: Quantity | None = None       # SMs a concurrent collective occupies
+    attention_efficiency_fwd: EffQuantity | None = None
+    attention_efficiency_bwd: EffQuantity | None = None
+    attention_efficiency_fp8_fwd: EffQuantity | None = None
+    attention_efficiency_fp8_bwd: EffQuantity | None = None
+    comm_overlap_sms: NonNegQuantity | None = None    # SMs a concurrent collective occupies
+    # measured tables (calibrated profiles)
+    gemm_table: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], GemmTable] | None = None
+    stream_table: StreamTable | None = None
+    special_rates: dict[str, PosNum] | None = None    # elements (or parameters) per second
+
+    @model_validator(mode="after")
+    def _extras_finite(self):
+        for k, v in (self.model_extra or {}).items():
+            _finite_everywhere(v, k)
+        return self
+
+
+TABLE_FIELDS = ("gemm_table", "stream_table", "special_rates")
+SCALAR_FIELDS = tuple(k for k in TimeModelSpec.model_fields if k not in TABLE_FIELDS)
 
 
 class HardwareProfile(BaseModel):
@@ -84,31 +196,73 @@ class HardwareProfile(BaseModel):
     kind: Literal["gpu", "tpu", "edge", "cpu"]
     vendor: str
     peak_flops_per_s: Peaks
-    memory_bytes: Quantity
-    memory_bandwidth_bytes_per_s: Quantity
-    runtime_overhead_bytes: Quantity
-    launch_overhead_s: Quantity
-    interconnect: Link | None = None
+    memory_bytes: PosQuantity
+    memory_bandwidth_bytes_per_s: PosQuantity
+    runtime_overhead_bytes: NonNegQuantity
+    launch_overhead_s: NonNegQuantity
+    interconnect: Link | None = None     # None: no device-to-device link (one device only)
     host_link: Link | None = None
-    tdp_w: Quantity | None = None
-    price_usd_per_hour: Quantity | None = None
+    tdp_w: PosQuantity | None = None
+    price_usd_per_hour: NonNegQuantity | None = None
     time_model: TimeModelSpec | None = None
+    notes: dict[str, str] | None = None  # field name -> remark (e.g. why there is no interconnect)
 
     def device(self) -> "Device":
         pk = self.peak_flops_per_s
-        peaks = {k: getattr(pk, k).value for k in ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
-                 if getattr(pk, k) is not None}
+        peaks = {k: getattr(pk, k).value for k in DTYPES if getattr(pk, k) is not None}
         tm = {}
         if self.time_model is not None:
-            for k in TimeModelSpec.model_fields:
+            for k in SCALAR_FIELDS:
                 q = getattr(self.time_model, k)
                 if q is not None:
                     tm[k] = q.value
-            tm.update(self.time_model.model_extra or {})   # measured tables, metadata
+            for k in TABLE_FIELDS:
+                t = getattr(self.time_model, k)
+                if t is not None:
+                    tm[k] = ({dt: v.model_dump() for dt, v in t.items()} if k == "gemm_table"
+                             else t.model_dump() if isinstance(t, BaseModel) else dict(t))
+            tm.update(self.time_model.model_extra or {})   # calibration metadata
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
                       self.launch_overhead_s.value,
                       self.price_usd_per_hour.value if self.price_usd_per_hour else None, tm)
+
+
+@dataclass(frozen=True)
+class TimeModelParams:
+    """The time-model values of a profile as typed attributes (None: the profile does not give
+    it; the time model then uses its default). One field per scalar of :class:`TimeModelSpec`,
+    the measured tables as plain dicts, and ``extras`` for calibration metadata."""
+    matmul_efficiency: float | None = None
+    matmul_efficiency_fp8: float | None = None
+    bandwidth_efficiency: float | None = None
+    compute_units: float | None = None
+    tile_m: float | None = None
+    tile_n: float | None = None
+    matmul_half_m: float | None = None
+    matmul_half_n: float | None = None
+    matmul_half_k: float | None = None
+    matmul_sharpness_m: float | None = None
+    matmul_sharpness_n: float | None = None
+    matmul_sharpness_k: float | None = None
+    step_overhead_s: float | None = None
+    dispatch_s: float | None = None
+    attention_efficiency_fwd: float | None = None
+    attention_efficiency_bwd: float | None = None
+    attention_efficiency_fp8_fwd: float | None = None
+    attention_efficiency_fp8_bwd: float | None = None
+    comm_overlap_sms: float | None = None
+    gemm_table: dict | None = None       # dtype -> {"m", "n", "k", "flops_per_s"}
+    stream_table: dict | None = None     # {"bytes", "bytes_per_s"}
+    special_rates: dict | None = None    # kind -> per second
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, tm: dict | None) -> "TimeModelParams":
+        tm = dict(tm or {})
+        known = {f.name for f in fields(cls)} - {"extras"}
+        return cls(**{k: tm[k] for k in known if k in tm},
+                   extras={k: v for k, v in tm.items() if k not in known})
 
 
 @dataclass(frozen=True)
@@ -121,7 +275,13 @@ class Device:
     runtime_overhead_bytes: float
     launch_overhead_s: float
     price_usd_per_hour: float | None
-    time_model: dict | None = None
+    time_model: dict | None = None      # the same values as a dict (readers migrate to .params)
+
+    @cached_property
+    def params(self) -> TimeModelParams:
+        """The time-model values as typed fields (derived from ``time_model``, so a
+        ``dataclasses.replace(dev, time_model=...)`` stays consistent)."""
+        return TimeModelParams.from_dict(self.time_model)
 
     def matmul_peak(self, dtype: str) -> float:
         """Dense matrix peak for ``dtype``; fp32 GEMMs use TF32 tensor cores only if asked."""
@@ -140,20 +300,65 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
-@lru_cache(maxsize=64)
-def _load_file(path: str) -> HardwareProfile:
+_BOUND = {"greater_than": ("gt", "must be > {}"), "greater_than_equal": ("ge", "must be >= {}"),
+          "less_than_equal": ("le", "must be <= {}"), "less_than": ("lt", "must be < {}")}
+
+
+def describe_error(e: ValidationError) -> str:
+    """'memory_bytes.value must be > 0, got -1': the first problem, its field path and value."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "the top level"
+    kind, got = err["type"], err.get("input")
+    if kind in _BOUND:
+        key, text = _BOUND[kind]
+        msg = text.format(err["ctx"][key])
+    elif kind == "finite_number":
+        msg = "must be a finite number"
+    elif kind == "extra_forbidden":
+        return f"unknown field {loc}"
+    elif kind == "missing":
+        return f"{loc} is missing"
+    else:
+        msg = err["msg"].replace("Value error, ", "").replace("Input should be ", "must be ")
+    shown = json.dumps(got) if isinstance(got, (int, float, str)) and not isinstance(got, bool) \
+        else str(got)
+    if isinstance(got, float) and not math.isfinite(got):
+        shown = str(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    hint = ""
+    if loc.startswith("interconnect.bandwidth") and got == 0:
+        hint = ' (a device without a device-to-device link has "interconnect": null)'
+    return f"{loc} {msg}, got {shown}{hint}"
+
+
+def _read_json(path: str, shown: str) -> Any:
     try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise SimcostError(f"malformed JSON in {path}: {e.msg} at line {e.lineno}") from None
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
-        raise SimcostError(f"cannot read hardware profile {path}: {e.strerror}") from None
+        raise SimcostError(f"cannot read hardware profile {shown}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SimcostError(f"hardware profile {shown} is not UTF-8 text (byte {e.start}: "
+                           f"{e.reason})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SimcostError(f"malformed JSON in {shown}: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise SimcostError(f"hardware profile {shown} is nested too deeply to be a "
+                           f"profile") from None
+
+
+@lru_cache(maxsize=64)
+def _load_file(path: str, shown: str) -> HardwareProfile:
+    data = _read_json(path, shown)
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise SimcostError(f"invalid hardware profile {path}: {loc}: {err['msg']}") from None
+        raise SimcostError(f"invalid hardware profile {shown}: {describe_error(e)}") from None
+    except RecursionError:
+        raise SimcostError(f"hardware profile {shown} is nested too deeply to be a "
+                           f"profile") from None
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
@@ -161,8 +366,8 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if p.suffix == ".json" or p.exists():
         if not p.is_file():
             raise SimcostError(f"no hardware profile file at '{name_or_path}'")
-        return _load_file(str(p.resolve()))
+        return _load_file(str(p.resolve()), name_or_path)
     file = PROFILE_DIR / f"{name_or_path}.json"
     if not file.is_file():
         raise unknown("hardware", name_or_path, list_profiles())
-    return _load_file(str(file))
+    return _load_file(str(file), f"{name_or_path}.json")
