@@ -164,16 +164,12 @@ def _add_info(sub) -> None:
 def _add_calibrate(sub) -> None:
     cal = sub.add_parser("calibrate", help="microbenchmark this machine and write a profile "
                                            "(needs torch)")
-    cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                     help="the device to microbenchmark")
-    cal.add_argument("--threads", type=_positive_int, default=None, help="torch threads (CPU)")
-    cal.add_argument("--dtypes", default="fp32,bf16", help="comma-separated GEMM dtypes to fit")
-    cal.add_argument("--base", default=None,
-                     help="profile to start from (default cpu-generic / h100-sxm)")
-    cal.add_argument("--out", required=True, help="path of the profile JSON to write")
+    from simcost.hardware.calibrate import add_arguments
+    add_arguments(cal)
 
 
 def _add_validate(sub) -> None:
+    from simcost.validate.published.outdir import OUT_DIR_HELP
     val = sub.add_parser("validate", help="check simcost against torch runs (torch extra) and "
                                          "published measurements")
     val_sub = val.add_subparsers(dest="what", required=True, parser_class=_Parser)
@@ -185,8 +181,7 @@ def _add_validate(sub) -> None:
                                                "vs the estimate; no torch needed")
     pub.add_argument("--source", default=None, help="only rows whose id starts with this prefix")
     pub.add_argument("--csv", default=None, help="another CSV with the same columns")
-    pub.add_argument("--out-dir", default="validation/reports",
-                     help="where the report files are written")
+    pub.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     stp = val_sub.add_parser("steps", help="measured torch training steps vs the estimate")
     stp.add_argument("--hardware", default=None,
                      help="calibrated profile (default: run `simcost calibrate` first)")
@@ -195,8 +190,7 @@ def _add_validate(sub) -> None:
     stp.add_argument("--repeats", type=_positive_int, default=5,
                      help="timed steps per case (the median is reported)")
     stp.add_argument("--limit", type=_positive_int, default=None, help="run only the first N cases")
-    stp.add_argument("--out-dir", default="validation/reports",
-                     help="where the report files are written")
+    stp.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     stp.add_argument("--allocator", default="tcmalloc", choices=("tcmalloc", "system"),
                      help="measure with tcmalloc preloaded when it is installed (default; "
                           "glibc's page faults make CPU steps noisy) or the system allocator")

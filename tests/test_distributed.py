@@ -455,7 +455,7 @@ def test_plan_layer_refuses_bad_sizes_for_api_callers():
     for kw in (dict(devices=8, tp=-1), dict(pp=-1), dict(micro_batch=-1), dict(tp=0),
                dict(pp=0), dict(cp=0), dict(micro_batch=0), dict(devices=0),
                dict(devices=2, pp=2, pp_schedule="interleaved", virtual_stages=0)):
-        with pytest.raises(SimcostError, match="whole number >= 1|devices must be"):
+        with pytest.raises(SimcostError, match="must be >= 1, got|whole number >= 1|devices must be"):
             estimate_train("llama-2-7b", "a100-80gb-sxm", batch=8, seq=512, **LORA, **kw)
     with pytest.raises(SimcostError, match="--batch"):
         P.make_plan(8, 0)
@@ -564,7 +564,9 @@ def test_a_huge_device_count_is_refused_with_its_reason_without_a_scan(capsys):
     for n in (10 ** 9, 2 ** 40, 10 ** 18 + 9):
         assert P.enumerate_plans(n, 8, spec, 512, 8) == []
     err = _one_line_error(capsys, BASE + ["--devices", "1000000000", "--parallel", "auto"])
-    assert "no valid parallel plan for 1000000000 devices" in err and "pp <= 32 layers" in err
+    assert "--devices must be <= 1000000, got 1000000000" in err    # the request's range
+    err = _one_line_error(capsys, BASE + ["--devices", "999999", "--parallel", "auto"])
+    assert "no valid parallel plan for 999999 devices" in err and "pp <= 32 layers" in err
     # 2^20 devices can be valid: 8 x 32 x 256 x 16 (tp x pp x cp x dp)
     plans = P.enumerate_plans(2 ** 20, 16, spec, 512, 8)
     assert plans and all(p.devices == 2 ** 20 for p in plans)

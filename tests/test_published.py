@@ -403,9 +403,6 @@ def test_bad_out_dir_is_one_line(tmp_path, capsys):
     assert msg.startswith(f"--out-dir '{f}': cannot create the folder")
 
 
-@pytest.mark.xfail(strict=True, reason="simcost/cli.py still defaults --out-dir to the "
-                   "cwd-relative 'validation/reports': it needs default=None, "
-                   "help=outdir.OUT_DIR_HELP (for validate published and validate steps)")
 def test_cli_out_dir_defaults_to_the_rule():
     from simcost.cli import build_parser
     for what in ("published", "steps"):

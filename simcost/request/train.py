@@ -206,8 +206,6 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
     notes = []
     if r.fp8_attention and r.dtype != "fp8":
         raise ValueError("--fp8-attention needs --dtype fp8")
-    if r.virtual_stages > 1 and r.pp_schedule != "interleaved":
-        raise ValueError("--virtual-stages needs --pp-schedule interleaved")
     if r.micro_batch is not None and r.micro_batch > r.batch:
         raise ValueError(f"--micro-batch {r.micro_batch} is larger than --batch {r.batch}")
     if r.loss_chunks > r.seq:
@@ -219,12 +217,15 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
     if r.mixed_precision != "none" and r.mixed_precision == r.dtype:
         notes.append(f"--mixed-precision {r.mixed_precision} has no effect with --dtype "
                      f"{r.dtype} (weights and compute are already {r.dtype})")
-    if r.tp_overlap and r.tp in (None, 1) and r.parallel != "auto":
-        notes.append("--tp-overlap has no effect without tensor parallelism (--tp > 1)")
-    if r.sequence_parallel is False and r.tp in (None, 1) and r.parallel != "auto":
-        notes.append("--no-sequence-parallel has no effect without tensor parallelism")
-    if r.pp_schedule == "interleaved" and r.pp in (None, 1) and r.parallel != "auto":
-        notes.append("--pp-schedule interleaved has no effect without pipeline stages (--pp > 1)")
+    if not r.distributed:
+        # on one device no plan is made; the multi-device path names what its chosen plan
+        # leaves without effect (simcost.sim.parallel_api)
+        unused = [("--tp-overlap", r.tp_overlap),
+                  ("--no-sequence-parallel", r.sequence_parallel is False),
+                  ("--pp-schedule interleaved", r.pp_schedule == "interleaved"),
+                  (f"--virtual-stages {r.virtual_stages}", r.virtual_stages != 1)]
+        notes += [f"{name} has no effect on one device (no tensor or pipeline parallelism)"
+                  for name, given in unused if given]
     if r.zero and r.devices == 1 and r.deepspeed is None:
         notes.append(f"--zero {r.zero} shards over data-parallel ranks; on one device it has "
                      f"no effect")

@@ -33,6 +33,8 @@ class PlanMemory:
     runtime_overhead: float
     peak: float
     capacity: float
+    loss_transient: float = 0.0        # the two candidate peak instants' transients, as in
+    gradient_transient: float = 0.0    # simcost.sim.memory.Memory (peak_rows adds them up)
     deepspeed_buckets_backward: float | None = None    # only under DeepSpeed ZeRO, dp > 1
     deepspeed_buffers_resident: float | None = None
 
@@ -40,6 +42,8 @@ class PlanMemory:
         d = {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
              "master_weights": self.master_weights, "activations": self.activations,
              "temporaries": self.temporaries, "runtime_overhead": self.runtime_overhead,
+             "loss_transient": self.loss_transient,
+             "gradient_transient": self.gradient_transient,
              "peak": self.peak, "capacity": self.capacity}
         if self.deepspeed_buckets_backward is not None:
             d["deepspeed_buckets_backward"] = self.deepspeed_buckets_backward
@@ -94,8 +98,10 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> PlanMemo
     peak = runtime + st.weights + st.master_weights + st.optimizer + ds_res + dynamic
     ds = _uses_deepspeed(plan)
     return PlanMemory(st.weights, grads, st.optimizer, st.master_weights, activations, temps,
-                      runtime, peak, ctx.device.memory_bytes,
-                      ds_bwd if ds else None, ds_res if ds else None)
+                      runtime, peak, ctx.device.memory_bytes, loss_transient=loss,
+                      gradient_transient=grad_term - grads,
+                      deepspeed_buckets_backward=ds_bwd if ds else None,
+                      deepspeed_buffers_resident=ds_res if ds else None)
 
 
 def sharded_states(ctx: Context, plan: Plan, mem, ps: ParamSplit, layers_stage: int,
