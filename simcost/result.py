@@ -109,8 +109,7 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
 
 def device_warnings(device) -> list[str]:
     """What an estimate on ``device`` should say about its profile's time model."""
-    tm = device.time_model or {}
-    if "matmul_efficiency" in tm or "gemm_table" in tm:
+    if device.params.matmul_efficiency is not None or device.params.gemm_table:
         return []
     return [f"hardware profile '{device.name}' has no measured matmul efficiency "
             f"(time_model.matmul_efficiency): GEMMs are priced at the datasheet peak, an "

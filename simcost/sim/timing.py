@@ -64,39 +64,43 @@ class TimeModel:
 
     @classmethod
     def from_device(cls, dev) -> "TimeModel":
-        tm = dev.time_model or {}
-        eff = tm.get("matmul_efficiency", 1.0)
+        p = dev.params                 # the profile's time-model values, typed
+
+        def given(v, default):
+            return default if v is None else v
+
+        eff = given(p.matmul_efficiency, 1.0)
         mm = {k: v * eff for k, v in dev.peak_flops_per_s.items()}
-        if "fp8" in mm and "matmul_efficiency_fp8" in tm:
-            mm["fp8"] = dev.peak_flops_per_s["fp8"] * tm["matmul_efficiency_fp8"]
+        if "fp8" in mm and p.matmul_efficiency_fp8 is not None:
+            mm["fp8"] = dev.peak_flops_per_s["fp8"] * p.matmul_efficiency_fp8
         half = None
-        if "matmul_half_m" in tm:
-            half = (tm["matmul_half_m"], tm["matmul_half_n"], tm["matmul_half_k"])
-        sharp = (tm.get("matmul_sharpness_m", 1.0), tm.get("matmul_sharpness_n", 1.0),
-                 tm.get("matmul_sharpness_k", 1.0))
-        units = int(tm["compute_units"]) if "compute_units" in tm else None
-        tile = (tm.get("tile_m", 128), tm.get("tile_n", 128))
+        if p.matmul_half_m is not None:
+            half = (p.matmul_half_m, p.matmul_half_n, p.matmul_half_k)
+        sharp = (given(p.matmul_sharpness_m, 1.0), given(p.matmul_sharpness_n, 1.0),
+                 given(p.matmul_sharpness_k, 1.0))
+        units = int(p.compute_units) if p.compute_units is not None else None
+        tile = (given(p.tile_m, 128), given(p.tile_n, 128))
         table = None
-        if tm.get("gemm_table"):
+        if p.gemm_table:
             table = {dt: (np.log2(t["m"]), np.log2(t["n"]), np.log2(t["k"]),
                           np.asarray(t["flops_per_s"], dtype=float))
-                     for dt, t in tm["gemm_table"].items()}
+                     for dt, t in p.gemm_table.items()}
         stream = None
-        if tm.get("stream_table"):
-            st = tm["stream_table"]
+        if p.stream_table:
+            st = p.stream_table
             stream = (np.log2(st["bytes"]), np.asarray(st["bytes_per_s"], dtype=float))
         attn = {}
         for dt, pre in (("bf16", "attention_efficiency"), ("fp16", "attention_efficiency"),
                         ("fp8", "attention_efficiency_fp8")):
             for ph in ("fwd", "bwd"):
-                e = tm.get(f"{pre}_{ph}")
+                e = getattr(p, f"{pre}_{ph}")
                 if e and dt in dev.peak_flops_per_s:
                     attn[(dt, ph)] = dev.peak_flops_per_s[dt] * e
         return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
-                   dev.memory_bandwidth_bytes_per_s * tm.get("bandwidth_efficiency", 1.0),
-                   dev.launch_overhead_s, tm.get("dispatch_s", DEFAULT_DISPATCH_S),
-                   tm.get("step_overhead_s", 0.0), half, sharp, units, tile,
-                   tm.get("special_rates"), table, stream, attn or None)
+                   dev.memory_bandwidth_bytes_per_s * given(p.bandwidth_efficiency, 1.0),
+                   dev.launch_overhead_s, given(p.dispatch_s, DEFAULT_DISPATCH_S),
+                   given(p.step_overhead_s, 0.0), half, sharp, units, tile,
+                   p.special_rates, table, stream, attn or None)
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak

@@ -152,8 +152,7 @@ def comm_sm_fraction(device) -> float:
     ``time_model.comm_overlap_sms`` (TransformerEngine userbuffers' default num_sm; NCCL
     likewise runs one CTA per channel on its own SM) over ``compute_units``. 0 when the
     profile gives no such number (overlap then costs the compute nothing)."""
-    tm = device.time_model or {}
-    sms, units = tm.get("comm_overlap_sms"), tm.get("compute_units")
+    sms, units = device.params.comm_overlap_sms, device.params.compute_units
     if not sms or not units:
         return 0.0
     return min(1.0, sms / units)

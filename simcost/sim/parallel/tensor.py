@@ -220,5 +220,6 @@ def fp8_time_model(tm: TimeModel, device) -> TimeModel:
     if "fp8" in tm.mm_peak:           # the profile's measured fp8 efficiency (or its bf16 one)
         return tm
     mm = dict(tm.mm_peak)
-    mm["fp8"] = peak * (device.time_model or {}).get("matmul_efficiency", 1.0)
+    eff = device.params.matmul_efficiency
+    mm["fp8"] = peak * (1.0 if eff is None else eff)
     return dataclasses.replace(tm, mm_peak=mm)
