@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from simcost.costs.registry import OpCost, register
 from simcost.dtypes import BYTES
+from simcost.graph import kinds as K
 from simcost.graph.ir import numel
 
 
@@ -254,7 +255,7 @@ def mul(op, g, rg, train):
 def saves_input(op, g, rg, train):
     per = {"pow": 1, "silu": 5, "gelu": 8}[op.kind]
     c = _elementwise(op, g, rg, per, [op.inputs[0]], bwd_flops_per_elem=per + 2)
-    if op.kind != "pow":   # sigmoid / erf per element, again in backward
+    if op.kind != K.POW:   # sigmoid / erf per element, again in backward
         n = numel(_t(g, op.outputs[0]).shape)
         c.special_fwd = {"exp": n}
         c.special_bwd = {"exp": n} if any(rg) else {}

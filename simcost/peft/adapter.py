@@ -3,6 +3,7 @@ MLP output, h + up(act(down(h))) with a bottleneck of ``adapter_dim``. Not merge
 the critical path. (peft has no Houlsby adapter; the cost follows the paper's placement.)"""
 from __future__ import annotations
 
+from simcost.graph import kinds as K
 from simcost.graph.ir import Op, Param
 from simcost.peft.base import register
 
@@ -12,7 +13,7 @@ def apply(g, model, spec) -> None:
     m = spec.adapter_dim
     d = model.hidden
     for seg in g.block_segments():
-        sites = [op for op in seg.ops if op.kind == "linear" and not op.attrs.get("adapter")
+        sites = [op for op in seg.ops if op.kind == K.LINEAR and not op.attrs.get("adapter")
                  and op.module.split(".")[-1] in ("o_proj", "down_proj", "c_proj", "w2")
                  and g.tensors[op.outputs[0]].shape[-1] == d]
         for op in sites:

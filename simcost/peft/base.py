@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from simcost.errors import SimcostError, unknown
+from simcost.graph import kinds as K
 from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.config import ModelSpec
 from simcost.peft.modules_to_save import apply_modules_to_save
@@ -55,7 +56,7 @@ def model_type(model: ModelSpec) -> str:
 def linear_sites(g: ModelGraph):
     """(segment, op) for every nn.Linear-like op peft can wrap, lm_head excluded."""
     for seg, op in g.iter_ops():
-        if op.kind == "linear" and op.module != "lm_head" and not op.attrs.get("adapter") \
+        if op.kind == K.LINEAR and op.module != "lm_head" and not op.attrs.get("adapter") \
                 and not op.module.endswith("mlp.gate"):
             yield seg, op
 
@@ -121,9 +122,9 @@ def _describe(so) -> str:
     op = so[1]
     if op.module == "lm_head":
         return "the output head: peft can adapt it, simcost does not model that"
-    if op.kind == "embedding":
+    if op.kind == K.EMBEDDING:
         return "an embedding: peft can adapt it, simcost does not model that"
-    if op.kind == "linear":
+    if op.kind == K.LINEAR:
         return "Mixtral's router: only LoRA adapts it, as a parameter, when named 'gate'"
     return f"a {op.kind.replace('_', ' ')}; peft refuses it too"
 
@@ -154,7 +155,7 @@ def resync_views(g: ModelGraph) -> None:
     tensor) must take that tensor's storage, or a kernel that saves the view (SDPA keeps q, k,
     v as passed) would be de-duplicated against the base projection's output."""
     for _, op in g.iter_ops():
-        if op.kind == "view" and op.inputs:
+        if op.kind == K.VIEW and op.inputs:
             src = g.tensors[op.inputs[0]]
             out = g.tensors[op.outputs[0]]
             out.storage = src.storage

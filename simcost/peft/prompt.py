@@ -4,6 +4,7 @@ layer runs on s + p tokens and the loss sees p more (ignored) positions (peft
 built (:func:`tokens_added`); this transform adds the prompt embedding and the concatenation."""
 from __future__ import annotations
 
+from simcost.graph import kinds as K
 from simcost.graph.ir import Op, Param
 from simcost.peft.base import register
 
@@ -16,7 +17,7 @@ def tokens_added(spec) -> int:
 def apply(g, model, spec) -> None:
     p = spec.num_virtual_tokens
     pro = g.segments[0]
-    emb = next(op for op in pro.ops if op.kind == "embedding")
+    emb = next(op for op in pro.ops if op.kind == K.EMBEDDING)
     h = emb.outputs[0]
     ht = g.tensors[h]
     B, S_tot, d = ht.shape
@@ -39,6 +40,6 @@ def apply(g, model, spec) -> None:
     g.insert_after(pro, emb, ops, h, cat)
     # labels of the virtual tokens are -100 (ignored) but still pass through the loss
     head = g.segments[-1]
-    loss = next(op for op in head.ops if op.kind == "cross_entropy")
+    loss = next(op for op in head.ops if op.kind == K.CROSS_ENTROPY)
     labels = g.new_tensor((B, S_tot), "int64", is_global=True)
     loss.inputs = (loss.inputs[0], labels)

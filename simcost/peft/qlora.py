@@ -7,6 +7,7 @@ when the input needs a gradient (the ``linear`` formula charges that). Storage p
 """
 from __future__ import annotations
 
+from simcost.graph import kinds as K
 from simcost.graph.ir import Op
 from simcost.peft.base import register
 from simcost.peft import lora
@@ -16,7 +17,7 @@ from simcost.peft import lora
 def apply(g, model, spec) -> None:
     lora.apply(g, model, spec)
     for seg, op in list(g.iter_ops()):
-        if op.kind != "linear" or op.module == "lm_head" or op.attrs.get("adapter"):
+        if op.kind != K.LINEAR or op.module == "lm_head" or op.attrs.get("adapter"):
             continue
         w = op.params[0]
         w.compute_dtype = w.dtype

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simcost.costs import OpCost, cost_of
+from simcost.graph import kinds as K
 from simcost.graph.ir import ModelGraph, Op, Segment
 
 
@@ -95,7 +96,7 @@ def analyse(g: ModelGraph) -> Analysis:
             rout = (any(rin) or any(train)) and not op.attrs.get("detached")
             for t in op.outputs:
                 rg[t] = rout
-            cost = cost_of(op, g, rin, train) if op.kind != "view" else OpCost(fwd_kernels=0)
+            cost = cost_of(op, g, rin, train) if op.kind != K.VIEW else OpCost(fwd_kernels=0)
             if not rout:
                 cost.saved = []
             for s in cost.saved:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simcost.graph import kinds as K
+
 
 # Host time per dispatched kernel of eager PyTorch + transformers (+ peft) training, measured
 # with `simcost calibrate`'s framework benchmark (a tiny HF Llama step, so kernels take no
@@ -199,7 +201,7 @@ def attention_kind(rec):
     """(True, causal) for a fused attention op whose queries and keys are the same length
     (a causal kernel then skips half the tiles), None for any other op."""
     op = rec.op
-    if op.kind != "sdpa":
+    if op.kind != K.SDPA:
         return None
     causal = bool(op.attrs.get("causal"))
     gf = rec.cost.gemms_fwd

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from simcost.dtypes import BYTES
+from simcost.graph import kinds as K
 from simcost.sim.memory import selective_activations
 from simcost.sim.parallel.tensor import adapter_split
 
@@ -56,7 +57,7 @@ def param_split(g) -> ParamSplit:
             layers += seg.count
         seg_bytes = seg_expert = 0.0
         for op in seg.ops:
-            expert = op.kind == "moe_experts"
+            expert = op.kind == K.MOE_EXPERTS
             if expert and blk:
                 d.moe_layers += seg.count
                 d.top_k = max(d.top_k, int(op.attrs.get("top_k", 1)))
@@ -64,7 +65,7 @@ def param_split(g) -> ParamSplit:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                split = len(p.shape) == 2 and (op.kind in ("linear", "embedding")) and \
+                split = len(p.shape) == 2 and (op.kind in (K.LINEAR, K.EMBEDDING)) and \
                     p.role != "adapter" or (p.role == "adapter" and adapter_split(op))
                 nb = p.nbytes * seg.count
                 n = p.numel * seg.count

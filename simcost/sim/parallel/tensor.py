@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from simcost.errors import SimcostError
+from simcost.graph import kinds as K
 from simcost.sim.timing import TimeModel, attention_kind, recomputed
 
 BLOCK_PREFIX = ("model.layers", "transformer.h")
@@ -35,14 +36,14 @@ def role(rec) -> tuple[str, str | None]:
     if "experts" in op.module and parent == "w2":
         style = "row"
     if not in_block:
-        if op.kind == "linear":          # lm_head: vocab-parallel (column)
+        if op.kind == K.LINEAR:          # lm_head: vocab-parallel (column)
             return COLUMN_BASE, "column"
-        if op.kind in ("embedding", "cross_entropy"):
+        if op.kind in (K.EMBEDDING, K.CROSS_ENTROPY):
             return SPLIT, None
         return HIDDEN, None
     if style is not None:
         sub = op.name[len(parent):]
-        if op.kind == "linear" and sub == "":
+        if op.kind == K.LINEAR and sub == "":
             return f"{style}_base", style
         if "lora_A" in sub:
             return (REPLICATED if style == "column" else ROW_BASE), style
@@ -51,7 +52,7 @@ def role(rec) -> tuple[str, str | None]:
         if "cast_input" in sub:
             return (REPLICATED if style == "column" else SPLIT), style
         return (SPLIT if style == "column" else HIDDEN), style
-    if op.kind in ("rms_norm", "layer_norm", "layernorm") or "residual" in op.name:
+    if op.kind in K.NORMS or "residual" in op.name:
         return HIDDEN, None
     return SPLIT, None
 
@@ -131,9 +132,9 @@ def op_times(tm: TimeModel, dtype: str, r, share: OpShare, *, cp: int, fp8: bool
     ring attention's cp-fold attention work."""
     c = r.cost
     f, gf, gb = share.fraction, share.gemms_fwd, share.gemms_bwd
-    is_attn = r.op.kind in ("sdpa", "attention") or "attention" in r.op.name
+    is_attn = r.op.kind == K.SDPA or "attention" in r.op.name
     mult = cp if (is_attn and cp > 1) else 1.0
-    base_linear = r.op.kind == "linear" and r.op.params and \
+    base_linear = r.op.kind == K.LINEAR and r.op.params and \
         not any(p.role == "adapter" for p in r.op.params)
     mdt = "fp8" if ((fp8 and base_linear) or (fp8_attention and is_attn)) else dtype
     sp_f = {k: v * f for k, v in c.special_fwd.items()} if c.special_fwd else c.special_fwd
@@ -154,7 +155,7 @@ def op_times(tm: TimeModel, dtype: str, r, share: OpShare, *, cp: int, fp8: bool
                            sp_b, attention=att and ("bwd", att[1])) * mult
         if fp8 and base_linear and gb:      # quantise the output gradient
             tb = tb + sum(3.0 * x[0] * x[1] * x[3] for x in gb[:1]) / tm.bandwidth
-    return OpTimes(tf, tb, mm, is_attn, share.role in TP_LINEAR_ROLES and r.op.kind == "linear")
+    return OpTimes(tf, tb, mm, is_attn, share.role in TP_LINEAR_ROLES and r.op.kind == K.LINEAR)
 
 
 def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int,
