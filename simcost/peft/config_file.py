@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from simcost.errors import SimcostError, unknown
 from simcost.peft.targeting import printable
-from simcost.request.fields import MAX_RANK, _int_like
+from simcost.request.fields import MAX_RANK, int_like
 
 # peft's PeftType names -> simcost method names
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
@@ -110,7 +110,7 @@ class _Base(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _ints(cls, v):
-        return _int_like(v)
+        return int_like(v)
 
     @field_validator("modules_to_save")
     @classmethod

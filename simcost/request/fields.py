@@ -35,14 +35,14 @@ Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]   # dropout
 Flag = StrictBool
 
 
-def _int_like(v: Any) -> Any:
+def int_like(v: Any) -> Any:
     """Accept 8 and 8.0 (JSON, numpy) as the integer 8; leave everything else to the type."""
     if isinstance(v, bool):
         return v
     if isinstance(v, float) and math.isfinite(v) and v == int(v):
         return int(v)
     if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
-        return _int_like(v.item())
+        return int_like(v.item())
     return v
 
 
@@ -53,7 +53,7 @@ class Request(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _ints(cls, v):
-        return _int_like(v)
+        return int_like(v)
 
     @classmethod
     def option_name(cls, field: str) -> str:
