@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -688,6 +689,18 @@ def _summary(fitted: dict, raw: dict, out: str, elapsed_s: float) -> list[str]:
     return lines
 
 
+def _check_writable(out: str) -> None:
+    """Refuse an --out that cannot be written before minutes of measuring, not after."""
+    p = Path(out)
+    if p.is_dir():
+        raise SimcostError(f"--out '{out}' is a folder; give the profile file's path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise SimcostError(f"--out '{out}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SimcostError(f"--out '{out}': folder '{parent}' is not writable")
+
+
 def run_cli(args) -> int:
     from rich.progress import Progress
 
@@ -707,6 +720,7 @@ def run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     base = args.base or ("cpu-generic" if args.device == "cpu" else "h100-sxm")
     load_profile(base)   # fail early on a bad base name
+    _check_writable(args.out)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"calibrating {args.device} ({budget.total_s:.0f} s budget)",
                             total=6)

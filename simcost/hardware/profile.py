@@ -18,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationError, model_validator)
 
 from simcost.errors import SimcostError, unknown
+from simcost.jsonio import read_json
 from simcost.paths import data_dir
 
 PROFILE_DIR = data_dir("hardware_profiles")
@@ -333,20 +334,8 @@ def describe_error(e: ValidationError) -> str:
 
 
 def _read_json(path: str, shown: str) -> Any:
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise SimcostError(f"cannot read hardware profile {shown}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SimcostError(f"hardware profile {shown} is not UTF-8 text (byte {e.start}: "
-                           f"{e.reason})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SimcostError(f"malformed JSON in {shown}: {e.msg} at line {e.lineno}") from None
-    except RecursionError:
-        raise SimcostError(f"hardware profile {shown} is nested too deeply to be a "
-                           f"profile") from None
+    """The profile file's JSON value (one line for an unreadable file: see simcost.jsonio)."""
+    return read_json(path, "hardware profile")
 
 
 @lru_cache(maxsize=64)

@@ -33,7 +33,7 @@ MAX_LAYER = 10 ** 6
 MAX_VIRTUAL_TOKENS = 10 ** 6
 
 Rank = Annotated[int, Field(strict=True, ge=1, le=MAX_RANK)]
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Number = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]   # alphas: finite, >= 0
 Dropout = Annotated[float, Field(strict=True, ge=0, lt=1, allow_inf_nan=False)]
 OptPosInt = Annotated[int, Field(strict=True, ge=1)] | None
 

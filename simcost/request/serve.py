@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
 from simcost.errors import SimcostError
+from simcost.models.config import ModelSpec
 from simcost.request.fields import (MAX_SEQ, Batch, Devices, FinitePos, Flag, PosInt, Rank,
                                     Request, Seq, describe, parse_duration_s, parse_int_list,
                                     parse_len_range)
@@ -46,8 +47,8 @@ def _ranks(v, what="--ranks"):
 
 
 class _Serve(Request):
-    model: Any
-    hardware: Any
+    model: str | ModelSpec
+    hardware: str
     dtype: ActDtype = "fp16"
     weight_dtype: WeightDtype | None = None
     kv_dtype: KVDtype | None = None
@@ -234,6 +235,9 @@ class ServeSimRequest(_Serve):
                                 ("--lora-kernel", self.lora_kernel is not None)):
                 if given:
                     w.append(f"{name} has no effect with --adapters 0 (the base model)")
+        if self.adapters > 0 and self.peft not in (None, "lora"):
+            msg = f"--adapters {self.adapters} has no effect with peft '{self.peft}' "
+            w.append(msg + "(only LoRA adapters are served per request)")
         if self.adapters <= 1 and not self.trace and self.popularity_alpha is not None:
             w.append(f"--popularity-alpha has no effect with --adapters {self.adapters}")
         if self.merged and self.prefetch:

@@ -7,7 +7,7 @@ have no effect on it (each printed as one ``simcost: warning:`` line).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
@@ -15,7 +15,7 @@ from pydantic import Field, StrictBool, StrictInt, field_validator, model_valida
 from simcost.errors import SimcostError
 from simcost.models.config import ModelSpec, check_spec
 from simcost.peft.spec import PeftSpec
-from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, Batch, Devices, Finite,
+from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, Batch, Devices, FiniteNonNeg,
                                     Fraction, NonNegInt, PosInt, Request, Seq)
 
 PEFT_METHODS = ("full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "ln_tuning",
@@ -55,7 +55,7 @@ class PeftShorthand(Request):
     """The ``--rank --alpha --targets ...`` flags: typed, before :class:`PeftSpec` is built."""
     rank: StrictInt | None = Field(None, ge=1, le=MAX_RANK)
     r: StrictInt | None = Field(None, ge=1, le=MAX_RANK)
-    alpha: Finite | None = None
+    alpha: FiniteNonNeg | None = None
     targets: str | tuple[str, ...] | list[str] | None = None
     dropout: Fraction | None = None
     rslora: StrictBool | None = None
@@ -99,7 +99,7 @@ class TrainRequest(Request):
     dp: PosInt | None = None
     cp: PosInt | None = None
     ep: PosInt | None = None
-    zero: Literal[0, 1, 2, 3] = 0
+    zero: Annotated[StrictInt, Field(ge=0, le=3)] = 0
     parallel: Literal["auto", "manual"] | None = None
     micro_batch: Batch | None = None
     sequence_parallel: StrictBool | None = None
@@ -226,6 +226,11 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
                   (f"--virtual-stages {r.virtual_stages}", r.virtual_stages != 1)]
         notes += [f"{name} has no effect on one device (no tensor or pipeline parallelism)"
                   for name, given in unused if given]
+    if r.deepspeed is not None and r.zero == 0:
+        notes.append("deepspeed (a zero_optimization config) has no effect without --zero")
+    if r.deepspeed is not None and not isinstance(r.deepspeed, dict) \
+            and type(r.deepspeed).__name__ != "DeepSpeedZero":
+        raise ValueError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
     if r.zero and r.devices == 1 and r.deepspeed is None:
         notes.append(f"--zero {r.zero} shards over data-parallel ranks; on one device it has "
                      f"no effect")
@@ -253,6 +258,8 @@ class MultiTrainRequest(TrainRequest):
 
 def sweep_points(values, what: str, upper: int) -> np.ndarray:
     """A sweep axis: a non-empty 1-D sequence of whole numbers in [1, upper]."""
+    if isinstance(values, (str, bytes)):
+        raise SimcostError(f"{what} must be a sequence of positive integers, got {values!r}")
     try:
         arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values,
                          dtype=np.float64).ravel()

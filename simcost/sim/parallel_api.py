@@ -69,7 +69,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
         virtual_stages=virtual_stages, offload=offload, ds=ds, ep=ep,
         optimizer_in_backward=optimizer_in_backward)
     warns = [*warns, *_no_effect(best.plan, tp_overlap, sequence_parallel, pp_schedule,
-                                 virtual_stages)]
+                                 virtual_stages, optimizer_in_backward)]
     # whole-job FLOPs and parameter counts from the single-sequence graph
     g1, a1 = build(1, seq)
     n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
@@ -172,9 +172,13 @@ def _no_plan(devices, batch, spec, seq, gpus_per_node) -> str:
             f"dividing the batch, tp*pp*cp*dp = devices)")
 
 
-def _no_effect(plan, tp_overlap, sequence_parallel, pp_schedule, virtual_stages) -> list[str]:
+def _no_effect(plan, tp_overlap, sequence_parallel, pp_schedule, virtual_stages,
+               optimizer_in_backward=False) -> list[str]:
     """One line for each plan option the chosen plan leaves without effect."""
     out = []
+    if optimizer_in_backward and plan.zero < 2 and plan.dp > 1:
+        out.append(f"--optimizer-in-backward frees nothing under DDP (ZeRO-{plan.zero}, dp = "
+                   f"{plan.dp}): the reducer keeps gradient-sized buckets")
     if plan.tp == 1:
         if tp_overlap:
             out.append("--tp-overlap has no effect: the plan has tp = 1")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from simcost.peft.spec import PeftSpec
+from simcost.validate.published.outdir import make_out_dir
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
          "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -111,7 +112,7 @@ def write_report(cases: list[StepCase], profile: str, out_dir: str, title: str) 
     import torch
 
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    make_out_dir(d)
     errs = [abs(c.error) for c in cases]
     mape = 100 * statistics.fmean(errs)
     summary = {"title": title, "profile": profile, "mape_step_pct": mape, "allocator": allocator(),
@@ -223,7 +224,7 @@ def run_cli(args) -> int:
         from types import SimpleNamespace
 
         from simcost.hardware.calibrate import run_cli as calibrate
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out_dir)
         profile = str(out_dir / "calibrated-cpu.json")
         calibrate(SimpleNamespace(device="cpu", threads=args.threads, dtypes="fp32", base=None,
                                   out=profile))

@@ -29,6 +29,17 @@ class DeepSpeedZero:
     stage3_param_persistence_threshold: float = 1e5
     source: str = "DeepSpeed defaults"
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("float", float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e15:
+                    raise SimcostError(f"ds_config '{f.name}' must be a finite number > 0, "
+                                       f"got {v!r}")
+            elif f.name in ("overlap_comm", "contiguous_gradients"):
+                if not (isinstance(v, bool) or (v is None and f.name == "overlap_comm")):
+                    raise SimcostError(f"ds_config '{f.name}' must be true or false, got {v!r}")
+
     def overlap(self, zero: int) -> bool:
         return (zero == 3) if self.overlap_comm is None else bool(self.overlap_comm)
 
@@ -47,6 +58,17 @@ class DeepSpeedZero:
         auto = {"reduce_bucket_size": (hidden or 0) ** 2,
                 "stage3_prefetch_bucket_size": 0.9 * (hidden or 0) ** 2,
                 "stage3_param_persistence_threshold": 10 * (hidden or 0)}
+        if not isinstance(zero_cfg, dict):
+            raise SimcostError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
+        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        # keys that change nothing simcost prices (the stage is --zero's; offload is --offload)
+        inert = {"stage", "offload_optimizer", "offload_param", "round_robin_gradients",
+                 "sub_group_size", "stage3_gather_16bit_weights_on_model_save",
+                 "stage3_max_reuse_distance", "reduce_scatter", "allgather_partitions",
+                 "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters"}
+        unknown = sorted(set(zero_cfg) - names - inert)
+        if unknown:
+            raise SimcostError(f"ds_config zero_optimization: unknown key '{unknown[0]}'")
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in zero_cfg and f.name != "source":
