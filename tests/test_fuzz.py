@@ -124,7 +124,8 @@ def check_outcome(rc, out, err):
     for line in err.splitlines():
         assert line.startswith("simcost: warning: "), line
     d = json.loads(out)
-    assert d["schema_version"] >= 1
+    from simcost.result import SCHEMA_VERSION
+    assert d["schema_version"] == SCHEMA_VERSION
     for path, v in _numbers(d):
         assert math.isfinite(v) and v >= 0, (path, v)
     return d
@@ -227,7 +228,8 @@ API_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 64),
 API_KEYS = ["peft", "rank", "alpha", "targets", "dropout", "dtype", "mixed_precision", "attn",
             "optimizer", "grad_checkpointing", "devices", "tp", "pp", "dp", "cp", "zero",
             "parallel", "micro_batch", "virtual_stages", "loss_chunks", "max_positions",
-            "num_virtual_tokens", "trainable_layers", "bias", "layers", "no_such_option"]
+            "num_virtual_tokens", "trainable_layers", "bias", "layers", "no_such_option",
+            "deepspeed", "offload", "ep"]
 
 
 @given(batch=API_VALUES, seq=API_VALUES,
@@ -317,11 +319,14 @@ def simulate_serve_argv(draw):
 
 
 def check_serve_result(d):
-    if "fits" in d and "memory_bytes" in d:
-        m = d["memory_bytes"]
-        if not d["fits"]:
-            return
-        assert all(v >= 0 for v in m.values() if isinstance(v, (int, float)))
+    """An iteration estimate: ``fits`` exactly when the KV pool holds the batch's KV cache and
+    adapters. A simulation: every request finished, in a positive makespan."""
+    m = d["memory_bytes"]
+    assert (m["pool"] == 0) or m["pool_shortfall"] == 0
+    if "fits" in d:
+        assert d["fits"] == (m["pool"] > 0 and m["kv_cache"] + m["adapters"] <= m["pool"])
+    else:
+        assert d["n_requests"] >= 1 and d["makespan_s"] > 0 and d["throughput_req_s"] > 0
 
 
 @given(argv=st.one_of(estimate_serve_argv(), simulate_serve_argv()))
