@@ -24,8 +24,7 @@ from simcost.peft.spec import PeftSpec
 from simcost.request.fields import MAX_BATCH, MAX_SEQ
 from simcost.request.train import (MultiTrainRequest, SweepRequest, TrainRequest, check_seq,
                                    request_peft, resolve_peft, sweep_points)
-from simcost.result import (MultiTrainEstimate, TrainEstimate, device_warnings,  # noqa: F401
-                            make_estimate, peft_dict, run_cost)
+from simcost.result import MultiTrainEstimate, TrainEstimate, device_warnings, make_estimate
 from simcost.sim.analysis import Analysis
 from simcost.sim.train import train_numbers
 

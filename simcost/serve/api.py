@@ -17,8 +17,6 @@ from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
 from simcost.sim.timing import TimeModel
 
-PEFT_SERVE = ("none", "lora", "prefix", "prompt")
-
 
 class ServeEstimate(BaseModel):
     schema_version: int = SCHEMA_VERSION

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simcost.dtypes import BYTES, FLOAT_DTYPES
-from simcost.errors import SimcostError
-from simcost.sim.memory import MIXED, ckpt_mode, inference_memory, training_memory
+from simcost.dtypes import BYTES
+from simcost.sim.memory import ckpt_mode, inference_memory, training_memory
 from simcost.sim.timing import TimeModel, mezo_perturb_time, optimizer_time, phase_times, recomputed
 
 
@@ -21,13 +20,6 @@ class TrainNumbers:
     time_s: dict
     tokens_per_s: object
     fits: object
-
-
-def check_options(dtype: str, mixed: str) -> None:
-    if dtype not in FLOAT_DTYPES:
-        raise SimcostError(f"unknown dtype '{dtype}'; valid: {', '.join(FLOAT_DTYPES)}")
-    if mixed not in MIXED:
-        raise SimcostError(f"unknown mixed precision '{mixed}'; valid: {', '.join(MIXED)}")
 
 
 def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str,
