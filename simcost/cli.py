@@ -11,8 +11,8 @@ import sys
 
 from simcost.errors import SimcostError
 
-PEFT_CHOICES = ("full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "ln_tuning",
-                "prefix", "prompt", "adapter", "lst")
+from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES, MIXED_PRECISIONS,
+                                     OPTIMIZERS, PEFT_METHODS as PEFT_CHOICES)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -32,6 +32,15 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
     def error(self, message):  # one line, exit 2 (argparse prints usage + message otherwise)
+        import re
+
+        from simcost.errors import closest
+        m = re.search(r"invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message)
+        if m:                        # name the nearest valid choices first, as elsewhere
+            valid = [c.strip(" '") for c in m.group(2).split(",")]
+            message = message.replace(m.group(0), f"invalid choice: '{m.group(1)}'"
+                                      f"{closest(m.group(1), valid)}; valid: "
+                                      f"{', '.join(valid)}")
         where = self.prog.removeprefix("simcost").strip()
         raise SimcostError(f"{where}: {message}" if where else message)
 
@@ -88,17 +97,17 @@ def _add_train(est_sub) -> None:
                    help="serial adapter bottleneck (default 64)")
     t.add_argument("--lst-reduction", type=_positive_int, default=None,
                    help="lst: side network width = hidden / this (default 8)")
-    t.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp8"),
+    t.add_argument("--dtype", default="bf16", choices=DTYPES,
                    help="fp8: TransformerEngine-style fp8 GEMMs on bf16 weights")
-    t.add_argument("--mixed-precision", default="none", choices=("none", "bf16", "fp16"),
+    t.add_argument("--mixed-precision", default="none", choices=MIXED_PRECISIONS,
                    help="autocast compute dtype over --dtype weights (fp32 master weights)")
-    t.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flash"),
+    t.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
                    help="attention implementation (transformers' attn_implementation)")
     t.add_argument("--grad-checkpointing", action="store_true",
                    help="full activation checkpointing per decoder layer (= --checkpointing full)")
-    t.add_argument("--checkpointing", default=None, choices=("none", "full", "selective"),
+    t.add_argument("--checkpointing", default=None, choices=CHECKPOINTING,
                    help="selective: recompute only the attention core (Korthikanti et al.)")
-    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit", "mezo"),
+    t.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="mezo: zeroth-order MeZO, two forward passes and no backward")
     t.add_argument("--loss-chunks", type=_positive_int, default=1, metavar="N",
                    help="chunked cross-entropy (torchtune CEWithChunkedOutputLoss): logits "

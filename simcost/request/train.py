@@ -15,16 +15,11 @@ from pydantic import Field, StrictBool, StrictInt, field_validator, model_valida
 from simcost.errors import SimcostError
 from simcost.models.config import ModelSpec, check_spec
 from simcost.peft.spec import PeftSpec
+from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES,  # noqa: F401
+                                     MIXED_PRECISIONS, OPTIMIZERS, PEFT_METHODS)
 from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, Batch, Devices, FiniteNonNeg,
                                     Fraction, NonNegInt, PosInt, Request, Seq)
 
-PEFT_METHODS = ("full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "ln_tuning",
-                "prefix", "prompt", "adapter", "lst")
-DTYPES = ("fp32", "bf16", "fp16", "fp8")
-MIXED_PRECISIONS = ("none", "bf16", "fp16")
-ATTENTIONS = ("eager", "sdpa", "flash")
-OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "mezo")
-CHECKPOINTING = ("none", "full", "selective")
 MAX_JOBS = 10_000
 MAX_SWEEP_POINTS = 10 ** 6
 MAX_VIRTUAL_TOKENS = 10 ** 6
