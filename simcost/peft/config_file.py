@@ -24,13 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from simcost.errors import SimcostError, unknown
 from simcost.peft.targeting import printable
-from simcost.request.fields import MAX_RANK, int_like
+from simcost.request.fields import MAX_RANK, MAX_VIRTUAL_TOKENS, int_like
 
 # peft's PeftType names -> simcost method names
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
               "LN_TUNING": "ln_tuning"}
 MAX_LAYER = 10 ** 6
-MAX_VIRTUAL_TOKENS = 10 ** 6
 
 Rank = Annotated[int, Field(strict=True, ge=1, le=MAX_RANK)]
 Number = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]   # alphas: finite, >= 0

@@ -21,6 +21,8 @@ MAX_BATCH = 10 ** 7
 MAX_SEQ = 10 ** 8
 MAX_DEVICES = 10 ** 6
 MAX_RANK = 10 ** 6
+MAX_VIRTUAL_TOKENS = 10 ** 6       # prefix / prompt tuning
+MAX_REQUESTS = 10 ** 7             # simulated requests (rate x duration, a trace's rows)
 
 PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]

@@ -20,12 +20,11 @@ from pydantic import Field, StrictInt, ValidationError, field_validator, model_v
 
 from simcost.errors import SimcostError
 from simcost.models.config import ModelSpec
-from simcost.request.fields import (MAX_SEQ, Batch, Devices, FinitePos, Flag, PosInt, Rank,
-                                    Request, Seq, describe, parse_duration_s, parse_int_list,
+from simcost.request.fields import (MAX_REQUESTS, MAX_SEQ, Batch, Devices, FinitePos, Flag,
+                                    PosInt, Rank, Request, Seq, describe, parse_duration_s, parse_int_list,
                                     parse_len_range)
 
 MAX_ADAPTERS = 10 ** 12          # ids stay exact in int64 and float64 arithmetic
-MAX_REQUESTS = 10 ** 7           # simulated requests (rate x duration, a trace's rows)
 MAX_SEED = 2 ** 32 - 1           # numpy's legacy RandomState (the S-LoRA generator)
 
 ActDtype = Literal["fp16", "bf16", "fp32"]

@@ -17,12 +17,12 @@ from simcost.models.config import ModelSpec, check_spec
 from simcost.peft.spec import PeftSpec
 from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES,  # noqa: F401
                                      MIXED_PRECISIONS, OPTIMIZERS, PEFT_METHODS)
-from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, Batch, Devices, FiniteNonNeg,
+from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, MAX_VIRTUAL_TOKENS, Batch,
+                                    Devices, FiniteNonNeg,
                                     Fraction, NonNegInt, PosInt, Request, Seq)
 
 MAX_JOBS = 10_000
 MAX_SWEEP_POINTS = 10 ** 6
-MAX_VIRTUAL_TOKENS = 10 ** 6
 
 # the PEFT shorthand options and the methods they shape (anything else: no effect)
 _LORA = ("lora", "dora", "qlora")

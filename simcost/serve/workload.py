@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from simcost.errors import SimcostError
+from simcost.request.fields import MAX_REQUESTS
 
 GENERATORS = ("default", "slora")   # how synthetic requests are drawn (Workload.generator)
-MAX_REQUESTS = 10 ** 7              # a simulation refuses more (rate x duration)
 
 
 def request_count(rate: float, duration: float, generator: str = "default") -> int:
