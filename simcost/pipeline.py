@@ -1,6 +1,7 @@
 """The linear pipeline: model x workload → graph → PEFT transform → analysis."""
 from __future__ import annotations
 
+from simcost.errors import SimcostError
 from simcost.graph.ir import ModelGraph
 from simcost.models import build_model_graph
 from simcost.models.config import ModelSpec
@@ -13,6 +14,9 @@ def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str 
                 peft: PeftSpec | None = None, device_kind: str = "cpu") -> tuple[ModelGraph, Analysis]:
     """``device_kind`` ('cpu' or 'gpu') picks the kernels whose saved tensors differ by device
     (dropout masks, layer-norm statistics, the SDPA path)."""
+    if attn == "flash" and device_kind == "cpu":
+        raise SimcostError("--attn flash needs an accelerator; on a CPU torch runs sdpa or "
+                           "eager attention")
     peft = peft or PeftSpec("full")
     validate(peft)
     seq_total = seq + tokens_added(peft)

@@ -15,6 +15,7 @@ from pydantic import Field, StrictBool, StrictInt, field_validator, model_valida
 from simcost.errors import SimcostError
 from simcost.models.config import ModelSpec, check_spec
 from simcost.peft.spec import PeftSpec
+from simcost.sim.parallel.deepspeed import DeepSpeedZero
 from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES,  # noqa: F401
                                      MIXED_PRECISIONS, OPTIMIZERS, PEFT_METHODS)
 from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, MAX_VIRTUAL_TOKENS, Batch,
@@ -224,7 +225,7 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
     if r.deepspeed is not None and r.zero == 0:
         notes.append("deepspeed (a zero_optimization config) has no effect without --zero")
     if r.deepspeed is not None and not isinstance(r.deepspeed, dict) \
-            and type(r.deepspeed).__name__ != "DeepSpeedZero":
+            and not isinstance(r.deepspeed, DeepSpeedZero):
         raise ValueError("deepspeed must be a DeepSpeedZero or a zero_optimization dict")
     if r.zero and r.devices == 1 and r.deepspeed is None:
         notes.append(f"--zero {r.zero} shards over data-parallel ranks; on one device it has "
