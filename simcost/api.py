@@ -27,6 +27,7 @@ from simcost.request.train import (MultiTrainRequest, SweepRequest, TrainRequest
 from simcost.result import MultiTrainEstimate, TrainEstimate, device_warnings, make_estimate
 from simcost.sim.analysis import Analysis
 from simcost.sim.train import train_numbers
+from simcost.stack import load_stack
 
 __all__ = ["estimate_train", "estimate_multi_train", "sweep_train", "graph", "build_graph",
            "TrainEstimate", "MultiTrainEstimate", "resolve_peft"]
@@ -83,15 +84,16 @@ def run_train(req: TrainRequest) -> TrainEstimate:
     warns = [*req.notes, *check_seq(spec, req.seq, tokens_added(pspec))]
     device = load_profile(req.hardware).device()
     g, a = _build(spec, req, pspec, device, req.batch, req.seq)
+    stack = load_stack(req.stack)
     n = train_numbers(g, a, device, batch=req.batch, seq=req.seq, optimizer=req.optimizer,
                       mixed=req.mixed_precision, checkpointing=req.grad_checkpointing,
                       loss_chunks=req.loss_chunks,
-                      optimizer_in_backward=req.optimizer_in_backward)
+                      optimizer_in_backward=req.optimizer_in_backward, stack=stack)
     return make_estimate(spec, device, pspec, n, batch=req.batch, seq=req.seq, dtype=req.dtype,
                          mixed_precision=req.mixed_precision, attn=req.attn,
                          optimizer=req.optimizer, checkpointing=req.grad_checkpointing,
                          warnings=warns, loss_chunks=req.loss_chunks,
-                         optimizer_in_backward=req.optimizer_in_backward)
+                         optimizer_in_backward=req.optimizer_in_backward, stack=stack)
 
 
 def _build(spec: ModelSpec, req: TrainRequest, pspec: PeftSpec, device, batch, seq):
@@ -99,7 +101,8 @@ def _build(spec: ModelSpec, req: TrainRequest, pspec: PeftSpec, device, batch, s
     the parameters are stored in ``req.dtype`` and computed in the 16-bit type."""
     compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
     g, a = pipeline.build_graph(spec, batch, seq, dtype=compute, attn=req.attn, peft=pspec,
-                                device_kind=pipeline.kernel_kind(device))
+                                device_kind=pipeline.kernel_kind(device),
+                                stack=load_stack(req.stack))
     if req.dtype != compute:
         for p, _ in g.params():
             if p.dtype == compute and p.role != "adapter":
@@ -121,7 +124,8 @@ def _run_parallel(req: TrainRequest, spec: ModelSpec) -> TrainEstimate:
         sequence_parallel=req.sequence_parallel, tp_overlap=req.tp_overlap,
         pp_schedule=req.pp_schedule, virtual_stages=req.virtual_stages, offload=req.offload,
         fp8_attention=req.fp8_attention, peft_options=short, ep=req.ep,
-        loss_chunks=req.loss_chunks, optimizer_in_backward=req.optimizer_in_backward)
+        loss_chunks=req.loss_chunks, optimizer_in_backward=req.optimizer_in_backward,
+        stack=load_stack(req.stack))
     if req.notes:
         r = r.model_copy(update={"warnings": [*req.notes, *r.warnings]})
     return r
@@ -153,11 +157,13 @@ def run_multi_train(req: MultiTrainRequest) -> MultiTrainEstimate:
     def build(b):
         return _build(spec, req, pspec, device, b, req.seq)
 
+    stack = load_stack(req.stack)
     m = multi_numbers(build, device, jobs=req.jobs, batch=req.batch, seq=req.seq,
                       optimizer=req.optimizer, mixed=req.mixed_precision,
-                      checkpointing=req.grad_checkpointing)
+                      checkpointing=req.grad_checkpointing, stack=stack)
     kw = dict(seq=req.seq, dtype=req.dtype, mixed_precision=req.mixed_precision, attn=req.attn,
-              optimizer=req.optimizer, checkpointing=req.grad_checkpointing, warnings=warns)
+              optimizer=req.optimizer, checkpointing=req.grad_checkpointing, warnings=warns,
+              stack=stack)
     shared = make_estimate(spec, device, pspec, m.shared, batch=req.batch, **kw)
     single = make_estimate(spec, device, pspec, m.single, batch=req.batch, **kw)
     jobs = req.jobs
@@ -224,7 +230,8 @@ def _sweep_numbers(spec, base: TrainRequest, pspec, device, graph_batch, seqs, b
     n = train_numbers(g, a, device, batch=batches, seq=seqs, optimizer=base.optimizer,
                       mixed=base.mixed_precision, checkpointing=base.grad_checkpointing,
                       loss_chunks=base.loss_chunks,
-                      optimizer_in_backward=base.optimizer_in_backward)
+                      optimizer_in_backward=base.optimizer_in_backward,
+                      stack=load_stack(base.stack))
     k = len(seqs)
     return {"step_s": np.array(np.broadcast_to(n.time_s["step"], k), dtype=float),
             "tokens_per_s": np.array(np.broadcast_to(n.tokens_per_s, k), dtype=float),

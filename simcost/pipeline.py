@@ -1,4 +1,4 @@
-"""The linear pipeline: model x workload → graph → PEFT transform → analysis."""
+"""The linear pipeline: model x workload → graph → PEFT transform → stack fusions → analysis."""
 from __future__ import annotations
 
 from simcost.errors import SimcostError
@@ -11,9 +11,11 @@ from simcost.sim.analysis import Analysis, analyse
 
 
 def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str = "sdpa",
-                peft: PeftSpec | None = None, device_kind: str = "cpu") -> tuple[ModelGraph, Analysis]:
+                peft: PeftSpec | None = None, device_kind: str = "cpu",
+                stack=None) -> tuple[ModelGraph, Analysis]:
     """``device_kind`` ('cpu' or 'gpu') picks the kernels whose saved tensors differ by device
-    (dropout masks, layer-norm statistics, the SDPA path)."""
+    (dropout masks, layer-norm statistics, the SDPA path). ``stack`` (a
+    :class:`simcost.stack.Stack`) rewrites the graph into the stack's fused kernels."""
     if attn == "flash" and device_kind == "cpu":
         raise SimcostError("--attn flash needs an accelerator; on a CPU torch runs sdpa or "
                            "eager attention")
@@ -23,6 +25,9 @@ def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str 
     g = build_model_graph(model, batch, seq_total, dtype, attn, device_kind)
     g.meta["seq"] = seq
     apply_peft(g, model, peft)
+    if stack is not None and stack.fusions:
+        from simcost.stack.fusions import apply_fusions
+        g.meta["fusions"] = apply_fusions(g, stack.fusions)
     return g, analyse(g)
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from simcost.models.config import ModelSpec
 from simcost.peft.spec import PeftSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class TrainEstimate(BaseModel):
@@ -38,6 +38,8 @@ class TrainEstimate(BaseModel):
     warnings: list[str] = []        # e.g. a sequence beyond the model's trained positions
     loss_chunks: int | None = None  # chunked cross-entropy (torchtune), when N > 1
     optimizer_in_backward: bool | None = None  # optimizer stepped per parameter in backward
+    stack: dict | None = None       # the software stack priced: name, versions, alias
+    intervals: dict | None = None   # p10-p90 of step_s and peak_bytes, or why there are none
 
     def model_dump_public(self) -> dict:
         """The ``--json`` object: ``schema_version`` first, empty optional keys left out."""
@@ -45,7 +47,7 @@ class TrainEstimate(BaseModel):
         if not d.get("warnings"):
             d.pop("warnings", None)
         for k in ("parallel", "checkpointing", "cost_usd", "loss_chunks",
-                  "optimizer_in_backward"):
+                  "optimizer_in_backward", "stack", "intervals"):
             if d.get(k) is None:
                 d.pop(k, None)
         return d
@@ -79,7 +81,8 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
                   flops: dict | None = None, memory_bytes: dict | None = None,
                   time_s: dict | None = None, tokens_per_s=None, fits=None,
                   parallel: dict | None = None, warnings: list[str] = (),
-                  loss_chunks: int = 1, optimizer_in_backward: bool = False) -> TrainEstimate:
+                  loss_chunks: int = 1, optimizer_in_backward: bool = False,
+                  stack=None) -> TrainEstimate:
     """The one place a :class:`TrainEstimate` is assembled: parameter counts from ``n`` (a
     :class:`~simcost.sim.train.TrainNumbers`), every other number from ``n`` unless given
     (the multi-device path passes its per-device memory, time and whole-job FLOPs)."""
@@ -88,6 +91,8 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
     f = float
     step_s = f((n.time_s if time_s is None else time_s)["step"])
     tok_s = f(n.tokens_per_s if tokens_per_s is None else tokens_per_s)
+    mem = {k: f(v) for k, v in (n.memory_bytes if memory_bytes is None else memory_bytes).items()}
+    from simcost.stack.intervals import estimate_intervals
     return TrainEstimate(
         model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
@@ -95,8 +100,7 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         params={"total": n.params_total, "trainable": n.params_trainable,
                 "added": n.params_added, "with_adapters": n.params_total + n.params_added},
         flops={k: f(v) for k, v in (n.flops if flops is None else flops).items()},
-        memory_bytes={k: f(v) for k, v in (n.memory_bytes if memory_bytes is None
-                                           else memory_bytes).items()},
+        memory_bytes=mem,
         time_s={k: f(v) for k, v in (n.time_s if time_s is None else time_s).items()},
         tokens_per_s=tok_s,
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
@@ -104,7 +108,10 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
         cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
         warnings=[*warnings, *pspec.warnings, *device_warnings(device)],
         loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
-        optimizer_in_backward=True if optimizer_in_backward else None)
+        optimizer_in_backward=True if optimizer_in_backward else None,
+        stack=stack.label() if stack is not None else None,
+        intervals=estimate_intervals(stack, device, step_s, mem["peak"])
+        if stack is not None else None)
 
 
 def device_warnings(device) -> list[str]:

@@ -107,6 +107,7 @@ class TrainRequest(Request):
     max_positions: Seq | None = None
     loss_chunks: PosInt = 1
     optimizer_in_backward: StrictBool = False
+    stack: str = "hf"                  # a stack name, alias[:variant] or profile path
     shorthand: PeftShorthand = PeftShorthand()
     deepspeed: Any = None              # a DeepSpeedZero or a ds_config zero_optimization dict
     notes: tuple[str, ...] = ()        # options with no effect (filled by the validator)
@@ -116,6 +117,16 @@ class TrainRequest(Request):
     def _nonempty(cls, v):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("stack")
+    @classmethod
+    def _stack(cls, v):
+        from simcost.stack import load_stack
+        try:
+            load_stack(v)
+        except SimcostError as e:
+            raise ValueError(str(e)) from None
         return v
 
     @field_validator("peft")

@@ -70,14 +70,17 @@ class Memory:
     loss_transient: object = 0.0
     gradient_transient: object = 0.0
 
-    def breakdown(self, capacity: float) -> dict:
-        """The ``memory_bytes`` mapping of an estimate."""
+    def breakdown(self, capacity: float, stack=None, device_kind: str = "gpu") -> dict:
+        """The ``memory_bytes`` mapping of an estimate; ``peak_allocated``, ``peak_reserved``
+        and the device-level ``peak`` from :func:`simcost.stack.allocator.device_peak`."""
+        from simcost.stack.allocator import device_peak
+        rows = device_peak(self.peak - self.runtime_overhead,
+                           self.weights + self.master_weights + self.optimizer,
+                           self.runtime_overhead, stack, device_kind)
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
                 "master_weights": self.master_weights, "activations": self.activations,
-                "temporaries": self.temporaries, "runtime_overhead": self.runtime_overhead,
-                "loss_transient": self.loss_transient,
-                "gradient_transient": self.gradient_transient,
-                "peak": self.peak, "capacity": capacity}
+                "temporaries": self.temporaries, "loss_transient": self.loss_transient,
+                "gradient_transient": self.gradient_transient, **rows, "capacity": capacity}
 
 
 RESIDENT_ROWS = ("weights", "master_weights", "optimizer", "deepspeed_buffers_resident",
@@ -134,7 +137,7 @@ def ckpt_mode(checkpointing) -> str:
 
 def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
                     runtime_overhead: float, foreach: bool = True, loss_chunks: int = 1,
-                    optimizer_in_backward: bool = False) -> Memory:
+                    optimizer_in_backward: bool = False, fused_optimizer: bool = False) -> Memory:
     """``loss_chunks``: 1 = HF's cross-entropy over the whole logits; N > 1 = torchtune's
     chunked cross-entropy. ``optimizer_in_backward``: per-parameter optimizer steps in the
     backward (gradients freed as they are applied). See the module docstring."""
@@ -153,8 +156,8 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
             if mixed != "none" and BYTES[p.dtype] < 4:
                 master += 4 * n
     opt = optimizer_state_bytes(optimizer, trainable, mixed)
-    if optimizer == "sgd" or not trainable:
-        opt_temp = 0
+    if optimizer == "sgd" or not trainable or fused_optimizer:
+        opt_temp = 0              # a fused AdamW kernel updates in place: no temporaries
     elif foreach:
         opt_temp = opt / 2
     else:

@@ -20,6 +20,7 @@ from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim.memory import ckpt_mode, training_memory
 from simcost.sim.timing import TimeModel, optimizer_time, phase_times, recomputed
+from simcost.stack import optimizer_impl
 from simcost.sim.train import TrainNumbers, param_counts, train_numbers
 
 
@@ -47,7 +48,7 @@ def split_times(tm: TimeModel, dtype: str, analysis, checkpointing) -> dict:
 
 
 def multi_numbers(build, device, *, jobs: int, batch: int, seq: int, optimizer: str,
-                  mixed: str, checkpointing) -> MultiNumbers:
+                  mixed: str, checkpointing, stack=None) -> MultiNumbers:
     """``build(batch) -> (graph, analysis)`` with the PEFT method applied."""
     if jobs < 1:
         raise SimcostError(f"--jobs must be >= 1, got {jobs}")
@@ -62,15 +63,16 @@ def multi_numbers(build, device, *, jobs: int, batch: int, seq: int, optimizer: 
                                f"method trains base parameter '{p.name}' (use lora, qlora, dora, "
                                f"ia3, adapter, lst, ...)")
     single = train_numbers(g1, a1, device, batch=batch, seq=seq, optimizer=optimizer,
-                           mixed=mixed, checkpointing=ck)
+                           mixed=mixed, checkpointing=ck, stack=stack)
     gN, aN = build(jobs * batch)
-    tm = TimeModel.from_device(device)
+    tm = TimeModel.from_device(device, stack)
+    impl = optimizer_impl(stack, device.kind)
     tN = split_times(tm, g1.dtype, aN, ck)
     t1 = split_times(tm, g1.dtype, a1, ck)
     _, _, trainable1, tensors1 = param_counts(g1)
     elem = max((BYTES[p.dtype] for p, _ in g1.params() if p.trainable), default=4)
     t_opt = optimizer_time(tm, optimizer, jobs * trainable1, jobs * tensors1, mixed,
-                           foreach=device.kind != "cpu", elem_bytes=elem)
+                           foreach=impl == "foreach", elem_bytes=elem, fused=impl == "fused")
     fwd = tN["base_forward"] + jobs * t1["adapter_forward"]
     bwd = tN["base_backward"] + jobs * t1["adapter_backward"]
     step = fwd + bwd + t_opt + tm.step_overhead_s
@@ -80,14 +82,15 @@ def multi_numbers(build, device, *, jobs: int, batch: int, seq: int, optimizer: 
             p.shape = (jobs * p.shape[0], *p.shape[1:]) if p.shape else (jobs,)
     mem = training_memory(gN, aN, optimizer=optimizer, mixed=mixed, checkpointing=ck,
                           runtime_overhead=device.runtime_overhead_bytes,
-                          foreach=device.kind != "cpu")
+                          foreach=impl == "foreach", fused_optimizer=impl == "fused")
     total, added, trainable, _ = param_counts(gN)
     flops = {k: v * jobs for k, v in single.flops.items()}   # N jobs' work, batched or not
-    memory = mem.breakdown(device.memory_bytes)
+    memory = mem.breakdown(device.memory_bytes, stack, device.kind)
     times = {"step": step, "forward": fwd, "backward": bwd, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     shared = TrainNumbers(total, added, trainable, flops, memory, times,
-                          jobs * batch * seq / step, np.asarray(mem.peak) <= device.memory_bytes)
+                          jobs * batch * seq / step,
+                          np.asarray(memory["peak"]) <= device.memory_bytes)
     phases = {"base_forward": tN["base_forward"], "base_backward": tN["base_backward"],
               "adapter_forward": jobs * t1["adapter_forward"],
               "adapter_backward": jobs * t1["adapter_backward"], "optimizer": t_opt,

@@ -15,7 +15,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                       attn, optimizer, grad_checkpointing, devices, nodes, tp, pp, dp, cp, zero,
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
                       virtual_stages, offload, fp8_attention, peft_options, ep=None,
-                      loss_chunks=1, optimizer_in_backward=False):
+                      loss_chunks=1, optimizer_in_backward=False, stack=None):
     from simcost.pipeline import kernel_kind as _kernel_kind
     from simcost.request.train import check_seq as _check_seq, resolve_peft
     from simcost.result import make_estimate
@@ -50,7 +50,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
 
     def build(mb, s):
         g, a = pipeline.build_graph(spec, mb, s, dtype=compute, attn=attn, peft=pspec,
-                                    device_kind=kind)
+                                    device_kind=kind, stack=stack)
         if store != compute:
             for p, _ in g.params():
                 if p.dtype == compute and p.role != "adapter":
@@ -61,7 +61,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                     compute_dtype=compute, fp8=fp8, fp8_attention=fp8_attention,
                     optimizer=optimizer, mixed=mixed_precision,
                     checkpointing=grad_checkpointing, spec=spec, loss_chunks=loss_chunks,
-                    optimizer_in_backward=optimizer_in_backward)
+                    optimizer_in_backward=optimizer_in_backward, stack=stack)
     best, searched, candidates = _choose_plan(
         ctx, topo, devices=devices, batch=batch, spec=spec, seq=seq, tp=tp, pp=pp, dp=dp, cp=cp,
         zero=zero, parallel=parallel, micro_batch=micro_batch,
@@ -74,7 +74,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     g1, a1 = build(1, seq)
     n1 = train_numbers(g1, a1, device, batch=1, seq=seq, optimizer=optimizer,
                        mixed=mixed_precision, checkpointing=grad_checkpointing,
-                       loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward)
+                       loss_chunks=loss_chunks, optimizer_in_backward=optimizer_in_backward,
+                       stack=stack)
     flops = {k: float(v) * (batch if k != "optimizer" else 1) for k, v in n1.flops.items()}
     par = _parallel_dict(best, topo, devices, fp8=fp8, fp8_attention=fp8_attention,
                          searched=searched, candidates=candidates)
@@ -84,7 +85,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                          memory_bytes=best.memory_bytes, time_s=best.time_s,
                          tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
                          warnings=warns, loss_chunks=loss_chunks,
-                         optimizer_in_backward=optimizer_in_backward)
+                         optimizer_in_backward=optimizer_in_backward, stack=stack)
 
 
 def _deepspeed(peft_options, spec, optimizer_in_backward):

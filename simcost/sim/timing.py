@@ -65,13 +65,21 @@ class TimeModel:
     attn_rates: dict | None = None     # (dtype, "fwd" | "bwd") -> causal-counted FLOP/s
 
     @classmethod
-    def from_device(cls, dev) -> "TimeModel":
+    def from_device(cls, dev, stack=None) -> "TimeModel":
+        """The device's time model under a training ``stack`` (:class:`simcost.stack.Stack`;
+        None: the device alone, with :data:`DEFAULT_DISPATCH_S`). On an accelerator the
+        stack sets the host seconds per kernel (none under CUDA graphs), adds its per-step
+        host work and scales the GEMM peak to the rate its kernels sustain; a CPU device keeps
+        its profile's dispatch time (there the host is the device)."""
         p = dev.params                 # the profile's time-model values, typed
 
         def given(v, default):
             return default if v is None else v
 
         eff = given(p.matmul_efficiency, 1.0)
+        on_accel = stack is not None and dev.kind != "cpu"
+        if on_accel and stack.gemm_sustained is not None and not p.gemm_table:
+            eff = eff * stack.gemm_sustained
         mm = {k: v * eff for k, v in dev.peak_flops_per_s.items()}
         if "fp8" in mm and p.matmul_efficiency_fp8 is not None:
             mm["fp8"] = dev.peak_flops_per_s["fp8"] * p.matmul_efficiency_fp8
@@ -98,10 +106,16 @@ class TimeModel:
                 e = getattr(p, f"{pre}_{ph}")
                 if e and dt in dev.peak_flops_per_s:
                     attn[(dt, ph)] = dev.peak_flops_per_s[dt] * e
+        dispatch = given(p.dispatch_s, DEFAULT_DISPATCH_S)
+        launch = dev.launch_overhead_s
+        step_s = given(p.step_overhead_s, 0.0)
+        if on_accel:
+            dispatch = 0.0 if stack.cuda_graphs else stack.dispatch_s
+            launch = 0.0 if stack.cuda_graphs else launch
+            step_s = step_s + stack.step_overhead_s
         return cls(dev.kind, mm, dev.peak_flops_per_s["fp32"],
                    dev.memory_bandwidth_bytes_per_s * given(p.bandwidth_efficiency, 1.0),
-                   dev.launch_overhead_s, given(p.dispatch_s, DEFAULT_DISPATCH_S),
-                   given(p.step_overhead_s, 0.0), half, sharp, units, tile,
+                   launch, dispatch, step_s, half, sharp, units, tile,
                    p.special_rates, table, stream, attn or None)
 
     def matmul_peak(self, dtype: str) -> float:
@@ -272,7 +286,7 @@ def mezo_perturb_time(tm: TimeModel, trainable_numel, n_tensors: int, elem_bytes
 
 
 def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: int, mixed: str,
-                   foreach: bool, elem_bytes: float = 4.0):
+                   foreach: bool, elem_bytes: float = 4.0, fused: bool = False):
     """Element-wise update over the trainable parameters (memory bound).
 
     torch's default AdamW (the for-loop implementation on CPU, foreach on GPUs) makes about
@@ -281,17 +295,19 @@ def optimizer_time(tm: TimeModel, optimizer: str, trainable_numel, n_tensors: in
     temporaries (2 + 2), ``.add_(eps)`` (2) and ``param.addcdiv_`` (4): ~20 element accesses
     per parameter, against 7 for a fused kernel. About 12 kernels per tensor (for-loop) or
     per group of tensors (foreach). SGD: ``param.add_(grad, alpha=-lr)``; 8-bit AdamW: one
-    fused bitsandbytes kernel per tensor (8-bit states)."""
+    fused bitsandbytes kernel per tensor (8-bit states). ``fused`` (``AdamW(fused=True)``,
+    TransformerEngine/Apex FusedAdam): one multi-tensor kernel per group of tensors reading
+    param, grad, exp_avg, exp_avg_sq and writing three of them back (7 accesses)."""
     if trainable_numel == 0:
         return 0.0
-    per = {"adamw": 20 * elem_bytes, "sgd": 3 * elem_bytes,
+    per = {"adamw": (7 if fused else 20) * elem_bytes, "sgd": 3 * elem_bytes,
            "adamw8bit": 3 * elem_bytes + 2 * 2}[optimizer]
     if mixed != "none":
         per += 4 + 2      # read the fp32 master, write the 16-bit copy
     flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable_numel
     nbytes = per * trainable_numel
-    per_tensor = {"adamw": 12, "sgd": 1, "adamw8bit": 1}[optimizer]
-    kernels = per_tensor * (max(1, n_tensors // 256) if foreach else n_tensors)
+    per_tensor = {"adamw": 1 if fused else 12, "sgd": 1, "adamw8bit": 1}[optimizer]
+    kernels = per_tensor * (max(1, n_tensors // 256) if foreach or fused else n_tensors)
     t = max(flops / tm.vec_peak, nbytes / tm.bandwidth)
     measured = (tm.special_rates or {}).get("adamw_params")
     if optimizer == "adamw" and measured and mixed == "none":

@@ -7,6 +7,7 @@ import numpy as np
 
 from simcost.dtypes import BYTES
 from simcost.sim.memory import ckpt_mode, inference_memory, training_memory
+from simcost.stack import optimizer_impl
 from simcost.sim.timing import TimeModel, mezo_perturb_time, optimizer_time, phase_times, recomputed
 
 
@@ -24,13 +25,15 @@ class TrainNumbers:
 
 def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str,
                   checkpointing, loss_chunks: int = 1,
-                  optimizer_in_backward: bool = False) -> TrainNumbers:
+                  optimizer_in_backward: bool = False, stack=None) -> TrainNumbers:
     """``checkpointing``: False/'none', True/'full' or 'selective'; ``optimizer='mezo'`` prices
     a zeroth-order MeZO step instead (:func:`mezo_numbers`). ``loss_chunks`` (chunked
     cross-entropy) and ``optimizer_in_backward`` change memory only (see
-    :mod:`simcost.sim.memory`); the optimizer's work and time are the same."""
+    :mod:`simcost.sim.memory`); the optimizer's work and time are the same. ``stack``
+    (:class:`simcost.stack.Stack`, None: the device alone) sets host cost, sustained GEMM
+    rate, the optimizer implementation and the caching allocator."""
     if optimizer == "mezo":
-        return mezo_numbers(g, analysis, device, batch=batch, seq=seq)
+        return mezo_numbers(g, analysis, device, batch=batch, seq=seq, stack=stack)
     checkpointing = ckpt_mode(checkpointing)
     if checkpointing == "none":
         checkpointing = False
@@ -49,25 +52,27 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
                 recompute = recompute + r.cost.fwd_flops * r.count
     opt_flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable
     compute_dtype = g.dtype
-    tm = TimeModel.from_device(device)
+    tm = TimeModel.from_device(device, stack)
     t_fwd, t_bwd = phase_times(tm, compute_dtype, a, recompute_blocks=checkpointing)
     elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
-    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=device.kind != "cpu",
-                           elem_bytes=elem)
+    impl = optimizer_impl(stack, device.kind)
+    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=impl == "foreach",
+                           elem_bytes=elem, fused=impl == "fused")
     step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
                           runtime_overhead=device.runtime_overhead_bytes,
-                          foreach=device.kind != "cpu", loss_chunks=loss_chunks,
-                          optimizer_in_backward=optimizer_in_backward)
+                          foreach=impl == "foreach", loss_chunks=loss_chunks,
+                          optimizer_in_backward=optimizer_in_backward,
+                          fused_optimizer=impl == "fused")
     flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
              "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
              "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}
-    memory = mem.breakdown(device.memory_bytes)
+    memory = mem.breakdown(device.memory_bytes, stack, device.kind)
     times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     tokens = batch * seq
     return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
-                        np.asarray(mem.peak) <= device.memory_bytes)
+                        np.asarray(memory["peak"]) <= device.memory_bytes)
 
 
 def param_counts(g):
@@ -84,7 +89,7 @@ def param_counts(g):
     return total, added, trainable, n_tensors
 
 
-def mezo_numbers(g, analysis, device, *, batch, seq) -> TrainNumbers:
+def mezo_numbers(g, analysis, device, *, batch, seq, stack=None) -> TrainNumbers:
     """MeZO (Malladi et al. 2023, arXiv 2305.17333): a zeroth-order step is two forward passes
     (at θ+εz and θ-εz) under no_grad, four in-place passes over the trainable parameters
     (perturb, perturb back twice, update with z regenerated from a seed), no backward, no
@@ -92,7 +97,7 @@ def mezo_numbers(g, analysis, device, *, batch, seq) -> TrainNumbers:
     PEFT method only its trainable parameters are perturbed."""
     total, added, trainable, n_tensors = param_counts(g)
     a = analysis
-    tm = TimeModel.from_device(device)
+    tm = TimeModel.from_device(device, stack)
     t_fwd, _ = phase_times(tm, g.dtype, a)
     elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
     t_opt = mezo_perturb_time(tm, trainable, n_tensors, elem)
@@ -102,12 +107,8 @@ def mezo_numbers(g, analysis, device, *, batch, seq) -> TrainNumbers:
     flops = {"forward": 2 * fwd, "backward": 0, "backward_activation": 0, "backward_weight": 0,
              "recompute": 0, "optimizer": 16 * trainable,
              "matmul_forward": 2 * a.total("fwd_matmul_flops"), "matmul_backward": 0}
-    memory = {"weights": mem.weights, "gradients": 0, "optimizer": 0, "master_weights": 0,
-              "activations": mem.activations, "temporaries": mem.temporaries,
-              "runtime_overhead": mem.runtime_overhead, "loss_transient": 0.0,
-              "gradient_transient": 0.0, "peak": mem.peak,
-              "capacity": device.memory_bytes}
+    memory = mem.breakdown(device.memory_bytes, stack, device.kind)
     times = {"step": step, "forward": 2 * t_fwd, "backward": 0.0, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     return TrainNumbers(total, added, trainable, flops, memory, times, batch * seq / step,
-                        np.asarray(mem.peak) <= device.memory_bytes)
+                        np.asarray(memory["peak"]) <= device.memory_bytes)

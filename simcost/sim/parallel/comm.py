@@ -228,7 +228,8 @@ def optimizer_and_offload(ctx: Context, plan: Plan, g, shard: StageShard) -> tup
     if plan.offload == "none":
         n_tensors = max(1, int(sum(c for p, c in g.params() if p.trainable) / plan.pp))
         return optimizer_time(ctx.tm, ctx.optimizer, n_opt, n_tensors, ctx.mixed,
-                              foreach=ctx.foreach, elem_bytes=tr_elem), AxisComm()
+                              foreach=ctx.foreach, elem_bytes=tr_elem,
+                              fused=ctx.optimizer_impl == "fused"), AxisComm()
     hl, dp, zero = ctx.topo.host, plan.dp, plan.zero
     t_opt = n_opt * 20 / 100e9
     off = C.p2p(shard.grad_bytes / (dp if zero >= 1 else 1), hl) + C.p2p(n_opt * tr_elem, hl)

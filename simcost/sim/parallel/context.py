@@ -5,6 +5,7 @@ from simcost.sim.memory import ckpt_mode, training_memory
 from simcost.sim.parallel.stage import act_split, param_split
 from simcost.sim.parallel.tensor import fp8_time_model, segment_times
 from simcost.sim.timing import TimeModel
+from simcost.stack import optimizer_impl
 
 
 class Context:
@@ -13,7 +14,7 @@ class Context:
 
     def __init__(self, build, device, profile, topo, *, global_batch, seq, dtype, compute_dtype,
                  fp8, fp8_attention, optimizer, mixed, checkpointing, spec, loss_chunks=1,
-                 optimizer_in_backward=False):
+                 optimizer_in_backward=False, stack=None):
         self.build = build            # (micro_batch, seq_local) -> (g, a)
         self.loss_chunks = loss_chunks                      # simcost.sim.memory's docstring
         self.optimizer_in_backward = optimizer_in_backward
@@ -31,16 +32,22 @@ class Context:
         self.checkpointing = {"none": False, "full": "full", "selective": "selective"}[
             ckpt_mode(checkpointing)]
         self.spec = spec
-        tm = TimeModel.from_device(device)
+        self.stack = stack            # simcost.stack.Stack or None (the device alone)
+        tm = TimeModel.from_device(device, stack)
         self.tm = fp8_time_model(tm, device) if (fp8 or fp8_attention) else tm
         self._graphs = {}
         self._times = {}
         self._mem = {}
 
     @property
+    def optimizer_impl(self) -> str:
+        """'foreach', 'fused' or 'for-loop' (:func:`simcost.stack.optimizer_impl`)."""
+        return optimizer_impl(self.stack, self.device.kind)
+
+    @property
     def foreach(self) -> bool:
         """Multi-tensor (foreach) optimizer kernels: torch's default off the CPU."""
-        return self.device.kind != "cpu"
+        return self.optimizer_impl == "foreach"
 
     def graph(self, mb, cp):
         key = (mb, cp)
@@ -67,6 +74,7 @@ class Context:
             mem = training_memory(g, a, optimizer=self.optimizer, mixed=self.mixed,
                                   checkpointing=self.checkpointing,
                                   runtime_overhead=self.device.runtime_overhead_bytes,
-                                  foreach=self.foreach)
+                                  foreach=self.foreach,
+                                  fused_optimizer=self.optimizer_impl == "fused")
             self._mem[key] = (mem, param_split(g), act_split(g, a, self.checkpointing))
         return self._mem[key]

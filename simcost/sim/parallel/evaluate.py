@@ -65,7 +65,8 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
     comm = dict(zip(AXES, (tp, cp, z3, ep, pipe.p2p, dp, off)))
     step = pipe.pipe_s + pipe.p2p.exposed_s + dp.exposed_s + t_opt + off.exposed_s \
         + ctx.tm.step_overhead_s
-    mem = plan_memory(ctx, plan, work.layers_stage, work.layers).as_dict()
+    mem = plan_memory(ctx, plan, work.layers_stage, work.layers).as_dict(ctx.stack,
+                                                                         ctx.device.kind)
     fits = bool(mem["peak"] <= ctx.device.memory_bytes)
     m = plan.micro_batches
     comm_total = sum(v.total_s for v in comm.values())

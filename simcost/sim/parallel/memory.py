@@ -38,13 +38,19 @@ class PlanMemory:
     deepspeed_buckets_backward: float | None = None    # only under DeepSpeed ZeRO, dp > 1
     deepspeed_buffers_resident: float | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self, stack=None, device_kind: str = "gpu") -> dict:
+        """The ``memory_bytes`` mapping; the peak rows from
+        :func:`simcost.stack.allocator.device_peak` (``stack`` None: allocated = reserved)."""
+        from simcost.stack.allocator import device_peak
+        resident = self.weights + self.master_weights + self.optimizer \
+            + (self.deepspeed_buffers_resident or 0.0)
+        rows = device_peak(self.peak - self.runtime_overhead, resident, self.runtime_overhead,
+                           stack, device_kind)
         d = {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
              "master_weights": self.master_weights, "activations": self.activations,
-             "temporaries": self.temporaries, "runtime_overhead": self.runtime_overhead,
-             "loss_transient": self.loss_transient,
+             "temporaries": self.temporaries, "loss_transient": self.loss_transient,
              "gradient_transient": self.gradient_transient,
-             "peak": self.peak, "capacity": self.capacity}
+             **{k: float(v) for k, v in rows.items()}, "capacity": self.capacity}
         if self.deepspeed_buckets_backward is not None:
             d["deepspeed_buckets_backward"] = self.deepspeed_buckets_backward
             d["deepspeed_buffers_resident"] = self.deepspeed_buffers_resident
@@ -74,7 +80,8 @@ def plan_memory(ctx: Context, plan: Plan, layers_stage: int, L: int) -> PlanMemo
     flowing = float(g.tensors[blocks[0].input_tid].nbytes) / plan.tp if blocks else 0.0
     # logits (vocab-parallel) and the loss on the last stage, as simcost.sim.memory prices them
     loss = float(loss_peak(g, ctx.loss_chunks, flowing, plan.tp))
-    opt_temp = st.optimizer / 2 if ctx.optimizer != "sgd" else 0.0
+    opt_temp = st.optimizer / 2 if ctx.optimizer != "sgd" and ctx.optimizer_impl != "fused" \
+        else 0.0
     g_share = st.gradients / float(mem.gradients) if float(mem.gradients) else 0.0
     o_share = st.optimizer / float(mem.optimizer) if float(mem.optimizer) else 0.0
     ds_bwd = ds_res = 0.0
