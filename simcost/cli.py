@@ -103,6 +103,10 @@ def _add_train(est_sub) -> None:
                    help="autocast compute dtype over --dtype weights (fp32 master weights)")
     t.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
                    help="attention implementation (transformers' attn_implementation)")
+    t.add_argument("--stack", default="hf", metavar="NAME|PATH",
+                   help="software stack that runs the step (simcost stacks): hf, hf-liger, "
+                        "unsloth, torchtune, torchtune-compile, nemo, deepspeed, an alias "
+                        "(axolotl, llama-factory, axolotl:liger) or a profile JSON (default hf)")
     t.add_argument("--grad-checkpointing", action="store_true",
                    help="full activation checkpointing per decoder layer (= --checkpointing full)")
     t.add_argument("--checkpointing", default=None, choices=CHECKPOINTING,
@@ -165,6 +169,11 @@ def _add_info(sub) -> None:
     show = hw_sub.add_parser("show", help="show one profile with sources")
     show.add_argument("name", help="profile name (simcost hardware list) or profile JSON path")
     show.add_argument("--json", action="store_true", help="print the profile as JSON")
+
+    stacks = sub.add_parser("stacks", help="training stacks (--stack) and their sources")
+    stacks.add_argument("name", nargs="?", default=None,
+                        help="show one stack (name, alias[:variant] or profile path)")
+    stacks.add_argument("--json", action="store_true", help="print one JSON object")
 
     models = sub.add_parser("models", help="bundled model configs")
     models.add_argument("--json", action="store_true", help="print one JSON object")
@@ -231,6 +240,8 @@ def _dispatch(args) -> int:
         return _hardware(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "stacks":
+        return _stacks(args)
     if args.command == "calibrate":
         from simcost.hardware.calibrate import run_cli as calibrate
         return calibrate(args)
@@ -270,7 +281,7 @@ def _train_request(a, cls=None, **extra):
         pp_schedule=a.pp_schedule, virtual_stages=a.virtual_stages, offload=a.offload,
         fp8_attention=a.fp8_attention, max_positions=a.max_positions,
         loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
-        shorthand=short, **extra)
+        stack=a.stack, shorthand=short, **extra)
 
 
 def _estimate_train(a) -> int:
@@ -358,6 +369,29 @@ def _hardware(a) -> int:
     else:
         from simcost.report import print_hardware
         print_hardware(prof)
+    return 0
+
+
+def _stacks(a) -> int:
+    from simcost.report import print_stack, print_stack_list
+    from simcost.stack import load_stack, stack_names
+    from simcost.stack.registry import profile_of
+
+    if a.name is None:
+        profs = [profile_of(n) for n in stack_names()]
+        if a.json:
+            from simcost.result import SCHEMA_VERSION
+            print(json.dumps({"schema_version": SCHEMA_VERSION,
+                              "stacks": [p.model_dump() for p in profs]}))
+        else:
+            print_stack_list(profs)
+        return 0
+    st = load_stack(a.name)
+    prof = profile_of(st.name)
+    if a.json:
+        print(json.dumps({**prof.model_dump(), **({"via": st.via} if st.via else {})}))
+    else:
+        print_stack(prof, st.via)
     return 0
 
 

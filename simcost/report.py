@@ -47,12 +47,18 @@ def print_train(r) -> None:
     _memory_rows(t, r.memory_bytes)
     m = r.memory_bytes
     verdict = "[green]fits[/green]" if r.fits else "[red]does NOT fit[/red]"
-    t.add_row("[bold]peak memory[/bold]", f"[bold]{m['peak'] / GiB:.2f} GiB[/bold] of "
+    iv = r.intervals or {}
+    t.add_row("[bold]peak memory[/bold] (reserved + context)",
+              f"[bold]{m['peak'] / GiB:.2f} GiB[/bold]{_range(iv.get('peak_bytes'), _gib)} of "
               f"{m['capacity'] / GiB:.0f} GiB: {verdict}")
+    if "peak_allocated" in m:
+        t.add_row("  peak allocated / reserved (torch)",
+                  f"{m['peak_allocated'] / GiB:.2f} / {m['peak_reserved'] / GiB:.2f} GiB")
     ts = r.time_s
     t.add_row("time forward / backward / optimizer",
               f"{_time(ts['forward'])} / {_time(ts['backward'])} / {_time(ts['optimizer'])}")
-    t.add_row("[bold]step time[/bold]", f"[bold]{_time(ts['step'])}[/bold]")
+    t.add_row("[bold]step time[/bold]",
+              f"[bold]{_time(ts['step'])}[/bold]{_range(iv.get('step_s'), _time)}")
     t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
     if r.cost_usd:
         c_ = r.cost_usd
@@ -60,13 +66,34 @@ def print_train(r) -> None:
         t.add_row("cost", f"${c_['per_hour']:.2f}/h ({c_['devices']} x ${c_['price_per_device_hour']:.2f}), "
                   + (f"${per_m:.3f} per 1M tokens" if per_m else ""))
     c.print(t)
-    c.print("time model: per-GEMM efficiency, achieved bandwidth and host dispatch from the "
-            "hardware profile (see `simcost validate published` for its error)", style="dim")
+    st = r.stack
+    if st:
+        via = f" (via {st['via']})" if st.get("via") else ""
+        vers = ", ".join(f"{k} {v}" for k, v in st["versions"].items())
+        c.print(f"stack: {st['name']}{via}: {st['display_name']}; {vers}", style="dim")
+    notes = {v["note"] for v in iv.values() if "note" in v}
+    if notes:
+        c.print("no error bars: " + "; ".join(sorted(notes)), style="dim")
+    elif iv:
+        c.print("[p10-p90]: the range of the measured value, from the stack's out-of-fit "
+                "validation errors on this hardware class", style="dim")
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def _range(iv: dict | None, fmt) -> str:
+    """' [p10 a - p90 b]' for an interval, '' without one."""
+    if not iv or "p10" not in iv:
+        return ""
+    return f" [p10 {fmt(iv['p10'])} - p90 {fmt(iv['p90'])}]"
 
 
 _ROW_NAMES = {"weights": "weights", "master_weights": "master weights (fp32)",
               "optimizer": "optimizer states", "temporaries": "op workspace (largest op)",
-              "runtime_overhead": "runtime overhead (CUDA context, allocator)",
+              "runtime_overhead": "runtime overhead (CUDA context, workspaces)",
+              "allocator_cache": "allocator cache (reserved - allocated)",
               "deepspeed_buffers_resident": "DeepSpeed resident buffers",
               "activations": "activations saved for backward",
               "loss_transient": "transient: loss and logits",
@@ -133,3 +160,56 @@ def print_models(specs) -> None:
         t.add_row(s.name, s.architecture, str(s.layers), str(s.hidden), f"{s.heads}/{s.kv_heads}",
                   str(s.ffn), str(s.vocab))
     _console().print(t)
+
+
+def print_stack_list(profiles) -> None:
+    t = Table(show_header=True, header_style="bold")
+    for col in ("name", "stack", "runs", "fusions", "host per kernel", "versions"):
+        t.add_column(col)
+    for p in profiles:
+        if p.kind == "alias":
+            variants = ", ".join(f"{k}->{v.stack}" for k, v in p.variants.items())
+            t.add_row(p.name, p.display_name, f"alias of {p.alias_of}"
+                      + (f" ({variants})" if variants else ""), "", "", "")
+            continue
+        t.add_row(p.name, p.display_name, "training", ", ".join(p.fusions) or "-",
+                  "CUDA graphs" if p.host.cuda_graphs else f"{p.host.dispatch_s.value * 1e6:.1f} us",
+                  ", ".join(f"{k} {v}" for k, v in p.versions.items()))
+    _console().print(t)
+
+
+def print_stack(p, via: str | None = None) -> None:
+    """One training stack's constants with where each comes from."""
+    c = _console()
+    t = Table(title=f"{p.name}: {p.display_name}" + (f" (via {via})" if via else ""),
+              show_header=True, header_style="bold")
+    for col in ("quantity", "value", "source"):
+        t.add_column(col)
+    t.add_row("versions", ", ".join(f"{k} {v}" for k, v in p.versions.items()), "")
+    t.add_row("fusions", ", ".join(p.fusions) or "none (eager)", "")
+    if p.planned_fusions:
+        t.add_row("not modelled yet", ", ".join(p.planned_fusions), "")
+    t.add_row("optimizer", p.optimizer, "")
+    for label, q, fmt in (("host per kernel", p.host.dispatch_s, lambda v: f"{v * 1e6:.1f} us"),
+                          ("host per step", p.host.step_overhead_s, lambda v: f"{v * 1e3:.2f} ms"),
+                          ("allocator fragmentation", p.allocator.fragmentation,
+                           lambda v: f"{100 * v:.1f} % of transient bytes"),
+                          ("sustained GEMM fraction", p.kernels.gemm_sustained,
+                           lambda v: f"{v:.3f}")):
+        if q is not None:
+            t.add_row(label, fmt(q.value), _provenance(q))
+    c.print(t)
+    for hw, metrics in p.intervals.items():
+        for m, q in metrics.items():
+            c.print(f"error bars {hw} {m}: p10 {100 * q.p10:+.1f} %, p90 {100 * q.p90:+.1f} % "
+                    f"over {q.n} out-of-fit rows", style="dim")
+    if p.interval_note:
+        c.print(f"no error bars: {p.interval_note}", style="dim")
+
+
+def _provenance(q) -> str:
+    if q.fitted is not None:
+        f = q.fitted
+        res = ", ".join(f"{k} {v:.3g}" for k, v in f.residual.items())
+        return f"fitted by {f.script} on {len(f.rows)} rows ({res})"
+    return q.source

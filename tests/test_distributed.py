@@ -82,12 +82,14 @@ def test_interleaved_schedule_shrinks_the_bubble():
 
 
 def test_tensor_parallel_splits_compute_and_adds_activation_all_reduces():
-    kw = dict(batch=1, seq=2048, **LORA)
+    # batch 4 x 4096: compute-bound (at batch 1 x 2048 the eager hf loop's host time per
+    # kernel bounds an H100's forward, and splitting the GEMMs cannot halve it)
+    kw = dict(batch=4, seq=4096, **LORA)
     one = estimate_train("llama-2-7b", "h100-sxm", **kw)
     tp = estimate_train("llama-2-7b", "h100-sxm", devices=4, tp=4, **kw)
     assert tp.time_s["forward"] < one.time_s["forward"] / 2
     assert comm(tp, "tensor_parallel")["total_s"] > 0
-    assert comm(tp, "bytes")["tp_allreduce_per_block"] == 1 * 2048 * 4096 * 2
+    assert comm(tp, "bytes")["tp_allreduce_per_block"] == 4 * 4096 * 4096 * 2
     assert tp.memory_bytes["weights"] < one.memory_bytes["weights"] / 3
     nosp = estimate_train("llama-2-7b", "h100-sxm", devices=4, tp=4, sequence_parallel=False, **kw)
     assert nosp.memory_bytes["activations"] > tp.memory_bytes["activations"]
@@ -255,7 +257,7 @@ def test_deepspeed_zero2_ipg_buckets_follow_the_config():
     assert one["deepspeed_buckets_backward"] == pytest.approx(2e8 * GB)
     assert two["deepspeed_buckets_backward"] == pytest.approx(2 * 2e8 * GB)   # double buffer
     assert big["deepspeed_buckets_backward"] == pytest.approx(2 * 5e8 * GB)
-    assert two["peak"] - one["peak"] == pytest.approx(2e8 * GB, rel=1e-6)
+    assert two["peak_allocated"] - one["peak_allocated"] == pytest.approx(2e8 * GB, rel=1e-6)
     off = _ds_est(2, DeepSpeedZero(reduce_bucket_size=2e8, contiguous_gradients=False))
     assert off.memory_bytes["deepspeed_buckets_backward"] == 0.0
 

@@ -122,7 +122,12 @@ class TrainRequest(Request):
     @field_validator("stack")
     @classmethod
     def _stack(cls, v):
-        from simcost.stack import load_stack
+        from simcost.errors import closest
+        from simcost.stack import load_stack, stack_names
+        name = v.partition(":")[0]
+        if not v.endswith(".json") and "/" not in v and name not in stack_names():
+            raise ValueError(f"is not a stack{closest(name, stack_names())}; valid: "
+                             f"{', '.join(stack_names())}")
         try:
             load_stack(v)
         except SimcostError as e:

@@ -91,17 +91,21 @@ def peak_rows(m: dict) -> tuple[str, dict]:
     """The peak instant of a ``memory_bytes`` mapping and the rows live at it, which add up to
     ``peak``: what stays resident all step, plus either the activations and the loss's
     transient (the loss instant) or the gradients and their transient (the end of backward or
-    the optimizer step), whichever is larger."""
+    the optimizer step), whichever is larger; plus what the caching allocator holds above the
+    allocated peak (``peak_reserved - peak_allocated``)."""
     resident = {k: m[k] for k in RESIDENT_ROWS if m.get(k)}
     at_loss = m["activations"] + m.get("loss_transient", 0.0) \
         + m.get("deepspeed_buckets_backward", 0.0)
     at_step = m["gradients"] + m.get("gradient_transient", 0.0)
+    cache = {}
+    if m.get("peak_reserved") is not None and m["peak_reserved"] > m["peak_allocated"]:
+        cache = {"allocator_cache": m["peak_reserved"] - m["peak_allocated"]}
     if at_loss >= at_step:
         live = {"activations": m["activations"],
                 "loss_transient": at_loss - m["activations"]}
-        return "loss", {**resident, **live}
+        return "loss", {**resident, **live, **cache}
     return "gradients", {**resident, "gradients": m["gradients"],
-                         "gradient_transient": m.get("gradient_transient", 0.0)}
+                         "gradient_transient": m.get("gradient_transient", 0.0), **cache}
 
 
 def optimizer_state_bytes(optimizer: str, trainable, mixed: str) -> float:

@@ -121,6 +121,14 @@ def _read(path: str, shown: str) -> "TrainingStack | Alias":
     return prof
 
 
+def profile_of(name: str) -> "TrainingStack | Alias":
+    """The validated profile of a bundled stack or alias (for listing and showing)."""
+    file = STACK_DIR / f"{name}.json"
+    if not file.is_file():
+        raise unknown("stack", name, stack_names())
+    return _read(str(file), file.name)
+
+
 def _plain(p: TrainingStack, via: str | None) -> Stack:
     h, a, k = p.host, p.allocator, p.kernels
     return Stack(
