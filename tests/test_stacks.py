@@ -68,7 +68,7 @@ def test_bad_profile_files_are_one_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "missing.json" in err
 
 
-def test_peak_reserved_covers_allocated_and_fits_uses_the_device_peak():
+def test_peak_reserved_covers_allocated_and_fits_uses_the_device_peak(tmp_path):
     for stack in ("hf", "unsloth", "nemo", "torchtune-compile"):
         for kw in (KW, dict(KW, grad_checkpointing=True), dict(KW, peft="full"),
                    dict(KW, devices=4, batch=8, zero=3)):
@@ -76,28 +76,14 @@ def test_peak_reserved_covers_allocated_and_fits_uses_the_device_peak():
             assert m["peak_reserved"] >= m["peak_allocated"] > 0
             assert m["peak"] == pytest.approx(m["peak_reserved"] + m["runtime_overhead"])
     # a step whose tensors fit but whose reserved memory does not: fits is False
-    base = estimate_train(M, H, **KW)
-    m = base.memory_bytes
-    grow = (m["capacity"] - m["peak_allocated"] - m["runtime_overhead"]) / \
-        (m["peak_allocated"] - m["weights"] - m["master_weights"] - m["optimizer"])
-    st = load_stack(_write(_tmp(), "frag", allocator={
-        "fragmentation": {"value": grow * 1.01, "source": "test"}}))
-    r = estimate_train(M, H, stack=st.name if False else _tmp() / "frag.json", **KW) \
-        if False else estimate_train(M, H, stack=str(_tmp() / "frag.json"), **KW)
-    assert r.memory_bytes["peak_allocated"] + r.memory_bytes["runtime_overhead"] < \
-        r.memory_bytes["capacity"]
-    assert r.memory_bytes["peak"] > r.memory_bytes["capacity"] and not r.fits
-
-
-_TMP = []
-
-
-def _tmp():
-    import tempfile
-    from pathlib import Path
-    if not _TMP:
-        _TMP.append(Path(tempfile.mkdtemp()))
-    return _TMP[0]
+    m = estimate_train(M, H, **KW).memory_bytes
+    room = m["capacity"] - m["peak_allocated"] - m["runtime_overhead"]
+    transient = m["peak_allocated"] - m["weights"] - m["master_weights"] - m["optimizer"]
+    frag = _write(tmp_path, "frag", allocator={
+        "fragmentation": {"value": 1.01 * room / transient, "source": "test"}})
+    r = estimate_train(M, H, stack=frag, **KW).memory_bytes
+    assert r["peak_allocated"] + r["runtime_overhead"] < r["capacity"] < r["peak"]
+    assert not estimate_train(M, H, stack=frag, **KW).fits
 
 
 def test_cpu_devices_keep_their_own_dispatch_and_no_caching_allocator(tmp_path):
