@@ -24,7 +24,9 @@ class Mapping:
     attn: str = "flash"
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
-    memory_scope: str = "device"     # device: + CUDA context; torch_allocator: tensors only
+    memory_scope: str = "device"     # device: nvidia-smi (reserved + context); reserved:
+    #                                  max_memory_reserved; torch_allocator: max_memory_allocated
+    stack: str = "hf"                # the software stack the source ran (simcost stacks)
     max_positions: int | None = None  # override the zoo's position limit (evidence in notes)
     caveats: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -36,7 +38,8 @@ class Mapping:
     def estimate_kwargs(self) -> dict:
         kw = dict(batch=self.batch, seq=self.seq, peft=self.peft, dtype=self.dtype,
                   mixed_precision=self.mixed_precision, attn=self.attn,
-                  optimizer=self.optimizer, grad_checkpointing=self.grad_checkpointing)
+                  optimizer=self.optimizer, grad_checkpointing=self.grad_checkpointing,
+                  stack=self.stack)
         if self.distributed:
             kw.update(self.distributed)
         if self.loss_chunks != 1:
@@ -58,7 +61,7 @@ class Mapping:
                 "seq": self.seq, "grad_accum": self.grad_accum, "peft": peft,
                 "dtype": self.dtype, "mixed_precision": self.mixed_precision, "attn": self.attn,
                 "optimizer": self.optimizer, "grad_checkpointing": self.grad_checkpointing,
-                "memory_scope": self.memory_scope,
+                "memory_scope": self.memory_scope, "stack": self.stack,
                 **({"loss_chunks": self.loss_chunks} if self.loss_chunks != 1 else {}),
                 **({"optimizer_in_backward": True} if self.optimizer_in_backward else {}),
                 **({"distributed": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)

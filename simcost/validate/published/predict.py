@@ -19,6 +19,7 @@ class Result:
     status: str                       # evaluated | unsupported
     reason: str = ""
     kind: str = ""                    # step_time | tokens_per_s | memory | op_latency
+    stack: str = ""                   # the software stack the row is priced with
     measured: float | None = None     # SI: seconds, bytes, tokens/s
     predicted: float | None = None
     unit: str = ""
@@ -53,9 +54,8 @@ def predict(mp: Mapping, kind: str) -> tuple[float, dict]:
                         f"exposed communication {t['communication_exposed']:.3f} s, "
                         f"bubble {t['pipeline_bubble']:.3f} s")
     mem = r.memory_bytes
-    peak = mem["peak"]
-    if mp.memory_scope == "torch_allocator":
-        peak -= mem["runtime_overhead"]
+    peak = {"device": mem["peak"], "reserved": mem["peak_reserved"],
+            "torch_allocator": mem["peak_allocated"]}[mp.memory_scope]
     detail = {"step_s": step, "micro_step_s": micro, "forward_s": t["forward"],
               "backward_s": t["backward"], "optimizer_s": t["optimizer"],
               "peak_bytes": peak, "fits": r.fits,
@@ -79,11 +79,15 @@ def predict_gemm(mp: GemmMapping) -> float:
     return float(tm.phase_time(mp.dtype, [(1, mp.m, mp.n, mp.k)], flops, 0.0, nbytes, 1))
 
 
-def evaluate_row(row: dict) -> Result:
+def evaluate_row(row: dict, stack: str | None = None) -> Result:
+    """``stack``: price the row with this stack (a name or profile path) instead of its
+    source's (the fit scripts' candidates)."""
     rid = row["id"]
     res = Result(id=rid, source=source_of(rid), metric=row["metric"], status="unsupported")
     try:
         mp = map_row(row)
+        if stack is not None and hasattr(mp, "stack"):
+            mp.stack = stack
         kind, measured, unit = metric_value(row)
         if isinstance(mp, GemmMapping):
             if kind != "op_latency":
@@ -107,6 +111,7 @@ def evaluate_row(row: dict) -> Result:
     res.status = "evaluated"
     res.kind, res.measured, res.predicted, res.unit = kind, measured, float(pred), unit
     res.caveats, res.notes, res.mapping = list(mp.caveats), list(mp.notes), mp.describe()
+    res.stack = getattr(mp, "stack", "") or ""
     return res
 
 

@@ -188,6 +188,7 @@ def map_torchtune(row: dict) -> Mapping:
     return Mapping(model=row_model(row), hardware=hw, batch=gbatch, seq=seq, peft=spec,
                    grad_accum=ga, dtype="bf16", attn="flash", optimizer=opt,
                    grad_checkpointing="ac" in flags, memory_scope="torch_allocator",
+                   stack="torchtune-compile" if "compile" in flags else "torchtune",
                    caveats=caveats, notes=notes, distributed=dist,
                    loss_chunks=8 if "chunked_ce" in flags else 1,
                    optimizer_in_backward="opt_in_bwd" in flags)
