@@ -37,6 +37,44 @@ def summarize(results: list[Result]) -> dict:
     return out
 
 
+def fitted_rows(stack: str) -> set[str]:
+    """The dev rows any fitted constant of ``stack``'s profile was fitted on."""
+    from simcost.stack.registry import profile_of
+    try:
+        p = profile_of(stack)
+    except Exception:       # noqa: BLE001 - a row priced with a profile file: nothing fitted
+        return set()
+    if p.kind == "alias":
+        return set()
+    out: set[str] = set()
+    for q in (p.host.dispatch_s, p.host.step_overhead_s, p.allocator.fragmentation,
+              p.kernels.gemm_sustained):
+        if q is not None and q.fitted is not None:
+            out.update(q.fitted.rows)
+    return out
+
+
+def summarize_by_stack(results: list[Result]) -> dict:
+    """Per stack: time and memory MAPE over all its rows, over the rows its fits used
+    (in-sample) and over the rows left out (what counts)."""
+    out = {}
+    ev = [r for r in results if r.status == "evaluated" and r.stack]
+    for stack in sorted({r.stack for r in ev}):
+        fit = fitted_rows(stack)
+        entry = {}
+        for name, kinds in (("time", TIME_KINDS), ("memory", ("memory",))):
+            sel = [r for r in ev if r.stack == stack and r.kind in kinds]
+            if not sel:
+                continue
+            ins = [r for r in sel if r.id in fit]
+            outs = [r for r in sel if r.id not in fit]
+            entry[name] = {"n": len(sel), "mape": mape(sel), "n_in_fit": len(ins),
+                           "mape_in_fit": mape(ins), "n_out_of_fit": len(outs),
+                           "mape_out_of_fit": mape(outs)}
+        out[stack] = entry
+    return out
+
+
 def _fmt(kind: str, v: float | None) -> str:
     if v is None:
         return "-"
@@ -63,7 +101,8 @@ def to_json(results: list[Result]) -> dict:
         d = asdict(r)
         d["error"] = r.error
         rows.append(d)
-    return {"summary": summarize(results), "rows": rows}
+    return {"summary": summarize(results), "by_stack": summarize_by_stack(results),
+            "rows": rows}
 
 
 def to_markdown(results: list[Result], worst: int = 15) -> str:
@@ -86,6 +125,19 @@ def to_markdown(results: list[Result], worst: int = 15) -> str:
             f"{m['n'] if m else 0} | {_ape(m['mape']) if m else '-'} | "
             f"{(_ape(m['mape_exact']) + ' (' + str(m['n_exact']) + ')') if m else '-'} | "
             f"{o['n'] if o else 0} | {_ape(o['mape']) if o else '-'} |")
+    lines += ["", "## Per stack (in-fit rows were used by the stack's fitted constants: "
+              "validation/fit/fit_stacks.py; out-of-fit rows count)", "",
+              "| stack | time n | time MAPE out-of-fit (n) | time MAPE in-fit (n) | memory n | "
+              "memory MAPE out-of-fit (n) | memory MAPE in-fit (n) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for stack, e in summarize_by_stack(results).items():
+        cells = []
+        for name in ("time", "memory"):
+            x = e.get(name)
+            cells += ["0", "-", "-"] if not x else [
+                str(x["n"]), f"{_ape(x['mape_out_of_fit'])} ({x['n_out_of_fit']})",
+                f"{_ape(x['mape_in_fit'])} ({x['n_in_fit']})"]
+        lines.append(f"| {stack} | " + " | ".join(cells) + " |")
     lines += ["", f"## Worst {worst} rows", "",
               "| id | metric | measured | predicted | error | caveats |", "|---|---|---:|---:|---:|---|"]
     for r in sorted(ev, key=lambda r: -abs(r.error))[:worst]:
@@ -101,8 +153,8 @@ def to_markdown(results: list[Result], worst: int = 15) -> str:
         for r in rs:
             mp = r.mapping or {}
             desc = ", ".join(f"{k}={v}" for k, v in mp.items() if k in
-                             ("model", "hardware", "batch", "seq", "grad_accum", "optimizer",
-                              "grad_checkpointing", "m", "n", "k"))
+                             ("model", "hardware", "stack", "batch", "seq", "grad_accum",
+                              "optimizer", "grad_checkpointing", "m", "n", "k"))
             lines.append(f"| {r.id} | {r.metric} | {_fmt(r.kind, r.measured)} | "
                          f"{_fmt(r.kind, r.predicted)} | {_pct(r.error)} | {desc} |")
     lines += ["", "## Unsupported rows", "", "| id | metric | reason |", "|---|---|---|"]

@@ -1,0 +1,63 @@
+"""The fitted stack constants: their records reproduce, and they sit at the fit's optimum."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simcost.stack.registry import STACK_DIR
+from simcost.validate.published.predict import evaluate_row
+from simcost.validate.published.rows import load_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("fit_stacks",
+                                                  ROOT / "validation/fit/fit_stacks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _hf():
+    return json.loads((STACK_DIR / "hf.json").read_text())
+
+
+def test_fitted_records_reproduce_their_residuals():
+    rows = {r["id"]: r for r in load_rows()}
+    hf = _hf()
+    for section, key in (("host", "dispatch_s"), ("kernels", "gemm_sustained"),
+                         ("allocator", "fragmentation")):
+        f = hf[section][key]["fitted"]
+        assert f["script"] == "validation/fit/fit_stacks.py"
+        assert not set(f["rows"]) & set(f["held_out"])
+        for ids, name in ((f["rows"], "in_sample_mape"), (f["held_out"], "held_out_mape")):
+            errs = [evaluate_row(rows[i]).error for i in ids]
+            assert None not in errs
+            assert np.mean(np.abs(errs)) == pytest.approx(f["residual"][name], abs=6e-5)
+
+
+def test_the_fitted_host_cost_is_the_optimum_of_its_rows(tmp_path):
+    fit = _script()
+    hf = _hf()
+    rows = fit.Rows([r for r in load_rows() if r["id"] in
+                     set(hf["host"]["dispatch_s"]["fitted"]["rows"])], "hf")
+    d = hf["host"]["dispatch_s"]["value"]
+
+    def loss(x):
+        e = rows.errors(fit._with(hf, dispatch_s=x), lambda r: True)
+        return float(np.mean(np.log1p(np.asarray(list(e.values()))) ** 2))
+    assert loss(d) <= min(loss(0.9 * d), loss(1.1 * d))
+
+
+def test_copies_follow_the_fitted_value():
+    fit = _script()
+    hf = _hf()
+    for key, names in fit.COPIES.items():
+        v = hf[fit.SECTION[key]][key]["value"]
+        for n in names:
+            p = json.loads((STACK_DIR / f"{n}.json").read_text())
+            q = p[fit.SECTION[key]][key]
+            assert q["value"] == v and q["derived"] and "hf profile" in q["source"], (n, key)
