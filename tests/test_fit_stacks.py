@@ -29,7 +29,7 @@ def test_fitted_records_reproduce_their_residuals():
     rows = {r["id"]: r for r in load_rows()}
     hf = _hf()
     for section, key in (("host", "dispatch_s"), ("kernels", "gemm_sustained"),
-                         ("allocator", "fragmentation")):
+                         ("allocator", "fragmentation"), ("allocator", "extra_context_bytes")):
         f = hf[section][key]["fitted"]
         assert f["script"] == "validation/fit/fit_stacks.py"
         assert not set(f["rows"]) & set(f["held_out"])

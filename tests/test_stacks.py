@@ -76,11 +76,12 @@ def test_peak_reserved_covers_allocated_and_fits_uses_the_device_peak(tmp_path):
             assert m["peak_reserved"] >= m["peak_allocated"] > 0
             assert m["peak"] == pytest.approx(m["peak_reserved"] + m["runtime_overhead"])
     # a step whose tensors fit but whose reserved memory does not: fits is False
+    alloc = json.loads((STACK_DIR / "hf.json").read_text())["allocator"]
     m = estimate_train(M, H, **KW).memory_bytes
     room = m["capacity"] - m["peak_allocated"] - m["runtime_overhead"]
     transient = m["peak_allocated"] - m["weights"] - m["master_weights"] - m["optimizer"]
     frag = _write(tmp_path, "frag", allocator={
-        "fragmentation": {"value": 1.01 * room / transient, "source": "test"}})
+        **alloc, "fragmentation": {"value": 1.01 * room / transient, "source": "test"}})
     r = estimate_train(M, H, stack=frag, **KW).memory_bytes
     assert r["peak_allocated"] + r["runtime_overhead"] < r["capacity"] < r["peak"]
     assert not estimate_train(M, H, stack=frag, **KW).fits

@@ -172,10 +172,11 @@ class TimeModel:
             return None
         return self.attn_rates.get((dtype, phase))
 
-    def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels,
-                   special=None, attention=None):
-        """``attention``: (phase, causal) for a fused attention op; with a measured
-        attention rate for (dtype, phase) its matmuls are priced at that rate."""
+    def device_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes,
+                    special=None, attention=None):
+        """Seconds the device spends on one op's kernels of one phase (no host time).
+        ``attention``: (phase, causal) for a fused attention op; with a measured attention
+        rate for (dtype, phase) its matmuls are priced at that rate."""
         rate = self.attention_rate(dtype, attention[0]) if attention else None
         if rate:
             t_mm = matmul_flops * (0.5 if attention[1] else 1.0) / rate
@@ -185,11 +186,32 @@ class TimeModel:
                 t_mm = t_mm + self.gemm_time(dtype, batch, m, n, k)
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
-        t = np.maximum(t_mm + other_flops / self.vec_peak + self.special_time(special),
-                       self.stream_time(nbytes))
+        return np.maximum(t_mm + other_flops / self.vec_peak + self.special_time(special),
+                          self.stream_time(nbytes))
+
+    def host_time(self, kernels):
+        """Host seconds to issue ``kernels`` kernels (the framework's dispatch, plus the launch
+        call on an accelerator)."""
         if self.kind == "cpu":
-            return t + kernels * self.dispatch_s
-        return np.maximum(t, kernels * (self.dispatch_s + self.launch_s))
+            return kernels * self.dispatch_s
+        return kernels * (self.dispatch_s + self.launch_s)
+
+    def combine(self, device_s, host_s):
+        """Wall time of work whose device part takes ``device_s`` and whose issue takes
+        ``host_s``: on a CPU the host is the device (they add); an accelerator runs kernels
+        asynchronously from the launch queue, so host and device overlap and the slower one
+        sets the pace."""
+        if self.kind == "cpu":
+            return device_s + host_s
+        return np.maximum(device_s, host_s)
+
+    def phase_time(self, dtype: str, gemms, matmul_flops, other_flops, nbytes, kernels,
+                   special=None, attention=None):
+        """One op on its own (a kernel timed alone): its device time combined with its
+        host time (:meth:`combine`)."""
+        return self.combine(self.device_time(dtype, gemms, matmul_flops, other_flops, nbytes,
+                                             special, attention),
+                            self.host_time(kernels))
 
 
 def _interp3(table, m, n, k):
@@ -243,30 +265,53 @@ def recomputed(rec, checkpointing) -> bool:
 
 def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool = False,
                 per_op: list | None = None):
-    """(forward, backward) seconds summed over ops; ``per_op`` collects (record, fwd, bwd)."""
-    fwd = 0
-    bwd = 0
+    """(forward, backward) seconds. Within one segment (one decoder block, the embedding,
+    the head) the host issues the kernels into the launch queue while the device runs the
+    earlier ones, so each segment of each phase costs ``combine(Σ device, Σ host)`` (the
+    queue holds far more than one block's kernels; HF training has no host sync inside a
+    phase). ``per_op`` collects (record, fwd, bwd): each op's share of its segment's time, in
+    proportion to the side that sets the pace."""
+    segs: dict[int, list] = {}
     for r in analysis.records:
         c = r.cost
-        tf = 0
-        tb = 0
         att = attention_kind(r)
+        df = hf = db = hb = 0.0
         if c.fwd_kernels:
-            tf = tm.phase_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
-                               c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels,
-                               c.special_fwd, attention=att and ("fwd", att[1]))
-            fwd = fwd + tf * r.count
-            if recomputed(r, recompute_blocks):
-                bwd = bwd + tf * r.count
+            df = tm.device_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
+                                c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.special_fwd,
+                                attention=att and ("fwd", att[1]))
+            hf = tm.host_time(c.fwd_kernels)
         if c.bwd_kernels:
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
-            tb = tm.phase_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.bwd_kernels,
-                               c.special_bwd, attention=att and ("bwd", att[1]))
-            bwd = bwd + tb * r.count
+            db = tm.device_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.special_bwd,
+                                attention=att and ("bwd", att[1]))
+            hb = tm.host_time(c.bwd_kernels)
+        segs.setdefault(r.segment, []).append((r, df, hf, db, hb, recomputed(r, recompute_blocks)))
+    fwd = bwd = 0.0
+    for ops in segs.values():
+        sdf = sum(o[1] * o[0].count for o in ops)
+        shf = sum(o[2] * o[0].count for o in ops)
+        sdb = sum((o[3] + (o[1] if o[5] else 0.0)) * o[0].count for o in ops)
+        shb = sum((o[4] + (o[2] if o[5] else 0.0)) * o[0].count for o in ops)
+        tf, tb = tm.combine(sdf, shf), tm.combine(sdb, shb)
+        fwd = fwd + tf
+        bwd = bwd + tb
         if per_op is not None:
-            per_op.append((r, tf, tb))
+            for r, df, hf, db, hb, _ in ops:
+                per_op.append((r, _share(tm, tf, df, hf, sdf, shf),
+                               _share(tm, tb, db, hb, sdb, shb)))
     return fwd, bwd
+
+
+def _share(tm: TimeModel, total, dev, host, dev_sum, host_sum):
+    """One op's part of its segment's phase time ``total`` (one instance)."""
+    if tm.kind == "cpu":
+        return dev + host
+    host_bound = np.asarray(host_sum > dev_sum)
+    num = np.where(host_bound, host, dev)
+    den = np.where(host_bound, host_sum, dev_sum)
+    return np.where(den > 0, total * num / np.where(den > 0, den, 1.0), 0.0)
 
 
 def mezo_perturb_time(tm: TimeModel, trainable_numel, n_tensors: int, elem_bytes: float):

@@ -98,12 +98,15 @@ class OpShare:
 
 @dataclass(slots=True)
 class OpTimes:
-    """One op's time on one rank (one execution of its segment)."""
+    """One op's time on one rank (one execution of its segment): device seconds, and the
+    host seconds to issue its kernels (combined per segment, :meth:`TimeModel.combine`)."""
     fwd_s: float
     bwd_s: float
     bwd_matmul_flops: float     # its backward matmul FLOPs (0 without a backward)
     is_attention: bool
     is_tp_linear: bool
+    fwd_host_s: float = 0.0
+    bwd_host_s: float = 0.0
 
 
 def op_share(r, tp: int, sp: bool, fp8: bool) -> OpShare:
@@ -143,27 +146,33 @@ def op_times(tm: TimeModel, dtype: str, r, share: OpShare, *, cp: int, fp8: bool
     mm = 0.0
     att = attention_kind(r)
     if c.fwd_kernels:
-        tf = tm.phase_time(mdt, gf, c.fwd_matmul_flops * f, (c.fwd_flops - c.fwd_matmul_flops) * f,
-                           c.fwd_bytes * f, c.fwd_kernels, sp_f,
-                           attention=att and ("fwd", att[1])) * mult
+        tf = tm.device_time(mdt, gf, c.fwd_matmul_flops * f,
+                            (c.fwd_flops - c.fwd_matmul_flops) * f, c.fwd_bytes * f, sp_f,
+                            attention=att and ("fwd", att[1])) * mult
         if fp8 and base_linear and gf:      # quantise the input (bf16 -> fp8)
             tf = tf + sum(3.0 * x[0] * x[1] * x[3] for x in gf) / tm.bandwidth
     if c.bwd_kernels:
         mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
         other = c.bwd_act_flops + c.bwd_weight_flops - mm
-        tb = tm.phase_time(mdt, gb, mm * f, other * f, c.bwd_bytes * f, c.bwd_kernels,
-                           sp_b, attention=att and ("bwd", att[1])) * mult
+        tb = tm.device_time(mdt, gb, mm * f, other * f, c.bwd_bytes * f, sp_b,
+                            attention=att and ("bwd", att[1])) * mult
         if fp8 and base_linear and gb:      # quantise the output gradient
             tb = tb + sum(3.0 * x[0] * x[1] * x[3] for x in gb[:1]) / tm.bandwidth
-    return OpTimes(tf, tb, mm, is_attn, share.role in TP_LINEAR_ROLES and r.op.kind == K.LINEAR)
+    hf = tm.host_time(c.fwd_kernels) * mult if c.fwd_kernels else 0.0
+    hb = tm.host_time(c.bwd_kernels) * mult if c.bwd_kernels else 0.0
+    return OpTimes(tf, tb, mm, is_attn, share.role in TP_LINEAR_ROLES and r.op.kind == K.LINEAR,
+                   hf, hb)
 
 
 def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int,
                   fp8: bool, fp8_attention: bool, recompute) -> SegTimes:
     """Per-segment time on one rank (forward, backward with any recomputation), and the parts
-    communication can overlap with."""
+    communication can overlap with (device time of the TP linears, attention, weight
+    gradients). A segment's phase costs its device time combined with the host time that
+    issues its kernels (:func:`simcost.sim.timing.phase_times`)."""
     nseg = len(g.segments)
     out = SegTimes(*[[0.0] * nseg for _ in range(7)])
+    host_f, host_b = [0.0] * nseg, [0.0] * nseg
     for r in a.records:
         c = r.cost
         si = r.segment
@@ -171,8 +180,11 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
                      fp8_attention=fp8_attention)
         out.fwd[si] += t.fwd_s
         out.bwd[si] += t.bwd_s
+        host_f[si] += t.fwd_host_s
+        host_b[si] += t.bwd_host_s
         if c.fwd_kernels and recomputed(r, recompute):
             out.bwd[si] += t.fwd_s
+            host_b[si] += t.fwd_host_s
         if t.is_tp_linear:
             out.lin_fwd[si] += t.fwd_s
             out.lin_bwd[si] += t.bwd_s
@@ -181,6 +193,9 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
         if t.is_attention:
             out.attn_fwd[si] += t.fwd_s
             out.attn_bwd[si] += t.bwd_s
+    for si in range(nseg):
+        out.fwd[si] = float(tm.combine(out.fwd[si], host_f[si]))
+        out.bwd[si] = float(tm.combine(out.bwd[si], host_b[si]))
     return out
 
 
