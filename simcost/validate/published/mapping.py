@@ -32,6 +32,7 @@ class Mapping:
     memory_devices: int = 1          # a memory metric summed over this many devices
     loss_chunks: int = 1             # torchtune CEWithChunkedOutputLoss: N output chunks
     optimizer_in_backward: bool = False  # torchtune optimizer_in_bwd
+    stack: str = "hf"                # the training stack that ran it (stack_profiles/training)
 
     def estimate_kwargs(self) -> dict:
         kw = dict(batch=self.batch, seq=self.seq, peft=self.peft, dtype=self.dtype,
@@ -43,6 +44,8 @@ class Mapping:
             kw["loss_chunks"] = self.loss_chunks
         if self.optimizer_in_backward:
             kw["optimizer_in_backward"] = True
+        if self.stack != "hf":
+            kw["stack"] = self.stack
         return kw
 
     def describe(self) -> dict:
@@ -58,7 +61,7 @@ class Mapping:
                 "seq": self.seq, "grad_accum": self.grad_accum, "peft": peft,
                 "dtype": self.dtype, "mixed_precision": self.mixed_precision, "attn": self.attn,
                 "optimizer": self.optimizer, "grad_checkpointing": self.grad_checkpointing,
-                "memory_scope": self.memory_scope,
+                "memory_scope": self.memory_scope, "stack": self.stack,
                 **({"loss_chunks": self.loss_chunks} if self.loss_chunks != 1 else {}),
                 **({"optimizer_in_backward": True} if self.optimizer_in_backward else {}),
                 **({"distributed": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
