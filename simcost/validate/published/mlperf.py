@@ -77,10 +77,12 @@ def map_mlperf(row: dict) -> Mapping:
     submitter's device count, with the NeMo implementation every listed GPU submission derives
     from (training_results_v4.0 NVIDIA/benchmarks/llama2_70b_lora/implementations/nemo:
     config_common.sh FP8_DPA=1, TP_COMM_OVERLAP=True, MBS=1; config_DGXH100_*.sh FP8=True,
-    SP=1): fp8 linears and fp8 fused attention, bf16 weights and LoRA adapters, sequence
-    parallelism with TP overlap, micro-batch 1, no activation checkpointing. dp follows from
-    the logged gradient accumulation (global = dp x 1 x GA); tp, pp and cp come from
-    ``--parallel auto``."""
+    SP=1): fp8 linears and fp8 fused attention, frozen linear weights stored fp8 (the yaml's
+    ``fp8_params: ${FP8}``), bf16 LoRA adapters, sequence parallelism with TP overlap,
+    micro-batch 1, no activation checkpointing, on the ``nemo`` stack. dp follows from the
+    logged gradient accumulation (global = dp x 1 x GA); tp, pp and cp are the submitted plan
+    where NVIDIA's config of the row's round, hardware and model-parallel size names it
+    (:data:`NEMO_PLANS`), else ``--parallel auto``."""
     if row["metric"] != "step_time_s":
         raise Unsupported("MLPerf: only per-step time rows are expressible")
     hw_text = row["hardware"].lower()
