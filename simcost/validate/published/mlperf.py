@@ -123,8 +123,8 @@ def map_mlperf(row: dict) -> Mapping:
     dist["fp8_attention"] = fp8_dpa
     if (overlap, fp8_dpa) != (True, True):
         notes.append(f"submitter config for {hw}: TP_COMM_OVERLAP={overlap}, FP8_DPA={fp8_dpa}")
-    caveats = ["fused qkv_proj (NeMo) modelled as separate q/k/v LoRA (same rank-16 work split "
-               "three ways; three dropout masks and adapter inputs saved where NeMo keeps one)"]
+    # NeMo's one LoRA adapter on the fused linear_qkv: the nemo stack's qkv_lora rule
+    caveats = []
     if "nvidia" not in hw_text:
         caveats.append("non-NVIDIA submission: its implementation's settings are not in the "
                        "dev data; NeMo's (fp8 linears and attention, TP overlap) are assumed")
