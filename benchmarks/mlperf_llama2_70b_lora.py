@@ -193,18 +193,21 @@ DIAGNOSIS = """\
   simcost matches within ~2-14 %. The MAMF matmul efficiency is a best-shape figure; on
   real shapes cuBLAS runs a few percent lower (Vidur's H100 GEMMs: 5-9 %), which is about
   the 8 x H100 bias (-7 %).
-- Memory (issue 10, "250 GiB per device"). Root cause, in the stack and the mapping, not
-  in a plan formula: (1) NeMo's configs store the frozen TE linear weights as fp8
-  (`fp8_params: ${FP8}`, FP8=True), simcost stored them bf16: 128.6 GiB a device on the
-  B200 submitted plan tp1 cp2 (config_DGXB200_1x8x2xtp1pp1cp2), 64.9 GiB now; (2) fp8 fused
+- Memory (issue 10, "250 GiB per device"). The 250 GiB is the v4.1 DGX B200 row on its
+  submitted plan tp1 pp1 cp2 (config_DGXB200_1x8x2xtp1pp1cp2.sh): 128.6 GiB of bf16 weights +
+  114.3 GiB of activations + reserve. Root cause, in the stack and the mapping, not in a plan
+  formula: (1) NeMo's configs store the frozen TE linear weights as fp8 (`fp8_params:
+  ${FP8}`, FP8=True), simcost stored them bf16: 128.6 -> 64.9 GiB there; (2) fp8 fused
   attention (FP8_DPA=1, NVTE_FP8_DPA_BWD=1) saves fp8 q/k/v/out (TE FusedAttnFunc), simcost
-  saved bf16: 2.25 sbh a layer; (3) `--parallel auto` searched instead of using the submitted
-  plan, which the configs' names give (tp4 cp1 on 8 x H100 came out 96.5 GiB, so the search
-  fell back to ZeRO-3). What is still over: the saved activations are HF eager's (45.5 sbh a
-  layer), NeMo's TE kernels keep fewer: fused RMSNorm keeps its bf16 input (-4 sbh), fused
-  SwiGLU its input (-7 sbh; -14 under FP8_ACTIVATION, which the H200 configs set), one LoRA
-  adapter on the fused qkv (-6 sbh). They are the nemo profile's planned fusions; until they
-  land the H200, B200 and L40S submitted plans price above the device (table above).
+  saved bf16: -2.25 sbh a layer; (3) NeMo's LoRA on the fused linear_qkv is one adapter (one
+  dropout mask, one dropped input, one A), peft on HF's q/k/v three: -6 sbh a layer (the nemo
+  stack's `qkv_lora` rule); (4) `--parallel auto` searched instead of using the submitted plan,
+  which the configs' names give (tp4 cp1 on 8 x H100 came out 96.5 GiB, so the search fell
+  back to ZeRO-3; the v4.1 H200 config runs tp1 cp2 with FP8_DPA=0, the search chose tp2 with
+  fp8 attention). Still over: the v4.1 H200 rows (tp1 cp2, 176 GiB of 140): their saved norms
+  and SwiGLU are HF eager's; with fused RMSNorm and SwiGLU (the nemo profile's rms_norm and
+  swiglu rules) they come to 145.8 GiB, and with the config's FP8_ACTIVATION=True (the fused
+  SwiGLU keeps its input in fp8, megatron/core/fusions/fused_bias_swiglu.py) to 126.5 GiB.
 - The issue's literal command (`--seq 8192` on the zoo's llama-2-70b, 4096 trained
   positions) runs: rotary models are estimated beyond their trained context, as transformers
   runs them, with a warning (a learned position table, GPT-2's, is still refused)."""

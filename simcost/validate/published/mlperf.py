@@ -125,6 +125,10 @@ def map_mlperf(row: dict) -> Mapping:
         notes.append(f"submitter config for {hw}: TP_COMM_OVERLAP={overlap}, FP8_DPA={fp8_dpa}")
     # NeMo's one LoRA adapter on the fused linear_qkv: the nemo stack's qkv_lora rule
     caveats = []
+    submitter = row.get("source_locator", "").split("/", 1)[0]
+    if plan is not None and submitter != "NVIDIA":
+        caveats.append(f"{submitter}'s config is not in the dev data: NVIDIA's plan for the same "
+                       f"round, hardware and model-parallel size is assumed")
     if "nvidia" not in hw_text:
         caveats.append("non-NVIDIA submission: its implementation's settings are not in the "
                        "dev data; NeMo's (fp8 linears and attention, TP overlap) are assumed")
