@@ -148,6 +148,17 @@ def test_the_mapper_uses_the_submitted_plan_where_nvidia_published_it():
     assert all(p.tp * p.pp * p.cp == mp for (_, _, mp), p in NEMO_PLANS.items())
 
 
+def test_a_plan_the_row_text_names_is_used():
+    row = dict(next(r for r in _step_rows() if r["id"] == "MLPERF-072"),
+               notes="config_DGXB200_1x8x2xtp2pp1cp1.sh (hypothetical)")
+    mp = map_row(row)
+    assert (mp.distributed["tp"], mp.distributed["cp"]) == (2, 1)
+    assert any("the row's notes: config_DGXB200_1x8x2xtp2pp1cp1.sh" in n for n in mp.notes)
+    # a named plan of another model-parallel size than the row's (8 / dp 4 = 2) is not used
+    odd = map_row(dict(row, notes="config_DGXB200_1x8x1xtp1pp1cp1.sh"))
+    assert (odd.distributed["tp"], odd.distributed["cp"]) == (1, 2)     # NVIDIA's v4.1 config
+
+
 # The v4.1 H200 submitted plan (tp1 cp2, bf16 attention, config_DGXH200_1x8x2xtp1pp1cp2.sh)
 # still prices above the device: simcost's saved activations there are HF eager's norms and
 # SwiGLU, and NeMo's TransformerEngine kernels keep less (fused RMSNorm: its bf16 input, not

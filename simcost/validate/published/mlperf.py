@@ -64,8 +64,19 @@ NEMO_PLANS = {
 }
 
 
+TEXT_PLAN = re.compile(r"(?:config_\w*?)?tp(\d+)pp(\d+)cp(\d+)(?:\.sh)?")
+
+
 def submitted_plan(row: dict, hw: str, model_parallel: int) -> NemoPlan | None:
-    """The NVIDIA NeMo config of the row's round, hardware and model-parallel size, or None."""
+    """The submitted plan: the one the row's text names (a NeMo config file name such as
+    config_DGXB200_1x8x1xtp1pp1cp1.sh, in its locator or notes) where its tp*pp*cp is the
+    row's model-parallel size, else NVIDIA's config of the row's round, hardware and
+    model-parallel size, else None."""
+    for col in ("source_locator", "notes", "hardware"):
+        for m in TEXT_PLAN.finditer(row.get(col) or ""):
+            tp, pp, cp = (int(x) for x in m.groups())
+            if tp * pp * cp == model_parallel:
+                return NemoPlan(tp, pp, cp, f"the row's {col}: {m.group(0)}")
     m = re.search(r"training_results_(v\d+\.\d+)", row.get("source", ""))
     return NEMO_PLANS.get((m.group(1), hw, model_parallel)) if m else None
 
@@ -126,7 +137,7 @@ def map_mlperf(row: dict) -> Mapping:
     # NeMo's one LoRA adapter on the fused linear_qkv: the nemo stack's qkv_lora rule
     caveats = []
     submitter = row.get("source_locator", "").split("/", 1)[0]
-    if plan is not None and submitter != "NVIDIA":
+    if plan is not None and submitter != "NVIDIA" and not plan.config.startswith("the row's"):
         caveats.append(f"{submitter}'s config is not in the dev data: NVIDIA's plan for the same "
                        f"round, hardware and model-parallel size is assumed")
     if "nvidia" not in hw_text:
