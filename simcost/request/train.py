@@ -104,6 +104,9 @@ class TrainRequest(Request):
     virtual_stages: PosInt = 1
     offload: Literal["none", "optimizer", "params"] = "none"
     fp8_attention: StrictBool = False
+    # the frozen linear weights stored as fp8 (TransformerEngine Float8Tensor parameters:
+    # NeMo/Megatron ``fp8_params``, TE ``fp8_model_init``), not as bf16 cast per GEMM
+    fp8_params: StrictBool = False
     max_positions: Seq | None = None
     loss_chunks: PosInt = 1
     optimizer_in_backward: StrictBool = False
@@ -218,6 +221,8 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
     notes = []
     if r.fp8_attention and r.dtype != "fp8":
         raise ValueError("--fp8-attention needs --dtype fp8")
+    if r.fp8_params and r.dtype != "fp8":
+        raise ValueError("fp8_params (fp8-stored weights) needs --dtype fp8")
     if r.micro_batch is not None and r.micro_batch > r.batch:
         raise ValueError(f"--micro-batch {r.micro_batch} is larger than --batch {r.batch}")
     if r.loss_chunks > r.seq:

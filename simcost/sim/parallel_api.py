@@ -15,7 +15,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                       attn, optimizer, grad_checkpointing, devices, nodes, tp, pp, dp, cp, zero,
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
                       virtual_stages, offload, fp8_attention, peft_options, ep=None,
-                      loss_chunks=1, optimizer_in_backward=False, stack=None):
+                      loss_chunks=1, optimizer_in_backward=False, stack=None,
+                      fp8_params=False):
     from simcost.pipeline import kernel_kind as _kernel_kind
     from simcost.request.train import check_seq as _check_seq, resolve_peft
     from simcost.result import make_estimate
@@ -55,6 +56,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
             for p, _ in g.params():
                 if p.dtype == compute and p.role != "adapter":
                     p.dtype = store
+        if fp8_params:
+            fp8_weights(g)
         return g, a
 
     ctx = P.Context(build, device, profile, topo, global_batch=batch, seq=seq, dtype=store,
@@ -86,6 +89,28 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                          tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
                          warnings=warns, loss_chunks=loss_chunks,
                          optimizer_in_backward=optimizer_in_backward, stack=stack)
+
+
+def fp8_weights(g) -> int:
+    """Store the frozen linear weights as fp8, as TransformerEngine's Float8Tensor parameters
+    do (NeMo/Megatron ``fp8_params=True``; transformer_engine/pytorch/module/base.py
+    ``fp8_model_init`` / ``primary_weights_in_fp8``): one byte per weight, no bf16 copy.
+    Only TE linears get them: the embedding, the output layer (not TE modules), the norms and
+    the LoRA adapters keep their dtype. Returns the number of weights changed."""
+    from simcost.graph import kinds as K
+    head = {id(p) for seg in g.segments if seg.first_layer is None for op in seg.ops
+            for p in op.params}
+    n = 0
+    for seg in g.segments:
+        if seg.first_layer is None:
+            continue
+        for op in seg.ops:
+            for p in op.params:
+                if op.kind == K.LINEAR and len(p.shape) == 2 and p.role != "adapter" \
+                        and not p.trainable and id(p) not in head and p.dtype != "fp8":
+                    p.dtype = "fp8"
+                    n += 1
+    return n
 
 
 def _deepspeed(peft_options, spec, optimizer_in_backward):

@@ -76,5 +76,6 @@ class Context:
                                   runtime_overhead=self.device.runtime_overhead_bytes,
                                   foreach=self.foreach,
                                   fused_optimizer=self.optimizer_impl == "fused")
-            self._mem[key] = (mem, param_split(g), act_split(g, a, self.checkpointing))
+            self._mem[key] = (mem, param_split(g), act_split(g, a, self.checkpointing,
+                                                         self.fp8_attention))
         return self._mem[key]

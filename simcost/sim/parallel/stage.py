@@ -98,13 +98,53 @@ def _add(grp: ParamGroup, nbytes, numel, split: bool, trainable: bool) -> None:
             grp.trainable_split += numel
 
 
-def act_split(g, a, checkpointing) -> ActSplit:
+def fp8_attention_saving(g, a) -> list[float]:
+    """Per segment, the bytes per instance that fused fp8 attention keeps less than the
+    graph's 16-bit attention. TransformerEngine's FusedAttnFunc with fp8 forward and backward
+    (NeMo FP8_DPA=1, NVTE_FP8_DPA_BWD=1) saves fp8 copies of q, k, v and the output for the
+    backward and no 16-bit ones (transformer_engine/pytorch/attention/dot_product_attention/
+    backends.py, FusedAttnFunc.forward: ``fp8_tensors = (q_fp8, k_fp8, v_fp8, out_fp8) if
+    is_bwd_fp8``, ``qkvo_tensors = (None,) * 4``); the softmax statistics stay fp32. A 16-bit
+    storage another op also saves stays, and its fp8 copy comes on top."""
+    out = []
+    for si, _ in enumerate(g.segments):
+        recs = [r for r in a.records if r.segment == si and r.cost.saved]
+        others = {_storage(g, s) for r in recs if r.op.kind != K.SDPA for s in r.cost.saved
+                  if not isinstance(s, tuple)}
+        freed = fp8 = 0.0
+        seen = set()
+        for r in recs:
+            if r.op.kind != K.SDPA:
+                continue
+            eb = BYTES[g.tensors[r.op.inputs[0]].dtype]
+            for s in r.cost.saved[:4]:          # q, k, v, out (then the fp32 statistics)
+                if isinstance(s, tuple):
+                    freed, fp8 = freed + s[1], fp8 + s[1] / eb
+                    continue
+                base = _storage(g, s)
+                fp8 += g.tensors[s].nbytes / BYTES[g.tensors[s].dtype]
+                if base not in others and base not in seen:
+                    freed += g.tensors[base].nbytes
+                seen.add(base)
+        out.append(float(freed - fp8))
+    return out
+
+
+def _storage(g, tid) -> int:
+    return g.tensors[g.tensors[tid].storage].tid
+
+
+def act_split(g, a, checkpointing, fp8_attention: bool = False) -> ActSplit:
+    """Saved activations by place; ``fp8_attention``: attention keeps fp8 copies
+    (:func:`fp8_attention_saving`; selective checkpointing saves no attention tensors)."""
     block = 0.0
     other = a.saved_global
     local = a.saved_local
-    if checkpointing == "selective":
+    if checkpointing == "selective":       # attention recomputed: none of it is saved
         local = selective_activations(g, a)[1]
         checkpointing = False
+    elif fp8_attention:
+        local = [b - d for b, d in zip(local, fp8_attention_saving(g, a))]
     for seg, b in zip(g.segments, local):
         if seg.first_layer is None:
             other = other + b * seg.count
@@ -114,7 +154,7 @@ def act_split(g, a, checkpointing) -> ActSplit:
             block = block + b * seg.count
     worst = 0.0
     if checkpointing:
-        for seg, b in zip(g.segments, a.saved_local):
+        for seg, b in zip(g.segments, local):
             if seg.first_layer is not None:
                 worst = max(worst, float(b))
     return ActSplit(float(block), float(other), worst)
