@@ -34,7 +34,6 @@ class Mapping:
     memory_devices: int = 1          # a memory metric summed over this many devices
     loss_chunks: int = 1             # torchtune CEWithChunkedOutputLoss: N output chunks
     optimizer_in_backward: bool = False  # torchtune optimizer_in_bwd
-    stack: str = "hf"                # the training stack that ran it (stack_profiles/training)
 
     def estimate_kwargs(self) -> dict:
         kw = dict(batch=self.batch, seq=self.seq, peft=self.peft, dtype=self.dtype,
@@ -47,8 +46,6 @@ class Mapping:
             kw["loss_chunks"] = self.loss_chunks
         if self.optimizer_in_backward:
             kw["optimizer_in_backward"] = True
-        if self.stack != "hf":
-            kw["stack"] = self.stack
         return kw
 
     def describe(self) -> dict:
