@@ -13,8 +13,10 @@ METRICS = {"step_s": "step_time", "peak_bytes": "memory"}
 
 
 def hardware_class(device) -> str:
-    """The class residuals are pooled over: the device kind (gpu, tpu, edge, cpu)."""
-    return device.kind
+    """The class residuals are pooled over: the device kind (gpu, tpu, edge, cpu), with
+    ``-calibrated`` for a profile whose GEMM throughput ``simcost calibrate`` measured (its
+    errors are another population than a datasheet profile's)."""
+    return device.kind + ("-calibrated" if device.params.gemm_table else "")
 
 
 def interval(pred: float, q) -> tuple[float, float]:

@@ -211,6 +211,7 @@ def intervals(all_rows: list[dict], fitted_rows: dict[str, set]) -> dict:
     """Per stack: {hardware class: {metric: p10, p90, n, rows}} over out-of-fit rows, and the
     leave-one-out coverage of the p10-p90 range."""
     from simcost.hardware import load_profile
+    from simcost.stack.intervals import hardware_class
     out, coverage = {}, {}
     by: dict = {}
     for row in all_rows:
@@ -219,11 +220,14 @@ def intervals(all_rows: list[dict], fitted_rows: dict[str, set]) -> dict:
             continue
         if res.id in fitted_rows.get(res.stack, set()):
             continue
-        hw = load_profile(res.mapping["hardware"]).kind
+        hw = hardware_class(load_profile(res.mapping["hardware"]).device())
         metric = "memory" if res.kind == "memory" else "step_time"
         # tokens/s errors are inverted step-time errors
         e = res.error if res.kind != "tokens_per_s" else 1 / (1 + res.error) - 1
         by.setdefault(res.stack, {}).setdefault(hw, {}).setdefault(metric, {})[res.id] = e
+    for rid, e in cpu_step_errors().items():     # simcost validate steps: hf on a CPU
+        by.setdefault("hf", {}).setdefault("cpu-calibrated", {}).setdefault(
+            "step_time", {})[rid] = e
     for stack, hws in by.items():
         for hw, metrics in hws.items():
             for metric, errs in metrics.items():
@@ -240,6 +244,22 @@ def intervals(all_rows: list[dict], fitted_rows: dict[str, set]) -> dict:
                         hits.append(lo <= v[i] <= hi)
                 coverage[(stack, hw, metric)] = (float(np.mean(hits)) if hits else None, v.size)
     return out, coverage
+
+
+CPU_STEPS = ROOT / "validation/reports/cpu_steps.json"
+
+
+def cpu_step_errors() -> dict[str, float]:
+    """``simcost validate steps``' measured CPU training steps (eager torch, the hf stack's
+    loop) against their calibrated-profile estimates: no stack constant is fitted on them."""
+    if not CPU_STEPS.is_file():
+        return {}
+    d = json.loads(CPU_STEPS.read_text())
+    out = {}
+    for c in d["cases"]:
+        rid = f"cpu-steps:{c['model']}:{c['method']}:b{c['batch']}:s{c['seq']}"
+        out[rid] = c["predicted"]["step"] / c["measured"]["step"] - 1.0
+    return out
 
 
 def main(argv=None) -> int:
