@@ -163,3 +163,14 @@ def test_params_follow_replace():
     assert d.params.compute_units == 132 and d.params.gemm_table is None
     d2 = dataclasses.replace(d, time_model={**d.time_model, "matmul_efficiency": 0.5})
     assert d2.params.matmul_efficiency == 0.5 and d.params.matmul_efficiency == pytest.approx(0.803)
+
+
+def test_committed_calibrated_profiles_load():
+    """The calibrated profiles the reports were made with stay valid under the schema."""
+    from pathlib import Path
+    from simcost.hardware import load_profile
+    root = Path(__file__).resolve().parents[1] / "validation" / "reports"
+    found = [p for p in root.glob("calibrated*.json") if not p.name.endswith(".raw.json")]
+    assert found
+    for p in found:
+        assert load_profile(str(p)).device().kind == "cpu"
