@@ -251,14 +251,14 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
         tf = 0
         tb = 0
         att = attention_kind(r)
-        if c.fwd_kernels:
+        if np.any(c.fwd_kernels):      # (a fused loss's kernel count may vary over a sweep)
             tf = tm.phase_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
                                c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.fwd_kernels,
                                c.special_fwd, attention=att and ("fwd", att[1]))
             fwd = fwd + tf * r.count
             if recomputed(r, recompute_blocks):
                 bwd = bwd + tf * r.count
-        if c.bwd_kernels:
+        if np.any(c.bwd_kernels):
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
             tb = tm.phase_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.bwd_kernels,

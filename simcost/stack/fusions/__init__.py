@@ -28,3 +28,8 @@ def register(name: str) -> Callable[[Fusion], Fusion]:
 def apply_fusions(g, names) -> dict[str, int]:
     """Apply the named rules in order; returns the number of patterns each one fused."""
     return {n: FUSIONS[n](g) for n in names}
+
+
+# the rules (each module registers its names on import)
+from simcost.stack.fusions import (cross_entropy_inplace, linear_cross_entropy,  # noqa: E402,F401
+                                   rms_norm, rope, swiglu)
