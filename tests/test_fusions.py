@@ -140,8 +140,9 @@ def test_cross_entropy_inplace_keeps_the_logits():
     g, a = _graph("unsloth")
     r = next(x for x in a.records if x.op.kind == K.CROSS_ENTROPY_INPLACE)
     logits = r.op.inputs[0]
-    # save_for_backward(logits, logsumexp, labels): the bf16 logits, fp32 and int64 per row
-    assert r.cost.saved == [logits, ("new", TOKENS * 4), ("new", TOKENS * 8)]
+    # save_for_backward(logits, logsumexp, labels): the bf16 logits, fp32 and int64 per row;
+    # loss.sum() / n_items keeps the int64 count
+    assert r.cost.saved == [logits, ("new", TOKENS * 4), ("new", TOKENS * 8), ("new", 8)]
     assert g.tensors[logits].nbytes == TOKENS * VOCAB * 2
     # V = 128256 > 65536: chunked kernel + logsumexp + add + mask + masked_fill; labels shift 3,
     # sum / count_nonzero / div 4
@@ -315,3 +316,178 @@ def test_fused_losses_vectorise():
     assert np.shape(r.cost.fwd_kernels) == (3,)
     chunk, n = lce_chunks(np.array([512, 1024, 2048]), VOCAB, D)
     assert list(chunk) == [16, 32, 64] and list(n) == [32, 32, 32]
+
+
+# -- against torch: HF models patched with Functions that keep what the sources keep ------------
+#
+# Liger's and Unsloth's kernels are Triton (GPU only), so the check runs HF's own model on the
+# CPU with its RMSNorm, RoPE, MLP and loss replaced by torch.autograd.Functions that compute the
+# same values and call ``ctx.save_for_backward`` with exactly what each source saves (the
+# docstrings of simcost.stack.fusions name them). The saved-tensor hooks of
+# simcost.validate.torch_measure then give the bytes a fused step keeps and FlopCounterMode its
+# matmul FLOPs per phase; simcost's fused graph must agree.
+
+def _reference_functions():
+    import torch
+    import torch.nn.functional as F
+
+    def rot(x, sign):
+        h = x.shape[-1] // 2
+        return torch.cat((-sign * x[..., h:], sign * x[..., :h]), dim=-1)
+
+    class RMSNormFn(torch.autograd.Function):      # save_for_backward(X, W, RSTD fp32)
+        @staticmethod
+        def forward(ctx, x, w, eps):
+            rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+            ctx.save_for_backward(x, w, rstd)
+            return (x.float() * rstd[..., None]).to(x.dtype) * w
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w, rstd = ctx.saved_tensors
+            with torch.enable_grad():
+                xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+                y = (xx.float() * rstd[..., None]).to(x.dtype) * ww
+                gx, gw = torch.autograd.grad(y, (xx, ww), dy)
+            return gx, gw, None
+
+    class RopeFn(torch.autograd.Function):         # save_for_backward(cos, sin)
+        @staticmethod
+        def forward(ctx, q, k, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+            return q * c + rot(q, 1) * s, k * c + rot(k, 1) * s
+
+        @staticmethod
+        def backward(ctx, dq, dk):
+            cos, sin = ctx.saved_tensors
+            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+            return dq * c + rot(dq, -1) * s, dk * c + rot(dk, -1) * s, None, None
+
+    class SiLUMulFn(torch.autograd.Function):      # save_for_backward(a, b)
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return F.silu(a) * b
+
+        @staticmethod
+        def backward(ctx, dc):
+            a, b = ctx.saved_tensors
+            sg = torch.sigmoid(a.float())
+            da = (dc.float() * b.float() * sg * (1 + a.float() * (1 - sg))).to(a.dtype)
+            return da, (dc.float() * a.float() * sg).to(b.dtype)
+
+    class LCEFn(torch.autograd.Function):          # save_for_backward(grad_input, grad_weight)
+        @staticmethod
+        def forward(ctx, x, w, target):
+            bt, h = x.shape
+            chunk = int(lce_chunks(bt, w.shape[0], h)[0])
+            gi = torch.zeros_like(x) if x.requires_grad else None
+            gw = torch.zeros_like(w) if (x.requires_grad and w.requires_grad) else None
+            keep = target != -100
+            n = keep.sum()
+            loss = torch.zeros((), dtype=torch.float32)
+            for s in range(0, bt, chunk):
+                xc, t, m = x[s:s + chunk], target[s:s + chunk], keep[s:s + chunk]
+                lf = (xc @ w.t()).float()
+                loss = loss + ((lf.logsumexp(-1) - lf.gather(1, t.clamp(min=0)[:, None])[:, 0])
+                               * m).sum()
+                g = lf.softmax(-1)
+                g[torch.arange(len(t)), t.clamp(min=0)] -= 1
+                g = (g * (m[:, None] / n)).to(x.dtype)
+                if gi is not None:
+                    gi[s:s + chunk] = g @ w
+                if gw is not None:
+                    gw += g.t() @ xc
+            ctx.save_for_backward(gi, gw)
+            return loss / n
+
+        @staticmethod
+        def backward(ctx, dloss):
+            gi, gw = ctx.saved_tensors
+            return (gi * dloss if gi is not None else None,
+                    gw * dloss if gw is not None else None, None)
+
+    class InplaceCEFn(torch.autograd.Function):    # save_for_backward(logits, logsumexp, labels)
+        @staticmethod
+        def forward(ctx, logits, labels):
+            lf = logits.float()
+            lse = lf.logsumexp(-1)
+            ctx.save_for_backward(logits, lse, labels)
+            picked = lf.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+            return (lse - picked) * (labels != -100)
+
+        @staticmethod
+        def backward(ctx, dl):
+            logits, lse, labels = ctx.saved_tensors
+            g = (logits.float() - lse[:, None]).exp()
+            g[torch.arange(len(labels)), labels.clamp(min=0)] -= 1
+            g = g * (dl * (labels != -100))[:, None]
+            return logits.copy_(g.to(logits.dtype)), None
+
+    return RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn
+
+
+def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
+    """Patch transformers' ``model_type`` modeling module the way Liger (``loss='lce'``) or
+    Unsloth (``loss='inplace'``) patch it; ``fused_mlp``: the MLP's silu * up too."""
+    import importlib
+
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn = _reference_functions()
+    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    pre = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    monkeypatch.setattr(getattr(mod, f"{pre}RMSNorm"), "forward",
+                        lambda self, x: RMSNormFn.apply(x, self.weight, self.variance_epsilon))
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb",
+                        lambda q, k, cos, sin, *a, **kw: RopeFn.apply(q, k, cos, sin))
+    if fused_mlp:
+        monkeypatch.setattr(getattr(mod, f"{pre}MLP"), "forward", lambda self, x: self.down_proj(
+            SiLUMulFn.apply(self.gate_proj(x), self.up_proj(x))))
+
+    def forward(self, input_ids=None, labels=None, **kw):
+        kw.pop("logits_to_keep", None)
+        h = self.model(input_ids=input_ids, **kw).last_hidden_state
+        shift = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous().view(-1)
+        if loss == "lce":
+            out = LCEFn.apply(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shift)
+        else:
+            logits = self.lm_head(h)
+            per = InplaceCEFn.apply(logits.view(-1, logits.shape[-1]), shift)
+            out = per.sum() / (shift != -100).sum()
+        return CausalLMOutputWithPast(loss=out)
+
+    monkeypatch.setattr(getattr(mod, f"{pre}ForCausalLM"), "forward", forward)
+
+
+# every family x method once, the dtype alternating (both dtypes meet every family and method)
+TORCH_CASES = [(m, meth, ("fp32", "bf16")[(i + j) % 2])
+               for i, m in enumerate(("llama-gqa", "llama-mha-bias", "mistral", "qwen2"))
+               for j, meth in enumerate(("full", "lora-qv", "lora-all", "dora", "ia3"))]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("stack,loss", [("hf-liger", "lce"), ("unsloth", "inplace")])
+def test_fused_graph_matches_torch_with_the_sources_saves(monkeypatch, stack, loss):
+    from simcost.models.config import spec_from_config
+    from simcost.validate.exact import METHODS, TINY_CONFIGS, harness_peft
+    from simcost.validate.torch_measure import measure_step
+    bad = []
+    for name, meth, dt in TORCH_CASES:
+        cfg = TINY_CONFIGS[name]
+        with monkeypatch.context() as mp:
+            # Unsloth fuses the MLP only where its fast LoRA MLP runs (LoRA on gate, up and
+            # down, no dropout): lora-all here
+            _patch_family(mp, cfg["model_type"], loss, loss == "lce" or meth == "lora-all")
+            m = measure_step(cfg, harness_peft(cfg, METHODS[meth]), batch=2, seq=7, dtype=dt,
+                             attn="sdpa")
+        g, a = build_graph(spec_from_config(cfg), 2, 7, dtype=dt, attn="sdpa",
+                           peft=METHODS[meth], device_kind="cpu", stack=load_stack(stack))
+        ours = (a.activations_bytes, a.total("fwd_matmul_flops"),
+                a.total("bwd_act_matmul_flops") + a.total("bwd_weight_matmul_flops"))
+        theirs = (m.activations_bytes, m.flops_matmul_forward, m.flops_matmul_backward)
+        if tuple(float(x) for x in ours) != tuple(float(x) for x in theirs):
+            bad.append((name, meth, dt, ours, theirs))
+    assert not bad, bad

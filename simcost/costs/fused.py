@@ -207,7 +207,8 @@ def cross_entropy_inplace(op, g, rg, train):
     """Unsloth ``fast_cross_entropy_loss`` (kernels/cross_entropy_loss.py): the logits stay
     in their dtype (no fp32 copy); the forward kernel writes the fp32 loss and logsumexp per
     row, and ``save_for_backward(logits, logsumexp, labels)`` keeps the logits themselves
-    (the LM head's output storage), the fp32 logsumexp (rows) and the shifted int64 labels.
+    (the LM head's output storage), the fp32 logsumexp (rows) and the shifted int64 labels;
+    the final ``loss.sum() / n_items`` keeps the int64 count.
     The backward kernel writes the gradient into the logits buffer and returns it: no
     log-probabilities, no separate gradient.
 
@@ -223,7 +224,8 @@ def cross_entropy_inplace(op, g, rg, train):
     cost = OpCost(fwd_flops=5 * n, fwd_bytes=logits.nbytes + rows * (4 + 4 * ch + 8 * 2),
                   fwd_kernels=3 + ce_k + 4, special_fwd={"exp": n})
     if rg[0]:
-        cost.saved = [op.inputs[0], ("new", rows * 4), ("new", rows * 8)]
+        # + the int64 item count ``loss.sum() / n_items`` keeps (a 0-d tensor)
+        cost.saved = [op.inputs[0], ("new", rows * 4), ("new", rows * 8), ("new", 8)]
         cost.bwd_act_flops = 4 * n
         cost.bwd_bytes = 2 * logits.nbytes + rows * (4 + 8)
         cost.bwd_kernels = 2
