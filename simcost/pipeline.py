@@ -25,6 +25,8 @@ def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str 
     g = build_model_graph(model, batch, seq_total, dtype, attn, device_kind)
     g.meta["seq"] = seq
     apply_peft(g, model, peft)
+    if stack is not None and stack.checkpoint_offload:
+        g.meta["checkpoint_offload"] = True     # read by simcost.sim.memory (full checkpointing)
     if stack is not None and stack.fusions:
         from simcost.stack.fusions import apply_fusions
         g.meta["fusions"] = apply_fusions(g, stack.fusions)

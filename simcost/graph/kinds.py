@@ -30,8 +30,16 @@ DEQUANTIZE = "dequantize"
 DORA_WEIGHT_NORM = "dora_weight_norm"
 DORA_BASE_LINEAR = "dora_base_linear"
 DORA_COMBINE = "dora_combine"
+# fused kernels a training stack runs in place of eager patterns (simcost.stack.fusions;
+# their cost formulas are in simcost.costs.fused)
+RMS_NORM_FUSED = "rms_norm_fused"                # one kernel each way (Liger, Unsloth, TE)
+ROPE_FUSED = "rope_fused"                        # q and k (or one tensor) rotated in one kernel
+SWIGLU_FUSED = "swiglu_fused"                    # silu(gate) * up, silu recomputed in backward
+LINEAR_CROSS_ENTROPY = "linear_cross_entropy"    # lm_head + loss in token chunks (Liger)
+CROSS_ENTROPY_INPLACE = "cross_entropy_inplace"  # loss writing its gradient into the logits
 
-NORMS = (RMS_NORM, LAYER_NORM)
+NORMS = (RMS_NORM, LAYER_NORM, RMS_NORM_FUSED)
+LOSSES = (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, LINEAR_CROSS_ENTROPY)   # the head's loss op
 ATTENTION_MATMULS = (MATMUL, SDPA)     # where an attention core's compute starts
 
 ALL = frozenset(v for k, v in dict(globals()).items()

@@ -38,6 +38,22 @@ loss's fp32 log-probabilities for the head (freed before the LM head's backward)
 prologue's own for the embedding. A parameter used in several segments (tied embeddings)
 holds its first gradient contribution in the autograd engine's input buffer from its top use
 down to its bottom one: (activations at the top use) + grad(p).
+
+Fused losses (a training stack's ``linear_cross_entropy`` / ``cross_entropy_inplace``
+fusions, :mod:`simcost.costs.fused`): what they keep is in the activations (Liger's fused
+linear cross-entropy keeps grad_input and, with a trainable head, grad_weight; Unsloth's
+in-place loss keeps the logits), and the loss transient is only their working memory (one
+chunk's logits and the per-token loss; the per-row losses and logsumexp partials): they have
+no fp32 log-probabilities, no separate logits gradient, and ``loss_chunks`` does not apply.
+
+Offloaded checkpoints (``Stack.checkpoint_offload``, Unsloth's
+``use_gradient_checkpointing="unsloth"``, unsloth_zoo ``Unsloth_Offloaded_Gradient_
+Checkpointer``): under full checkpointing each block's input is copied to host memory
+(``hidden_states.to("cpu", non_blocking=True)``) and back for its recomputation, so the
+device keeps, besides the prologue's and head's saved tensors, one block input (the one
+being recomputed) and that block's saved tensors. The copies' time is not priced: Unsloth
+runs them on side streams (its docs: at most 0.1 % overhead), and one block input over a
+PCIe link (B·S·d·2 bytes at ~25 GB/s) takes far less than the block's compute.
 """
 from __future__ import annotations
 
@@ -197,7 +213,10 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
 
 
 def logits_fp32_bytes(g, tp: int = 1):
-    """The logits' fp32 size (the loss's log-probabilities), per device of a vocab split."""
+    """The logits' fp32 size (the loss's log-probabilities), per device of a vocab split;
+    0 for a fused loss (it keeps none)."""
+    if _loss_op(g).kind != K.CROSS_ENTROPY:
+        return 0
     lt = g.tensors[_logits_tid(g)]
     return lt.nbytes / BYTES[lt.dtype] * 4 / tp
 
@@ -207,7 +226,11 @@ def loss_peak(g, chunks: int, flowing, tp: int = 1):
     backward), per device when the LM head is vocabulary-parallel over ``tp``. Unchunked (HF):
     the logits, their fp32 log-probabilities and the fp32 gradient plus its cast. Chunked
     (``chunks`` > 1): see the module docstring; ``flowing`` is the hidden-state gradient
-    entering the blocks."""
+    entering the blocks. A fused loss: its own working memory (see the module docstring)."""
+    loss_op = _loss_op(g)
+    if loss_op.kind != K.CROSS_ENTROPY:
+        from simcost.costs.fused import fused_loss_transient
+        return fused_loss_transient(loss_op, g) / tp
     lt = g.tensors[_logits_tid(g)]
     logits = lt.nbytes / tp
     f32 = logits_fp32_bytes(g, tp)
@@ -327,8 +350,14 @@ def inference_memory(g, analysis, *, runtime_overhead: float) -> Memory:
                 continue
             st = {g.tensors[t].storage for t in (*op.inputs, *op.outputs)}
             work = np.maximum(work, resid + sum(g.tensors[s].nbytes for s in st))
-    lt = g.tensors[_logits_tid(g)]
-    logits = lt.nbytes + lt.nbytes / BYTES[lt.dtype] * 4
+    loss_op = _loss_op(g)
+    if loss_op.kind == K.CROSS_ENTROPY:
+        lt = g.tensors[_logits_tid(g)]
+        logits = lt.nbytes + lt.nbytes / BYTES[lt.dtype] * 4
+    else:       # a fused loss: its working memory, plus the logits it keeps (Unsloth's)
+        from simcost.costs.fused import fused_loss_transient
+        logits = fused_loss_transient(loss_op, g) + (
+            g.tensors[loss_op.inputs[0]].nbytes if loss_op.kind == K.CROSS_ENTROPY_INPLACE else 0)
     act = np.maximum(work, logits)
     temps = 0
     for r in analysis.records:
@@ -338,24 +367,38 @@ def inference_memory(g, analysis, *, runtime_overhead: float) -> Memory:
     return Memory(weights, 0, 0, 0, act, temps, runtime_overhead, peak)
 
 
-def _logits_tid(g):
+def _loss_op(g):
+    """The head's loss op (eager cross-entropy, or a stack's fused loss)."""
     head = g.segments[-1]
-    loss = next(op for op in head.ops if op.kind == K.CROSS_ENTROPY)
-    return loss.inputs[0]
+    return next(op for op in head.ops if op.kind in K.LOSSES)
+
+
+def _logits_tid(g):
+    """The logits the loss reads (an eager or in-place cross-entropy; Liger's fused linear
+    cross-entropy reads the hidden states instead and has none)."""
+    return _loss_op(g).inputs[0]
 
 
 def checkpointed_activations(g, analysis):
     """HF gradient checkpointing per decoder layer: each block keeps only its input; backward
-    recomputes one block at a time, so one block's saved tensors are live at once."""
+    recomputes one block at a time, so one block's saved tensors are live at once. With
+    ``g.meta['checkpoint_offload']`` (the stack's offloaded checkpoints, see the module
+    docstring) the block inputs live in host memory and the device holds one at a time."""
+    offload = bool(g.meta.get("checkpoint_offload"))
     total = analysis.saved_global
     worst_block = 0
+    worst_input = 0
     for seg, b in zip(g.segments, analysis.saved_local):
         if seg.first_layer is None:
             total = total + b * seg.count
         else:
-            total = total + g.tensors[seg.input_tid].nbytes * seg.count
+            layer_in = g.tensors[seg.input_tid].nbytes
+            if offload:
+                worst_input = np.maximum(worst_input, layer_in)
+            else:
+                total = total + layer_in * seg.count
             worst_block = np.maximum(worst_block, b)
-    return total + worst_block
+    return total + worst_input + worst_block
 
 
 def selective_activations(g, analysis):

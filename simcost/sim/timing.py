@@ -276,12 +276,12 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
         c = r.cost
         att = attention_kind(r)
         df = hf = db = hb = 0.0
-        if c.fwd_kernels:
+        if np.any(c.fwd_kernels):      # (a fused loss's kernel count may vary over a sweep)
             df = tm.device_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
                                 c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.special_fwd,
                                 attention=att and ("fwd", att[1]))
             hf = tm.host_time(c.fwd_kernels)
-        if c.bwd_kernels:
+        if np.any(c.bwd_kernels):
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
             db = tm.device_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.special_bwd,
