@@ -123,7 +123,8 @@ def _run_parallel(req: TrainRequest, spec: ModelSpec) -> TrainEstimate:
         zero=req.zero, parallel=req.parallel, micro_batch=req.micro_batch,
         sequence_parallel=req.sequence_parallel, tp_overlap=req.tp_overlap,
         pp_schedule=req.pp_schedule, virtual_stages=req.virtual_stages, offload=req.offload,
-        fp8_attention=req.fp8_attention, fp8_params=req.fp8_params, peft_options=short,
+        fp8_attention=req.fp8_attention, fp8_params=req.fp8_params,
+        fp8_activation=req.fp8_activation, peft_options=short,
         ep=req.ep,
         loss_chunks=req.loss_chunks, optimizer_in_backward=req.optimizer_in_backward,
         stack=load_stack(req.stack))

@@ -12,10 +12,12 @@ from simcost.sim.analysis import Analysis, analyse
 
 def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str = "sdpa",
                 peft: PeftSpec | None = None, device_kind: str = "cpu",
-                stack=None) -> tuple[ModelGraph, Analysis]:
+                stack=None, fp8_activation: bool = False) -> tuple[ModelGraph, Analysis]:
     """``device_kind`` ('cpu' or 'gpu') picks the kernels whose saved tensors differ by device
     (dropout masks, layer-norm statistics, the SDPA path). ``stack`` (a
-    :class:`simcost.stack.Stack`) rewrites the graph into the stack's fused kernels."""
+    :class:`simcost.stack.Stack`) rewrites the graph into the stack's fused kernels.
+    ``fp8_activation``: a fused SwiGLU keeps its inputs for backward in fp8 (Megatron's
+    ``activation_func_fp8_input_store``, NeMo ``FP8_ACTIVATION``)."""
     if attn == "flash" and device_kind == "cpu":
         raise SimcostError("--attn flash needs an accelerator; on a CPU torch runs sdpa or "
                            "eager attention")
@@ -24,6 +26,7 @@ def build_graph(model: ModelSpec, batch, seq, *, dtype: str = "bf16", attn: str 
     seq_total = seq + tokens_added(peft)
     g = build_model_graph(model, batch, seq_total, dtype, attn, device_kind)
     g.meta["seq"] = seq
+    g.meta["fp8_activation_store"] = bool(fp8_activation)
     apply_peft(g, model, peft)
     if stack is not None and stack.checkpoint_offload:
         g.meta["checkpoint_offload"] = True     # read by simcost.sim.memory (full checkpointing)

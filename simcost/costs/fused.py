@@ -94,7 +94,10 @@ def swiglu_fused(op, g, rg, train):
 
     Saves a and b only (``save_for_backward(a, b)``): silu(a) is recomputed in backward, where
     one kernel reads dc, a, b and writes da, db (over a and b). Eager silu + mul keep a,
-    silu(a) and b."""
+    silu(a) and b. With ``g.meta["fp8_activation_store"]`` (Megatron
+    ``megatron/core/fusions/fused_bias_swiglu.py``, ``fp8_input_store=True``: the forward
+    saves ``input.to(torch.float8_e4m3fn)`` and the backward casts it back) a and b are kept
+    as one-byte copies written by the forward kernel."""
     a, b = _t(g, op.inputs[0]), _t(g, op.inputs[1])
     c = _t(g, op.outputs[0])
     n = numel(c.shape)
@@ -102,6 +105,10 @@ def swiglu_fused(op, g, rg, train):
                   special_fwd={"exp": n})
     if rg[0] or rg[1]:
         cost.saved = [op.inputs[0], op.inputs[1]]
+        if g.meta.get("fp8_activation_store"):
+            na, nb = numel(a.shape), numel(b.shape)
+            cost.saved = [("new", na), ("new", nb)]          # float8_e4m3fn: 1 byte each
+            cost.fwd_bytes = cost.fwd_bytes + na + nb
         cost.bwd_act_flops = 10 * n
         cost.bwd_bytes = c.nbytes + 2 * (a.nbytes + b.nbytes)
         cost.bwd_kernels = 1

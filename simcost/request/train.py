@@ -107,6 +107,8 @@ class TrainRequest(Request):
     # the frozen linear weights stored as fp8 (TransformerEngine Float8Tensor parameters:
     # NeMo/Megatron ``fp8_params``, TE ``fp8_model_init``), not as bf16 cast per GEMM
     fp8_params: StrictBool = False
+    # a fused SwiGLU's saved inputs in fp8 (Megatron activation_func_fp8_input_store)
+    fp8_activation: StrictBool = False
     max_positions: Seq | None = None
     loss_chunks: PosInt = 1
     optimizer_in_backward: StrictBool = False
@@ -223,6 +225,14 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
         raise ValueError("--fp8-attention needs --dtype fp8")
     if r.fp8_params and r.dtype != "fp8":
         raise ValueError("fp8_params (fp8-stored weights) needs --dtype fp8")
+    if r.fp8_activation and r.dtype != "fp8":
+        raise ValueError("fp8_activation (fp8-stored SwiGLU inputs) needs --dtype fp8")
+    if r.fp8_activation:
+        from simcost.stack import load_stack
+        st = load_stack(r.stack)
+        if not any(f.startswith("swiglu") for f in st.fusions):
+            notes.append(f"fp8_activation has no effect: stack '{st.name}' runs no fused "
+                         f"SwiGLU")
     if r.micro_batch is not None and r.micro_batch > r.batch:
         raise ValueError(f"--micro-batch {r.micro_batch} is larger than --batch {r.batch}")
     if r.loss_chunks > r.seq:

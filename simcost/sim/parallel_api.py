@@ -16,7 +16,7 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                       parallel, micro_batch, sequence_parallel, tp_overlap, pp_schedule,
                       virtual_stages, offload, fp8_attention, peft_options, ep=None,
                       loss_chunks=1, optimizer_in_backward=False, stack=None,
-                      fp8_params=False):
+                      fp8_params=False, fp8_activation=False):
     from simcost.pipeline import kernel_kind as _kernel_kind
     from simcost.request.train import check_seq as _check_seq, resolve_peft
     from simcost.result import make_estimate
@@ -51,7 +51,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
 
     def build(mb, s):
         g, a = pipeline.build_graph(spec, mb, s, dtype=compute, attn=attn, peft=pspec,
-                                    device_kind=kind, stack=stack)
+                                    device_kind=kind, stack=stack,
+                                    fp8_activation=fp8_activation)
         if store != compute:
             for p, _ in g.params():
                 if p.dtype == compute and p.role != "adapter":

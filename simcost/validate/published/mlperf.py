@@ -36,7 +36,7 @@ class NemoPlan:
     config: str
     fp8_attention: bool | None = None   # FP8_DPA where the config sets it (None: common's)
     distributed_optimizer: bool = False  # optim mcore_distributed_optim (ZeRO-1)
-    fp8_activation: bool = False        # FP8_ACTIVATION: SwiGLU input stored fp8 (not priced)
+    fp8_activation: bool = False        # FP8_ACTIVATION: SwiGLU input stored fp8
 
 
 # The submitted plan by (round, hardware profile, model-parallel size tp*pp*cp = devices / dp):
@@ -127,8 +127,9 @@ def map_mlperf(row: dict) -> Mapping:
                     else 0)
         notes.append(f"submitted plan tp{plan.tp} pp{plan.pp} cp{plan.cp} from {plan.config}")
         if plan.fp8_activation:
-            notes.append("its config sets FP8_ACTIVATION=True (SwiGLU input kept in fp8); "
-                         "simcost keeps it 16-bit")
+            dist["fp8_activation"] = True
+            notes.append("its config sets FP8_ACTIVATION=True: the fused SwiGLU keeps its "
+                         "input in fp8 (Megatron activation_func_fp8_input_store)")
     else:
         dist["parallel"] = "auto"
     dist["fp8_attention"] = fp8_dpa
