@@ -78,11 +78,12 @@ class TimeModel:
 
         eff = given(p.matmul_efficiency, 1.0)
         on_accel = stack is not None and dev.kind != "cpu"
+        sustained = 1.0
         if on_accel and stack.gemm_sustained is not None and not p.gemm_table:
-            eff = eff * stack.gemm_sustained
-        mm = {k: v * eff for k, v in dev.peak_flops_per_s.items()}
+            sustained = stack.gemm_sustained
+        mm = {k: v * eff * sustained for k, v in dev.peak_flops_per_s.items()}
         if "fp8" in mm and p.matmul_efficiency_fp8 is not None:
-            mm["fp8"] = dev.peak_flops_per_s["fp8"] * p.matmul_efficiency_fp8
+            mm["fp8"] = dev.peak_flops_per_s["fp8"] * p.matmul_efficiency_fp8 * sustained
         half = None
         if p.matmul_half_m is not None:
             half = (p.matmul_half_m, p.matmul_half_n, p.matmul_half_k)
