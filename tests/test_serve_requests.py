@@ -233,7 +233,8 @@ def test_replicas_with_tp():
 # ---- structure ------------------------------------------------------------------------------
 def test_scheduler_registry_refuses_duplicates_and_suggests():
     from simcost.serve.schedulers import SCHEDULER_CLASSES, Scheduler, get_scheduler, register
-    assert set(SCHEDULER_CLASSES) == {"fcfs", "slora", "mixed"}
+    # v1: vLLM V1's scheduler (the default engine's)
+    assert set(SCHEDULER_CLASSES) == {"v1", "fcfs", "slora", "mixed"}
     with pytest.raises(SimcostError, match="already registered"):
         register("fcfs")(type("Again", (Scheduler,), {}))
     with pytest.raises(SimcostError, match="did you mean: slora"):
@@ -252,7 +253,8 @@ def test_scheduler_registry_refuses_duplicates_and_suggests():
      (100, 2200, 20, 0, 20, 24.066396030414545, 2.8832206649523715)),
     (dict(adapters=200, ranks=[8, 64], rate=8, duration=30, engine="slora", seed=1),
      (240, 2181, 197, 0, 55, 36.613474982889464, 5.43383401115474)),
-    (dict(adapters=5, ranks=[8], rate=3, duration=30, merged=True, seed=2),
+    # the old simulator's default engine was vLLM v0 (the default is now V1): name it
+    (dict(adapters=5, ranks=[8], rate=3, duration=30, merged=True, seed=2, engine="vllm-v0"),
      (90, 5381, 0, 0, 17, 51.52775537760324, 14.196176267301206)),
 ])
 def test_results_of_the_one_function_simulator(kw, expect):

@@ -237,7 +237,8 @@ def test_slora_engine_host_and_sampling_facts_slow_it_down():
     from simcost.serve.engines import get_engine
     e = get_engine("slora")
     assert e.lora_kernel == "slora-bgmv" and e.host_ops_per_seq == 1 and e.full_sort_sampling
-    for k in ("admission", "lora_kernel", "host_ops_per_seq", "full_sort_sampling", "workload"):
+    # sources are keyed by the profile's field path (stack_profiles/serving/slora.json)
+    for k in ("scheduler", "lora_kernel", "host.ops_per_seq", "full_sort_sampling"):
         assert "S-LoRA/S-LoRA" in e.sources[k]
     from simcost.serve.sim import Engine
     assert Engine(scheduler="slora").host_ops_per_seq == 1     # facts follow the scheduler

@@ -11,7 +11,8 @@ from simcost.models.config import ModelSpec, load_model
 from simcost.request.serve import ServeEstimateRequest, ServeSimRequest, read_trace
 from simcost.result import SCHEMA_VERSION
 from simcost.serve.adapters import AdapterSet
-from simcost.serve.engines import DEFAULT_ENGINE, SCHEDULER_ENGINE, default_limits, get_engine
+from simcost.serve.engines import (DEFAULT_ENGINE, SCHEDULER_ENGINE, EngineSpec, default_limits,
+                                   get_engine)
 from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
 from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
@@ -203,7 +204,7 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
                    targets=None, peft: str | None = None, num_virtual_tokens: int | None = None,
                    max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                    prefetch: bool = False, gpu_memory_utilization: float = 0.9,
-                   cuda_graphs: bool | None = None, engine: str | None = None,
+                   cuda_graphs: bool | None = None, engine=None,
                    max_total_tokens: int | None = None,
                    generator: str = "default") -> ServeSimulation:
     """Simulate ``duration`` seconds of traffic (or a trace) against ``devices`` = ``tp`` x
@@ -219,7 +220,11 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
     fcfs: vllm-v0, slora: slora, mixed: trtllm), or is vLLM V1.
     ``max_total_tokens`` caps the KV pool in token slots (LightLLM's ``--max_total_token_num``).
     ``generator='slora'`` draws the requests as S-LoRA's benchmark does (``benchmarks/trace.py``;
-    with ``seed=42`` they are the very requests of its published runs)."""
+    with ``seed=42`` they are the very requests of its published runs). ``engine`` may also be
+    an :class:`~simcost.serve.engines.EngineSpec` (a profile with changed constants: the fits)."""
+    spec = engine if isinstance(engine, EngineSpec) else None
+    if spec is not None:
+        engine = spec.name
     req = ServeSimRequest.build(
         model=model, hardware=hardware, dtype=dtype, weight_dtype=weight_dtype,
         kv_dtype=kv_dtype, devices=devices, tp=tp, routing=routing, adapters=adapters,
@@ -231,13 +236,15 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
         max_num_tokens=max_num_tokens, prefetch=prefetch,
         gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, engine=engine,
         max_total_tokens=max_total_tokens, generator=generator)
-    return simulate_from_request(req)
+    return simulate_from_request(req, spec)
 
 
-def _engine(req: ServeSimRequest):
-    """(engine facts, scheduler name, LoRA kernel) of the request: ``--engine`` (a name or a
-    profile file), else the engine a bare ``--scheduler`` names, else vLLM (V1)."""
-    if req.engine is not None:
+def _engine(req: ServeSimRequest, spec: EngineSpec | None = None):
+    """(engine facts, scheduler name, LoRA kernel) of the request: ``spec``, else ``--engine``
+    (a name or a profile file), else the engine a bare ``--scheduler`` names, else vLLM (V1)."""
+    if spec is not None:
+        espec = get_engine(spec)
+    elif req.engine is not None:
         espec = get_engine(req.engine)
     elif req.scheduler is not None:
         if req.scheduler not in SCHEDULERS:
@@ -262,8 +269,8 @@ def _requests(req: ServeSimRequest, spec, prefix: int):
     return ii, oo, None
 
 
-def simulate_from_request(req: ServeSimRequest) -> ServeSimulation:
-    espec, sched, kernel = _engine(req)
+def simulate_from_request(req: ServeSimRequest, spec: EngineSpec | None = None) -> ServeSimulation:
+    espec, sched, kernel = _engine(req, spec)
     spec, prof, dev, step, tg, host_bw, host_lat = _setup(
         req.model, req.hardware, req.dtype, req.weight_dtype, req.kv_dtype, req.tp, req.devices,
         kernel, req.targets, False, espec.decode_attn_overhead or 0.0)

@@ -40,7 +40,8 @@ def _slora_rows(rows):
 
 def simulate_slora_benchmark(model: str, n_adapters: int, ranks, *, rate=10.0, cv=1.0, alpha=1.0,
                              duration=120.0, input_range=(8, 512), output_range=(8, 512),
-                             max_total_tokens=None, hardware="a100-80gb-sxm") -> dict:
+                             max_total_tokens=None, hardware="a100-80gb-sxm",
+                             engine="slora") -> dict:
     """One S-LoRA benchmark run as ``benchmarks/run_exp.py`` does it (S-LoRA/S-LoRA): the
     requests of ``benchmarks/trace.py generate_requests`` (seed 42, randint upper bounds
     exclusive: ``Workload(generator="slora")``) against the ``slora`` engine; throughput =
@@ -51,7 +52,7 @@ def simulate_slora_benchmark(model: str, n_adapters: int, ranks, *, rate=10.0, c
     s = simulate_serve(model, hardware, dtype="fp16", adapters=n_adapters, ranks=list(ranks),
                        rate=rate, cv=cv, popularity_alpha=alpha, duration=duration,
                        input_len="%d:%d" % tuple(input_range),
-                       output_len="%d:%d" % tuple(output_range), engine="slora",
+                       output_len="%d:%d" % tuple(output_range), engine=engine,
                        max_total_tokens=max_total_tokens, seed=SLORA_BENCH_SEED,
                        generator="slora")
     return {"throughput_req_s": s.throughput_req_s, "avg_first_token_latency_s": s.ttft_s["mean"],
@@ -59,7 +60,9 @@ def simulate_slora_benchmark(model: str, n_adapters: int, ranks, *, rate=10.0, c
             "makespan_s": s.makespan_s, "swaps": s.swaps}
 
 
-def eval_slora(rows, cache):
+def eval_slora(rows, cache, engine="slora"):
+    """The S-LoRA rows against ``engine`` (a name or an EngineSpec: the fit sets its host
+    constants)."""
     out = []
     for r in _slora_rows(rows):
         res = {"id": r["id"], "source": "S-LoRA", "metric": r["metric"], "measured": float(r["value"])}
@@ -80,7 +83,8 @@ def eval_slora(rows, cache):
             cache[key] = simulate_slora_benchmark(model, n, ranks, rate=10, cv=1, alpha=1,
                                                   duration=120, input_range=(8, 512),
                                                   output_range=(8, 512),
-                                                  max_total_tokens=SLORA_POOL_TOKENS[model])
+                                                  max_total_tokens=SLORA_POOL_TOKENS[model],
+                                                  engine=engine)
         pred = cache[key][r["metric"]]
         res.update(status="ok", predicted=pred, model=model, ranks=ranks, adapters=n,
                    error=(pred - res["measured"]) / res["measured"])
