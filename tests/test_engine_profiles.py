@@ -2,6 +2,7 @@
 one-line errors, --engine PATH.json, vLLM V1's defaults and scheduler, and the S-LoRA fit."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,25 +156,28 @@ def _fit_module():
     spec = importlib.util.spec_from_file_location("fit_engines",
                                                   ROOT / "validation/fit/fit_engines.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["fit_engines"] = mod          # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_fit_script_reproduces_the_committed_values():
-    """fit_engines.fit on its named rows gives the values and residuals slora.json holds
-    (about 10 s: a bounded scalar fit over four S-LoRA benchmark replays)."""
+@pytest.mark.parametrize("engine", ["slora", "trtllm"])
+def test_fit_script_reproduces_the_committed_values(engine):
+    """fit_engines.fit on its named rows gives the value and residuals the profile holds (a
+    bounded scalar fit over the engine's benchmark replays: about 10 s for S-LoRA, 5 s for
+    TensorRT-LLM)."""
     fe = _fit_module()
-    rows = fe.slora_rows()
-    result = fe.fit(rows)
-    prof = _profile("slora")
-    for p in fe.PARAMS:
-        rec = prof["host"][p]
-        assert result["values"][p] == pytest.approx(rec["value"], rel=1e-6)
-        assert rec["fitted"]["rows"] == list(fe.FIT_ROWS)
-        assert rec["fitted"]["held_out"] == fe.held_out(rows)
-        got = fe.residuals(result)
-        for k, v in rec["fitted"]["residual"].items():
-            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
-    lo, hi = fe.BOUNDS["step_overhead_s"]
-    assert lo < result["values"]["step_overhead_s"] < hi       # not pinned at a bound
-    assert get_engine("slora").step_overhead_s == prof["host"]["step_overhead_s"]["value"]
+    f = fe.BY_ENGINE[engine]
+    result = fe.fit(f, fe.dev_rows())
+    rec = _profile(engine)["host"][f.param]
+    assert result["values"][f.param] == pytest.approx(rec["value"], rel=1e-6)
+    assert rec["fitted"]["rows"] == list(f.rows) and rec["fitted"]["script"] == fe.SCRIPT
+    assert rec["fitted"]["held_out"] == result["held_out_ids"]
+    assert not set(f.rows) & set(result["held_out_ids"])
+    got = fe.residuals(result)
+    assert set(got) == set(rec["fitted"]["residual"])
+    for k, v in rec["fitted"]["residual"].items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    lo, hi = f.bounds
+    assert lo < result["values"][f.param] < hi             # not pinned at a bound
+    assert getattr(get_engine(engine), f.param) == rec["value"]
