@@ -44,7 +44,8 @@ def test_every_profile_validates_and_every_number_has_provenance(name):
 
 
 def test_the_engines_and_the_default():
-    assert {"vllm", "vllm-v0", "slora", "trtllm", "hf-peft", "sglang"} <= set(engine_names())
+    assert {"vllm", "vllm-v0", "slora", "trtllm", "hf-peft", "sglang", "lorax"} \
+        <= set(engine_names())
     assert DEFAULT_ENGINE == "vllm"
     v1, v0 = get_engine("vllm"), get_engine("vllm-v0")
     assert (v1.scheduler, v1.graph_mode, v1.chunked_prefill, v1.prefix_caching) == \
@@ -71,8 +72,9 @@ def test_vllm_v1_batch_defaults_follow_the_device():
 def test_unknown_engine_names_the_nearest():
     with pytest.raises(SimcostError, match=r"unknown serving engine 'vlm' \(did you mean: vllm"):
         get_engine("vlm")
-    with pytest.raises(SimcostError, match="described but not simulated"):
-        get_engine("sglang")
+    for described in ("sglang", "lorax", "hf-peft"):
+        with pytest.raises(SimcostError, match="described but not simulated"):
+            get_engine(described)
     from simcost.cli import main
     assert main(f"simulate serve --model {M} --hardware {H} --rate 1 --duration 1 "
                 "--engine slorra".split()) == 2

@@ -196,17 +196,22 @@ def _pct(m):
 
 
 def _engines_section(results) -> list:
-    from simcost.serve.engines import all_engines
+    from simcost.serve.engines import DEFAULT_ENGINE, all_engines
     lines = ["", "## Engines", "",
              "Each row runs the engine its source used (`stack_profiles/serving/<engine>.json`, "
              "every fact cited there): S-LoRA rows replay S-LoRA's own benchmark "
              "(`benchmarks/run_exp.py` + `trace.py`, seed 42: the same 1200 requests) against "
              "the `slora` engine with the pool of 125000 / 65000 token slots the runs were "
              "launched with; TensorRT-LLM rows the `trtllm` engine (in-flight batching, chunked "
-             "prefill, CUDA graphs, fp8 GEMMs at the profile's measured fp8 matmul fraction). "
-             "`vllm` (V1, the default engine), `vllm-v0`, `hf-peft` and `sglang` have no "
-             "simulated dev rows here.", ""]
-    for e in all_engines().values():
+             "prefill, CUDA graphs, fp8 GEMMs at the profile's measured fp8 matmul fraction)."]
+    engines = all_engines()
+    ran = {r["engine"] for r in results if r["status"] == "ok"}
+    idle = [f"`{n}`" + (" (the default engine)" if n == DEFAULT_ENGINE else "")
+            + ("" if e.simulated else " (described, not simulated)")
+            for n, e in engines.items() if n not in ran]
+    lines[-1] += f" No dev row here runs {', '.join(idle)}."
+    lines.append("")
+    for e in engines.values():
         vers = ", ".join(f"{k} {v}" for k, v in e.versions.items())
         lines.append(f"- `{e.name}` ({e.display}; {vers})"
                      + (f": not published, so left out or fitted: {e.unpublished}"
