@@ -259,7 +259,14 @@ def test_scheduler_registry_refuses_duplicates_and_suggests():
 ])
 def test_results_of_the_one_function_simulator(kw, expect):
     """Numbers `simcost simulate serve` printed before the event loop was split into a replica,
-    scheduler classes and an adapter pool (same seeds, one replica)."""
+    scheduler classes and an adapter pool (same seeds, one replica). The old simulator had no
+    fitted host cost per iteration (validation/fit/fit_engines.py: slora's step_overhead_s,
+    trtllm's seq_overhead_s): the engines run here with those set to 0."""
+    import dataclasses
+    from simcost.serve.engines import SCHEDULER_ENGINE, get_engine
+    kw = dict(kw)
+    name = kw.pop("engine", None) or SCHEDULER_ENGINE[kw.pop("scheduler")]
+    kw["engine"] = dataclasses.replace(get_engine(name), step_overhead_s=0.0, seq_overhead_s=0.0)
     r = simulate_serve(M, H, **kw)
     got = (r.n_requests, r.iterations, r.swaps, r.preemptions, r.max_batch, r.makespan_s,
            r.latency_s["mean"])
