@@ -104,6 +104,26 @@ def test_bad_profile_file_is_one_line_naming_the_field(tmp_path, edit, field, ca
     assert len(err) == 1 and field in err[0]
 
 
+def test_malformed_profile_json_is_one_line(tmp_path):
+    f = tmp_path / "broken.json"
+    f.write_text("{")
+    with pytest.raises(SimcostError) as ei:
+        get_engine(str(f))
+    assert "\n" not in str(ei.value) and "broken.json" in str(ei.value)
+
+
+def test_the_table_and_json_name_the_engine_and_its_versions(capsys):
+    from simcost.cli import main
+    base = f"simulate serve --model {M} --hardware {H} --rate 2 --duration 3 --engine vllm-v0"
+    assert main(base.split()) == 0
+    out = capsys.readouterr().out
+    assert "vLLM v0" in out and "vllm >=" in out
+    assert main((base + " --json").split()) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["engine"] == "vllm-v0" and js["engine_versions"]["vllm"].startswith(">=")
+    assert js["engine_display_name"].startswith("vLLM v0")
+
+
 def test_engine_path_json_is_accepted(tmp_path):
     f = tmp_path / "my-vllm.json"
     f.write_text(json.dumps(_profile("vllm")))

@@ -277,7 +277,7 @@ def test_results_of_the_one_function_simulator(kw, expect):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rate=st.floats(0.5, 30), duration=st.floats(0.5, 4), cv=st.floats(0.1, 20),
        alpha=st.floats(0.05, 5), adapters=st.integers(0, 10 ** 9),
-       sched=st.sampled_from(["fcfs", "slora", "mixed"]), devices=st.sampled_from([1, 2, 3]),
+       sched=st.sampled_from(["v1", "fcfs", "slora", "mixed"]), devices=st.sampled_from([1, 2, 3]),
        routing=st.sampled_from(["round-robin", "adapter-affinity"]), seed=st.integers(0, 2 ** 32 - 1))
 def test_simulation_numbers_finite_and_counted(rate, duration, cv, alpha, adapters, sched,
                                                devices, routing, seed):
