@@ -230,8 +230,8 @@ def _slora_section(results) -> list:
              "forwards: the RPC to the model process, the next-token sync, detokenizer and HTTP "
              "messages, InferBatch filter/merge; none published). Fitted on the setting-S1 rows "
              "(Llama-7B, ranks {8}); S2 (ranks {64,32,16,8}) and the Llama-13B S4 rows are held "
-             "out. A per-running-request constant fitted jointly went to its bound 0, so it is "
-             "not in the profile.", "", "| metric | in-fit MAPE | out-of-fit MAPE |",
+             "out. The second constants tried and rejected (per running request, per adapter "
+             "load) are recorded in `validation/fit/fit_engines.py`.", "", "| metric | in-fit MAPE | out-of-fit MAPE |",
              "|---|---:|---:|"]
     for metric in sorted({r["metric"] for r in sl}):
         fit = [r for r in sl if r["metric"] == metric and r["split"] == "in-fit"]
