@@ -233,7 +233,8 @@ def test_replicas_with_tp():
 # ---- structure ------------------------------------------------------------------------------
 def test_scheduler_registry_refuses_duplicates_and_suggests():
     from simcost.serve.schedulers import SCHEDULER_CLASSES, Scheduler, get_scheduler, register
-    assert set(SCHEDULER_CLASSES) == {"fcfs", "slora", "mixed"}
+    # v1: vLLM V1's scheduler (the default engine's)
+    assert set(SCHEDULER_CLASSES) == {"v1", "fcfs", "slora", "mixed"}
     with pytest.raises(SimcostError, match="already registered"):
         register("fcfs")(type("Again", (Scheduler,), {}))
     with pytest.raises(SimcostError, match="did you mean: slora"):
@@ -252,12 +253,20 @@ def test_scheduler_registry_refuses_duplicates_and_suggests():
      (100, 2200, 20, 0, 20, 24.066396030414545, 2.8832206649523715)),
     (dict(adapters=200, ranks=[8, 64], rate=8, duration=30, engine="slora", seed=1),
      (240, 2181, 197, 0, 55, 36.613474982889464, 5.43383401115474)),
-    (dict(adapters=5, ranks=[8], rate=3, duration=30, merged=True, seed=2),
+    # the old simulator's default engine was vLLM v0 (the default is now V1): name it
+    (dict(adapters=5, ranks=[8], rate=3, duration=30, merged=True, seed=2, engine="vllm-v0"),
      (90, 5381, 0, 0, 17, 51.52775537760324, 14.196176267301206)),
 ])
 def test_results_of_the_one_function_simulator(kw, expect):
     """Numbers `simcost simulate serve` printed before the event loop was split into a replica,
-    scheduler classes and an adapter pool (same seeds, one replica)."""
+    scheduler classes and an adapter pool (same seeds, one replica). The old simulator had no
+    fitted host cost per iteration (validation/fit/fit_engines.py: slora's step_overhead_s,
+    trtllm's seq_overhead_s): the engines run here with those set to 0."""
+    import dataclasses
+    from simcost.serve.engines import SCHEDULER_ENGINE, get_engine
+    kw = dict(kw)
+    name = kw.pop("engine", None) or SCHEDULER_ENGINE[kw.pop("scheduler")]
+    kw["engine"] = dataclasses.replace(get_engine(name), step_overhead_s=0.0, seq_overhead_s=0.0)
     r = simulate_serve(M, H, **kw)
     got = (r.n_requests, r.iterations, r.swaps, r.preemptions, r.max_batch, r.makespan_s,
            r.latency_s["mean"])
@@ -268,7 +277,7 @@ def test_results_of_the_one_function_simulator(kw, expect):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rate=st.floats(0.5, 30), duration=st.floats(0.5, 4), cv=st.floats(0.1, 20),
        alpha=st.floats(0.05, 5), adapters=st.integers(0, 10 ** 9),
-       sched=st.sampled_from(["fcfs", "slora", "mixed"]), devices=st.sampled_from([1, 2, 3]),
+       sched=st.sampled_from(["v1", "fcfs", "slora", "mixed"]), devices=st.sampled_from([1, 2, 3]),
        routing=st.sampled_from(["round-robin", "adapter-affinity"]), seed=st.integers(0, 2 ** 32 - 1))
 def test_simulation_numbers_finite_and_counted(rate, duration, cv, alpha, adapters, sched,
                                                devices, routing, seed):

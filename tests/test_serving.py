@@ -61,7 +61,7 @@ def test_same_seed_same_result_and_seed_matters():
     assert a != c
 
 
-@pytest.mark.parametrize("scheduler", ["fcfs", "slora", "mixed"])
+@pytest.mark.parametrize("scheduler", ["v1", "fcfs", "slora", "mixed"])   # v1: the default's
 def test_nothing_admitted_beyond_memory(scheduler, monkeypatch):
     """A device with room for only a few sequences: the batch never holds more KV than the pool."""
     import simcost.serve.sim as simmod
@@ -81,8 +81,8 @@ def test_nothing_admitted_beyond_memory(scheduler, monkeypatch):
     r = simulate_serve(M, H, rate=50, duration=5, input_len="400:500", output_len="100:200",
                        scheduler=scheduler, seed=1)
     # reserving schedulers hold prompt + output (>= 500 tokens) per request: at most 6 fit;
-    # vLLM-style paging holds only what is cached (>= 400 prompt tokens): at most 7
-    assert r.max_batch <= (7 if scheduler == "fcfs" else 6)
+    # vLLM-style paging (v0 and V1) holds only what is cached (>= 400 prompt tokens): at most 7
+    assert r.max_batch <= (7 if scheduler in ("fcfs", "v1") else 6)
     assert r.n_requests == 250 and np.isfinite(r.latency_s["mean"])
 
 
@@ -237,7 +237,8 @@ def test_slora_engine_host_and_sampling_facts_slow_it_down():
     from simcost.serve.engines import get_engine
     e = get_engine("slora")
     assert e.lora_kernel == "slora-bgmv" and e.host_ops_per_seq == 1 and e.full_sort_sampling
-    for k in ("admission", "lora_kernel", "host_ops_per_seq", "full_sort_sampling", "workload"):
+    # sources are keyed by the profile's field path (stack_profiles/serving/slora.json)
+    for k in ("scheduler", "lora_kernel", "host.ops_per_seq", "full_sort_sampling"):
         assert "S-LoRA/S-LoRA" in e.sources[k]
     from simcost.serve.sim import Engine
     assert Engine(scheduler="slora").host_ops_per_seq == 1     # facts follow the scheduler

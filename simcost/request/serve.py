@@ -38,7 +38,9 @@ VirtualTokens = Annotated[StrictInt, Field(ge=0, le=MAX_SEQ)]
 
 SIM_DEFAULTS = {"rate": 10.0, "cv": 1.0, "popularity_alpha": 1.0, "duration": 60.0,
                 "input_len": (8, 512), "output_len": (8, 512), "seed": 0, "ranks": (8,),
-                "scheduler": "fcfs", "routing": "round-robin"}
+                "routing": "round-robin"}
+# no scheduler default: without --engine or --scheduler the engine is vLLM V1
+# (simcost.serve.engines.DEFAULT_ENGINE), which brings its own scheduler
 
 
 def _ranks(v, what="--ranks"):

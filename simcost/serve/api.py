@@ -11,7 +11,8 @@ from simcost.models.config import ModelSpec, load_model
 from simcost.request.serve import ServeEstimateRequest, ServeSimRequest, read_trace
 from simcost.result import SCHEMA_VERSION
 from simcost.serve.adapters import AdapterSet
-from simcost.serve.engines import ENGINES, SCHEDULER_ENGINE, get_engine
+from simcost.serve.engines import (DEFAULT_ENGINE, SCHEDULER_ENGINE, EngineSpec, default_limits,
+                                   get_engine)
 from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
 from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
@@ -43,6 +44,8 @@ class ServeSimulation(BaseModel):
     model: str
     hardware: str
     engine: str
+    engine_display_name: str = ""
+    engine_versions: dict[str, str] = {}
     scheduler: str
     tp: int
     adapters: int
@@ -201,7 +204,7 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
                    targets=None, peft: str | None = None, num_virtual_tokens: int | None = None,
                    max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                    prefetch: bool = False, gpu_memory_utilization: float = 0.9,
-                   cuda_graphs: bool | None = None, engine: str | None = None,
+                   cuda_graphs: bool | None = None, engine=None,
                    max_total_tokens: int | None = None,
                    generator: str = "default") -> ServeSimulation:
     """Simulate ``duration`` seconds of traffic (or a trace) against ``devices`` = ``tp`` x
@@ -210,13 +213,18 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
 
     Defaults (None = not given): rate 10 req/s, cv 1, popularity_alpha 1, duration 60 s (a
     number of seconds or '90s', '10m', '1h'), input and output lengths 8:512 ('512' = 512:512),
-    ranks 8, seed 0, scheduler fcfs. At most 10^7 requests (rate x duration) are simulated.
-    ``engine`` (:data:`simcost.serve.engines.ENGINES`) fixes the engine's physical facts
-    (scheduler, LoRA kernel, CUDA graphs, paged-attention overhead, adapter residency); without
-    it the engine follows ``scheduler`` (fcfs: vllm, slora: slora, mixed: trtllm).
+    ranks 8, seed 0, engine vllm (V1). At most 10^7 requests (rate x duration) are simulated.
+    ``engine`` (a name or a profile file, :mod:`simcost.serve.engines`) fixes the engine's
+    facts (scheduler, LoRA kernel, CUDA graphs, paged-attention overhead, adapter residency,
+    default batch limits, host cost); without it the engine follows ``scheduler`` (v1: vllm,
+    fcfs: vllm-v0, slora: slora, mixed: trtllm), or is vLLM V1.
     ``max_total_tokens`` caps the KV pool in token slots (LightLLM's ``--max_total_token_num``).
     ``generator='slora'`` draws the requests as S-LoRA's benchmark does (``benchmarks/trace.py``;
-    with ``seed=42`` they are the very requests of its published runs)."""
+    with ``seed=42`` they are the very requests of its published runs). ``engine`` may also be
+    an :class:`~simcost.serve.engines.EngineSpec` (a profile with changed constants: the fits)."""
+    spec = engine if isinstance(engine, EngineSpec) else None
+    if spec is not None:
+        engine = spec.name
     req = ServeSimRequest.build(
         model=model, hardware=hardware, dtype=dtype, weight_dtype=weight_dtype,
         kv_dtype=kv_dtype, devices=devices, tp=tp, routing=routing, adapters=adapters,
@@ -228,20 +236,23 @@ def simulate_serve(model, hardware, *, dtype: str = "fp16", weight_dtype: str | 
         max_num_tokens=max_num_tokens, prefetch=prefetch,
         gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, engine=engine,
         max_total_tokens=max_total_tokens, generator=generator)
-    return simulate_from_request(req)
+    return simulate_from_request(req, spec)
 
 
-def _engine(req: ServeSimRequest):
-    """(engine facts, scheduler name, LoRA kernel) of the request."""
-    if req.engine is not None:
+def _engine(req: ServeSimRequest, spec: EngineSpec | None = None):
+    """(engine facts, scheduler name, LoRA kernel) of the request: ``spec``, else ``--engine``
+    (a name or a profile file), else the engine a bare ``--scheduler`` names, else vLLM (V1)."""
+    if spec is not None:
+        espec = get_engine(spec)
+    elif req.engine is not None:
         espec = get_engine(req.engine)
-        sched = espec.scheduler          # the engine's own batching policy
+    elif req.scheduler is not None:
+        if req.scheduler not in SCHEDULERS:
+            raise unknown("scheduler", req.scheduler, SCHEDULERS)
+        espec = get_engine(SCHEDULER_ENGINE[req.scheduler])
     else:
-        sched = req.eff("scheduler")
-        if sched not in SCHEDULERS:
-            raise unknown("scheduler", sched, SCHEDULERS)
-        espec = ENGINES[SCHEDULER_ENGINE[sched]]
-    return espec, sched, _kernel(req.lora_kernel or espec.lora_kernel)
+        espec = get_engine(DEFAULT_ENGINE)
+    return espec, espec.scheduler, _kernel(req.lora_kernel or espec.lora_kernel)
 
 
 def _requests(req: ServeSimRequest, spec, prefix: int):
@@ -258,23 +269,25 @@ def _requests(req: ServeSimRequest, spec, prefix: int):
     return ii, oo, None
 
 
-def simulate_from_request(req: ServeSimRequest) -> ServeSimulation:
-    espec, sched, kernel = _engine(req)
+def simulate_from_request(req: ServeSimRequest, spec: EngineSpec | None = None) -> ServeSimulation:
+    espec, sched, kernel = _engine(req, spec)
     spec, prof, dev, step, tg, host_bw, host_lat = _setup(
         req.model, req.hardware, req.dtype, req.weight_dtype, req.kv_dtype, req.tp, req.devices,
         kernel, req.targets, False, espec.decode_attn_overhead or 0.0)
     peft = req.peft or ("lora" if req.adapters > 0 else "none")
     prefix = req.virtual_tokens if peft == "prefix" else 0
     ii, oo, trace = _requests(req, spec, prefix)
-    eng = Engine(scheduler=sched, max_num_seqs=req.max_num_seqs or espec.max_num_seqs,
-                 max_num_tokens=req.max_num_tokens or espec.max_num_tokens,
-                 prefetch=req.prefetch,
+    seqs, tokens = default_limits(espec, dev.memory_bytes, f"{prof.name} {dev.name}")
+    eng = Engine(scheduler=sched, max_num_seqs=req.max_num_seqs or seqs,
+                 max_num_tokens=req.max_num_tokens or tokens, prefetch=req.prefetch,
                  cuda_graphs=espec.cuda_graphs if req.cuda_graphs is None else req.cuda_graphs,
                  max_wait_tokens=espec.max_wait_tokens, adapter_residency=espec.adapter_residency,
                  adapter_copies=espec.adapter_copies_per_load,
                  batch_max_tokens_frac=espec.batch_max_tokens_frac,
                  max_total_tokens=req.max_total_tokens, host_ops_per_seq=espec.host_ops_per_seq,
-                 full_sort_sampling=espec.full_sort_sampling)
+                 full_sort_sampling=espec.full_sort_sampling,
+                 step_overhead_s=espec.step_overhead_s, seq_overhead_s=espec.seq_overhead_s,
+                 graph_mode=espec.graph_mode, graph_max_tokens=espec.graph_max_tokens)
     ranks = req.eff("ranks")
     wl = Workload(rate=req.eff("rate"), duration=req.eff("duration"), cv=req.eff("cv"),
                   input_len=ii, output_len=oo, adapters=max(req.adapters, 1), ranks=ranks,
@@ -296,7 +309,9 @@ def _summary(req, res, spec, prof, espec, sched, mem) -> ServeSimulation:
     n = res.extra["n_requests"]
     slo = None if req.slo_ttft is None else float(np.mean(res.ttft <= req.slo_ttft))
     return ServeSimulation(
-        model=spec.name, hardware=prof.name, engine=espec.name, scheduler=sched, tp=req.tp,
+        model=spec.name, hardware=prof.name, engine=espec.name,
+        engine_display_name=espec.display, engine_versions=dict(espec.versions),
+        scheduler=sched, tp=req.tp,
         adapters=req.adapters, merged=req.merged, n_requests=n,
         duration_s=float(req.eff("duration")), makespan_s=ms,
         throughput_req_s=n / ms if ms > 0 else 0.0,

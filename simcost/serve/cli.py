@@ -126,16 +126,18 @@ def _sim_parser(subparsers, parser_class):
     s.add_argument("--merged", action="store_true",
                    help="one adapter at a time merged into the weights")
     _sim_traffic(s)
-    s.add_argument("--scheduler", default=None, choices=("fcfs", "slora", "mixed"),
-                   help="batching policy (default: fcfs, or the --engine's own)")
+    s.add_argument("--scheduler", default=None, choices=("v1", "fcfs", "slora", "mixed"),
+                   help="batching policy without --engine: v1 (vLLM V1), fcfs (vLLM v0), slora, "
+                        "mixed (TensorRT-LLM); each runs that engine (default: the --engine's own)")
     s.add_argument("--slo-ttft", type=_float, default=None,
                    help="report the fraction of requests with TTFT <= this many seconds "
                         "(default: not reported)")
     s.add_argument("--prefetch", action="store_true",
                    help="overlap adapter loads with the previous iteration")
-    s.add_argument("--engine", default=None, choices=("vllm", "slora", "trtllm"),
-                   help="serving engine whose physical facts to use; sets the scheduler "
-                        "(see simcost/serve/engines.py) (default: from --scheduler)")
+    s.add_argument("--engine", default=None,
+                   help="serving engine profile: vllm (V1), vllm-v0, slora, trtllm, or a path to "
+                        "a profile JSON (stack_profiles/serving/); sets the scheduler and the "
+                        "engine's facts (default: vllm, or the --scheduler's engine)")
     s.add_argument("--max-total-tokens", type=_int, default=None,
                    help="KV pool in token slots (LightLLM/S-LoRA --max_total_token_num) "
                         "(default: the memory left after weights)")
@@ -177,6 +179,8 @@ def _print_simulation(r) -> None:
     dev = f", {r.replicas} replicas x tp {r.tp} ({r.routing})" if r.replicas > 1 else ""
     print(f"{r.model} on {r.hardware} ({r.engine}: {r.scheduler}, {r.adapters} adapters{dev}): "
           f"{r.n_requests} requests in {r.makespan_s:.1f} s")
+    vers = ", ".join(f"{k} {v}" for k, v in r.engine_versions.items())
+    print(f"  engine     {r.engine_display_name} [{vers}]")
     print(f"  throughput {r.throughput_req_s:.3f} req/s, {r.throughput_tok_s:.0f} tok/s")
     for name, d in (("TTFT", r.ttft_s), ("TPOT", r.tpot_s), ("latency", r.latency_s)):
         if d["mean"] is None:

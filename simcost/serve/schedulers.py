@@ -16,6 +16,9 @@ state (queues, KV bytes, adapter pool) and the event loop.
   prefill batch holds at most ``batch_max_tokens`` tokens (LightLLM default: 1/6 of the
   pool); the adapters of the new batch are swapped in from host memory before its prefill
   (exposed, or overlapped with the previous iteration with ``prefetch``).
+- ``v1``: vLLM V1 (:class:`V1Scheduler`): the ``mixed`` iteration (decodes plus prompt chunks
+  under one token budget, running requests first) with vLLM's paged KV: blocks allocated as
+  tokens arrive, the newest running request preempted and recomputed when they run out.
 - ``mixed``: in-flight batching with chunked prefill as TensorRT-LLM (and vLLM with chunked
   prefill): each iteration carries every decoding sequence plus prompt chunks up to
   ``max_num_tokens``; admission reserves prompt + output (GUARANTEED_NO_EVICT); CUDA graphs.
@@ -221,6 +224,10 @@ class MixedScheduler(Scheduler):
     def stop_before(self, rep, i, new: list, budget: int, ptoks: int) -> bool:
         return budget <= 0
 
+    def target(self, rep, i) -> int:
+        """Prompt tokens request ``i`` must prefill (the prompt; a recompute adds its output)."""
+        return int(rep.prompt[i])
+
     def plan(self, rep, new: list) -> Plan:
         for i in new:
             rep.pf.append([i, 0])
@@ -230,17 +237,37 @@ class MixedScheduler(Scheduler):
             if budget <= 0:
                 break
             i, done = p
-            c = min(rep.prompt[i] - done, budget)
+            c = min(self.target(rep, i) - done, budget)
             lens.append(c)
             ids.append(i)
             prior.append(done + rep.prefix)
             p[1] += c
             budget -= c
-            if p[1] >= rep.prompt[i]:
+            if p[1] >= self.target(rep, i):
                 done_ids.append(i)
-        rep.pf = [p for p in rep.pf if p[1] < rep.prompt[p[0]]]
+        rep.pf = [p for p in rep.pf if p[1] < self.target(rep, p[0])]
         return Plan(np.array(lens, dtype=float), np.array(prior, dtype=float), ids, done_ids,
                     decode=True)
 
+
+@register("v1")
+class V1Scheduler(MixedScheduler):
+    """vLLM V1's scheduler (vllm/v1/core/sched/scheduler.py): one token budget per step spent
+    on the running requests first (a decode token each, then the next chunk of each unfinished
+    prompt), then on waiting prompts in FCFS order, chunked to what is left; KV blocks of 16
+    allocated as tokens arrive (a new request's whole prompt at admission), the newest running
+    request preempted and later recomputed when they run out."""
+    reserve = False
+    graphs = True
+
+    def budget(self, rep) -> int:
+        left = sum(self.target(rep, i) - done for i, done in rep.pf)
+        return rep.max_tokens - rep.r_id.size - left
+
+    def target(self, rep, i) -> int:
+        return int(rep.prompt[i] + rep.gen[i])
+
+    before_decode = FCFSScheduler.before_decode
+    _grow_bytes = FCFSScheduler._grow_bytes
 
 SCHEDULERS = tuple(SCHEDULER_CLASSES)

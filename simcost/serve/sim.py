@@ -3,7 +3,7 @@
 Layout (after Vidur): :mod:`simcost.serve.workload` draws or replays the requests;
 :func:`route` splits them over ``replicas`` (each a tensor-parallel group of ``tp`` devices);
 each :class:`Replica` runs a small event loop, its batching policy a scheduler from
-:mod:`simcost.serve.schedulers` (fcfs, slora, mixed), its adapters an
+:mod:`simcost.serve.schedulers` (v1, fcfs, slora, mixed), its adapters an
 :class:`~simcost.serve.adapters.AdapterPool`; :func:`merge` aggregates the replicas.
 
 Events are iterations of the engine (one forward over the batch), arrivals are consumed between
@@ -56,11 +56,18 @@ class Engine:
     # sort of LightLLM's sampler (simcost.serve.engines). None: the scheduler's engine's facts
     host_ops_per_seq: int | None = None
     full_sort_sampling: bool | None = None
+    # host seconds per iteration serial with the forward: fixed, and per running sequence
+    step_overhead_s: float = 0.0
+    seq_overhead_s: float = 0.0
+    # "decode": only decode iterations replay CUDA graphs; "piecewise": every iteration of at
+    # most graph_max_tokens tokens does (vLLM V1)
+    graph_mode: str = "decode"
+    graph_max_tokens: int | None = None
 
     def __post_init__(self):
         if self.host_ops_per_seq is None or self.full_sort_sampling is None:
-            from simcost.serve.engines import ENGINES, SCHEDULER_ENGINE
-            e = ENGINES.get(SCHEDULER_ENGINE.get(self.scheduler, ""))
+            from simcost.serve.engines import SCHEDULER_ENGINE, all_engines
+            e = all_engines().get(SCHEDULER_ENGINE.get(self.scheduler, ""))
             if self.host_ops_per_seq is None:
                 self.host_ops_per_seq = e.host_ops_per_seq if e else 0
             if self.full_sort_sampling is None:
@@ -261,16 +268,25 @@ class Replica:
             kernels += lk
         if eng.full_sort_sampling:
             dt += step.sample_time(n_dec + n_pre)
-        if not (self.graphs and n_pre == 0):
+        if not self._replayed(T, n_pre):
             dt = max(dt, kernels * self.host_per_kernel)
         # per-sequence eager ops issued after the previous step's next-token .cpu() sync and
-        # before this step's first kernel: the GPU waits for them
-        dt += (n_dec + n_pre) * eng.host_ops_per_seq * self.host_per_kernel
+        # before this step's first kernel, and the engine's host work per iteration: the GPU
+        # waits for them
+        dt += ((n_dec + n_pre) * (eng.host_ops_per_seq * self.host_per_kernel + eng.seq_overhead_s)
+               + eng.step_overhead_s)
         pending = self.pending_merge + (self.apool.take_pending() if self.apool else 0.0)
         self.pending_merge = 0.0
         if pending:
             dt += max(0.0, pending - self.last_iter) if eng.prefetch else pending
         return dt
+
+    def _replayed(self, T: int, n_pre: int) -> bool:
+        """The iteration replays CUDA graphs (no per-kernel host cost)."""
+        eng = self.eng
+        if not self.graphs or (n_pre and eng.graph_mode != "piecewise"):
+            return False
+        return eng.graph_max_tokens is None or T <= eng.graph_max_tokens
 
     def _lora_time(self, plan, T: int, n_dec: int, n_pre: int):
         """(time, kernels) of the LoRA path for this batch's adapters, cached per composition."""
