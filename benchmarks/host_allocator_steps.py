@@ -127,20 +127,31 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cross", default=None, help="another allocator's calibrated profile")
     ap.add_argument("--profile", default=None, help="skip calibration, use this profile")
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="one torch thread, every timer the thread's CPU time (time.thread_time, "
+                         "page-fault kernel time included): numbers that hold on a machine "
+                         "other processes keep busy")
     args = ap.parse_args()
     import torch
+    if args.cpu_clock:
+        torch.set_num_threads(1)
+        time.perf_counter = time.thread_time     # calibrate and the step harness read it
 
     from simcost.hardware.calibrate import run_cli as calibrate
     from simcost.validate.exact import harness_peft
     from simcost.validate.torch_steps import time_steps
     alloc = host_allocator.detect()
     OUT.mkdir(parents=True, exist_ok=True)
-    profile = args.profile or str(OUT / f"calibrated-cpu-{alloc}.json")
+    tag = f"{alloc}{'-cpu-clock' if args.cpu_clock else ''}"
+    profile = args.profile or str(OUT / f"calibrated-cpu-{tag}.json")
     calib_load = None
-    for _ in range(3 if not args.profile else 0):   # recalibrate when others took the CPUs
-        wait_quiet()
+    tries = 0 if args.profile else 1 if args.cpu_clock else 3
+    for _ in range(tries):           # recalibrate when others took the CPUs (wall clock)
+        if not args.cpu_clock:
+            wait_quiet()
         with OthersLoad() as o:
-            calibrate(SimpleNamespace(device="cpu", threads=None, dtypes="fp32", base=None,
+            calibrate(SimpleNamespace(device="cpu", threads=1 if args.cpu_clock else None,
+                                      dtypes="fp32", base=None,
                                       out=profile, budget=args.budget))
         calib_load = o.share
         print(f"calibration: others used {100 * o.share:.0f} % of the CPUs", flush=True)
@@ -152,8 +163,9 @@ def main() -> int:
     rows = []
     for name, spec, b, s in [*CASES, *EXTRA]:
         cfg = MODELS[name]
-        for _ in range(3):           # re-measure a case that others disturbed
-            wait_quiet()
+        for _ in range(1 if args.cpu_clock else 3):   # re-measure a case others disturbed
+            if not args.cpu_clock:
+                wait_quiet()
             with OthersLoad() as o:
                 m = time_steps(cfg, harness_peft(cfg, spec), batch=b, seq=s, dtype="fp32",
                                attn="sdpa", warmup=2, repeats=args.repeats)
@@ -189,13 +201,15 @@ def main() -> int:
         "torch": torch.__version__, "python": platform.python_version(),
         "glibc": "-".join(platform.libc_ver()), "machine": platform.machine(),
         "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "clock": "thread CPU time (time.thread_time), 1 torch thread" if args.cpu_clock
+        else "wall (time.perf_counter)",
         "mape_step_pct": {
             "validate_steps_cases": {k: mape(rows[:n], k) for k in
                                      ("before", "after", *(["cross"] if args.cross else []))},
             "all_cases": {k: mape(rows, k) for k in
                           ("before", "after", *(["cross"] if args.cross else []))}},
         "cases": rows}
-    path = OUT / f"steps-{alloc}.json"
+    path = OUT / f"steps-{alloc}{'-cpu-clock' if args.cpu_clock else ''}.json"
     path.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["mape_step_pct"]), "->", path)
     return 0

@@ -191,7 +191,7 @@ def test_bad_stated_allocator_is_one_line(tmp_path):
     with pytest.raises(SimcostError) as e:
         _est(_profile(tmp_path, **GLIBC), host_allocator="tcmaloc")
     msg = str(e.value)
-    assert "host_allocator" in msg and "tcmalloc" in msg and "\n" not in msg
+    assert "host-allocator" in msg and "tcmalloc" in msg and "\n" not in msg
 
 
 def test_profile_fields_round_trip(tmp_path):

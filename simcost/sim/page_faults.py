@@ -52,7 +52,7 @@ def _big(nbytes, threshold: float):
 def forward_blocks(g, r, threshold: float):
     """Bytes of one instance of record ``r``'s forward allocations of at least ``threshold``."""
     c = r.cost
-    total = _big(c.temp_bytes, threshold) if c.temp_bytes else 0.0
+    total = _big(c.temp_bytes, threshold)
     for t in r.op.outputs:
         ten = g.tensors[t]
         if ten.storage == t and r.op.kind != K.VIEW:
