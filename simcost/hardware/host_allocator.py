@@ -24,6 +24,16 @@ the allocator's blocks come back fresh (torch tensors allocated and freed in a l
 training step does), and writes ``time_model.host_allocator``, ``fresh_alloc_bytes_per_s`` and
 ``host_alloc_return_threshold_bytes``. The time model prices those faults with
 :func:`resolve` (see :mod:`simcost.sim.page_faults`).
+
+Which allocator an estimate assumes: the one the profile was calibrated under, named in a
+warning of every CPU estimate, unless the user states the training process's one
+(``--host-allocator`` on ``simcost estimate train``, ``host_allocator=`` in the API). The
+estimating process's own allocator is no evidence (simcost does not load torch, and the
+training job usually runs elsewhere), whereas the calibration's is what every other number of
+the profile was measured under. A stated allocator other than the calibration's takes its
+documented threshold and the profile's measured fault cost (a property of the OS and the
+machine, measured on an anonymous mapping whatever the allocator). A profile without these
+fields (datasheet profiles, older calibrations) prices no faults, as before.
 """
 from __future__ import annotations
 
