@@ -121,6 +121,51 @@ def mape(rows, key) -> float:
     return 100 * statistics.fmean(abs(r[key]["step"] / r["measured"]["step"] - 1) for r in rows)
 
 
+def allocator_version(alloc: str) -> str | None:
+    """The Debian package version of the allocator library (glibc: the C library's)."""
+    import subprocess
+    pkg = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2",
+           "glibc": "libc6"}.get(alloc)
+    if pkg is None:
+        return None
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{pkg} {out.stdout.strip()}" if out.returncode == 0 else None
+
+
+def mapes(rows, keys) -> dict:
+    n = len(CASES)
+    return {"validate_steps_cases": {k: mape(rows[:n], k) for k in keys},
+            "all_cases": {k: mape(rows, k) for k in keys}}
+
+
+def repredict(path: Path) -> None:
+    """Predictions of a written report again, from its profiles, with the current code (the
+    measurements stay as they were)."""
+    d = json.loads(path.read_text())
+    profile = str(ROOT / d["profile"]) if not Path(d["profile"]).is_absolute() else d["profile"]
+    before = strip_allocator(profile, Path("/tmp") / f"before-{path.stem}.json")
+    cross = d.get("cross_profile")
+    if cross and not Path(cross).is_absolute():
+        cross = str(ROOT / cross)
+    rate = (json.loads(Path(profile).read_text())["time_model"].get("fresh_alloc_bytes_per_s")
+            or {}).get("value", 0.0)
+    for row, (name, spec, b, s) in zip(d["cases"], [*CASES, *EXTRA]):
+        assert (row["model"], row["batch"], row["seq"]) == (name, b, s)
+        row["before"] = predict(before, name, spec, b, s)
+        row["after"] = predict(profile, name, spec, b, s)
+        row["fresh_bytes_priced"] = row["after"]["page_faults"] * rate
+        if cross:
+            row["cross"] = predict(cross, name, spec, b, s, host_alloc=d["allocator"])
+    d["mape_step_pct"] = mapes(d["cases"], ("before", "after", *(["cross"] if cross else [])))
+    d["repredicted"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    path.write_text(json.dumps(d, indent=1))
+    print(json.dumps(d["mape_step_pct"]), "->", path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", default="150s")
@@ -131,7 +176,12 @@ def main() -> int:
                     help="one torch thread, every timer the thread's CPU time (time.thread_time, "
                          "page-fault kernel time included): numbers that hold on a machine "
                          "other processes keep busy")
+    ap.add_argument("--repredict", default=None, metavar="STEPS_JSON",
+                    help="only redo the predictions of a written report with the current code")
     args = ap.parse_args()
+    if args.repredict:
+        repredict(Path(args.repredict))
+        return 0
     import torch
     if args.cpu_clock:
         torch.set_num_threads(1)
@@ -187,7 +237,6 @@ def main() -> int:
               f"{row['before']['step']:.3f}, after {row['after']['step']:.3f} (faults "
               f"{row['fault_bytes_per_step_measured'] / 2**20:.0f} MiB/step measured, "
               f"{row['fresh_bytes_priced'] / 2**20:.0f} MiB priced)", flush=True)
-    n = len(CASES)
     prof = json.loads(Path(profile).read_text())["time_model"]
     summary = {
         "title": "CPU training steps under one host allocator, before/after the allocator term",
@@ -196,18 +245,18 @@ def main() -> int:
             "host_allocator", "fresh_alloc_bytes_per_s", "host_alloc_return_threshold_bytes")},
         "profile": str(Path(profile).relative_to(ROOT)) if Path(profile).is_relative_to(ROOT)
         else profile,
-        "cross_profile": args.cross, "calibration_others_cpu_share": calib_load,
+        "cross_profile": (str(Path(args.cross).resolve().relative_to(ROOT))
+                          if args.cross and Path(args.cross).resolve().is_relative_to(ROOT)
+                          else args.cross),
+        "calibration_others_cpu_share": calib_load,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "python": platform.python_version(),
         "glibc": "-".join(platform.libc_ver()), "machine": platform.machine(),
         "threads": torch.get_num_threads(), "repeats": args.repeats,
         "clock": "thread CPU time (time.thread_time), 1 torch thread" if args.cpu_clock
         else "wall (time.perf_counter)",
-        "mape_step_pct": {
-            "validate_steps_cases": {k: mape(rows[:n], k) for k in
-                                     ("before", "after", *(["cross"] if args.cross else []))},
-            "all_cases": {k: mape(rows, k) for k in
-                          ("before", "after", *(["cross"] if args.cross else []))}},
+        "allocator_version": allocator_version(alloc),
+        "mape_step_pct": mapes(rows, ("before", "after", *(["cross"] if args.cross else []))),
         "cases": rows}
     path = OUT / f"steps-{alloc}{'-cpu-clock' if args.cpu_clock else ''}.json"
     path.write_text(json.dumps(summary, indent=1))

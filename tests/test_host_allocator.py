@@ -125,8 +125,9 @@ def test_term_positive_for_glibc_zero_for_tcmalloc(tmp_path):
     assert glibc.time_s["page_faults"] > 0
     assert glibc.time_s["step"] == pytest.approx(plain.time_s["step"]
                                                  + glibc.time_s["page_faults"], rel=1e-12)
-    # logits (8 x 256 x 8000 fp32 = 62.5 MiB), their log-probabilities and their gradient
-    assert glibc.time_s["page_faults"] * 3e9 == pytest.approx(3 * 8 * 256 * 8000 * 4)
+    # logits (8 x 256 x 8000 fp32 = 62.5 MiB), their log-probabilities, nll_loss's gradient
+    # and log_softmax's (the logits' gradient): the only blocks of 32 MiB and more
+    assert glibc.time_s["page_faults"] * 3e9 == pytest.approx(4 * 8 * 256 * 8000 * 4)
     assert "page_faults" not in tc.time_s and tc.time_s == plain.time_s
     assert any("glibc" in w and "--host-allocator" in w for w in glibc.warnings)
     assert not any("--host-allocator" in w for w in tc.warnings)   # stated: nothing assumed
@@ -224,3 +225,47 @@ def test_cli_flag(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["time_s"]["page_faults"] > 0
     assert "host allocator of the calibration, glibc" in captured.err
+
+
+FAULTS_PER_STEP = """
+import resource, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = AutoConfig.for_model(**{cfg!r})
+model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+ids = torch.randint(0, cfg.vocab_size, ({batch}, {seq}))
+def step():
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(2):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) * 4096 / 3)
+"""
+
+
+@pytest.mark.skipif(ha.detect() != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+                    reason="glibc's default mmap threshold")
+def test_priced_blocks_match_torch_page_faults(tmp_path):
+    """A fresh torch process under glibc faults in, per step, what the rule prices: a narrow
+    model with a 32000-token vocabulary, whose only blocks above 32 MiB are the loss's."""
+    pytest.importorskip("transformers")
+    import subprocess
+    cfg = dict(LLAMA, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=2, vocab_size=32000)
+    hf = {k: v for k, v in cfg.items() if k != "architectures"}
+    code = FAULTS_PER_STEP.format(cfg=hf, batch=2, seq=256)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = float(out.stdout.split()[-1])
+    hw = _profile(tmp_path, **GLIBC)
+    r = estimate_train(spec_from_config(cfg, "narrow"), hw, batch=2, seq=256, peft="full",
+                       dtype="fp32", attn="sdpa", optimizer="adamw")
+    priced = r.time_s["page_faults"] * GLIBC["fresh_alloc_bytes_per_s"]
+    assert priced > 0
+    print(f"faults {measured / 2**20:.1f} MiB/step measured, {priced / 2**20:.1f} priced")
+    assert measured == pytest.approx(priced, rel=0.2), (measured / 2**20, priced / 2**20)

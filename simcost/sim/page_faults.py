@@ -20,7 +20,11 @@ step since they are freed by the end of backward):
   (the input's size; element-wise ``add``/``sub`` and views pass the output gradient through
   without allocating), and one per trainable parameter (``zero_grad(set_to_none=True)``, the
   default since torch 2.0, frees gradients every step). Gradients accumulated by autograd
-  for a tensor used twice are not counted twice.
+  for a tensor used twice are not counted twice. The cross-entropy (``log_softmax`` +
+  ``nll_loss``) allocates one more fp32 logits-sized gradient inside (``nll_loss_backward``'s
+  dense ``grad_input``, then ``_log_softmax_backward_data``'s output; with 16-bit logits the
+  latter is fp32 too and the logits' own gradient comes on top), and its forward upcasts
+  16-bit logits into an fp32 copy.
 - optimizer: torch's AdamW makes two parameter-sized temporaries per tensor in its for-loop
   implementation (the CPU default: ``exp_avg_sq.sqrt() / bias_correction2_sqrt``,
   torch/optim/adam.py ``_single_tensor_adam``) and one in its foreach one (``_foreach_sqrt``);
@@ -60,7 +64,17 @@ def forward_blocks(g, r, threshold: float):
     for s in c.saved:
         if isinstance(s, tuple):
             total = total + _big(s[1], threshold)
+    if r.op.kind == K.CROSS_ENTROPY:
+        f32, up = _loss_fp32(g, r)
+        if up:
+            total = total + _big(f32, threshold)      # logits.float()
     return total
+
+
+def _loss_fp32(g, r):
+    """(bytes of the logits in fp32, whether the loss upcasts them)."""
+    logits = g.tensors[r.op.inputs[0]]
+    return logits.nbytes / BYTES[logits.dtype] * 4, logits.dtype != "fp32"
 
 
 def backward_blocks(g, r, threshold: float, grad_bytes):
@@ -73,6 +87,9 @@ def backward_blocks(g, r, threshold: float, grad_bytes):
         for t, needs in zip(r.op.inputs, r.rg_in):
             if needs:
                 total = total + _big(g.tensors[t].nbytes, threshold)
+    if r.op.kind == K.CROSS_ENTROPY and r.rg_in[0]:
+        f32, up = _loss_fp32(g, r)
+        total = total + _big(f32, threshold) * (2 if up else 1)
     for p in r.op.params:
         if p.trainable:
             total = total + _big(grad_bytes(p), threshold)
