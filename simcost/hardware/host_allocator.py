@@ -154,6 +154,11 @@ def resolve(params, kind: str, stated: str | None = None) -> AllocPolicy:
                 f"fresh large blocks are not priced") if threshold is not None else None
         return AllocPolicy(name, None, None, note)
     note = None
+    if stated is not None and calibrated not in (None, "unknown", stated):
+        note = (f"host allocator {stated} stated, the profile calibrated under {calibrated}: "
+                f"page faults priced for {stated}, but the host time per kernel "
+                f"(dispatch_s) is {calibrated}'s, and malloc's own cost differs between them "
+                f"(validation/reports/host_allocator); calibrate under {stated} to measure it")
     if stated is None:
         what = (f"returns blocks of {threshold / MIB:.0f} MiB and more to the OS, priced as "
                 f"page faults" if threshold is not None else "keeps freed blocks: no page "
