@@ -158,7 +158,8 @@ def resolve(params, kind: str, stated: str | None = None) -> AllocPolicy:
         note = (f"host allocator {stated} stated, the profile calibrated under {calibrated}: "
                 f"page faults priced for {stated}, but the host time per kernel "
                 f"(dispatch_s) is {calibrated}'s, and malloc's own cost differs between them "
-                f"(validation/reports/host_allocator); calibrate under {stated} to measure it")
+                f"(steps 15-20 % apart between glibc and tcmalloc on a 2-vCPU EPYC); "
+                f"calibrate under {stated} to measure it")
     if stated is None:
         what = (f"returns blocks of {threshold / MIB:.0f} MiB and more to the OS, priced as "
                 f"page faults" if threshold is not None else "keeps freed blocks: no page "
