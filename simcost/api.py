@@ -88,11 +88,12 @@ def run_train(req: TrainRequest) -> TrainEstimate:
     n = train_numbers(g, a, device, batch=req.batch, seq=req.seq, optimizer=req.optimizer,
                       mixed=req.mixed_precision, checkpointing=req.grad_checkpointing,
                       loss_chunks=req.loss_chunks,
-                      optimizer_in_backward=req.optimizer_in_backward, stack=stack)
+                      optimizer_in_backward=req.optimizer_in_backward, stack=stack,
+                      host_allocator=req.host_allocator)
     return make_estimate(spec, device, pspec, n, batch=req.batch, seq=req.seq, dtype=req.dtype,
                          mixed_precision=req.mixed_precision, attn=req.attn,
                          optimizer=req.optimizer, checkpointing=req.grad_checkpointing,
-                         warnings=warns, loss_chunks=req.loss_chunks,
+                         warnings=[*warns, *n.warnings], loss_chunks=req.loss_chunks,
                          optimizer_in_backward=req.optimizer_in_backward, stack=stack)
 
 

@@ -127,6 +127,10 @@ def _add_train(est_sub) -> None:
                    help="the model's context length, when extended beyond its config "
                         "(RoPE models run longer sequences anyway, with a warning; a learned "
                         "position table such as GPT-2's cannot)")
+    t.add_argument("--host-allocator", default=None, choices=("glibc", "tcmalloc", "jemalloc"),
+                   help="CPU: the training process's malloc (default: the calibration's, "
+                        "named in a warning); glibc and jemalloc fault large blocks in again "
+                        "every step")
     _add_distributed(t)
     t.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -281,7 +285,7 @@ def _train_request(a, cls=None, **extra):
         pp_schedule=a.pp_schedule, virtual_stages=a.virtual_stages, offload=a.offload,
         fp8_attention=a.fp8_attention, max_positions=a.max_positions,
         loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
-        stack=a.stack, shorthand=short, **extra)
+        stack=a.stack, host_allocator=a.host_allocator, shorthand=short, **extra)
 
 
 def _estimate_train(a) -> int:

@@ -8,6 +8,8 @@ Measures (with torch, on ``cpu`` or ``cuda``), all within one wall-time budget (
 - the fixed cost of one dispatched op (a tiny add with autograd recording);
 - special element-wise kernels (exp, random numbers, log-softmax backward, AdamW);
 - the host time per kernel of a tiny eager HF + peft training step;
+- (CPU) the host allocator: its name, the page-fault cost of a fresh block and the block size
+  it returns to the OS from (:mod:`simcost.hardware.host_allocator`);
 - GEMMs over a grid of shapes, skinny ones included (LoRA's rank-r products), per dtype, in
   ascending size, with whatever time is left.
 
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from simcost.errors import SimcostError
+from simcost.hardware import host_allocator
 from simcost.hardware.profile import load_profile
 
 GEMM_M = (16, 128, 512, 2048)
@@ -390,6 +393,9 @@ def measure(device: str = "cpu", dtypes=("fp32", "bf16"), progress=None,
     out = {"budget_s": budget.total_s, "threads": torch.get_num_threads()}
     if device == "cpu":
         out["cpu_features"] = cpu_matrix_features()
+        # first, on a clean heap: blocks the other stages free stay in glibc's bins and serve
+        # later requests above its mmap threshold, hiding the allocator's policy
+        out["host_alloc"] = stage("host_alloc", lambda: host_allocator.measure(budget))
     out["probe"] = stage("probe", lambda: probe(bench, dtypes, budget))
     out["stream"] = stage("stream", lambda: measure_stream(device, sync, budget))
     out["overhead_s"] = stage("overhead", lambda: measure_overhead(device, sync, budget))
@@ -600,6 +606,7 @@ def _time_model(fitted: dict, raw: dict, q, threads, name) -> dict:
         tm["stream_table"] = stream_table
     if raw.get("special"):
         tm["special_rates"] = raw["special"]
+    tm.update(host_allocator.profile_fields(raw.get("host_alloc"), q))
     tm.update({
         "threads": threads, "device_name": name,
         "fit_gemm_median_abs_error": fitted["fit_gemm_median_abs_error"],
@@ -681,6 +688,8 @@ def _summary(fitted: dict, raw: dict, out: str, elapsed_s: float) -> list[str]:
              + (f", dispatch {fitted['dispatch_s'] * 1e6:.1f} us/kernel"
                 if fitted.get("dispatch_s") else "")
              + (f", GEMM fit median error {100 * err:.1f} %" if err is not None else "")]
+    if host_allocator.summary(raw.get("host_alloc")):
+        lines.append(host_allocator.summary(raw.get("host_alloc")))
     if fitted["fit_note"]:
         lines.append(f"fit: {fitted['fit_note']}")
     lines += [f"note: {n}" for n in slow_dtype_notes(raw.get("probe") or {})]
@@ -723,7 +732,7 @@ def run_cli(args) -> int:
     _check_writable(args.out)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"calibrating {args.device} ({budget.total_s:.0f} s budget)",
-                            total=6)
+                            total=7)
         raw = measure(args.device, dtypes, progress=lambda: bar.advance(task), budget=budget)
     fitted = fit(raw)
     write_profile(base, fitted, raw, args.out, args.device, args.threads)

@@ -71,6 +71,11 @@ class CountQuantity(Quantity):
     value: CountNum
 
 
+class AllocatorQuantity(Quantity):
+    """The host allocator a calibration ran under (see simcost.hardware.host_allocator)."""
+    value: Literal["glibc", "tcmalloc", "jemalloc", "mimalloc", "unknown"]
+
+
 class Peaks(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fp32: PosQuantity
@@ -174,6 +179,11 @@ class TimeModelSpec(BaseModel):
     attention_efficiency_fp8_fwd: EffQuantity | None = None
     attention_efficiency_fp8_bwd: EffQuantity | None = None
     comm_overlap_sms: NonNegQuantity | None = None    # SMs a concurrent collective occupies
+    # CPU host allocator (simcost calibrate; see simcost.hardware.host_allocator): its name,
+    # the page-fault cost of a fresh block and the block size it returns to the OS from
+    host_allocator: AllocatorQuantity | None = None
+    fresh_alloc_bytes_per_s: PosQuantity | None = None
+    host_alloc_return_threshold_bytes: PosQuantity | None = None
     # measured tables (calibrated profiles)
     gemm_table: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], GemmTable] | None = None
     stream_table: StreamTable | None = None
@@ -253,6 +263,9 @@ class TimeModelParams:
     attention_efficiency_fp8_fwd: float | None = None
     attention_efficiency_fp8_bwd: float | None = None
     comm_overlap_sms: float | None = None
+    host_allocator: str | None = None
+    fresh_alloc_bytes_per_s: float | None = None
+    host_alloc_return_threshold_bytes: float | None = None
     gemm_table: dict | None = None       # dtype -> {"m", "n", "k", "flops_per_s"}
     stream_table: dict | None = None     # {"bytes", "bytes_per_s"}
     special_rates: dict | None = None    # kind -> per second

@@ -113,6 +113,8 @@ class TrainRequest(Request):
     loss_chunks: PosInt = 1
     optimizer_in_backward: StrictBool = False
     stack: str = "hf"                  # a stack name, alias[:variant] or profile path
+    # the CPU training process's malloc (None: the calibration's; simcost.hardware.host_allocator)
+    host_allocator: Literal["glibc", "tcmalloc", "jemalloc", "mimalloc"] | None = None
     shorthand: PeftShorthand = PeftShorthand()
     deepspeed: Any = None              # a DeepSpeedZero or a ds_config zero_optimization dict
     notes: tuple[str, ...] = ()        # options with no effect (filled by the validator)

@@ -1,13 +1,15 @@
 """Training-step estimate: the pipeline's last stage, from an analysed graph to numbers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from simcost.dtypes import BYTES
+from simcost.hardware.host_allocator import resolve
 from simcost.sim.memory import ckpt_mode, inference_memory, training_memory
 from simcost.stack import optimizer_impl
+from simcost.sim.page_faults import fault_times
 from simcost.sim.timing import TimeModel, mezo_perturb_time, optimizer_time, phase_times, recomputed
 
 
@@ -21,17 +23,21 @@ class TrainNumbers:
     time_s: dict
     tokens_per_s: object
     fits: object
+    warnings: list = field(default_factory=list)
 
 
 def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str,
                   checkpointing, loss_chunks: int = 1,
-                  optimizer_in_backward: bool = False, stack=None) -> TrainNumbers:
+                  optimizer_in_backward: bool = False, stack=None,
+                  host_allocator: str | None = None) -> TrainNumbers:
     """``checkpointing``: False/'none', True/'full' or 'selective'; ``optimizer='mezo'`` prices
     a zeroth-order MeZO step instead (:func:`mezo_numbers`). ``loss_chunks`` (chunked
     cross-entropy) and ``optimizer_in_backward`` change memory only (see
     :mod:`simcost.sim.memory`); the optimizer's work and time are the same. ``stack``
     (:class:`simcost.stack.Stack`, None: the device alone) sets host cost, sustained GEMM
-    rate, the optimizer implementation and the caching allocator."""
+    rate, the optimizer implementation and the caching allocator. ``host_allocator`` (CPU:
+    glibc, tcmalloc, jemalloc; None: the calibration's) adds the page faults of the step's
+    fresh large blocks (:mod:`simcost.sim.page_faults`)."""
     if optimizer == "mezo":
         return mezo_numbers(g, analysis, device, batch=batch, seq=seq, stack=stack)
     checkpointing = ckpt_mode(checkpointing)
@@ -58,6 +64,12 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     impl = optimizer_impl(stack, device.kind)
     t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=impl == "foreach",
                            elem_bytes=elem, fused=impl == "fused")
+    policy = resolve(device.params, device.kind, host_allocator)
+    faults = fault_times(g, a, policy, optimizer=optimizer, impl=impl, mixed=mixed,
+                         checkpointing=checkpointing)
+    if faults is not None:
+        t_fwd, t_bwd, t_opt = (t_fwd + faults["forward"], t_bwd + faults["backward"],
+                               t_opt + faults["optimizer"])
     step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
                           runtime_overhead=device.runtime_overhead_bytes,
@@ -70,9 +82,12 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     memory = mem.breakdown(device.memory_bytes, stack, device.kind)
     times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
+    if faults is not None:
+        times["page_faults"] = faults["forward"] + faults["backward"] + faults["optimizer"]
     tokens = batch * seq
     return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
-                        np.asarray(memory["peak"]) <= device.memory_bytes)
+                        np.asarray(memory["peak"]) <= device.memory_bytes,
+                        [policy.note] if policy.note else [])
 
 
 def param_counts(g):

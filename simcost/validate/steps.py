@@ -186,8 +186,8 @@ TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
 
 
 def allocator() -> str:
-    import os
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    from simcost.hardware.host_allocator import detect
+    return detect()
 
 
 def _reexec_with_tcmalloc() -> None:
