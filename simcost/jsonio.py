@@ -38,3 +38,23 @@ def read_json_object(path: str | Path, what: str = "file", max_bytes: int = MAX_
     if not isinstance(data, dict):
         raise SimcostError(f"{Path(path)} is not a JSON object")
     return data
+
+
+def profile_file(ref: str, folder: Path, what: str, names) -> tuple[str, str, bool]:
+    """Where the profile ``ref`` names lives: (absolute file, how to show it, bundled?).
+
+    ``ref`` is a bundled name (``folder/<ref>.json``) or a path (it ends in ``.json``, holds a
+    ``/``, or exists). An empty name, a missing file or an unknown name is one line, the last
+    with the nearest of ``names()``."""
+    from simcost.errors import unknown
+    if not isinstance(ref, str) or not ref.strip():
+        raise SimcostError(f"{what} must name a {what} profile or a profile file")
+    p = Path(ref)
+    if p.suffix == ".json" or "/" in ref or p.exists():
+        if not p.is_file():
+            raise SimcostError(f"no {what} profile file at '{ref}'")
+        return str(p.resolve()), ref, False
+    file = folder / f"{ref}.json"
+    if not file.is_file():
+        raise unknown(what, ref, names())
+    return str(file), f"{ref}.json", True

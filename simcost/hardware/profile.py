@@ -11,14 +11,13 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from functools import cached_property, lru_cache
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError, model_validator)
 
-from simcost.errors import SimcostError, unknown
-from simcost.jsonio import read_json
+from simcost.errors import SimcostError
+from simcost.jsonio import profile_file, read_json
 from simcost.paths import data_dir
 
 PROFILE_DIR = data_dir("hardware_profiles")
@@ -364,12 +363,5 @@ def _load_file(path: str, shown: str) -> HardwareProfile:
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    p = Path(name_or_path)
-    if p.suffix == ".json" or p.exists():
-        if not p.is_file():
-            raise SimcostError(f"no hardware profile file at '{name_or_path}'")
-        return _load_file(str(p.resolve()), name_or_path)
-    file = PROFILE_DIR / f"{name_or_path}.json"
-    if not file.is_file():
-        raise unknown("hardware", name_or_path, list_profiles())
-    return _load_file(str(file), f"{name_or_path}.json")
+    file, shown, _ = profile_file(name_or_path, PROFILE_DIR, "hardware", list_profiles)
+    return _load_file(file, shown)

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from simcost.errors import SimcostError, unknown
-from simcost.jsonio import read_json
+from simcost.jsonio import profile_file, read_json
 from simcost.paths import data_dir
 from simcost.serve.engine_profile import ServingEngine
 
@@ -112,17 +111,8 @@ def load_engine(ref: "str | EngineSpec") -> EngineSpec:
     """A profile by name or path (described-only engines included)."""
     if isinstance(ref, EngineSpec):
         return ref
-    if not isinstance(ref, str) or not ref.strip():
-        raise SimcostError("--engine must name a serving engine or a profile file")
-    p = Path(ref)
-    if p.suffix == ".json" or ("/" in ref and p.exists()):
-        if not p.is_file():
-            raise SimcostError(f"no serving engine profile file at '{ref}'")
-        return _load(str(p.resolve()), ref)
-    file = ENGINE_DIR / f"{ref}.json"
-    if not file.is_file():
-        raise unknown("serving engine", ref, engine_names())
-    return _load(str(file), f"{ref}.json")
+    file, shown, _ = profile_file(ref, ENGINE_DIR, "serving engine", engine_names)
+    return _load(file, shown)
 
 
 def get_engine(ref: "str | EngineSpec") -> EngineSpec:

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from simcost.errors import SimcostError, unknown
-from simcost.jsonio import read_json
+from simcost.jsonio import profile_file, read_json
 from simcost.paths import data_dir
 from simcost.stack.schema import Alias, TrainingStack
 
@@ -64,18 +64,10 @@ def load_stack(ref: "str | Stack | None") -> Stack:
         return ref
     if ref is None:
         ref = DEFAULT_STACK
-    if not isinstance(ref, str) or not ref.strip():
-        raise SimcostError("--stack must name a stack or a profile file")
-    p = Path(ref)
-    if p.suffix == ".json" or ("/" in ref and p.exists()):
-        if not p.is_file():
-            raise SimcostError(f"no stack profile file at '{ref}'")
-        return _resolve(str(p.resolve()), ref, None)
-    name, _, variant = ref.partition(":")
-    file = STACK_DIR / f"{name}.json"
-    if not file.is_file():
-        raise unknown("stack", name, stack_names())
-    return _resolve(str(file), f"{name}.json", variant or None)
+    bundled = isinstance(ref, str) and not ref.endswith(".json") and "/" not in ref
+    name, _, variant = ref.partition(":") if bundled else (ref, "", "")
+    file, shown, _ = profile_file(name, STACK_DIR, "stack", stack_names)
+    return _resolve(file, shown, variant or None)
 
 
 @lru_cache(maxsize=64)
