@@ -6,6 +6,7 @@ nested absurdly deep, or (for :func:`read_json_object`) not a JSON object.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from simcost.errors import SimcostError
@@ -58,3 +59,47 @@ def profile_file(ref: str, folder: Path, what: str, names) -> tuple[str, str, bo
     if not file.is_file():
         raise unknown(what, ref, names())
     return str(file), f"{ref}.json", True
+
+
+_BOUND = {"greater_than": ("gt", "must be > {}"), "greater_than_equal": ("ge", "must be >= {}"),
+          "less_than_equal": ("le", "must be <= {}"), "less_than": ("lt", "must be < {}")}
+
+
+def describe_error(e: ValidationError) -> str:
+    """'memory_bytes.value must be > 0, got -1': the first problem, its field path and value."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "the top level"
+    kind, got = err["type"], err.get("input")
+    if kind in _BOUND:
+        key, text = _BOUND[kind]
+        msg = text.format(err["ctx"][key])
+    elif kind == "finite_number":
+        msg = "must be a finite number"
+    elif kind == "extra_forbidden":
+        return f"unknown field {loc}"
+    elif kind == "missing":
+        return f"{loc} is missing"
+    else:
+        msg = err["msg"].replace("Value error, ", "").replace("Input should be ", "must be ")
+    shown = json.dumps(got) if isinstance(got, (int, float, str)) and not isinstance(got, bool) \
+        else str(got)
+    if isinstance(got, float) and not math.isfinite(got):
+        shown = str(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    hint = ""
+    if loc.startswith("interconnect.bandwidth") and got == 0:
+        hint = ' (a device without a device-to-device link has "interconnect": null)'
+    return f"{loc} {msg}, got {shown}{hint}"
+
+
+def load_validated(cls, data, what: str, shown: str):
+    """``cls.model_validate(data)`` (a pydantic model of a profile file), every failure one
+    line naming the file and the first bad field."""
+    from pydantic import ValidationError
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise SimcostError(f"invalid {what} {shown}: {describe_error(e)}") from None
+    except RecursionError:
+        raise SimcostError(f"{what} {shown} is nested too deeply to be a {what}") from None

@@ -14,10 +14,10 @@ from functools import cached_property, lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      ValidationError, model_validator)
+                      model_validator)
 
 from simcost.errors import SimcostError
-from simcost.jsonio import profile_file, read_json
+from simcost.jsonio import describe_error, load_validated, profile_file, read_json  # noqa: F401
 from simcost.paths import data_dir
 
 PROFILE_DIR = data_dir("hardware_profiles")
@@ -313,38 +313,6 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
-_BOUND = {"greater_than": ("gt", "must be > {}"), "greater_than_equal": ("ge", "must be >= {}"),
-          "less_than_equal": ("le", "must be <= {}"), "less_than": ("lt", "must be < {}")}
-
-
-def describe_error(e: ValidationError) -> str:
-    """'memory_bytes.value must be > 0, got -1': the first problem, its field path and value."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "the top level"
-    kind, got = err["type"], err.get("input")
-    if kind in _BOUND:
-        key, text = _BOUND[kind]
-        msg = text.format(err["ctx"][key])
-    elif kind == "finite_number":
-        msg = "must be a finite number"
-    elif kind == "extra_forbidden":
-        return f"unknown field {loc}"
-    elif kind == "missing":
-        return f"{loc} is missing"
-    else:
-        msg = err["msg"].replace("Value error, ", "").replace("Input should be ", "must be ")
-    shown = json.dumps(got) if isinstance(got, (int, float, str)) and not isinstance(got, bool) \
-        else str(got)
-    if isinstance(got, float) and not math.isfinite(got):
-        shown = str(got)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    hint = ""
-    if loc.startswith("interconnect.bandwidth") and got == 0:
-        hint = ' (a device without a device-to-device link has "interconnect": null)'
-    return f"{loc} {msg}, got {shown}{hint}"
-
-
 def _read_json(path: str, shown: str) -> Any:
     """The profile file's JSON value (one line for an unreadable file: see simcost.jsonio)."""
     return read_json(path, "hardware profile")
@@ -352,14 +320,7 @@ def _read_json(path: str, shown: str) -> Any:
 
 @lru_cache(maxsize=64)
 def _load_file(path: str, shown: str) -> HardwareProfile:
-    data = _read_json(path, shown)
-    try:
-        return HardwareProfile.model_validate(data)
-    except ValidationError as e:
-        raise SimcostError(f"invalid hardware profile {shown}: {describe_error(e)}") from None
-    except RecursionError:
-        raise SimcostError(f"hardware profile {shown} is nested too deeply to be a "
-                           f"profile") from None
+    return load_validated(HardwareProfile, _read_json(path, shown), "hardware profile", shown)
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:

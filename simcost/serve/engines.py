@@ -42,10 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from pydantic import ValidationError
 
 from simcost.errors import SimcostError, unknown
-from simcost.jsonio import profile_file, read_json
+from simcost.jsonio import load_validated, profile_file, read_json
 from simcost.paths import data_dir
 from simcost.serve.engine_profile import ServingEngine
 
@@ -135,14 +134,8 @@ def default_limits(e: EngineSpec, memory_bytes: float, device_name: str) -> tupl
 
 @lru_cache(maxsize=64)
 def _load(path: str, shown: str) -> EngineSpec:
-    from simcost.hardware.profile import describe_error
-    data = read_json(path, "serving engine profile")
-    try:
-        prof = ServingEngine.model_validate(data)
-    except ValidationError as e:
-        raise SimcostError(f"invalid serving engine profile {shown}: {describe_error(e)}") from None
-    except RecursionError:
-        raise SimcostError(f"serving engine profile {shown} is nested too deeply") from None
+    prof = load_validated(ServingEngine, read_json(path, "serving engine profile"),
+                          "serving engine profile", shown)
     if prof.simulated:
         from simcost.serve.schedulers import SCHEDULER_CLASSES
         from simcost.serve.step import LORA_KERNELS

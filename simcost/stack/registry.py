@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import ValidationError
 
 from simcost.errors import SimcostError, unknown
-from simcost.jsonio import profile_file, read_json
+from simcost.jsonio import load_validated, profile_file, read_json
 from simcost.paths import data_dir
 from simcost.stack.schema import Alias, TrainingStack
 
@@ -94,16 +93,10 @@ def _resolve(path: str, shown: str, variant: str | None) -> Stack:
 
 @lru_cache(maxsize=64)
 def _read(path: str, shown: str) -> "TrainingStack | Alias":
-    from simcost.hardware.profile import describe_error
     data = read_json(path, "stack profile")
     kind = data.get("kind", "training") if isinstance(data, dict) else None
-    cls = Alias if kind == "alias" else TrainingStack
-    try:
-        prof = cls.model_validate(data)
-    except ValidationError as e:
-        raise SimcostError(f"invalid stack profile {shown}: {describe_error(e)}") from None
-    except RecursionError:
-        raise SimcostError(f"stack profile {shown} is nested too deeply") from None
+    prof = load_validated(Alias if kind == "alias" else TrainingStack, data, "stack profile",
+                          shown)
     if isinstance(prof, TrainingStack):
         from simcost.stack.fusions import FUSIONS
         for f in prof.fusions:
