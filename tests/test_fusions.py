@@ -195,6 +195,27 @@ def _lce_grad_weight(r, stack, model, peft):
     return spec.vocab * spec.hidden * 2
 
 
+def _lora_recompute(stack, model, kw):
+    """The backward matmul FLOPs Unsloth's fused LoRA adds: its weight gradients recompute
+    x·Aᵀ and dY·B (2·tokens·r·(d_in + d_out) FLOPs each pair), per fused projection."""
+    if not {"lora_qkv", "lora_o", "lora_mlp"} & set(load_stack(stack).fusions):
+        return 0.0
+    from simcost.api import _build, _model
+    from simcost.graph.ir import numel
+    from simcost.hardware import load_profile
+    from simcost.request.train import TrainRequest, request_peft
+    req = TrainRequest.from_call(model, "a100-80gb-sxm", stack=stack, **kw)
+    g, a = _build(_model(model), req, request_peft(req),
+                  load_profile("a100-80gb-sxm").device(), req.batch, req.seq)
+    extra = 0.0
+    for r in a.records:
+        if r.op.kind == K.LORA_FUSED and any(p.trainable for p in r.op.params):
+            (ar, d_in), d_out = r.op.params[0].shape, r.op.params[1].shape[0]
+            tokens = numel(g.tensors[r.op.inputs[0]].shape) / d_in
+            extra += 2 * tokens * ar * (d_in + d_out) * r.count
+    return extra
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_fused_never_keeps_more_than_eager(model):
     stacks = [s for s in stack_names() if s != "hf"]
@@ -215,8 +236,11 @@ def test_fused_never_keeps_more_than_eager(model):
             assert m["activations"] + m["loss_transient"] - gw <= \
                 (hm["activations"] + hm["loss_transient"]) * (1 + 1e-12), where
             assert m["peak_allocated"] - gw <= hm["peak_allocated"] * (1 + 1e-12), where
+            # the same GEMMs (Liger's loss runs the head's gradient GEMMs in the forward),
+            # plus the rank-r GEMMs Unsloth's fused LoRA recomputes for its weight gradients
             assert r.flops["matmul_forward"] + r.flops["matmul_backward"] == pytest.approx(
-                hf.flops["matmul_forward"] + hf.flops["matmul_backward"], rel=1e-12), where
+                hf.flops["matmul_forward"] + hf.flops["matmul_backward"]
+                + _lora_recompute(st, model, kw), rel=1e-12), where
 
 
 def test_eager_and_gpt2_graphs_unchanged_where_nothing_matches():
@@ -425,7 +449,64 @@ def _reference_functions():
             g = g * (dl * (labels != -100))[:, None]
             return logits.copy_(g.to(logits.dtype)), None
 
-    return RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn
+    def lora_dx(dy, w, a, b, s):          # dX of matmul_lora: dY·W + s·(dY·B)·A
+        return dy @ w + s * ((dy @ b) @ a)
+
+    def lora_dab(x, dy, a, b, s):         # (dA, dB) as fast_lora.py makes them
+        return s * (x.t() @ (dy @ b)).t(), s * ((a @ x.t()) @ dy).t()
+
+    def lora_mm(x, w, a, b, s):           # matmul_lora: X·Wᵀ + s·(X·Aᵀ)·Bᵀ, in X's dtype
+        return torch.addmm(x @ w.t(), x @ a.t(), b.t(), alpha=s)
+
+    class LoRAWFn(torch.autograd.Function):         # save_for_backward(A, B, X)
+        @staticmethod
+        def forward(ctx, x, w, a, b, s):
+            ctx.save_for_backward(a, b, x)
+            ctx.s, ctx.w = s, w
+            x2 = x.reshape(-1, x.shape[-1])
+            return lora_mm(x2, w, a.to(x.dtype), b.to(x.dtype), s).view(*x.shape[:-1], -1)
+
+        @staticmethod
+        def backward(ctx, dy):
+            a, b, x = ctx.saved_tensors
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            ad, bd = a.to(x.dtype), b.to(x.dtype)
+            da, db = lora_dab(x2, dy2, ad, bd, ctx.s)
+            dx = lora_dx(dy2, ctx.w, ad, bd, ctx.s).view(x.shape)   # made unconditionally
+            return dx, None, da.to(a.dtype), db.to(b.dtype), None
+
+    class LoRAMLPFn(torch.autograd.Function):       # save_for_backward(A, B x 3, X, e, g)
+        @staticmethod
+        def forward(ctx, x, *p):
+            (gw, ga, gb, gs), (uw, ua, ub, us), (dw, da_, db_, ds) = p[0:4], p[4:8], p[8:12]
+            x2 = x.reshape(-1, x.shape[-1])
+            c = lambda t: t.to(x.dtype)                              # noqa: E731
+            e, g = lora_mm(x2, gw, c(ga), c(gb), gs), lora_mm(x2, uw, c(ua), c(ub), us)
+            i = lora_mm(F.silu(e) * g, dw, c(da_), c(db_), ds)
+            ctx.save_for_backward(ga, gb, ua, ub, da_, db_, x, e, g)
+            ctx.w, ctx.s = (gw, uw, dw), (gs, us, ds)
+            return i.view(*x.shape[:-1], -1)
+
+        @staticmethod
+        def backward(ctx, dy):
+            ga, gb, ua, ub, da_, db_, x, e, g = ctx.saved_tensors
+            (gw, uw, dw), (gs, us, ds) = ctx.w, ctx.s
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            c = lambda t: t.to(x.dtype)                              # noqa: E731
+            dh = lora_dx(dy2, dw, c(da_), c(db_), ds)
+            sg = torch.sigmoid(e.float())
+            h = (e.float() * sg * g.float()).to(x.dtype)             # recomputed
+            de = (dh.float() * g.float() * sg * (1 + e.float() * (1 - sg))).to(x.dtype)
+            dg = (dh.float() * e.float() * sg).to(x.dtype)
+            gda, gdb = lora_dab(h, dy2, c(da_), c(db_), ds)
+            uda, udb = lora_dab(x2, dg, c(ua), c(ub), us)
+            gga, ggb = lora_dab(x2, de, c(ga), c(gb), gs)
+            dx = lora_dx(dg, uw, c(ua), c(ub), us) + lora_dx(de, gw, c(ga), c(gb), gs)
+            return (dx.view(x.shape), None, gga.to(ga.dtype), ggb.to(gb.dtype), None,
+                    None, uda.to(ua.dtype), udb.to(ub.dtype), None,
+                    None, gda.to(da_.dtype), gdb.to(db_.dtype), None)
+
+    return RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn, LoRAWFn, LoRAMLPFn
 
 
 def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
@@ -436,7 +517,7 @@ def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn = _reference_functions()
+    RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn, LoRAWFn, LoRAMLPFn = _reference_functions()
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     pre = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
     monkeypatch.setattr(getattr(mod, f"{pre}RMSNorm"), "forward",
@@ -446,6 +527,8 @@ def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
     if fused_mlp:
         monkeypatch.setattr(getattr(mod, f"{pre}MLP"), "forward", lambda self, x: self.down_proj(
             SiLUMulFn.apply(self.gate_proj(x), self.up_proj(x))))
+    if loss == "inplace" and fused_mlp:        # Unsloth with LoRA on every (bias-free) MLP
+        _patch_fast_lora(monkeypatch, mod, pre, LoRAWFn, LoRAMLPFn)
 
     def forward(self, input_ids=None, labels=None, **kw):
         kw.pop("logits_to_keep", None)
@@ -460,6 +543,28 @@ def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
         return CausalLMOutputWithPast(loss=out)
 
     monkeypatch.setattr(getattr(mod, f"{pre}ForCausalLM"), "forward", forward)
+
+
+def _patch_fast_lora(monkeypatch, mod, pre, LoRAWFn, LoRAMLPFn):
+    """Unsloth's fast_lora: each bias-free LoRA projection of the attention through LoRA_W's
+    saves (X once for q, k and v: the same tensor), the MLP through LoRA_MLP's."""
+    from peft.tuners.lora.layer import Linear
+
+    def parts(lin):
+        return (lin.base_layer.weight, lin.lora_A["default"].weight,
+                lin.lora_B["default"].weight, lin.scaling["default"])
+
+    plain = Linear.forward
+
+    def forward(self, x, *a, **kw):
+        if self.base_layer.bias is not None or getattr(self.lora_dropout["default"], "p", 0):
+            return plain(self, x, *a, **kw)
+        w, la, lb, s = parts(self)
+        return LoRAWFn.apply(x, w, la, lb, s)
+
+    monkeypatch.setattr(Linear, "forward", forward)
+    monkeypatch.setattr(getattr(mod, f"{pre}MLP"), "forward", lambda self, x: LoRAMLPFn.apply(
+        x, *parts(self.gate_proj), *parts(self.up_proj), *parts(self.down_proj)))
 
 
 # every family x method once, the dtype alternating (both dtypes meet every family and method)
@@ -480,7 +585,8 @@ def test_fused_graph_matches_torch_with_the_sources_saves(monkeypatch, stack, lo
         with monkeypatch.context() as mp:
             # Unsloth fuses the MLP only where its fast LoRA MLP runs (LoRA on gate, up and
             # down, no dropout): lora-all here
-            _patch_family(mp, cfg["model_type"], loss, loss == "lce" or meth == "lora-all")
+            _patch_family(mp, cfg["model_type"], loss, loss == "lce" or (
+                meth == "lora-all" and not cfg.get("mlp_bias")))
             m = measure_step(cfg, harness_peft(cfg, METHODS[meth]), batch=2, seq=7, dtype=dt,
                              attn="sdpa")
         g, a = build_graph(spec_from_config(cfg), 2, 7, dtype=dt, attn="sdpa",
@@ -491,3 +597,43 @@ def test_fused_graph_matches_torch_with_the_sources_saves(monkeypatch, stack, lo
         if tuple(float(x) for x in ours) != tuple(float(x) for x in theirs):
             bad.append((name, meth, dt, ours, theirs))
     assert not bad, bad
+
+
+# -- Unsloth's fused LoRA (fast_lora.py) ------------------------------------------------------
+
+def test_unsloth_lora_keeps_x_once_and_no_fp32_copies():
+    """One llama-3.2-1b layer, LoRA r=16 on all seven projections, no dropout, bf16: peft
+    keeps an fp32 copy of each projection's input for lora_A (4 bytes x tokens x d_in, the
+    q/k/v ones share it: 5 copies) and each lora_A output (fp32, tokens x r); Unsloth keeps
+    the bf16 inputs only (x of q/k/v once, o's input, the MLP's X; the down projection's input
+    is recomputed)."""
+    spec = load_model("llama-3.2-1b")
+    peft = PeftSpec("lora", r=16, alpha=32, dropout=0.0,
+                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                             "down_proj"))
+    s = 512
+    g, a = _graph("unsloth", peft=peft, batch=1, seq=s)
+    kinds = [r.op.kind for r in a.records if r.segment == 1]
+    assert kinds.count(K.LORA_FUSED) == 7 and K.COPY not in kinds
+    fused = [r for r in a.records if r.segment == 1 and r.op.kind == K.LORA_FUSED]
+    saved = {t for r in fused for t in r.cost.saved}
+    h, f = spec.hidden, spec.ffn
+    assert sum(g.tensors[t].nbytes for t in saved) == 3 * s * h * 2   # qkv's x, o's x, MLP's X
+    down = next(r for r in fused if r.op.name.startswith("down_proj"))
+    assert down.cost.saved == [] and down.op.attrs["recomputed_input"]
+    q = next(r for r in fused if r.op.name.startswith("q_proj"))
+    assert q.cost.fwd_matmul_flops == 2 * s * 16 * (h + h)
+    assert q.cost.bwd_weight_matmul_flops == 4 * s * 16 * (h + h)
+    assert q.cost.fwd_kernels == 4
+    # dropout > 0: Unsloth keeps peft's path (no fused LoRA anywhere)
+    _, a2 = _graph("unsloth", peft=PeftSpec("lora", r=16, dropout=0.05,
+                                            targets=("q_proj", "v_proj")), seq=s)
+    assert not any(r.op.kind == K.LORA_FUSED for r in a2.records)
+
+
+def test_unsloth_lora_needs_every_projection_of_the_group():
+    """LoRA on q and v only: LoRA_QKV needs q, k and v adapted, so peft's branches stay."""
+    _, a = _graph("unsloth", peft=PeftSpec("lora", r=8, dropout=0.0,
+                                           targets=("q_proj", "v_proj", "o_proj")), seq=256)
+    fused = {r.op.name for r in a.records if r.op.kind == K.LORA_FUSED}
+    assert fused == {"o_proj.lora_fused"}

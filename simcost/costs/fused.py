@@ -255,3 +255,53 @@ def fused_loss_transient(op, g):
     if op.kind == K.LINEAR_CROSS_ENTROPY:
         return lce_transient_bytes(op, g)
     return ce_inplace_transient_bytes(op, g)
+
+
+@register(K.LORA_FUSED)
+def lora_fused(op, g, rg, train):
+    """Unsloth's ``matmul_lora`` inside ``LoRA_QKV`` / ``LoRA_W`` / ``LoRA_MLP``
+    (unsloth/kernels/fast_lora.py, utils.py): ``out = y + s·(x·Aᵀ)·Bᵀ`` in x's dtype (A and B
+    cast to it on the fly, ``out.addmm_``), inputs x and the base output y, params A (r x
+    d_in), B (d_out x r).
+
+    Forward: the two rank-r GEMMs (x·Aᵀ, then the addmm into y) and the casts of A and B.
+    Backward (hand-written): dA = s·xᵀ·(dY·B) and dB = s·(A·xᵀ)·dY, so x·Aᵀ and dY·B are
+    recomputed (four rank-r GEMMs for the weights), and dX gets (dY·B)·A (two more). Saved:
+    x alone (``save_for_backward(A, B, X)``; LoRA_QKV saves its X once for q, k and v, the
+    same storage here), or nothing when ``attrs["recomputed_input"]`` (LoRA_MLP's down
+    projection: its input h is recomputed from the saved gate and up outputs)."""
+    x, y, out = _t(g, op.inputs[0]), _t(g, op.inputs[1]), _t(g, op.outputs[0])
+    a, b = op.params[0], op.params[1]
+    r, d_in = a.shape
+    d_out = b.shape[0]
+    tokens = numel(x.shape) / d_in
+    mac = tokens * r * (d_in + d_out)
+    w_bytes = (a.numel + b.numel) * BYTES[x.dtype]
+    cost = OpCost(fwd_flops=2 * mac, fwd_matmul_flops=2 * mac, fwd_kernels=4,
+                  fwd_bytes=x.nbytes + y.nbytes + out.nbytes + a.nbytes + b.nbytes + w_bytes,
+                  gemms_fwd=[(1, tokens, r, d_in), (1, tokens, d_out, r)])
+    trains = train[0] or train[1]
+    if rg[0] or trains:
+        # dX += (dY·B)·A; the hand-written backward makes dX even when x needs no gradient
+        # (the first block's q/k/v input), base GEMM dY·W included: that waste is priced here
+        cost.bwd_act_flops += 2 * mac
+        cost.bwd_act_matmul_flops += 2 * mac
+        cost.bwd_bytes += out.nbytes + x.nbytes
+        cost.bwd_kernels += 2
+        cost.gemms_bwd += [(1, tokens, r, d_out), (1, tokens, d_in, r)]
+        if not rg[0]:
+            base = 2 * tokens * d_in * d_out
+            cost.bwd_act_flops += base
+            cost.bwd_act_matmul_flops += base
+            cost.bwd_kernels += 1
+            cost.gemms_bwd.append((1, tokens, d_in, d_out))
+    if trains:
+        cost.bwd_weight_flops += 4 * mac
+        cost.bwd_weight_matmul_flops += 4 * mac
+        cost.bwd_bytes += out.nbytes + 2 * x.nbytes + 2 * w_bytes
+        cost.bwd_kernels += 6                  # 4 GEMMs, 2 casts of A and B
+        cost.gemms_bwd += [(1, tokens, r, d_out), (1, d_in, r, tokens),
+                           (1, r, tokens, d_in), (1, r, d_out, tokens)]
+        if not op.attrs.get("recomputed_input"):
+            cost.saved.append(op.inputs[0])
+    return cost

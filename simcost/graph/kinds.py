@@ -37,6 +37,8 @@ ROPE_FUSED = "rope_fused"                        # q and k (or one tensor) rotat
 SWIGLU_FUSED = "swiglu_fused"                    # silu(gate) * up, silu recomputed in backward
 LINEAR_CROSS_ENTROPY = "linear_cross_entropy"    # lm_head + loss in token chunks (Liger)
 CROSS_ENTROPY_INPLACE = "cross_entropy_inplace"  # loss writing its gradient into the logits
+LORA_FUSED = "lora_fused"                        # a LoRA branch added into its base output in
+#                                                  the base dtype, keeping only x (Unsloth)
 
 NORMS = (RMS_NORM, LAYER_NORM, RMS_NORM_FUSED)
 LOSSES = (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, LINEAR_CROSS_ENTROPY)   # the head's loss op

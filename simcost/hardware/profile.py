@@ -7,7 +7,6 @@ well-formed. A violation is one line naming the field path and the value.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from functools import cached_property, lru_cache

@@ -32,4 +32,4 @@ def apply_fusions(g, names) -> dict[str, int]:
 
 # the rules (each module registers its names on import)
 from simcost.stack.fusions import (cross_entropy_inplace, linear_cross_entropy,  # noqa: E402,F401
-                                   qkv_lora, rms_norm, rope, swiglu)
+                                   lora_unsloth, qkv_lora, rms_norm, rope, swiglu)

@@ -62,7 +62,10 @@ def _lora_mlp(seg) -> bool:
     projs = [n.split(".")[0] for n in names if n.endswith(".lora_A")]
     mlp = [p for p in ("gate_proj", "up_proj", "down_proj") if p in projs]
     dropped = any(op.kind == K.DROPOUT and op.name.split(".")[0] in mlp for op in seg.ops)
-    return len(mlp) == 3 and not dropped
+    # patch_peft_model also needs the base linears without bias (``base_layer.bias is None``)
+    biased = any(op.kind == K.LINEAR and op.name in mlp and len(op.params) > 1
+                 for op in seg.ops)
+    return len(mlp) == 3 and not dropped and not biased
 
 
 @register("swiglu_unsloth")
