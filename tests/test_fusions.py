@@ -136,8 +136,36 @@ def test_linear_cross_entropy_chunks_and_saves():
     assert rf.cost.fwd_matmul_flops == 3 * mm and rf.cost.fwd_kernels == 4 + 1 + 32 * 4 + 4
 
 
-def test_cross_entropy_inplace_keeps_the_logits():
+def _unsloth_inplace(tmp_path) -> str:
+    """Unsloth as releases before cut cross-entropy ran it (fast_cross_entropy_loss)."""
+    prof = json.loads((STACK_DIR / "unsloth.json").read_text())
+    prof["fusions"] = [f if f != "cut_cross_entropy" else "cross_entropy_inplace"
+                       for f in prof["fusions"]]
+    p = tmp_path / "unsloth-inplace.json"
+    p.write_text(json.dumps(prof))
+    return str(p)
+
+
+def test_cut_cross_entropy_never_holds_the_logits():
     g, a = _graph("unsloth")
+    r = next(x for x in a.records if x.op.kind == K.CUT_CROSS_ENTROPY)
+    hidden = r.op.inputs[0]
+    # save_for_backward(e, c, lse, targets) + the division's item count
+    assert r.cost.saved == [hidden, ("new", TOKENS * 4), ("new", TOKENS * 8), ("new", 8)]
+    mm = 2 * TOKENS * D * VOCAB
+    assert r.cost.fwd_matmul_flops == mm
+    assert r.cost.bwd_act_matmul_flops == 2 * mm     # the tiles recomputed, then dE
+    m = estimate_train("llama-3.2-1b", "a100-80gb-sxm", batch=B, seq=S, peft="lora",
+                       targets="q_proj,v_proj", attn="flash", stack="unsloth").memory_bytes
+    assert m["loss_transient"] == TOKENS * 4          # fp32 per-token losses only
+    hf = estimate_train("llama-3.2-1b", "a100-80gb-sxm", batch=B, seq=S, peft="lora",
+                        targets="q_proj,v_proj", attn="flash").memory_bytes
+    assert hf["loss_transient"] >= TOKENS * VOCAB * 2
+
+
+def test_cross_entropy_inplace_keeps_the_logits(tmp_path):
+    inplace = _unsloth_inplace(tmp_path)
+    g, a = _graph(inplace)
     r = next(x for x in a.records if x.op.kind == K.CROSS_ENTROPY_INPLACE)
     logits = r.op.inputs[0]
     # save_for_backward(logits, logsumexp, labels): the bf16 logits, fp32 and int64 per row;
@@ -148,7 +176,7 @@ def test_cross_entropy_inplace_keeps_the_logits():
     # sum / count_nonzero / div 4
     assert (r.cost.fwd_kernels, r.cost.bwd_kernels) == (3 + 5 + 4, 2)
     m = estimate_train("llama-3.2-1b", "a100-80gb-sxm", batch=B, seq=S, peft="lora",
-                       targets="q_proj,v_proj", attn="flash", stack="unsloth").memory_bytes
+                       targets="q_proj,v_proj", attn="flash", stack=inplace).memory_bytes
     assert m["loss_transient"] == TOKENS * 4 + TOKENS * 2 * 4
 
 
@@ -195,10 +223,12 @@ def _lce_grad_weight(r, stack, model, peft):
     return spec.vocab * spec.hidden * 2
 
 
-def _lora_recompute(stack, model, kw):
-    """The backward matmul FLOPs Unsloth's fused LoRA adds: its weight gradients recompute
-    x·Aᵀ and dY·B (2·tokens·r·(d_in + d_out) FLOPs each pair), per fused projection."""
-    if not {"lora_qkv", "lora_o", "lora_mlp"} & set(load_stack(stack).fusions):
+def _recompute(stack, model, kw):
+    """The matmul FLOPs a stack's fused kernels recompute on top of eager's: Unsloth's fused
+    LoRA recomputes x·Aᵀ and dY·B for its weight gradients (2·tokens·r·(d_in + d_out) per
+    projection), cut cross-entropy the head's logits tiles in backward (its forward GEMM)."""
+    fus = set(load_stack(stack).fusions)
+    if not {"lora_qkv", "lora_o", "lora_mlp", "cut_cross_entropy"} & fus:
         return 0.0
     from simcost.api import _build, _model
     from simcost.graph.ir import numel
@@ -213,6 +243,8 @@ def _lora_recompute(stack, model, kw):
             (ar, d_in), d_out = r.op.params[0].shape, r.op.params[1].shape[0]
             tokens = numel(g.tensors[r.op.inputs[0]].shape) / d_in
             extra += 2 * tokens * ar * (d_in + d_out) * r.count
+        if r.op.kind == K.CUT_CROSS_ENTROPY and r.cost.bwd_kernels:
+            extra += r.cost.fwd_matmul_flops * r.count
     return extra
 
 
@@ -237,10 +269,10 @@ def test_fused_never_keeps_more_than_eager(model):
                 (hm["activations"] + hm["loss_transient"]) * (1 + 1e-12), where
             assert m["peak_allocated"] - gw <= hm["peak_allocated"] * (1 + 1e-12), where
             # the same GEMMs (Liger's loss runs the head's gradient GEMMs in the forward),
-            # plus the rank-r GEMMs Unsloth's fused LoRA recomputes for its weight gradients
+            # plus what fused kernels recompute
             assert r.flops["matmul_forward"] + r.flops["matmul_backward"] == pytest.approx(
                 hf.flops["matmul_forward"] + hf.flops["matmul_backward"]
-                + _lora_recompute(st, model, kw), rel=1e-12), where
+                + _recompute(st, model, kw), rel=1e-12), where
 
 
 def test_eager_and_gpt2_graphs_unchanged_where_nothing_matches():
@@ -449,6 +481,24 @@ def _reference_functions():
             g = g * (dl * (labels != -100))[:, None]
             return logits.copy_(g.to(logits.dtype)), None
 
+    class CCEFn(torch.autograd.Function):          # save_for_backward(e, c, lse, targets)
+        @staticmethod
+        def forward(ctx, e, c, targets):
+            lse = (e @ c.t()).float().logsumexp(-1)      # the tiles' GEMM (never kept)
+            picked = (e * c[targets.clamp(min=0)]).sum(-1).float()
+            ctx.save_for_backward(e, c, lse, targets)
+            return ((lse - picked) * (targets != -100)).sum()
+
+        @staticmethod
+        def backward(ctx, dloss):
+            e, c, lse, targets = ctx.saved_tensors
+            p = ((e @ c.t()).float() - lse[:, None]).exp()          # recomputed tiles
+            p[torch.arange(len(targets)), targets.clamp(min=0)] -= 1
+            gl = (p * ((targets != -100) * dloss)[:, None]).to(e.dtype)
+            de = gl @ c if ctx.needs_input_grad[0] else None
+            dc = gl.t() @ e if ctx.needs_input_grad[1] else None
+            return de, dc, None
+
     def lora_dx(dy, w, a, b, s):          # dX of matmul_lora: dY·W + s·(dY·B)·A
         return dy @ w + s * ((dy @ b) @ a)
 
@@ -506,7 +556,7 @@ def _reference_functions():
                     None, uda.to(ua.dtype), udb.to(ub.dtype), None,
                     None, gda.to(da_.dtype), gdb.to(db_.dtype), None)
 
-    return RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn, LoRAWFn, LoRAMLPFn
+    return RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn, LoRAWFn, LoRAMLPFn, CCEFn
 
 
 def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
@@ -517,7 +567,8 @@ def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn, LoRAWFn, LoRAMLPFn = _reference_functions()
+    (RMSNormFn, RopeFn, SiLUMulFn, LCEFn, InplaceCEFn, LoRAWFn, LoRAMLPFn,
+     CCEFn) = _reference_functions()
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     pre = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
     monkeypatch.setattr(getattr(mod, f"{pre}RMSNorm"), "forward",
@@ -527,7 +578,7 @@ def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
     if fused_mlp:
         monkeypatch.setattr(getattr(mod, f"{pre}MLP"), "forward", lambda self, x: self.down_proj(
             SiLUMulFn.apply(self.gate_proj(x), self.up_proj(x))))
-    if loss == "inplace" and fused_mlp:        # Unsloth with LoRA on every (bias-free) MLP
+    if loss in ("inplace", "cce") and fused_mlp:   # Unsloth, LoRA on every (bias-free) MLP
         _patch_fast_lora(monkeypatch, mod, pre, LoRAWFn, LoRAMLPFn)
 
     def forward(self, input_ids=None, labels=None, **kw):
@@ -536,6 +587,9 @@ def _patch_family(monkeypatch, model_type: str, loss: str, fused_mlp: bool):
         shift = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous().view(-1)
         if loss == "lce":
             out = LCEFn.apply(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shift)
+        elif loss == "cce":        # unsloth_zoo: reduction sum, then / num_items_in_batch
+            n_items = (shift != -100).sum()
+            out = CCEFn.apply(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shift) / n_items
         else:
             logits = self.lm_head(h)
             per = InplaceCEFn.apply(logits.view(-1, logits.shape[-1]), shift)
@@ -574,8 +628,11 @@ TORCH_CASES = [(m, meth, ("fp32", "bf16")[(i + j) % 2])
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("stack,loss", [("hf-liger", "lce"), ("unsloth", "inplace")])
-def test_fused_graph_matches_torch_with_the_sources_saves(monkeypatch, stack, loss):
+@pytest.mark.parametrize("stack,loss", [("hf-liger", "lce"), ("unsloth", "cce"),
+                                        ("unsloth-inplace", "inplace")])
+def test_fused_graph_matches_torch_with_the_sources_saves(monkeypatch, tmp_path, stack, loss):
+    if stack == "unsloth-inplace":
+        stack = _unsloth_inplace(tmp_path)
     from simcost.models.config import spec_from_config
     from simcost.validate.exact import METHODS, TINY_CONFIGS, harness_peft
     from simcost.validate.torch_measure import measure_step

@@ -251,10 +251,63 @@ def ce_inplace_transient_bytes(op, g):
 
 def fused_loss_transient(op, g):
     """Bytes above the saved tensors at a fused loss's worst instant (the loss op of the
-    head: :data:`simcost.graph.kinds.LINEAR_CROSS_ENTROPY` or ``CROSS_ENTROPY_INPLACE``)."""
+    head: :data:`simcost.graph.kinds.LINEAR_CROSS_ENTROPY`, ``CUT_CROSS_ENTROPY`` or
+    ``CROSS_ENTROPY_INPLACE``)."""
     if op.kind == K.LINEAR_CROSS_ENTROPY:
         return lce_transient_bytes(op, g)
+    if op.kind == K.CUT_CROSS_ENTROPY:
+        return cce_transient_bytes(op, g)
     return ce_inplace_transient_bytes(op, g)
+
+
+@register(K.CUT_CROSS_ENTROPY)
+def cut_cross_entropy(op, g, rg, train):
+    """Cut cross-entropy (Wijmans et al. 2024, arXiv 2411.09009; apple/ml-cross-entropy
+    ``cut_cross_entropy.linear_cross_entropy``, which unsloth_zoo's
+    ``fused_linear_cross_entropy`` calls): the LM head and the loss with the logits computed
+    tile by tile in on-chip memory, never in device memory.
+
+    Inputs: hidden states e (BT x H), labels. Param: the head weight C (V x H). Forward: one
+    kernel computes the logsumexp over the (BT x V) logits tiles (the e·Cᵀ GEMM), one the
+    target logit (an indexed dot, BT·H); ``save_for_backward(e, c, lse, targets)``: e's
+    storage (already alive), the fp32 lse (BT) and the int64 targets. Backward: one kernel
+    recomputes each logits tile, forms the softmax gradient and accumulates dE = G·C and, with
+    a trainable head, dC = Gᵀ·e: the head's forward GEMM again plus the eager backward's
+    GEMMs (gradient filtering, which skips tiles whose softmax is below ``filter_eps``, is not
+    priced: an upper bound on its work)."""
+    x = _t(g, op.inputs[0])
+    w = op.params[0]
+    vocab, h = w.shape
+    bt = numel(x.shape) / h
+    eb = BYTES[x.dtype]
+    w_bytes = w.numel * BYTES[w.compute_dtype or w.dtype]
+    mm = 2 * bt * h * vocab
+    logits = bt * vocab
+    cost = OpCost(fwd_flops=mm + 2 * bt * h + 5 * logits, fwd_matmul_flops=mm,
+                  fwd_bytes=x.nbytes + w_bytes + bt * (4 + 8 + 4), fwd_kernels=3,
+                  gemms_fwd=[(1, bt, vocab, h)], special_fwd={"exp": logits})
+    w_train = bool(train and train[0])
+    if rg[0] or w_train:
+        # + the int64 item count unsloth_zoo's ``loss / num_items_in_batch`` keeps
+        cost.saved = [op.inputs[0], ("new", bt * 4), ("new", bt * 8), ("new", 8)]
+        grads = int(bool(rg[0])) + int(w_train)
+        cost.bwd_act_flops = (mm if rg[0] else 0) + mm + 6 * logits   # recompute in the act part
+        cost.bwd_act_matmul_flops = (mm if rg[0] else 0) + mm
+        cost.bwd_weight_flops = mm if w_train else 0
+        cost.bwd_weight_matmul_flops = mm if w_train else 0
+        cost.bwd_bytes = x.nbytes * (1 + grads) + w_bytes * (1 + grads) + bt * (4 + 8)
+        cost.bwd_kernels = 1 + grads
+        cost.gemms_bwd = [(1, bt, vocab, h)] + ([(1, bt, h, vocab)] if rg[0] else []) \
+            + ([(1, vocab, h, bt)] if w_train else [])
+        cost.special_bwd = {"exp": logits}
+    return cost
+
+
+def cce_transient_bytes(op, g):
+    """Above the saved tensors while cut cross-entropy runs: its fp32 per-token losses (the
+    logits live only in on-chip tiles)."""
+    x = _t(g, op.inputs[0])
+    return numel(x.shape) / op.params[0].shape[1] * 4
 
 
 @register(K.LORA_FUSED)

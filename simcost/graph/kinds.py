@@ -37,11 +37,14 @@ ROPE_FUSED = "rope_fused"                        # q and k (or one tensor) rotat
 SWIGLU_FUSED = "swiglu_fused"                    # silu(gate) * up, silu recomputed in backward
 LINEAR_CROSS_ENTROPY = "linear_cross_entropy"    # lm_head + loss in token chunks (Liger)
 CROSS_ENTROPY_INPLACE = "cross_entropy_inplace"  # loss writing its gradient into the logits
+CUT_CROSS_ENTROPY = "cut_cross_entropy"          # lm_head + loss, logits only in on-chip tiles
 LORA_FUSED = "lora_fused"                        # a LoRA branch added into its base output in
 #                                                  the base dtype, keeping only x (Unsloth)
 
 NORMS = (RMS_NORM, LAYER_NORM, RMS_NORM_FUSED)
-LOSSES = (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, LINEAR_CROSS_ENTROPY)   # the head's loss op
+LOSSES = (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, LINEAR_CROSS_ENTROPY,    # the head's loss op
+          CUT_CROSS_ENTROPY)
+FUSED_HEADS = (LINEAR_CROSS_ENTROPY, CUT_CROSS_ENTROPY)      # the lm_head GEMM inside the loss
 ATTENTION_MATMULS = (MATMUL, SDPA)     # where an attention core's compute starts
 
 ALL = frozenset(v for k, v in dict(globals()).items()

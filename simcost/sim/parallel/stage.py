@@ -65,7 +65,7 @@ def param_split(g) -> ParamSplit:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                split = len(p.shape) == 2 and (op.kind in (K.LINEAR, K.EMBEDDING, K.LINEAR_CROSS_ENTROPY)) and \
+                split = len(p.shape) == 2 and (op.kind in (K.LINEAR, K.EMBEDDING, *K.FUSED_HEADS)) and \
                     p.role != "adapter" or (p.role == "adapter" and adapter_split(op))
                 nb = p.nbytes * seg.count
                 n = p.numel * seg.count

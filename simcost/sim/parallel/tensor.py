@@ -36,7 +36,7 @@ def role(rec) -> tuple[str, str | None]:
     if "experts" in op.module and parent == "w2":
         style = "row"
     if not in_block:
-        if op.kind in (K.LINEAR, K.LINEAR_CROSS_ENTROPY):   # lm_head: vocab-parallel (column)
+        if op.kind in (K.LINEAR, *K.FUSED_HEADS):          # lm_head: vocab-parallel (column)
             return COLUMN_BASE, "column"
         if op.kind in (K.EMBEDDING, K.CROSS_ENTROPY):
             return SPLIT, None

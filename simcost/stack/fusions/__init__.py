@@ -31,5 +31,6 @@ def apply_fusions(g, names) -> dict[str, int]:
 
 
 # the rules (each module registers its names on import)
-from simcost.stack.fusions import (cross_entropy_inplace, linear_cross_entropy,  # noqa: E402,F401
-                                   lora_unsloth, qkv_lora, rms_norm, rope, swiglu)
+from simcost.stack.fusions import (cross_entropy_inplace, cut_cross_entropy,  # noqa: E402,F401
+                                   linear_cross_entropy, lora_unsloth, qkv_lora, rms_norm,
+                                   rope, swiglu)

@@ -22,8 +22,9 @@ from simcost.stack.fusions import register
 from simcost.stack.fusions._match import consumers
 
 
-@register("linear_cross_entropy")
-def linear_cross_entropy(g) -> int:
+def fuse_head(g, kind: str) -> int:
+    """Replace the head's ``lm_head`` linear and its ``cross_entropy`` loss by one op of
+    ``kind`` reading the hidden states and the labels (0 when the pattern is absent)."""
     head = g.segments[-1]
     loss = next((op for op in head.ops if op.kind == K.CROSS_ENTROPY), None)
     if loss is None:
@@ -33,8 +34,13 @@ def linear_cross_entropy(g) -> int:
     if lin is None or lin.kind != K.LINEAR or lin.module != "lm_head" or len(lin.params) != 1 \
             or consumers(head, logits) != [loss] or lin.attrs.get("weight_input"):
         return 0
-    fused = Op("lm_head+loss", K.LINEAR_CROSS_ENTROPY, (lin.inputs[0], loss.inputs[1]),
+    fused = Op("lm_head+loss", kind, (lin.inputs[0], loss.inputs[1]),
                loss.outputs, lin.params, dict(lin.attrs), "lm_head")
     head.ops[head.ops.index(loss)] = fused
     head.ops.remove(lin)
     return 1
+
+
+@register("linear_cross_entropy")
+def linear_cross_entropy(g) -> int:
+    return fuse_head(g, K.LINEAR_CROSS_ENTROPY)
