@@ -71,12 +71,14 @@ def print_train(r) -> None:
         via = f" (via {st['via']})" if st.get("via") else ""
         vers = ", ".join(f"{k} {v}" for k, v in st["versions"].items())
         c.print(f"stack: {st['name']}{via}: {st['display_name']}; {vers}", style="dim")
-    notes = {v["note"] for v in iv.values() if "note" in v}
-    if notes:
-        c.print("no error bars: " + "; ".join(sorted(notes)), style="dim")
-    elif iv:
-        c.print("[p10-p90]: the range of the measured value, from the stack's out-of-fit "
-                "validation errors on this hardware class", style="dim")
+    from rich.markup import escape
+    label = {"step_s": "step time", "peak_bytes": "peak memory"}
+    for k, v in iv.items():
+        if "note" in v:
+            c.print(escape(f"no error bars for {label.get(k, k)}: {v['note']}"), style="dim")
+    if any("p10" in v for v in iv.values()):
+        c.print("p10-p90 in brackets: the range of the measured value, from the stack's "
+                "out-of-fit validation errors on this hardware class", style="dim")
 
 
 def _gib(x: float) -> str:
@@ -87,7 +89,8 @@ def _range(iv: dict | None, fmt) -> str:
     """' [p10 a - p90 b]' for an interval, '' without one."""
     if not iv or "p10" not in iv:
         return ""
-    return f" [p10 {fmt(iv['p10'])} - p90 {fmt(iv['p90'])}]"
+    from rich.markup import escape
+    return escape(f" [p10 {fmt(iv['p10'])} - p90 {fmt(iv['p90'])}]")
 
 
 _ROW_NAMES = {"weights": "weights", "master_weights": "master weights (fp32)",

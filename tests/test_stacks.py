@@ -148,3 +148,14 @@ def test_cli_names_the_stack(capsys):
     assert main(["stacks", "nemo", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "nemo"
     assert np.isfinite(d["memory_bytes"]["peak_reserved"])
+
+
+def test_the_table_shows_the_error_bars_or_says_why(capsys):
+    argv = ["estimate", "train", "--model", "qwen-7b", "--peft", "lora", "--hardware",
+            "a100-80gb-sxm", "--batch", "1", "--seq", "2048", "--attn", "flash"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("[p10 ") == 2 and "stack: hf" in out        # step time and peak memory
+    assert main([*argv, "--stack", "unsloth"]) == 0
+    out = capsys.readouterr().out
+    assert "[p10 " not in out and "no error bars for step time" in out
