@@ -131,8 +131,9 @@ class TrainRequest(Request):
     def _stack(cls, v):
         from simcost.errors import closest
         from simcost.stack import load_stack, stack_names
+        from simcost.stack.registry import STACK_DIR
         name = v.partition(":")[0]
-        if not v.endswith(".json") and "/" not in v and name not in stack_names():
+        if not v.endswith(".json") and "/" not in v and not (STACK_DIR / f"{name}.json").is_file():
             raise ValueError(f"is not a stack{closest(name, stack_names())}; valid: "
                              f"{', '.join(stack_names())}")
         try:

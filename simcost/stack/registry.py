@@ -63,7 +63,16 @@ def load_stack(ref: "str | Stack | None") -> Stack:
         return ref
     if ref is None:
         ref = DEFAULT_STACK
-    bundled = isinstance(ref, str) and not ref.endswith(".json") and "/" not in ref
+    if not isinstance(ref, str):
+        raise SimcostError("--stack must name a stack or a profile file")
+    return _load_ref(ref)
+
+
+@lru_cache(maxsize=256)
+def _load_ref(ref: str) -> Stack:
+    """The resolved stack of one reference (cached: estimates in a sweep or a plan search
+    name the same stack thousands of times)."""
+    bundled = not ref.endswith(".json") and "/" not in ref
     name, _, variant = ref.partition(":") if bundled else (ref, "", "")
     file, shown, _ = profile_file(name, STACK_DIR, "stack", stack_names)
     return _resolve(file, shown, variant or None)
