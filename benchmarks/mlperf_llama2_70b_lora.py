@@ -133,10 +133,10 @@ def main(out_dir: str = "validation/reports") -> int:
              "round, hardware and model-parallel size names it, else `--parallel auto`. "
              "No per-row tuning: the inputs are the device profiles (datasheet peaks, "
              "measured bf16/fp8 max-achievable-matmul efficiency), the default 400 Gb/s "
-             "NDR per GPU between nodes, and the nemo stack's two fitted constants (host "
-             "seconds per kernel, sustained GEMM fraction), fitted by "
-             "`validation/fit/fit_stacks.py` on the single-node H100 rows only: every other "
-             "row is out of that fit.", "",
+             "NDR per GPU between nodes, and the nemo stack's two fitted constants (sustained "
+             "GEMM fraction, host seconds per optimizer step), fitted by "
+             "`validation/fit/fit_stacks.py` on the H100 systems of up to 64 GPUs only: the "
+             "larger H100 systems, H200, B200 and L40S are out of that fit.", "",
              f"**Step-time MAPE: {summary['step_time_mape']:.1%}** over "
              f"{len(ev)} rows (mean signed error {summary['mean_signed_error']:+.1%}; "
              f"dev target <= 8 %: {'met' if summary['step_time_mape'] <= 0.08 else 'not met'}). "

@@ -25,12 +25,17 @@ def _hf():
     return json.loads((STACK_DIR / "hf.json").read_text())
 
 
-def test_fitted_records_reproduce_their_residuals():
+FITTED = {"hf": (("host", "dispatch_s"), ("kernels", "gemm_sustained"),
+                 ("allocator", "fragmentation"), ("allocator", "extra_context_bytes")),
+          "nemo": (("kernels", "gemm_sustained"), ("host", "step_overhead_s"))}
+
+
+@pytest.mark.parametrize("stack", sorted(FITTED))
+def test_fitted_records_reproduce_their_residuals(stack):
     rows = {r["id"]: r for r in load_rows()}
-    hf = _hf()
-    for section, key in (("host", "dispatch_s"), ("kernels", "gemm_sustained"),
-                         ("allocator", "fragmentation"), ("allocator", "extra_context_bytes")):
-        f = hf[section][key]["fitted"]
+    prof = json.loads((STACK_DIR / f"{stack}.json").read_text())
+    for section, key in FITTED[stack]:
+        f = prof[section][key]["fitted"]
         assert f["script"] == "validation/fit/fit_stacks.py"
         assert not set(f["rows"]) & set(f["held_out"])
         for ids, name in ((f["rows"], "in_sample_mape"), (f["held_out"], "held_out_mape")):
