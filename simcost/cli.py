@@ -164,6 +164,12 @@ def _add_distributed(t) -> None:
                    help="ZeRO-Offload of optimizer states (and parameters) to the host")
     d.add_argument("--fp8-attention", action="store_true",
                    help="with --dtype fp8: fused attention in fp8 too")
+    d.add_argument("--fp8-params", action="store_true",
+                   help="with --dtype fp8: frozen linear weights stored in fp8 (NeMo "
+                        "fp8_params, TE fp8_model_init)")
+    d.add_argument("--fp8-activation", action="store_true",
+                   help="with --dtype fp8: a fused SwiGLU keeps its inputs in fp8 (Megatron "
+                        "activation_func_fp8_input_store, NeMo FP8_ACTIVATION)")
 
 
 def _add_info(sub) -> None:
@@ -283,7 +289,8 @@ def _train_request(a, cls=None, **extra):
         zero=a.zero, parallel=a.parallel, micro_batch=a.micro_batch,
         sequence_parallel=False if a.no_sequence_parallel else None, tp_overlap=a.tp_overlap,
         pp_schedule=a.pp_schedule, virtual_stages=a.virtual_stages, offload=a.offload,
-        fp8_attention=a.fp8_attention, max_positions=a.max_positions,
+        fp8_attention=a.fp8_attention, fp8_params=a.fp8_params,
+        fp8_activation=a.fp8_activation, max_positions=a.max_positions,
         loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
         stack=a.stack, host_allocator=a.host_allocator, shorthand=short, **extra)
 

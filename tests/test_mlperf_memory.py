@@ -68,9 +68,12 @@ def test_fp8_params_store_the_frozen_linear_weights_in_one_byte():
 
 
 def test_fp8_params_need_fp8():
-    with pytest.raises(SimcostError, match="fp8_params"):
+    with pytest.raises(SimcostError, match="--fp8-params"):
         estimate_train("llama-2-70b", "h100-sxm", batch=8, seq=1024, peft=LORA, devices=8,
                        tp=4, dtype="bf16", fp8_params=True)
+    with pytest.raises(SimcostError, match="--fp8-activation"):
+        estimate_train("llama-2-70b", "h100-sxm", batch=8, seq=1024, peft=LORA, devices=8,
+                       tp=4, dtype="bf16", fp8_activation=True)
 
 
 def test_the_250_gib_plan_is_the_b200_submitted_plan_with_bf16_weights():
@@ -190,4 +193,4 @@ def test_fp8_activation_store_halves_the_fused_swiglu_saves_by_hand():
     assert a.memory_bytes["activations"] - b.memory_bytes["activations"] == \
         pytest.approx(drop, rel=1e-9)
     hf = estimate_train("llama-2-70b", "h200", fp8_activation=True, **{**kw, "stack": "hf"})
-    assert any("fp8_activation has no effect" in w for w in hf.warnings)
+    assert any("--fp8-activation has no effect" in w for w in hf.warnings)

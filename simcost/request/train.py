@@ -227,14 +227,14 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
     if r.fp8_attention and r.dtype != "fp8":
         raise ValueError("--fp8-attention needs --dtype fp8")
     if r.fp8_params and r.dtype != "fp8":
-        raise ValueError("fp8_params (fp8-stored weights) needs --dtype fp8")
+        raise ValueError("--fp8-params (fp8-stored weights) needs --dtype fp8")
     if r.fp8_activation and r.dtype != "fp8":
-        raise ValueError("fp8_activation (fp8-stored SwiGLU inputs) needs --dtype fp8")
+        raise ValueError("--fp8-activation (fp8-stored SwiGLU inputs) needs --dtype fp8")
     if r.fp8_activation:
         from simcost.stack import load_stack
         st = load_stack(r.stack)
         if not any(f.startswith("swiglu") for f in st.fusions):
-            notes.append(f"fp8_activation has no effect: stack '{st.name}' runs no fused "
+            notes.append(f"--fp8-activation has no effect: stack '{st.name}' runs no fused "
                          f"SwiGLU")
     if r.micro_batch is not None and r.micro_batch > r.batch:
         raise ValueError(f"--micro-batch {r.micro_batch} is larger than --batch {r.batch}")
