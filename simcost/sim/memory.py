@@ -65,6 +65,7 @@ import numpy as np
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.graph import kinds as K
+from simcost.stack.allocator import device_peak
 
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "mezo")
 MIXED = ("none", "bf16", "fp16")
@@ -89,7 +90,6 @@ class Memory:
     def breakdown(self, capacity: float, stack=None, device_kind: str = "gpu") -> dict:
         """The ``memory_bytes`` mapping of an estimate; ``peak_allocated``, ``peak_reserved``
         and the device-level ``peak`` from :func:`simcost.stack.allocator.device_peak`."""
-        from simcost.stack.allocator import device_peak
         rows = device_peak(self.peak - self.runtime_overhead,
                            self.weights + self.master_weights + self.optimizer,
                            self.runtime_overhead, stack, device_kind)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from simcost.sim.memory import (backward_step_terms, in_backward_peak, logits_fp32_bytes,
                                 loss_peak, prologue_saved)
 from simcost.sim.parallel.context import Context
+from simcost.stack.allocator import device_peak
 from simcost.sim.parallel.plans import Plan
 from simcost.sim.parallel.stage import (ActSplit, ParamSplit, stage_bytes, stage_trainable,
                                         trainable_elem)
@@ -41,7 +42,6 @@ class PlanMemory:
     def as_dict(self, stack=None, device_kind: str = "gpu") -> dict:
         """The ``memory_bytes`` mapping; the peak rows from
         :func:`simcost.stack.allocator.device_peak` (``stack`` None: allocated = reserved)."""
-        from simcost.stack.allocator import device_peak
         resident = self.weights + self.master_weights + self.optimizer \
             + (self.deepspeed_buffers_resident or 0.0)
         rows = device_peak(self.peak - self.runtime_overhead, resident, self.runtime_overhead,
