@@ -131,6 +131,14 @@ def lce_chunks(tokens, vocab: int, hidden: int):
     return chunk, n
 
 
+def _head(op, g):
+    """A fused head's hidden states, weight, vocabulary, width, tokens and weight bytes read."""
+    x = _t(g, op.inputs[0])
+    w = op.params[0]
+    vocab, h = w.shape
+    return x, w, vocab, h, numel(x.shape) / h, w.numel * BYTES[w.compute_dtype or w.dtype]
+
+
 @register(K.LINEAR_CROSS_ENTROPY)
 def linear_cross_entropy(op, g, rg, train):
     """Liger ``LigerFusedLinearCrossEntropyFunction`` (ops/fused_linear_cross_entropy.py):
@@ -152,12 +160,8 @@ def linear_cross_entropy(op, g, rg, train):
     the transformers wrapper's label shift (pad, contiguous slice) and ``/ num_items``.
     The CE kernel's traffic (3 x chunk x V) is priced as overlapping the GEMMs of its phase.
     """
-    x = _t(g, op.inputs[0])
-    w = op.params[0]
-    vocab, h = w.shape
-    bt = numel(x.shape) / h
+    x, w, vocab, h, bt, w_bytes = _head(op, g)
     eb = BYTES[x.dtype]
-    w_bytes = w.numel * BYTES[w.compute_dtype or w.dtype]
     chunk, nch = lce_chunks(bt, vocab, h)
     logits = bt * vocab
     mm = 2 * bt * h * vocab
@@ -275,12 +279,7 @@ def cut_cross_entropy(op, g, rg, train):
     a trainable head, dC = Gᵀ·e: the head's forward GEMM again plus the eager backward's
     GEMMs (gradient filtering, which skips tiles whose softmax is below ``filter_eps``, is not
     priced: an upper bound on its work)."""
-    x = _t(g, op.inputs[0])
-    w = op.params[0]
-    vocab, h = w.shape
-    bt = numel(x.shape) / h
-    eb = BYTES[x.dtype]
-    w_bytes = w.numel * BYTES[w.compute_dtype or w.dtype]
+    x, w, vocab, h, bt, w_bytes = _head(op, g)
     mm = 2 * bt * h * vocab
     logits = bt * vocab
     cost = OpCost(fwd_flops=mm + 2 * bt * h + 5 * logits, fwd_matmul_flops=mm,
