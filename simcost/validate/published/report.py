@@ -200,6 +200,19 @@ def print_report(results: list[Result], worst: int = 15, console=None) -> None:
                   cell(e, "time"), cell(e, "time", True), cell(e, "memory"),
                   cell(e, "memory", True), cell(e, "op_latency"))
     con.print(t)
+    t = Table(title="MAPE per stack (out-of-fit rows count; in-fit: used by a fitted constant)",
+              title_justify="left")
+    for c in ("stack", "time out-of-fit (n)", "time in-fit (n)", "memory out-of-fit (n)",
+              "memory in-fit (n)"):
+        t.add_column(c, justify="left" if c == "stack" else "right")
+    for stack, e in summarize_by_stack(results).items():
+        cells = []
+        for name in ("time", "memory"):
+            x = e.get(name)
+            cells += ["-", "-"] if not x else [f"{_ape(x['mape_out_of_fit'])} ({x['n_out_of_fit']})",
+                                               f"{_ape(x['mape_in_fit'])} ({x['n_in_fit']})"]
+        t.add_row(stack, *cells)
+    con.print(t)
     t = Table(title=f"Worst {worst} rows", title_justify="left")
     for c in ("row", "metric", "measured", "predicted", "error", "caveats"):
         t.add_column(c)
