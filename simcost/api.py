@@ -193,7 +193,9 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **optio
     """Vectorised estimate over every (batch, seq) pair: numpy arrays throughout.
 
     Returns arrays shaped (len(batches), len(seqs)) for step time, tokens/s, peak memory,
-    fits; every point equals :func:`estimate_train` at that (batch, seq). ``options`` as for
+    fits; every point equals :func:`estimate_train` at that (batch, seq). ``stack`` names the
+    stack priced and ``intervals`` holds the p10-p90 arrays of ``step_s`` and ``peak_bytes``
+    (or a ``note`` why there are none), as an estimate's. ``options`` as for
     :func:`estimate_train`, on one device."""
     b = sweep_points(batches, "batches", MAX_BATCH)
     s = sweep_points(seqs, "seqs", MAX_SEQ)
@@ -221,9 +223,13 @@ def run_sweep(req: SweepRequest) -> dict:
         for k, v in one.items():
             out[k][unit] = v
     shape = bb.shape
+    arrays = {k: v.reshape(shape) for k, v in out.items()}
+    from simcost.stack.intervals import estimate_intervals
     return {"batch": bb, "seq": ss,
-            "warnings": [*warns, *pspec.warnings, *device_warnings(device)],
-            **{k: v.reshape(shape) for k, v in out.items()}}
+            "warnings": [*warns, *pspec.warnings, *device_warnings(device)], **arrays,
+            "stack": load_stack(base.stack).label(),
+            "intervals": estimate_intervals(load_stack(base.stack), device, arrays["step_s"],
+                                            arrays["peak_bytes"])}
 
 
 def _sweep_numbers(spec, base: TrainRequest, pspec, device, graph_batch, seqs, batches) -> dict:

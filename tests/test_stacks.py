@@ -159,3 +159,14 @@ def test_the_table_shows_the_error_bars_or_says_why(capsys):
     assert main([*argv, "--stack", "unsloth"]) == 0
     out = capsys.readouterr().out
     assert "[p10 " not in out and "no error bars for step time" in out
+
+
+def test_sweeps_carry_the_same_error_bars():
+    r = sweep_train("qwen-7b", H, batches=[1, 2], seqs=[512, 2048], peft="lora", attn="flash")
+    e = estimate_train("qwen-7b", H, batch=2, seq=2048, peft="lora", attn="flash")
+    assert r["stack"]["name"] == "hf"
+    for k in ("step_s", "peak_bytes"):
+        assert r["intervals"][k]["p10"][1, 1] == pytest.approx(e.intervals[k]["p10"], rel=1e-9)
+        assert r["intervals"][k]["p90"][1, 1] == pytest.approx(e.intervals[k]["p90"], rel=1e-9)
+    u = sweep_train(M, H, batches=[1], seqs=[256], stack="unsloth", peft="lora")
+    assert "note" in u["intervals"]["step_s"]
