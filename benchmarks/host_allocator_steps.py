@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -84,28 +83,11 @@ def strip_allocator(profile: str, out: Path) -> str:
     return str(out)
 
 
-def fault_bytes_per_step(cfg, spec, b, s, steps: int = 3) -> float:
-    """Minor faults x 4 KiB per step, after two warm-up steps (a fresh model)."""
-    import torch
-
+def fault_bytes_per_step(cfg, spec, b, s) -> float:
+    """Minor faults x 4 KiB per step of a fresh model (simcost.validate.torch_measure)."""
     from simcost.validate.exact import harness_peft
-    from simcost.validate.torch_measure import build_peft_model
-    model = build_peft_model(cfg, harness_peft(cfg, spec), "fp32", "sdpa", meta=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(0, int(cfg["vocab_size"]), (b, s),
-                        generator=torch.Generator().manual_seed(0))
-
-    def step():
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(steps):
-        step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) * 4096 / steps
+    from simcost.validate.torch_measure import fault_bytes_per_step as measure
+    return measure(cfg, harness_peft(cfg, spec), b, s)
 
 
 def predict(profile: str, name, spec, b, s, host_alloc=None) -> dict:

@@ -228,22 +228,11 @@ def test_cli_flag(tmp_path, capsys):
 
 
 FAULTS_PER_STEP = """
-import resource, torch
-from transformers import AutoConfig, AutoModelForCausalLM
-cfg = AutoConfig.for_model(**{cfg!r})
-model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-ids = torch.randint(0, cfg.vocab_size, ({batch}, {seq}))
-def step():
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-for _ in range(2):
-    step()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) * 4096 / 3)
+from simcost.peft.spec import PeftSpec
+from simcost.validate.exact import harness_peft
+from simcost.validate.torch_measure import fault_bytes_per_step
+cfg = {cfg!r}
+print(fault_bytes_per_step(cfg, harness_peft(cfg, PeftSpec("full")), {batch}, {seq}))
 """
 
 
@@ -256,8 +245,7 @@ def test_priced_blocks_match_torch_page_faults(tmp_path):
     import subprocess
     cfg = dict(LLAMA, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                num_attention_heads=2, num_key_value_heads=2, vocab_size=32000)
-    hf = {k: v for k, v in cfg.items() if k != "architectures"}
-    code = FAULTS_PER_STEP.format(cfg=hf, batch=2, seq=256)
+    code = FAULTS_PER_STEP.format(cfg=cfg, batch=2, seq=256)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]

@@ -295,3 +295,27 @@ def _run(model, config, batch, seq, params_total, params_trainable, keep_saved) 
         by_op = {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
     return StepMeasurement(params_total, params_trainable, int(flops_fwd),
                            int(flops_total - flops_fwd), int(saved_bytes), by_op, saved)
+
+
+def fault_bytes_per_step(config: dict[str, Any], peft_config, batch: int, seq: int,
+                         steps: int = 3) -> float:
+    """Minor page faults x 4 KiB per training step (forward, backward, AdamW, zero_grad) of
+    a fresh fp32 random-weight model, after two warm-up steps: the fresh memory the host
+    allocator hands out each step (what :mod:`simcost.sim.page_faults` prices)."""
+    import resource
+    model = build_peft_model(config, peft_config, "fp32", "sdpa", meta=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, int(config["vocab_size"]), (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) * 4096 / steps
