@@ -28,6 +28,7 @@ from simcost.result import MultiTrainEstimate, TrainEstimate, device_warnings, m
 from simcost.sim.analysis import Analysis
 from simcost.sim.train import train_numbers
 from simcost.stack import load_stack
+from simcost.stack.intervals import estimate_intervals
 
 __all__ = ["estimate_train", "estimate_multi_train", "sweep_train", "graph", "build_graph",
            "TrainEstimate", "MultiTrainEstimate", "resolve_peft"]
@@ -224,7 +225,6 @@ def run_sweep(req: SweepRequest) -> dict:
             out[k][unit] = v
     shape = bb.shape
     arrays = {k: v.reshape(shape) for k, v in out.items()}
-    from simcost.stack.intervals import estimate_intervals
     return {"batch": bb, "seq": ss,
             "warnings": [*warns, *pspec.warnings, *device_warnings(device)], **arrays,
             "stack": load_stack(base.stack).label(),

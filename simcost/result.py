@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from simcost.models.config import ModelSpec
 from simcost.peft.spec import PeftSpec
+from simcost.stack.intervals import estimate_intervals
 
 SCHEMA_VERSION = 2
 
@@ -92,7 +93,6 @@ def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dt
     step_s = f((n.time_s if time_s is None else time_s)["step"])
     tok_s = f(n.tokens_per_s if tokens_per_s is None else tokens_per_s)
     mem = {k: f(v) for k, v in (n.memory_bytes if memory_bytes is None else memory_bytes).items()}
-    from simcost.stack.intervals import estimate_intervals
     return TrainEstimate(
         model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,

@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from simcost.stack.registry import STACK_DIR  # noqa: E402
 from simcost.validate.published.predict import evaluate_row  # noqa: E402
-from simcost.validate.published.rows import load_rows  # noqa: E402
+from simcost.errors import SimcostError  # noqa: E402
+from simcost.validate.published.rows import Unsupported, load_rows  # noqa: E402
 from simcost.validate.published.sources import map_row  # noqa: E402
 
 SCRIPT = "validation/fit/fit_stacks.py"
@@ -83,7 +84,7 @@ class Rows:
         for row in rows:
             try:
                 mp = map_row(row)
-            except Exception:       # noqa: BLE001 - unsupported rows are not fit material
+            except (Unsupported, SimcostError):     # rows simcost cannot express
                 continue
             if getattr(mp, "stack", None) == stack:
                 self.items.append(row)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from simcost.errors import SimcostError
 from simcost.validate.published.predict import Result
 from simcost.validate.published.rows import GIB
 from simcost.validate.published.sources import SOURCES
@@ -42,7 +43,7 @@ def fitted_rows(stack: str) -> set[str]:
     from simcost.stack.registry import profile_of
     try:
         p = profile_of(stack)
-    except Exception:       # noqa: BLE001 - a row priced with a profile file: nothing fitted
+    except SimcostError:    # a row priced with a profile file: nothing bundled was fitted
         return set()
     if p.kind == "alias":
         return set()
