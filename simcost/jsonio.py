@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from simcost.errors import SimcostError
+from simcost.errors import SimcostError, unknown
 
 MAX_BYTES = 16 * 2 ** 20     # a config or profile is kilobytes; refuse what is not one
 
@@ -47,7 +47,6 @@ def profile_file(ref: str, folder: Path, what: str, names) -> tuple[str, str, bo
     ``ref`` is a bundled name (``folder/<ref>.json``) or a path (it ends in ``.json``, holds a
     ``/``, or exists). An empty name, a missing file or an unknown name is one line, the last
     with the nearest of ``names()``."""
-    from simcost.errors import unknown
     if not isinstance(ref, str) or not ref.strip():
         raise SimcostError(f"{what} must name a {what} profile or a profile file")
     p = Path(ref)
