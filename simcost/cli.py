@@ -407,17 +407,23 @@ def _stacks(a) -> int:
 
 
 def _models(a) -> int:
-    from simcost.models.config import load_model, zoo_names
+    from simcost.models.config import load_model, zoo_entry, zoo_names
 
-    specs = [load_model(n) for n in zoo_names()]
+    rows = []
+    for name in zoo_names():
+        entry = zoo_entry(name)
+        spec = load_model(name) if entry["frontend"] == "analytic" else None
+        rows.append((entry, spec))
     if a.json:
         from simcost.result import SCHEMA_VERSION
-        print(json.dumps({"schema_version": SCHEMA_VERSION,
-                          "models": [{"name": s.name, "architecture": s.architecture,
-                                      "layers": s.layers, "hidden": s.hidden} for s in specs]}))
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "models": [
+            {"name": e["name"], "architecture": s.architecture if s else
+             (e["class_name"] or e["model_type"]), "library": e["library"],
+             "frontend": e["frontend"], "layers": s.layers if s else None,
+             "hidden": s.hidden if s else None} for e, s in rows]}))
     else:
         from simcost.report import print_models
-        print_models(specs)
+        print_models(rows)
     return 0
 
 

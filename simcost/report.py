@@ -155,13 +155,19 @@ def _src(q) -> str:
     return ("[derived] " if q.derived else "") + q.source[:90]
 
 
-def print_models(specs) -> None:
+def print_models(rows) -> None:
+    """The zoo: ``rows`` of (:func:`~simcost.models.config.zoo_entry`, its
+    :class:`~simcost.models.config.ModelSpec` or ``None`` for a model only the traced front end
+    covers, whose sizes are left blank)."""
     t = Table(show_header=True, header_style="bold")
-    for col in ("name", "architecture", "layers", "hidden", "heads/kv", "ffn", "vocab"):
+    for col in ("name", "architecture", "library", "front end", "layers", "hidden", "heads/kv",
+                "ffn", "vocab"):
         t.add_column(col)
-    for s in specs:
-        t.add_row(s.name, s.architecture, str(s.layers), str(s.hidden), f"{s.heads}/{s.kv_heads}",
-                  str(s.ffn), str(s.vocab))
+    for e, s in rows:
+        arch = s.architecture if s else (e["class_name"] or e["model_type"] or "?")
+        sizes = (str(s.layers), str(s.hidden), f"{s.heads}/{s.kv_heads}", str(s.ffn),
+                 str(s.vocab)) if s else ("",) * 5
+        t.add_row(e["name"], arch, e["library"], e["frontend"], *sizes)
     _console().print(t)
 
 

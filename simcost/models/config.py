@@ -70,6 +70,28 @@ def zoo_names() -> list[str]:
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
 
 
+def zoo_entry(name: str) -> dict:
+    """One zoo model as stored: ``config`` (its raw ``config.json``), ``library`` (the one that
+    builds it: ``"diffusers"`` where the file names a ``_class_name``, else ``"transformers"``),
+    ``class_name`` (that ``_class_name``, or the file's first ``architectures`` entry; ``None``
+    where the official file names none, as in ``deberta-v3-base``, built as the base model),
+    ``model_type`` and ``frontend``: ``"analytic"`` where :data:`ARCHITECTURES` has a hand-built
+    graph for it, else ``"traced"`` (the ``--frontend traced`` path, which needs the torch extra)."""
+    if not isinstance(name, str) or name not in zoo_names():
+        raise unknown("zoo model", str(name), zoo_names())
+    file = ZOO_DIR / name / "config.json"
+    cfg = read_json_object(file, "model config")
+    if cfg.get("_class_name"):
+        library, class_name = "diffusers", cfg["_class_name"]
+    else:
+        archs = cfg.get("architectures") or []
+        library = "transformers"
+        class_name = archs[0] if archs else _MODEL_TYPE_ARCH.get(cfg.get("model_type", ""))
+    return {"name": name, "config": cfg, "library": library, "class_name": class_name,
+            "model_type": cfg.get("model_type"),
+            "frontend": "analytic" if class_name in ARCHITECTURES else "traced"}
+
+
 def load_config_dict(model: str) -> tuple[str, dict]:
     """Resolve a zoo name, a config.json path or a directory holding one."""
     path = Path(model)
@@ -148,7 +170,8 @@ def _spec_from_config(cfg: dict, name: str) -> ModelSpec:
     arch = archs[0] if archs else _MODEL_TYPE_ARCH.get(cfg.get("model_type", ""), "")
     if arch not in ARCHITECTURES:
         raise SimcostError(f"unsupported architecture '{arch or cfg.get('model_type')}' in '{name}'; "
-                           f"supported: {', '.join(sorted(ARCHITECTURES))}")
+                           f"supported: {', '.join(sorted(ARCHITECTURES))}; the traced front end "
+                           f"(--frontend traced, needs the torch extra) covers it")
     family = ARCHITECTURES[arch]
     try:
         if family == "gpt2":
