@@ -1,8 +1,13 @@
 """Parameter counts: the zoo's published sizes and peft's closed forms."""
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from simcost.api import estimate_train
-from simcost.models.config import load_model, zoo_names
+from simcost.errors import SimcostError
+from simcost.models.config import load_model, zoo_entry, zoo_names
 from simcost.pipeline import build_graph
 from simcost.peft.spec import PeftSpec
 
@@ -19,8 +24,88 @@ EXPECTED_TOTAL = {
 }
 
 
+ZOO_README = Path(__file__).resolve().parents[1] / "models_zoo" / "README.md"
+TRACED_SECTION = "## Models for the traced front end"
+
+
+def readme_traced_totals() -> dict[str, int]:
+    """name -> total params of the README's traced-front-end table (its fourth column)."""
+    text = ZOO_README.read_text()
+    section = text.split(TRACED_SECTION, 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|[^|]*\|[^|]*\| ([\d,]+) \|", section, re.M)
+    return {name: int(total.replace(",", "")) for name, total in rows}
+
+
+TRACED_TOTAL = readme_traced_totals()
+
+
 def test_zoo_is_complete():
-    assert set(zoo_names()) == set(EXPECTED_TOTAL)
+    assert len(TRACED_TOTAL) == 19 and not set(TRACED_TOTAL) & set(EXPECTED_TOTAL)
+    assert set(zoo_names()) == set(EXPECTED_TOTAL) | set(TRACED_TOTAL)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TOTAL) + sorted(TRACED_TOTAL))
+def test_zoo_entry_front_end(name):
+    e = zoo_entry(name)
+    assert e["name"] == name and e["config"] == json.loads(
+        (ZOO_README.parent / name / "config.json").read_text())
+    assert e["frontend"] == ("analytic" if name in EXPECTED_TOTAL else "traced")
+    assert e["library"] == ("diffusers" if "_class_name" in e["config"] else "transformers")
+    if name in TRACED_TOTAL:
+        with pytest.raises(SimcostError, match=r"unsupported architecture .*--frontend traced"):
+            load_model(name)
+
+
+def test_zoo_entry_unknown_names_the_nearest():
+    with pytest.raises(SimcostError, match=r"unknown zoo model 'qwen3-8' .*qwen3-8b"):
+        zoo_entry("qwen3-8")
+    with pytest.raises(SimcostError, match="unknown zoo model"):
+        zoo_entry("../models_zoo/gpt2")
+
+
+def test_models_command_lists_every_zoo_model(capsys):
+    from simcost.cli import main
+    assert main(["models", "--json"]) == 0
+    rows = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert set(rows) == set(zoo_names())
+    assert rows["llama-2-7b"]["frontend"] == "analytic" and rows["llama-2-7b"]["layers"] == 32
+    assert rows["sdxl-unet"] == {"name": "sdxl-unet", "architecture": "UNet2DConditionModel",
+                                 "library": "diffusers", "frontend": "traced", "layers": None,
+                                 "hidden": None}
+    assert main(["models"]) == 0
+    assert "deepseek-v2-lite" in capsys.readouterr().out
+
+
+# transformers auto classes tried in order for an entry's class name (AutoModel last: the base
+# model of a file that names no architecture, as deberta-v3-base)
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
+                "AutoModelForImageClassification", "AutoModelForImageTextToText",
+                "AutoModelForSpeechSeq2Seq", "AutoModel")
+
+
+def build_on_meta(name):
+    """The zoo model built from its config on the meta device (no weights, no download)."""
+    import torch
+    e = zoo_entry(name)
+    if e["library"] == "diffusers":
+        diffusers = pytest.importorskip("diffusers")
+        with torch.device("meta"):
+            return getattr(diffusers, e["class_name"]).from_config(e["config"])
+    import transformers
+    cfg = transformers.AutoConfig.for_model(**e["config"])
+    auto = next(a for a in AUTO_CLASSES if a == "AutoModel" and e["class_name"] is None or
+                e["class_name"] in getattr(transformers, a)._model_mapping._model_mapping.values())
+    with torch.device("meta"):
+        model = getattr(transformers, auto).from_config(cfg)
+    assert e["class_name"] is None or type(model).__name__ == e["class_name"]
+    return model
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", sorted(TRACED_TOTAL))
+def test_traced_zoo_builds_with_the_readme_count(name):
+    model = build_on_meta(name)
+    assert sum(p.numel() for p in model.parameters()) == TRACED_TOTAL[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_TOTAL))
