@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import os
-from contextlib import contextmanager
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from simcost.trace.record import fake_tensors_are_not_tracing  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _registered = False
@@ -175,7 +176,7 @@ def measure_step(config: dict[str, Any], peft_config: dict[str, Any] | None, *, 
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode, _fake_tensors_are_not_tracing():
+        with mode, fake_tensors_are_not_tracing():
             model = model.to_empty(device="cpu")
             return _run(model, config, batch, seq, params_total, params_trainable, keep_saved)
     return _run(model, config, batch, seq, params_total, params_trainable, keep_saved)
@@ -207,47 +208,6 @@ def _flop_counter() -> FlopCounterMode:
     fc = FlopCounterMode(display=False)
     fc.mod_tracker = _GlobalOnlyTracker()
     return fc
-
-
-@contextmanager
-def _fake_tensors_are_not_tracing():
-    """Make a fake-tensor step take the causal-mask decisions the real step takes.
-
-    transformers' ``masking_utils.is_tracing(t)`` treats a FakeTensor like a traced value, so
-    under fake tensors (a) ``find_packed_sequence_indices`` cannot see that the position ids
-    are one plain ``arange`` and reports packed sequences, and (b) ``_ignore_causal_mask_sdpa``
-    never skips the mask. SDPA would then get an explicit (B, 1, S, S) mask instead of
-    ``is_causal=True`` (and GQA models ``repeat_kv`` instead of ``enable_gqa``), which the real
-    step does not do. The harness never packs (its inputs are ``input_ids`` only, the model
-    makes ``arange`` positions), so (a) answers "not packed"; within (b) fake tensors are not
-    tracing, and where it would have to read a fake value (a padding mask, a nonzero cache
-    offset) it keeps the mask, as the real step does for a KV prefix."""
-    try:
-        from torch._subclasses.fake_tensor import DataDependentOutputException
-        from transformers import masking_utils
-    except ImportError:      # pragma: no cover
-        yield
-        return
-    orig_ignore = masking_utils._ignore_causal_mask_sdpa
-    orig_tracing = masking_utils.is_tracing
-
-    def ignore(*args, **kwargs):
-        masking_utils.is_tracing = lambda tensor=None: orig_tracing()
-        try:
-            return orig_ignore(*args, **kwargs)
-        except DataDependentOutputException:
-            return False
-        finally:
-            masking_utils.is_tracing = orig_tracing
-
-    orig_packed = masking_utils.find_packed_sequence_indices
-    masking_utils._ignore_causal_mask_sdpa = ignore
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils._ignore_causal_mask_sdpa = orig_ignore
-        masking_utils.find_packed_sequence_indices = orig_packed
 
 
 def _vocab(config: dict[str, Any]) -> int:

@@ -1,0 +1,325 @@
+"""Record one eager training step with torch's own machinery (needs the torch extra).
+
+The model's parameters are fake tensors (:mod:`torch._subclasses.fake_tensor`) on the CPU
+device, so nothing is allocated and no weights are needed; the inputs have *symbolic* sizes
+(one sympy symbol per named dimension: ``batch``, ``seq``, ``target_seq``, ``image``), so one
+recording holds every aten call's shapes as expressions and serves a whole sweep.
+
+What is recorded, all from torch itself:
+- every aten call below autograd (a :class:`~torch.utils._python_dispatch.TorchDispatchMode`),
+  with its phase: ``fwd`` (forward with the model's loss) or ``bwd`` (``loss.backward()``);
+  view and metadata ops are kept but flagged (they launch no kernel);
+- what autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``), de-duplicated
+  by storage, counting only what is still alive at the end of forward (a packed record
+  survives exactly as long as the graph node holding it), parameters excluded;
+- the parameters, trainable or not, as peft set them.
+
+Guards torch adds while tracing (a branch on ``seq > window``) are kept: the recording is valid
+only where they hold, and :meth:`Trace.check` says so. A size torch had to specialise (a
+kernel that needed a concrete int) makes the recording valid for that size only.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simcost.errors import SimcostError
+
+TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+                "int64": "int64", "int32": "int32", "bool": "bool", "uint8": "uint8",
+                "int8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+
+
+@dataclass(frozen=True, slots=True)
+class SymMeta:
+    """A tensor argument of a recorded call: sizes as sympy expressions (or ints)."""
+    shape: tuple
+    dtype: str
+
+
+@dataclass(slots=True)
+class Call:
+    name: str                 # str(OpOverload), e.g. 'aten.mm.default'
+    phase: str                # 'fwd' | 'bwd'
+    args: tuple               # tensors replaced by SymMeta
+    kwargs: dict
+    outs: tuple               # SymMeta of the tensor outputs
+    tags: frozenset
+    is_view: bool
+
+
+@dataclass
+class Trace:
+    """One recorded training step, symbolic in ``symbols`` (dimension name -> sympy symbol)."""
+    calls: list[Call]
+    saved: dict               # storage id -> nbytes expression (alive at the end of forward)
+    params_total: int
+    params_trainable: int
+    symbols: dict
+    guards: list = field(default_factory=list)     # sympy booleans over the symbols
+    specialized: dict = field(default_factory=dict)  # dimension name -> the value it was fixed to
+
+    def check(self, **dims) -> None:
+        """Refuse dimensions this recording does not describe (a guard or a specialisation)."""
+        import sympy
+        for name, v in self.specialized.items():
+            if name in dims and dims[name] != v:
+                raise SimcostError(f"the traced step fixed {name} to {v} (a torch kernel "
+                                   f"needed a concrete size); trace again at {name}={dims[name]}")
+        subs = {self.symbols[k]: v for k, v in dims.items() if k in self.symbols}
+        for gexpr in self.guards:
+            if sympy.simplify(gexpr.subs(subs)) is sympy.false:
+                raise SimcostError(f"the traced step holds only where {gexpr} "
+                                   f"({', '.join(f'{k}={v}' for k, v in dims.items())} breaks it)")
+
+    def saved_bytes(self, **dims):
+        return _evaluate(sum(self.saved.values()), self.symbols, dims)
+
+
+def _evaluate(expr, symbols: dict, dims: dict):
+    import sympy
+    if isinstance(expr, int):
+        return expr
+    fn = sympy.lambdify([symbols[k] for k in sorted(symbols)], expr, "numpy")
+    return fn(*(dims[k] for k in sorted(symbols)))
+
+
+def _expr(x):
+    """A size as a plain int or a sympy expression."""
+    import torch
+    if isinstance(x, torch.SymInt):
+        e = x.node.expr
+        return int(e) if e.is_number else e
+    return int(x)
+
+
+def sym_meta(t) -> SymMeta:
+    dt = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+    if dt is None:
+        raise SimcostError(f"traced tensor of dtype {t.dtype} has no simcost dtype")
+    return SymMeta(tuple(_expr(s) for s in t.shape), dt)
+
+
+def _meta_tree(x):
+    import torch
+    if isinstance(x, torch.Tensor):
+        return sym_meta(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_meta_tree(v) for v in x)
+    if isinstance(x, torch.SymInt):
+        return _expr(x)
+    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(x)
+    return x
+
+
+@contextmanager
+def fake_tensors_are_not_tracing():
+    """Make a fake-tensor step take the causal-mask decisions the real step takes.
+
+    transformers' ``masking_utils.is_tracing(t)`` treats a FakeTensor like a traced value, so
+    under fake tensors (a) ``find_packed_sequence_indices`` cannot see that the position ids
+    are one plain ``arange`` and reports packed sequences, and (b) ``_ignore_causal_mask_sdpa``
+    never skips the mask. SDPA would then get an explicit (B, 1, S, S) mask instead of
+    ``is_causal=True`` (and GQA models ``repeat_kv`` instead of ``enable_gqa``), which the real
+    step does not do. The harness never packs (its inputs are ``input_ids`` only, the model
+    makes ``arange`` positions), so (a) answers "not packed"; within (b) fake tensors are not
+    tracing, and where it would have to read a fake value (a padding mask, a nonzero cache
+    offset) it keeps the mask, as the real step does for a KV prefix."""
+    try:
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+        from transformers import masking_utils
+    except ImportError:      # pragma: no cover
+        yield
+        return
+    orig_ignore = masking_utils._ignore_causal_mask_sdpa
+    orig_tracing = masking_utils.is_tracing
+
+    def ignore(*args, **kwargs):
+        masking_utils.is_tracing = lambda tensor=None: orig_tracing()
+        try:
+            return orig_ignore(*args, **kwargs)
+        except DataDependentOutputException:
+            return False
+        finally:
+            masking_utils.is_tracing = orig_tracing
+
+    orig_packed = masking_utils.find_packed_sequence_indices
+    masking_utils._ignore_causal_mask_sdpa = ignore
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = orig_ignore
+        masking_utils.find_packed_sequence_indices = orig_packed
+
+
+def fakeify(model, fake_mode) -> None:
+    """Swap a meta-device model's parameters and buffers for fake CPU tensors (in place)."""
+    import torch
+    conv = fake_mode.fake_tensor_converter
+    cpu = torch.device("cpu")
+    for mod in model.modules():
+        for n, p in list(mod._parameters.items()):
+            if p is not None:
+                fake = conv.from_meta_and_device(fake_mode, p.data.to("meta"), cpu)
+                mod._parameters[n] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+        for n, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[n] = conv.from_meta_and_device(fake_mode, b.to("meta"), cpu)
+
+
+def make_symbols(shape_env, hints: dict) -> dict:
+    """One backed symbol per named dimension, with its hint (the size the trace follows where
+    model code branches)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+    out = {}
+    for name, hint in hints.items():
+        if int(hint) < 2:
+            raise SimcostError(f"trace hint {name}={hint}: sizes 0 and 1 are specialised by "
+                               f"torch; trace with {name} >= 2")
+        src = ConstantSource(f"simcost_{name}")
+        sym = shape_env.create_symbol(int(hint), source=src, dynamic_dim=DimDynamic.DYNAMIC)
+        out[name] = shape_env.create_symintnode(sym, hint=int(hint), source=src)
+    return out
+
+
+class _Recorder:
+    """The dispatch mode and the saved-tensor hooks of one recording."""
+
+    def __init__(self, param_storages: set, fake_mode=None):
+        self.fake_mode = fake_mode
+        self.calls: list[Call] = []
+        self.phase = "fwd"
+        self.param_storages = param_storages
+        self.packed: list = []           # weakrefs to packed records, with storage id and bytes
+        self._keep: list = []            # storages seen, kept so their ids stay unique
+
+    def mode(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        rec = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = rec.small_random(func, args, kwargs)
+                if out is None:
+                    out = func(*args, **kwargs)
+                rec.record(func, args, kwargs, out)
+                return out
+        return Mode()
+
+    def small_random(self, func, args, kwargs):
+        """A one-element random tensor made from constant sizes (peft's module dropout,
+        ``torch.rand(1) > p``) gets a real value, so code that branches on it runs; every
+        other call stays fake."""
+        import torch
+        from torch.utils._python_dispatch import _disable_current_modes
+        if str(func) != "aten.rand.default" or self.fake_mode is None:
+            return None
+        size = args[0] if args else kwargs.get("size")
+        if not all(isinstance(v, int) for v in size) or int(np.prod(size)) > 1:
+            return None
+        with _disable_current_modes():
+            real = torch.rand(size, dtype=kwargs.get("dtype") or torch.float32)
+        return self.fake_mode.fake_tensor_converter.from_real_tensor(
+            self.fake_mode, real, make_constant=True)
+
+    def record(self, func, args, kwargs, out) -> None:
+        import torch
+        from torch.utils._pytree import tree_leaves
+        name = str(func)
+        if name.startswith("prim."):
+            return
+        outs = tuple(sym_meta(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        self.calls.append(Call(name, self.phase, _meta_tree(tuple(args)),
+                               {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
+                               frozenset(str(t).removeprefix("Tag.") for t in func.tags),
+                               bool(getattr(func, "is_view", False))))
+
+    def pack(self, t):
+        import torch
+        st = t.untyped_storage()
+        sid = st._cdata
+        if sid in self.param_storages:
+            return t
+        self._keep.append(st)
+        box = _Packed(t)
+        nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
+        self.packed.append((weakref.ref(box), sid, nbytes))
+        return box
+
+    @staticmethod
+    def unpack(x):
+        return x.t if isinstance(x, _Packed) else x
+
+    def alive_saved(self) -> dict:
+        out: dict = {}
+        for ref, sid, nbytes in self.packed:
+            if ref() is not None:
+                out[sid] = nbytes
+        return out
+
+
+class _Packed:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode) -> Trace:
+    """Record forward (with loss) and backward of ``model(**make_inputs(sizes))``.
+
+    ``make_inputs(sizes)`` builds the input tensors (under the fake mode) from a dict of
+    symbolic sizes; the call returns a scalar loss or an object with ``.loss``."""
+    import torch
+    sizes = make_symbols(shape_env, hints)
+    params = list(model.parameters())
+    pstor = {t.untyped_storage()._cdata for t in (*params, *model.buffers())}
+    rec = _Recorder(pstor, fake_mode)
+    with fake_mode, fake_tensors_are_not_tracing():
+        inputs = make_inputs(sizes)
+        with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+            out = model(**inputs)
+            loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
+            if loss is None or loss.dim() != 0:
+                raise SimcostError("the model's call returned no scalar loss (give it labels, "
+                                   "or return a loss from the factory's module)")
+            del out
+            gc.collect()
+            saved = rec.alive_saved()
+            rec.phase = "bwd"
+            loss.backward()
+    del loss
+    symbols = {k: v.node.expr for k, v in sizes.items()}
+    spec = {}
+    for k, s in symbols.items():
+        r = shape_env.replacements.get(s)
+        if r is not None and r.is_number:
+            spec[k] = int(r)
+    guards = [g.expr for g in shape_env.guards
+              if g.expr.free_symbols and g.expr.free_symbols <= set(symbols.values())]
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return Trace(rec.calls, _resolve(saved, shape_env), int(total), int(trainable), symbols,
+                 guards, spec)
+
+
+def _resolve(saved: dict, shape_env) -> dict:
+    """Apply the shape environment's replacements (sizes torch proved equal)."""
+    out = {}
+    for k, v in saved.items():
+        out[k] = v if isinstance(v, int) else shape_env.replace(v)
+    return out
