@@ -47,8 +47,9 @@ def task_of(cfg: dict) -> tuple[str, str]:
                        f"builds the tasks {', '.join(TASKS)} from a config's architectures")
 
 
-def build_model(cfg: dict, peft_config: dict | None, dtype: str = "bf16"):
-    """The peft-wrapped model on the meta device."""
+def build_model(cfg: dict, peft_config: dict | None, dtype: str = "bf16", device: str = "meta"):
+    """The peft-wrapped model on ``device`` (meta: no memory; cpu: random weights, for
+    checking a trace against a real step)."""
     _require_torch()
     import torch
     import transformers
@@ -63,7 +64,9 @@ def build_model(cfg: dict, peft_config: dict | None, dtype: str = "bf16"):
         raise SimcostError(f"transformers cannot read this config: {e}") from None
     config.architectures = [arch]
     config._attn_implementation = "sdpa"
-    with torch.device("meta"):
+    if device != "meta":
+        torch.manual_seed(0)
+    with torch.device(device):
         try:
             model = cls(config).to(getattr(torch, TORCH_DTYPE[dtype]))
         except Exception as e:  # noqa: BLE001 -- any build error is the config's
@@ -84,15 +87,20 @@ def apply_peft(model, peft_config: dict):
         raise SimcostError(f"peft refuses this adapter config: {type(e).__name__}: {e}") from None
 
 
-def input_maker(cfg: dict, task: str):
-    """``make(sizes) -> inputs``: the task's input tensors from symbolic sizes."""
+PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+
+
+def input_maker(cfg: dict, task: str, peft_type: str | None = None):
+    """``make(sizes) -> inputs``: the task's input tensors from symbolic sizes. Prompt-learning
+    methods lengthen the sequence inside peft (which pads ``labels`` but not ``shift_labels``),
+    so they get no ``shift_labels``."""
     import torch
     long = torch.long
 
     def lm(s):
         ids = torch.zeros(s["batch"], s["seq"], dtype=long)
         out = {"input_ids": ids, "labels": torch.zeros(s["batch"], s["seq"], dtype=long)}
-        if task == "ForCausalLM":
+        if task == "ForCausalLM" and (peft_type or "").upper() not in PROMPT_LEARNING:
             out["shift_labels"] = torch.zeros(s["batch"], s["seq"], dtype=long)
         return out
 
@@ -136,6 +144,7 @@ def trace_config(cfg: dict, peft_config: dict | None = None, *, dtype: str = "bf
     model = build_model(cfg, peft_config, dtype)
     model.train()
     env = ShapeEnv()
-    mode = FakeTensorMode(shape_env=env)
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)   # peft's prompt ids
     fakeify(model, mode)
-    return trace_step(model, input_maker(cfg, task), {d: hints[d] for d in need}, env, mode)
+    return trace_step(model, input_maker(cfg, task, (peft_config or {}).get("peft_type")), {d: hints[d] for d in need}, env, mode,
+                      static=("image",) if task == "ForImageClassification" else ())

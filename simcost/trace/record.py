@@ -67,25 +67,37 @@ class Trace:
         """Refuse dimensions this recording does not describe (a guard or a specialisation)."""
         import sympy
         for name, v in self.specialized.items():
-            if name in dims and dims[name] != v:
-                raise SimcostError(f"the traced step fixed {name} to {v} (a torch kernel "
-                                   f"needed a concrete size); trace again at {name}={dims[name]}")
-        subs = {self.symbols[k]: v for k, v in dims.items() if k in self.symbols}
+            if name in dims and np.any(np.asarray(dims[name]) != v):
+                raise SimcostError(f"the traced step fixed {name} to {v} (the model needs a "
+                                   f"concrete size there); trace again at {name}={dims[name]}")
+        names = [k for k in sorted(self.symbols) if k in dims]
         for gexpr in self.guards:
-            if sympy.simplify(gexpr.subs(subs)) is sympy.false:
-                raise SimcostError(f"the traced step holds only where {gexpr} "
-                                   f"({', '.join(f'{k}={v}' for k, v in dims.items())} breaks it)")
+            if not gexpr.free_symbols <= {self.symbols[k] for k in names}:
+                continue
+            ok = sympy.lambdify([self.symbols[k] for k in names], gexpr, "numpy")(
+                *(dims[k] for k in names))
+            if not np.all(ok):
+                raise SimcostError(f"the traced step holds only where {gexpr} (with "
+                                   f"{', '.join(f'{self.symbols[k]} = {k}' for k in names)}); "
+                                   f"trace again at these sizes")
 
     def saved_bytes(self, **dims):
-        return _evaluate(sum(self.saved.values()), self.symbols, dims)
+        import sympy
+        self.check(**dims)
+        expr = sum(self.saved.values())
+        if isinstance(expr, int) or expr.is_number:
+            return int(expr)
+        names = sorted(self.symbols)
+        fn = sympy.lambdify([self.symbols[k] for k in names], expr, "numpy")
+        return fn(*(self.size(k, dims) for k in names))
 
-
-def _evaluate(expr, symbols: dict, dims: dict):
-    import sympy
-    if isinstance(expr, int):
-        return expr
-    fn = sympy.lambdify([symbols[k] for k in sorted(symbols)], expr, "numpy")
-    return fn(*(dims[k] for k in sorted(symbols)))
+    def size(self, name: str, dims: dict):
+        """The value of dimension ``name``: fixed by the trace, or given in ``dims``."""
+        if name in self.specialized:
+            return self.specialized[name]
+        if name not in dims:
+            raise SimcostError(f"the traced step needs the size {name}")
+        return dims[name]
 
 
 def _expr(x):
@@ -163,23 +175,31 @@ def fakeify(model, fake_mode) -> None:
     import torch
     conv = fake_mode.fake_tensor_converter
     cpu = torch.device("cpu")
+    done: dict[int, object] = {}          # tied weights stay one parameter
     for mod in model.modules():
         for n, p in list(mod._parameters.items()):
             if p is not None:
-                fake = conv.from_meta_and_device(fake_mode, p.data.to("meta"), cpu)
-                mod._parameters[n] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                if id(p) not in done:
+                    fake = conv.from_meta_and_device(fake_mode, p.data.to("meta"), cpu)
+                    done[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                mod._parameters[n] = done[id(p)]
         for n, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[n] = conv.from_meta_and_device(fake_mode, b.to("meta"), cpu)
+                if id(b) not in done:
+                    done[id(b)] = conv.from_meta_and_device(fake_mode, b.to("meta"), cpu)
+                mod._buffers[n] = done[id(b)]
 
 
-def make_symbols(shape_env, hints: dict) -> dict:
+def make_symbols(shape_env, hints: dict, static: tuple = ()) -> dict:
     """One backed symbol per named dimension, with its hint (the size the trace follows where
-    model code branches)."""
+    model code branches); the ``static`` ones stay plain ints."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic
     out = {}
     for name, hint in hints.items():
+        if name in static:
+            out[name] = int(hint)
+            continue
         if int(hint) < 2:
             raise SimcostError(f"trace hint {name}={hint}: sizes 0 and 1 are specialised by "
                                f"torch; trace with {name} >= 2")
@@ -249,14 +269,11 @@ class _Recorder:
         if sid in self.param_storages:
             return t
         self._keep.append(st)
-        box = _Packed(t)
+        box = Packed(t)
         nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
         self.packed.append((weakref.ref(box), sid, nbytes))
         return box
 
-    @staticmethod
-    def unpack(x):
-        return x.t if isinstance(x, _Packed) else x
 
     def alive_saved(self) -> dict:
         out: dict = {}
@@ -266,26 +283,34 @@ class _Recorder:
         return out
 
 
-class _Packed:
+class Packed:
+    """A saved tensor as autograd holds it: alive exactly as long as the node saving it."""
     __slots__ = ("t", "__weakref__")
 
     def __init__(self, t):
         self.t = t
 
+    @staticmethod
+    def unpack(x):
+        return x.t if isinstance(x, Packed) else x
 
-def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode) -> Trace:
+
+def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
+               static: tuple = ()) -> Trace:
     """Record forward (with loss) and backward of ``model(**make_inputs(sizes))``.
 
     ``make_inputs(sizes)`` builds the input tensors (under the fake mode) from a dict of
-    symbolic sizes; the call returns a scalar loss or an object with ``.loss``."""
+    symbolic sizes; the call returns a scalar loss or an object with ``.loss``. ``static``:
+    dimensions traced at their hint only (a ViT's image size: its position table has one)."""
     import torch
-    sizes = make_symbols(shape_env, hints)
+    sizes = make_symbols(shape_env, hints, static)
+    symbols = {k: v.node.expr for k, v in sizes.items() if not isinstance(v, int)}
     params = list(model.parameters())
     pstor = {t.untyped_storage()._cdata for t in (*params, *model.buffers())}
     rec = _Recorder(pstor, fake_mode)
     with fake_mode, fake_tensors_are_not_tracing():
         inputs = make_inputs(sizes)
-        with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+        with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, Packed.unpack):
             out = model(**inputs)
             loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
             if loss is None or loss.dim() != 0:
@@ -297,8 +322,7 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode) -> Trace:
             rec.phase = "bwd"
             loss.backward()
     del loss
-    symbols = {k: v.node.expr for k, v in sizes.items()}
-    spec = {}
+    spec = {k: v for k, v in sizes.items() if isinstance(v, int)}
     for k, s in symbols.items():
         r = shape_env.replacements.get(s)
         if r is not None and r.is_number:
