@@ -23,9 +23,13 @@ HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "tran
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_TORCH:
-        return
+    """Without the torch extra, torch tests skip; ``slow`` ones (the full traced tuner x
+    architecture matrix) run only under ``pytest -m slow``."""
+    full = "slow" in (config.option.markexpr or "")
+    slow = pytest.mark.skip(reason="the full matrix runs with `pytest -m slow`")
     skip = pytest.mark.skip(reason="needs the torch extra (torch, transformers, peft)")
     for item in items:
-        if "torch" in item.keywords:
+        if "slow" in item.keywords and not full:
+            item.add_marker(slow)
+        elif "torch" in item.keywords and not HAS_TORCH:
             item.add_marker(skip)

@@ -92,6 +92,9 @@ CONFIGS: dict[str, tuple[dict, dict, dict]] = {
 }
 _TARGETS = {"llama-gqa": ["q_proj", "v_proj"], "bert-cls": ["query", "value"],
             "roberta-mlm": ["query", "value"], "t5": ["q", "v"], "vit": ["q_proj", "v_proj"]}
+_LN = {"bert-cls": {"target_modules": ["LayerNorm"]},       # peft knows only decoder norms
+       "roberta-mlm": {"target_modules": ["LayerNorm"]},
+       "vit": {"target_modules": ["layernorm_before", "layernorm_after"]}}
 _FFN = {"llama-gqa": "down_proj", "bert-cls": "output.dense", "roberta-mlm": "output.dense",
         "t5": "wo", "vit": "fc2"}
 
@@ -111,7 +114,7 @@ def adapter_configs(model: str) -> dict[str, dict]:
            "randlora": {"peft_type": "RANDLORA", "r": 4, "target_modules": t},
            "ia3": {"peft_type": "IA3", "target_modules": [*t, _FFN[model]],
                    "feedforward_modules": [_FFN[model]]},
-           "ln_tuning": {"peft_type": "LN_TUNING"}}
+           "ln_tuning": {"peft_type": "LN_TUNING", **_LN.get(model, {})}}
     if model == "llama-gqa":
         out |= {"prefix": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
                            "num_virtual_tokens": 5},
