@@ -202,8 +202,10 @@ def _add_validate(sub) -> None:
                                          "published measurements")
     val_sub = val.add_subparsers(dest="what", required=True, parser_class=_Parser)
     ex = val_sub.add_parser("exact", help="FLOPs, trainable params and saved activations vs torch")
-    ex.add_argument("--suite", default="tiny", choices=("tiny", "zoo", "all"),
-                    help="tiny: small random configs (real runs); zoo: real sizes on fake tensors")
+    ex.add_argument("--suite", default="tiny", choices=("tiny", "zoo", "traced", "all"),
+                    help="tiny: small random configs (real runs); zoo: real sizes on fake "
+                         "tensors; traced: the traced front end on encoders, T5, ViT and "
+                         "peft's tuners against real runs")
     ex.add_argument("--out", default=None, help="write the results as JSON to this path")
     pub = val_sub.add_parser("published", help="published measurements (validation/published) "
                                                "vs the estimate; no torch needed")

@@ -8,6 +8,9 @@ HF model (random weights) is wrapped by peft and one training step is measured i
 - saved activations: within 1 %.
 The ``tiny`` suite runs small odd-sized configs for real on the CPU; the ``zoo`` suite builds
 real-size zoo models on fake tensors (meta device → FakeTensorMode), so a 7B step costs seconds.
+The ``traced`` suite checks the traced front end (:mod:`simcost.validate.traced`): encoders,
+an encoder-decoder, a ViT and a decoder under peft's tuners, traced once with symbolic sizes and
+compared with real CPU steps at other sizes.
 """
 from __future__ import annotations
 
@@ -182,6 +185,12 @@ def run_cli(args) -> int:
                            "'simcost[torch]'")
     results = [run_case(*c) for c in track(suite_cases(args.suite), description="validating",
                                            transient=True)]
+    if args.suite in ("traced", "all"):
+        from simcost.validate.traced import GAPS, run_traced_case, traced_cases
+        results += [run_traced_case(*c) for c in track(list(traced_cases()),
+                                                        description="traced", transient=True)]
+        results += [CaseResult("any", tuner, "-", "-", 0, 0, skipped=f"not traced: {why}")
+                    for tuner, why in GAPS.items()]
     t = Table(title=f"simcost vs torch ({args.suite})", header_style="bold")
     for col in ("model", "method", "dtype", "attn", "result"):
         t.add_column(col)
