@@ -14,7 +14,7 @@ from simcost.validate import traced  # noqa: E402
 pytestmark = pytest.mark.torch
 
 # one tuner per architecture besides LoRA, and the decoder's token and parameter targeting
-SUBSET = {("llama-gqa", m) for m in ("lora", "loha", "prefix", "prompt", "lora_fq",
+SUBSET = {("llama-gqa", m) for m in ("lora", "loha", "prefix", "prompt", "lora_fq", "lora_layers",
                                      "lora_params", "trainable_tokens")} | {
     ("bert-cls", "lora"), ("bert-cls", "boft"), ("roberta-mlm", "ia3"), ("t5", "lora"),
     ("t5", "vera"), ("vit", "lora"), ("vit", "oft")}
@@ -59,6 +59,16 @@ def test_one_trace_prices_a_sweep():
         assert vec.bwd_matmul_flops[i] == one.bwd_matmul_flops
         assert vec.saved_bytes[i] == one.saved_bytes
     assert not vec.unpriced, vec.unpriced
+
+
+def test_one_layer_of_each_kind_is_traced():
+    """5 decoder layers, LoRA in all: the first layer (a frozen embedding below it) and one
+    standing for the other four; with layers_to_transform [2, 3] and a rank pattern on layer
+    3: layer 0, layer 1 (frozen, no gradient enters), 2, 3 (their own ranks and gradient
+    states) and 4 (frozen, a gradient enters)."""
+    assert sorted(_trace().counts.values()) == [1, 4]
+    assert sorted(_trace(method="lora_layers").counts.values()) == [1, 1, 1, 1, 1]
+    assert sorted(_trace("t5").counts.values()) == [1, 1, 2, 2]      # encoder and decoder
 
 
 def test_weight_gradient_split():

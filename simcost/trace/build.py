@@ -19,7 +19,8 @@ run on the symbolic labels.
 from __future__ import annotations
 
 from simcost.errors import SimcostError
-from simcost.trace.record import Trace, fakeify, trace_step
+from simcost.trace.layers import reduce_depth
+from simcost.trace.record import Trace, count_params, fakeify, trace_step
 
 TASKS = ("ForCausalLM", "ForMaskedLM", "ForSequenceClassification", "ForConditionalGeneration",
          "ForImageClassification")
@@ -127,9 +128,11 @@ def dims_of(task: str) -> tuple[str, ...]:
 
 
 def trace_config(cfg: dict, peft_config: dict | None = None, *, dtype: str = "bf16",
-                 hints: dict) -> Trace:
+                 hints: dict, reduce: bool = True) -> Trace:
     """Trace one training step of the config's model with the adapter config applied.
-    ``hints``: the sizes the trace follows where model code branches (the request's own)."""
+    ``hints``: the sizes the trace follows where model code branches (the request's own).
+    ``reduce``: trace one layer of each kind and count the rest
+    (:mod:`simcost.trace.layers`); False traces every layer."""
     _require_torch()
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -143,8 +146,11 @@ def trace_config(cfg: dict, peft_config: dict | None = None, *, dtype: str = "bf
                            f"missing: {', '.join(missing)}")
     model = build_model(cfg, peft_config, dtype)
     model.train()
+    params = count_params(model)
+    counts = reduce_depth(model) if reduce else None
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)   # peft's prompt ids
     fakeify(model, mode)
     return trace_step(model, input_maker(cfg, task, (peft_config or {}).get("peft_type")), {d: hints[d] for d in need}, env, mode,
-                      static=("image",) if task == "ForImageClassification" else ())
+                      static=("image",) if task == "ForImageClassification" else (),
+                      counts=counts, params=params)

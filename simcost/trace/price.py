@@ -63,7 +63,7 @@ class Pricer:
         for c in trace.calls:
             if not c.is_view:
                 _exprs((c.args, c.kwargs, c.outs), index)
-        saved = sum(trace.saved.values())
+        saved = trace.saved_expr()
         _exprs(saved, index)
         self.index = index
         self.names = sorted(trace.symbols)
@@ -99,6 +99,9 @@ class Pricer:
                                       ev(c.outs), c.tags)
             if not covered:
                 p.unpriced[c.name] += 1
+            w = self.trace.weight(c.layer)
+            if w != 1:
+                cost = _scaled(cost, w)
             if c.phase == "fwd":
                 p.fwd_flops = p.fwd_flops + cost.flops
                 p.fwd_matmul_flops = p.fwd_matmul_flops + cost.matmul_flops
@@ -116,6 +119,14 @@ class Pricer:
         saved = self._saved
         p.saved_bytes = saved if isinstance(saved, int) else vals[index[saved]]
         return p
+
+
+def _scaled(cost, w: int):
+    cost.flops = cost.flops * w
+    cost.matmul_flops = cost.matmul_flops * w
+    cost.bytes = cost.bytes * w
+    cost.kernels = cost.kernels * w
+    return cost
 
 
 def _symbolic(meta: SymMeta) -> bool:

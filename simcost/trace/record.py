@@ -50,6 +50,7 @@ class Call:
     outs: tuple               # SymMeta of the tensor outputs
     tags: frozenset
     is_view: bool
+    layer: int | None = None  # the kept layer it runs for (see simcost.trace.layers)
 
 
 @dataclass
@@ -62,6 +63,18 @@ class Trace:
     symbols: dict
     guards: list = field(default_factory=list)     # sympy booleans over the symbols
     specialized: dict = field(default_factory=dict)  # dimension name -> the value it was fixed to
+    counts: dict = field(default_factory=dict)     # kept layer -> how many layers it stands for
+    saved_layer: dict = field(default_factory=dict)  # storage id -> the kept layer it counts with
+
+    def weight(self, layer) -> int:
+        """How many times the work of ``layer`` (a kept layer, or None) happens in a step."""
+        return self.counts.get(layer, 1) if layer is not None else 1
+
+    def saved_expr(self):
+        total = 0
+        for sid, nbytes in self.saved.items():
+            total = total + nbytes * self.weight(self.saved_layer.get(sid))
+        return total
 
     def check(self, **dims) -> None:
         """Refuse dimensions this recording does not describe (a guard or a specialisation)."""
@@ -84,7 +97,7 @@ class Trace:
     def saved_bytes(self, **dims):
         import sympy
         self.check(**dims)
-        expr = sum(self.saved.values())
+        expr = self.saved_expr()
         if isinstance(expr, int) or expr.is_number:
             return int(expr)
         names = sorted(self.symbols)
@@ -212,8 +225,10 @@ def make_symbols(shape_env, hints: dict, static: tuple = ()) -> dict:
 class _Recorder:
     """The dispatch mode and the saved-tensor hooks of one recording."""
 
-    def __init__(self, param_storages: set, fake_mode=None):
+    def __init__(self, param_storages: set, fake_mode=None, tagger=None):
         self.fake_mode = fake_mode
+        self.tagger = tagger
+        self.made_in: dict = {}        # storage id -> the kept layer whose forward made it
         self.calls: list[Call] = []
         self.phase = "fwd"
         self.param_storages = param_storages
@@ -256,11 +271,24 @@ class _Recorder:
         name = str(func)
         if name.startswith("prim."):
             return
-        outs = tuple(sym_meta(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outs = tuple(sym_meta(t) for t in tensors)
+        layer = None
+        if self.tagger is not None:
+            from simcost.trace.layers import node_tag
+            layer = self.tagger.current if self.phase == "fwd" else node_tag()
+            if self.phase == "fwd":
+                if layer is None:
+                    self.tagger.outside(tensors)
+                for t in tensors:
+                    st = t.untyped_storage()
+                    if st._cdata not in self.made_in:
+                        self.made_in[st._cdata] = layer
+                        self._keep.append(st)     # so no later storage reuses its id
         self.calls.append(Call(name, self.phase, _meta_tree(tuple(args)),
                                {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
                                frozenset(str(t).removeprefix("Tag.") for t in func.tags),
-                               bool(getattr(func, "is_view", False))))
+                               bool(getattr(func, "is_view", False)), layer))
 
     def pack(self, t):
         import torch
@@ -271,15 +299,19 @@ class _Recorder:
         self._keep.append(st)
         box = Packed(t)
         nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
-        self.packed.append((weakref.ref(box), sid, nbytes))
+        layer = self.tagger.current if self.tagger is not None else None
+        self.packed.append((weakref.ref(box), sid, nbytes, layer))
         return box
 
 
     def alive_saved(self) -> dict:
         out: dict = {}
-        for ref, sid, nbytes in self.packed:
-            if ref() is not None:
-                out[sid] = nbytes
+        for ref, sid, nbytes, layer in self.packed:
+            if ref() is not None and sid not in out:
+                # a storage made inside the layers counts as often as the layer saving it
+                # runs (every instance saves its own, e.g. its predecessor's output); one made
+                # outside them (a prefix's key/values, shared by all layers) counts once
+                out[sid] = (nbytes, layer if self.made_in.get(sid) is not None else None)
         return out
 
 
@@ -296,18 +328,24 @@ class Packed:
 
 
 def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
-               static: tuple = ()) -> Trace:
+               static: tuple = (), counts: dict | None = None,
+               params: tuple[int, int] | None = None) -> Trace:
     """Record forward (with loss) and backward of ``model(**make_inputs(sizes))``.
 
     ``make_inputs(sizes)`` builds the input tensors (under the fake mode) from a dict of
     symbolic sizes; the call returns a scalar loss or an object with ``.loss``. ``static``:
-    dimensions traced at their hint only (a ViT's image size: its position table has one)."""
+    dimensions traced at their hint only (a ViT's image size: its position table has one).
+    ``counts``: from :func:`simcost.trace.layers.reduce_depth` (the model already reduced);
+    ``params``: (total, trainable) of the full model, counted before the reduction."""
     import torch
     sizes = make_symbols(shape_env, hints, static)
     symbols = {k: v.node.expr for k, v in sizes.items() if not isinstance(v, int)}
-    params = list(model.parameters())
-    pstor = {t.untyped_storage()._cdata for t in (*params, *model.buffers())}
-    rec = _Recorder(pstor, fake_mode)
+    pstor = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    tagger = None
+    if counts:
+        from simcost.trace.layers import LayerTagger
+        tagger = LayerTagger(counts, model)
+    rec = _Recorder(pstor, fake_mode, tagger)
     with fake_mode, fake_tensors_are_not_tracing():
         inputs = make_inputs(sizes)
         with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, Packed.unpack):
@@ -322,6 +360,8 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
             rec.phase = "bwd"
             loss.backward()
     del loss
+    if tagger is not None:
+        tagger.remove()
     spec = {k: v for k, v in sizes.items() if isinstance(v, int)}
     for k, s in symbols.items():
         r = shape_env.replacements.get(s)
@@ -329,16 +369,23 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
             spec[k] = int(r)
     guards = [g.expr for g in shape_env.guards
               if g.expr.free_symbols and g.expr.free_symbols <= set(symbols.values())]
+    total, trainable = params if params is not None else count_params(model)
+    return Trace(rec.calls, _resolve({k: v[0] for k, v in saved.items()}, shape_env),
+                 int(total), int(trainable), symbols, guards, spec, dict(counts or {}),
+                 {k: v[1] for k, v in saved.items()})
+
+
+def count_params(model) -> tuple[int, int]:
+    """(total, trainable) parameters, a tied tensor once (as peft counts them)."""
     seen: set[int] = set()
     total = trainable = 0
-    for p in params:
+    for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    return Trace(rec.calls, _resolve(saved, shape_env), int(total), int(trainable), symbols,
-                 guards, spec)
+    return int(total), int(trainable)
 
 
 def _resolve(saved: dict, shape_env) -> dict:

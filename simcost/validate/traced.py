@@ -68,13 +68,14 @@ def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "
 
 
 # tiny odd-sized configs of the architectures the hand-built path lacks (and one decoder)
-_ENC = {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
+_ENC = {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 4,
         "num_attention_heads": 4, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 CONFIGS: dict[str, tuple[dict, dict, dict]] = {
     # name: (config, trace hints, checked sizes: other than the hints, so the symbolic
-    # sizes are what gets tested)
+    # sizes are what gets tested). 3-5 layers: the trace keeps one layer of each kind
+    # (simcost.trace.layers), the real step runs them all, so the depth extrapolation is tested
     "llama-gqa": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-                   "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "intermediate_size": 96, "num_hidden_layers": 5, "num_attention_heads": 4,
                    "num_key_value_heads": 2, "vocab_size": 101, "max_position_embeddings": 64},
                   {"batch": 3, "seq": 11}, {"batch": 2, "seq": 7}),
     "bert-cls": ({"architectures": ["BertForSequenceClassification"], "model_type": "bert",
@@ -83,7 +84,7 @@ CONFIGS: dict[str, tuple[dict, dict, dict]] = {
     "roberta-mlm": ({"architectures": ["RobertaForMaskedLM"], "model_type": "roberta",
                      "vocab_size": 93, **_ENC}, {"batch": 3, "seq": 11}, {"batch": 2, "seq": 7}),
     "t5": ({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "d_model": 48,
-            "d_ff": 80, "num_layers": 2, "num_heads": 4, "d_kv": 12, "vocab_size": 89,
+            "d_ff": 80, "num_layers": 3, "num_heads": 4, "d_kv": 12, "vocab_size": 89,
             "dropout_rate": 0.0, "decoder_start_token_id": 0, "pad_token_id": 0},
            {"batch": 3, "seq": 11, "target_seq": 5}, {"batch": 2, "seq": 7, "target_seq": 4}),
     "vit": ({"architectures": ["ViTForImageClassification"], "model_type": "vit", "image_size": 32,
@@ -124,6 +125,9 @@ def adapter_configs(model: str) -> dict[str, dict]:
                                     "adapter_len": 4, "adapter_layers": 1},
                 "trainable_tokens": {"peft_type": "TRAINABLE_TOKENS", "task_type": "CAUSAL_LM",
                                      "token_indices": [1, 2, 3]},
+                "lora_layers": {"peft_type": "LORA", "r": 4, "target_modules": t,
+                                "layers_to_transform": [2, 3],
+                                "rank_pattern": {"model.layers.3.self_attn.q_proj": 8}},
                 "lora_fq": {"peft_type": "LORA", "r": 4,
                             "target_modules": ["model.layers.1.self_attn.q_proj"]},
                 "lora_params": {"peft_type": "LORA", "r": 4, "target_modules": [],
