@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from simcost.models.config import load_config_dict, spec_from_config
 from simcost.peft.base import LORA_DEFAULTS, model_type
 from simcost.peft.spec import PeftSpec, to_peft_dict
 from simcost import pipeline
-
-FLOP_RTOL = 1e-4
-ACT_RTOL = 1e-2
+from simcost.validate.cases import CaseResult
 
 # small configs with odd sizes (so no dimension coincides with another)
 TINY_CONFIGS: dict[str, dict] = {
@@ -65,34 +63,6 @@ METHODS: dict[str, PeftSpec] = {
 ZOO_CASES = [(m, meth) for m in ("llama-2-7b", "llama-3.1-8b", "mistral-7b", "qwen2.5-7b",
                                  "mixtral-8x7b") for meth in ("full", "lora-qv")] + [
     ("mixtral-8x7b", "lora-all")]   # peft's LoRA on the router and fused expert parameters
-
-
-@dataclass
-class CaseResult:
-    model: str
-    method: str
-    dtype: str
-    attn: str
-    batch: int
-    seq: int
-    simcost: dict = field(default_factory=dict)
-    torch: dict = field(default_factory=dict)
-    ok: bool = False
-    skipped: str | None = None
-    seconds: float = 0.0
-
-    def mismatches(self) -> dict:
-        bad = {}
-        for k, v in self.torch.items():
-            s = self.simcost[k]
-            if k in ("params_trainable", "params_total"):
-                if s != v:
-                    bad[k] = (s, v)
-            else:
-                tol = ACT_RTOL if k == "activations_bytes" else FLOP_RTOL
-                if abs(s - v) > tol * max(abs(v), 1):
-                    bad[k] = (s, v)
-        return bad
 
 
 def applicable(config: dict, method: str) -> str | None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import gc
 import weakref
+from dataclasses import dataclass
 
 from simcost.trace.record import Packed
-from dataclasses import dataclass
+from simcost.validate.cases import CaseResult
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,6 @@ def run_traced_case(model: str, method: str, peft_config: dict):
 
     from simcost.trace.build import trace_config
     from simcost.trace.price import Pricer
-    from simcost.validate.exact import CaseResult
     cfg, hints, dims = CONFIGS[model]
     res = CaseResult(model, method, "fp32", "sdpa", dims["batch"],
                      dims.get("seq", dims.get("image")))
