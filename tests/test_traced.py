@@ -100,9 +100,13 @@ def test_bad_adapter_config_is_one_line():
 def test_unknown_task_and_missing_size():
     from simcost.trace.build import trace_config
     cfg, h, _ = traced.CONFIGS["llama-gqa"]
-    with pytest.raises(SimcostError, match="builds the tasks"):
+    with pytest.raises(SimcostError, match="builds the heads"):
         trace_config({**cfg, "architectures": ["LlamaModel"]}, None, hints=h)
     with pytest.raises(SimcostError, match="missing: seq"):
         trace_config(cfg, None, hints={"batch": 2})
-    with pytest.raises(SimcostError, match="sizes 0 and 1"):
-        trace_config(cfg, None, hints={"batch": 1, "seq": 8})
+
+    # torch specialises a size of 1: the recording is made at that size and holds for it only
+    tr = trace_config(cfg, None, hints={"batch": 1, "seq": 8})
+    assert tr.specialized.get("batch") == 1
+    with pytest.raises(SimcostError, match="fixed batch to 1"):
+        tr.check(batch=2, seq=8)

@@ -1,78 +1,56 @@
-"""Build a model from its config on the meta device, apply peft, and trace one training step
+"""Build a task's model on the meta device, apply peft, and trace one training step
 (needs the torch extra).
 
-The task head comes from the config's ``architectures``; the inputs and the loss are the ones
-the Hugging Face model computes from ``labels``:
-
-| task (class suffix)             | inputs (symbolic sizes)                          |
-|---------------------------------|--------------------------------------------------|
-| ForCausalLM                     | input_ids, labels (batch, seq)                   |
-| ForMaskedLM                     | input_ids, labels (batch, seq)                   |
-| ForSequenceClassification       | input_ids (batch, seq), labels (batch)           |
-| ForConditionalGeneration (T5…)  | input_ids (batch, seq), labels (batch, target_seq) |
-| ForImageClassification          | pixel_values (batch, channels, image, image), labels (batch) |
-
-Causal LMs also get ``shift_labels`` (the labels shifted by one, as the HF loss makes them):
-the loss is the same, and torch's padding kernel, which needs a concrete batch size, is not
-run on the symbolic labels.
+:func:`task_for` turns what ``--model`` names into a :class:`~simcost.trace.task.TracedTask`
+(a zoo name, a ``config.json`` of any architecture transformers or diffusers builds, or
+``path/to/file.py:factory``); :func:`trace_task` records its step with the adapter config
+applied exactly as peft applies it.
 """
 from __future__ import annotations
 
 from simcost.errors import SimcostError
 from simcost.trace.layers import reduce_depth
 from simcost.trace.record import Trace, count_params, fakeify, trace_step
+from simcost.trace.task import TracedTask, require_torch
 
-TASKS = ("ForCausalLM", "ForMaskedLM", "ForSequenceClassification", "ForConditionalGeneration",
-         "ForImageClassification")
 TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _require_torch():
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-        import peft  # noqa: F401
-    except ImportError as e:
-        raise SimcostError(f"the traced front end needs the torch extra ({e.name} is missing): "
-                           f"pip install torch==2.13.0 && pip install 'simcost[torch]'") from None
+def task_for(model, name: str | None = None) -> TracedTask:
+    """The task of ``model``: a :class:`TracedTask`, a config dict, a zoo name, a
+    ``config.json`` path (or its directory), or ``file.py:factory``."""
+    if isinstance(model, TracedTask):
+        return model
+    if isinstance(model, dict):
+        return config_task(model, name or "model")
+    if not isinstance(model, str):
+        raise SimcostError(f"model must be a name, a path or a config dict, "
+                           f"not {type(model).__name__}")
+    from simcost.trace.factory import is_factory_spec
+    if is_factory_spec(model):
+        from simcost.trace.factory import factory_task
+        return factory_task(model)
+    from simcost.models.config import load_config_dict
+    cfg_name, cfg = load_config_dict(model)
+    return config_task(cfg, name or cfg_name)
 
 
-def task_of(cfg: dict) -> tuple[str, str]:
-    """(architecture class name, task suffix) from the config's ``architectures``."""
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs and isinstance(archs[0], str) else ""
-    for t in TASKS:
-        if arch.endswith(t):
-            return arch, t
-    raise SimcostError(f"architecture '{arch or cfg.get('model_type')}': the traced front end "
-                       f"builds the tasks {', '.join(TASKS)} from a config's architectures")
+def config_task(cfg: dict, name: str) -> TracedTask:
+    if cfg.get("_class_name"):                   # diffusers writes it into its configs
+        from simcost.trace.diffusion import diffusion_task
+        return diffusion_task(cfg, name)
+    from simcost.trace.hf import hf_task
+    return hf_task(cfg, name)
 
 
-def build_model(cfg: dict, peft_config: dict | None, dtype: str = "bf16", device: str = "meta"):
+def build_model(task: TracedTask, peft_config: dict | None, dtype: str = "bf16",
+                device: str = "meta"):
     """The peft-wrapped model on ``device`` (meta: no memory; cpu: random weights, for
     checking a trace against a real step)."""
-    _require_torch()
-    import torch
-    import transformers
-    arch, _ = task_of(cfg)
-    cls = getattr(transformers, arch, None)
-    if cls is None:
-        raise SimcostError(f"transformers {transformers.__version__} has no class '{arch}'")
-    body = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "dtype")}
-    try:
-        config = transformers.AutoConfig.for_model(**body)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SimcostError(f"transformers cannot read this config: {e}") from None
-    config.architectures = [arch]
-    config._attn_implementation = "sdpa"
-    if device != "meta":
-        torch.manual_seed(0)
-    with torch.device(device):
-        try:
-            model = cls(config).to(getattr(torch, TORCH_DTYPE[dtype]))
-        except Exception as e:  # noqa: BLE001 -- any build error is the config's
-            raise SimcostError(f"torch cannot build {arch} from this config: "
-                               f"{type(e).__name__}: {e}") from None
+    require_torch()
+    if dtype not in TORCH_DTYPE:
+        raise SimcostError(f"traced dtype '{dtype}'; valid: {', '.join(TORCH_DTYPE)}")
+    model = task.build(dtype, device)
     if peft_config:
         model = apply_peft(model, peft_config)
     return model
@@ -85,72 +63,89 @@ def apply_peft(model, peft_config: dict):
         pcfg = peft.get_peft_config(dict(peft_config))
         return peft.get_peft_model(model, pcfg)
     except Exception as e:  # noqa: BLE001 -- peft's refusal, whatever its type
-        raise SimcostError(f"peft refuses this adapter config: {type(e).__name__}: {e}") from None
+        raise SimcostError(f"peft refuses this adapter config: {type(e).__name__}: "
+                           f"{_one_line(e)}") from None
 
 
-PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
-def input_maker(cfg: dict, task: str, peft_type: str | None = None):
-    """``make(sizes) -> inputs``: the task's input tensors from symbolic sizes. Prompt-learning
-    methods lengthen the sequence inside peft (which pads ``labels`` but not ``shift_labels``),
-    so they get no ``shift_labels``."""
-    import torch
-    long = torch.long
-
-    def lm(s):
-        ids = torch.zeros(s["batch"], s["seq"], dtype=long)
-        out = {"input_ids": ids, "labels": torch.zeros(s["batch"], s["seq"], dtype=long)}
-        if task == "ForCausalLM" and (peft_type or "").upper() not in PROMPT_LEARNING:
-            out["shift_labels"] = torch.zeros(s["batch"], s["seq"], dtype=long)
-        return out
-
-    def cls(s):
-        return {"input_ids": torch.zeros(s["batch"], s["seq"], dtype=long),
-                "labels": torch.zeros(s["batch"], dtype=long)}
-
-    def s2s(s):
-        return {"input_ids": torch.zeros(s["batch"], s["seq"], dtype=long),
-                "labels": torch.zeros(s["batch"], s["target_seq"], dtype=long)}
-
-    def img(s):
-        ch = int(cfg.get("num_channels", 3))
-        return {"pixel_values": torch.zeros(s["batch"], ch, s["image"], s["image"]),
-                "labels": torch.zeros(s["batch"], dtype=long)}
-
-    return {"ForCausalLM": lm, "ForMaskedLM": lm, "ForSequenceClassification": cls,
-            "ForConditionalGeneration": s2s, "ForImageClassification": img}[task]
+def peft_type(peft_config: dict | None) -> str | None:
+    return (peft_config or {}).get("peft_type")
 
 
-def dims_of(task: str) -> tuple[str, ...]:
-    return {"ForConditionalGeneration": ("batch", "seq", "target_seq"),
-            "ForImageClassification": ("batch", "image")}.get(task, ("batch", "seq"))
-
-
-def trace_config(cfg: dict, peft_config: dict | None = None, *, dtype: str = "bf16",
-                 hints: dict, reduce: bool = True) -> Trace:
-    """Trace one training step of the config's model with the adapter config applied.
+def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str = "bf16",
+               hints: dict, reduce: bool = True, checkpointing: bool = False,
+               autocast: str | None = None) -> Trace:
+    """Trace one training step of the task's model with the adapter config applied.
     ``hints``: the sizes the trace follows where model code branches (the request's own).
     ``reduce``: trace one layer of each kind and count the rest
-    (:mod:`simcost.trace.layers`); False traces every layer."""
-    _require_torch()
+    (:mod:`simcost.trace.layers`); False traces every layer. ``checkpointing``: each layer of
+    the repeated stacks runs under ``torch.utils.checkpoint`` (non-reentrant), as
+    transformers' ``gradient_checkpointing_enable`` runs its decoder layers. ``autocast``:
+    'bf16' or 'fp16' runs the step under ``torch.autocast`` (mixed precision over ``dtype``
+    weights)."""
+    require_torch()
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    missing = [d for d in task.dims if d not in hints]
+    if missing:
+        raise SimcostError(f"{task.name} ({task.kind}) needs the sizes "
+                           f"{', '.join(task.dims)}; missing: {', '.join(missing)}")
     if dtype not in TORCH_DTYPE:
         raise SimcostError(f"traced dtype '{dtype}'; valid: {', '.join(TORCH_DTYPE)}")
-    _, task = task_of(cfg)
-    need = dims_of(task)
-    missing = [d for d in need if d not in hints]
-    if missing:
-        raise SimcostError(f"a {task} model needs the sizes {', '.join(need)}; "
-                           f"missing: {', '.join(missing)}")
-    model = build_model(cfg, peft_config, dtype)
+    model = task.build(dtype, "meta")
+    base_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    if peft_config:
+        model = apply_peft(model, peft_config)
     model.train()
+    if checkpointing:
+        enable_checkpointing(model)
     params = count_params(model)
     counts = reduce_depth(model) if reduce else None
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)   # peft's prompt ids
     fakeify(model, mode)
-    return trace_step(model, input_maker(cfg, task, (peft_config or {}).get("peft_type")), {d: hints[d] for d in need}, env, mode,
-                      static=("image",) if task == "ForImageClassification" else (),
-                      counts=counts, params=params)
+    ptype = peft_type(peft_config)
+    # a size of 1 is specialised by torch: such a recording holds for that size only
+    static = (*task.static, *(d for d in task.dims if hints[d] == 1 and d not in task.static))
+    return trace_step(model, lambda sizes: task.inputs(sizes, ptype),
+                      {d: hints[d] for d in task.dims}, env, mode, static=static,
+                      counts=counts, params=params, loss=task.loss, base_names=base_names,
+                      autocast=TORCH_DTYPE[autocast] if autocast else None)
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing per layer: the model's own switch where it has one
+    (transformers' ``activation_checkpointing_enable``, non-reentrant, with the input
+    embeddings' output made to require grad as it does; diffusers'
+    ``enable_gradient_checkpointing``), else every layer of the repeated stacks runs under
+    ``torch.utils.checkpoint`` (non-reentrant)."""
+    import functools
+
+    import torch.utils.checkpoint as ckpt
+
+    from simcost.trace.layers import repeated_stacks
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "supports_gradient_checkpointing", False) or \
+            getattr(base, "_supports_gradient_checkpointing", False):
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable()
+            return
+        if hasattr(base, "enable_gradient_checkpointing"):
+            base.enable_gradient_checkpointing()
+            return
+    stacks = repeated_stacks(model)
+    if not stacks:
+        raise SimcostError("--checkpointing full: this model has no repeated layers to "
+                           "checkpoint")
+    for _, stack in stacks:
+        for layer in stack:
+            layer.forward = functools.partial(ckpt.checkpoint, layer.forward,
+                                              use_reentrant=False)
+
+
+def trace_config(cfg: dict, peft_config: dict | None = None, **kw) -> Trace:
+    """:func:`trace_task` of a config dict's task."""
+    return trace_task(config_task(cfg, "model"), peft_config, **kw)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +65,11 @@ class Trace:
     specialized: dict = field(default_factory=dict)  # dimension name -> the value it was fixed to
     counts: dict = field(default_factory=dict)     # kept layer -> how many layers it stands for
     saved_layer: dict = field(default_factory=dict)  # storage id -> the kept layer it counts with
+    params: list = field(default_factory=list)     # see param_table
+    storage_bytes: list = field(default_factory=list)  # storage id -> nbytes expression
+    events: list = field(default_factory=list)     # (+1 | -1, storage id, call index)
+    births: dict = field(default_factory=dict)     # storage id -> the call that made it
+    fwd_calls: int = 0                             # calls [0, fwd_calls) are the forward
 
     def weight(self, layer) -> int:
         """How many times the work of ``layer`` (a kept layer, or None) happens in a step."""
@@ -223,17 +228,24 @@ def make_symbols(shape_env, hints: dict, static: tuple = ()) -> dict:
 
 
 class _Recorder:
-    """The dispatch mode and the saved-tensor hooks of one recording."""
+    """The dispatch mode and the saved-tensor hooks of one recording, and its storages: an
+    id for each (a storage torch frees gets no id again, so ids stay unique), its bytes, the
+    kept layer and phase of the call that made it, and the births and deaths of the
+    live-memory timeline (:mod:`simcost.trace.timeline`)."""
 
     def __init__(self, param_storages: set, fake_mode=None, tagger=None):
         self.fake_mode = fake_mode
         self.tagger = tagger
-        self.made_in: dict = {}        # storage id -> the kept layer whose forward made it
         self.calls: list[Call] = []
         self.phase = "fwd"
         self.param_storages = param_storages
-        self.packed: list = []           # weakrefs to packed records, with storage id and bytes
-        self._keep: list = []            # storages seen, kept so their ids stay unique
+        self.packed: list = []           # weakrefs to packed records, with storage id and layer
+        self.live: dict = {}             # _cdata of a live storage -> its id
+        self.sizes: list = []            # storage id -> nbytes (int or sympy expression)
+        self.made_in: dict = {}          # storage id -> the kept layer whose forward made it
+        self.births: dict = {}           # storage id -> index of the call that made it
+        self.events: list = []           # (+1 | -1, storage id, call index), in order
+        self.closed = False
 
     def mode(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -265,6 +277,31 @@ class _Recorder:
         return self.fake_mode.fake_tensor_converter.from_real_tensor(
             self.fake_mode, real, make_constant=True)
 
+    def storage(self, st, layer=None, born: bool = False) -> int:
+        """The id of storage ``st``; a new one is a birth when an aten call ``born`` it."""
+        import torch
+        cd = st._cdata
+        sid = self.live.get(cd)
+        if sid is not None:
+            return sid
+        sid = len(self.sizes)
+        self.live[cd] = sid
+        nb = st.nbytes()
+        self.sizes.append(_expr(nb) if isinstance(nb, torch.SymInt) else int(nb))
+        if born:
+            self.births[sid] = len(self.calls)
+            self.events.append((1, sid, len(self.calls)))
+            if self.phase == "fwd":
+                self.made_in[sid] = layer
+        weakref.finalize(st, self._dead, cd, sid, born)
+        return sid
+
+    def _dead(self, cd, sid, born) -> None:
+        if self.live.get(cd) == sid:
+            del self.live[cd]
+        if born and not self.closed:
+            self.events.append((-1, sid, len(self.calls) - 1))
+
     def record(self, func, args, kwargs, out) -> None:
         import torch
         from torch.utils._pytree import tree_leaves
@@ -277,41 +314,36 @@ class _Recorder:
         if self.tagger is not None:
             from simcost.trace.layers import node_tag
             layer = self.tagger.current if self.phase == "fwd" else node_tag()
-            if self.phase == "fwd":
-                if layer is None:
-                    self.tagger.outside(tensors)
-                for t in tensors:
-                    st = t.untyped_storage()
-                    if st._cdata not in self.made_in:
-                        self.made_in[st._cdata] = layer
-                        self._keep.append(st)     # so no later storage reuses its id
+            if self.phase == "fwd" and layer is None:
+                self.tagger.outside(tensors)
+        for t in tensors:
+            st = t.untyped_storage()
+            if st._cdata not in self.param_storages:
+                self.storage(st, layer, born=True)
         self.calls.append(Call(name, self.phase, _meta_tree(tuple(args)),
                                {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
                                frozenset(str(t).removeprefix("Tag.") for t in func.tags),
                                bool(getattr(func, "is_view", False)), layer))
 
     def pack(self, t):
-        import torch
         st = t.untyped_storage()
-        sid = st._cdata
-        if sid in self.param_storages:
+        if st._cdata in self.param_storages:
             return t
-        self._keep.append(st)
+        sid = self.storage(st)
         box = Packed(t)
-        nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
         layer = self.tagger.current if self.tagger is not None else None
-        self.packed.append((weakref.ref(box), sid, nbytes, layer))
+        self.packed.append((weakref.ref(box), sid, layer))
         return box
 
-
     def alive_saved(self) -> dict:
+        """Storage id -> the kept layer it counts with, of the saved storages still alive."""
         out: dict = {}
-        for ref, sid, nbytes, layer in self.packed:
+        for ref, sid, layer in self.packed:
             if ref() is not None and sid not in out:
                 # a storage made inside the layers counts as often as the layer saving it
                 # runs (every instance saves its own, e.g. its predecessor's output); one made
                 # outside them (a prefix's key/values, shared by all layers) counts once
-                out[sid] = (nbytes, layer if self.made_in.get(sid) is not None else None)
+                out[sid] = layer if self.made_in.get(sid) is not None else None
         return out
 
 
@@ -329,14 +361,18 @@ class Packed:
 
 def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
                static: tuple = (), counts: dict | None = None,
-               params: tuple[int, int] | None = None) -> Trace:
+               params: tuple[int, int] | None = None, loss=None,
+               base_names: set | None = None, autocast: str | None = None) -> Trace:
     """Record forward (with loss) and backward of ``model(**make_inputs(sizes))``.
 
     ``make_inputs(sizes)`` builds the input tensors (under the fake mode) from a dict of
-    symbolic sizes; the call returns a scalar loss or an object with ``.loss``. ``static``:
-    dimensions traced at their hint only (a ViT's image size: its position table has one).
-    ``counts``: from :func:`simcost.trace.layers.reduce_depth` (the model already reduced);
-    ``params``: (total, trainable) of the full model, counted before the reduction."""
+    symbolic sizes; the call returns a scalar loss, an object with ``.loss`` or a dict with
+    ``"loss"`` (or ``loss(output, inputs)`` makes it). ``static``: dimensions traced at their
+    hint only (a ViT's image size: its position table has one). ``counts``: from
+    :func:`simcost.trace.layers.reduce_depth` (the model already reduced); ``params``:
+    (total, trainable) of the full model, counted before the reduction; ``base_names``: the
+    parameter names of the model before peft (the rest are the method's own); ``autocast``:
+    the 16-bit dtype of ``torch.autocast`` (mixed precision), or None."""
     import torch
     sizes = make_symbols(shape_env, hints, static)
     symbols = {k: v.node.expr for k, v in sizes.items() if not isinstance(v, int)}
@@ -346,20 +382,22 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
         from simcost.trace.layers import LayerTagger
         tagger = LayerTagger(counts, model)
     rec = _Recorder(pstor, fake_mode, tagger)
+    amp = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else nullcontext()
     with fake_mode, fake_tensors_are_not_tracing():
         inputs = make_inputs(sizes)
         with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, Packed.unpack):
-            out = model(**inputs)
-            loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
-            if loss is None or loss.dim() != 0:
-                raise SimcostError("the model's call returned no scalar loss (give it labels, "
-                                   "or return a loss from the factory's module)")
+            with amp:
+                out = model(**inputs)
+                value = _loss_of(out, inputs, loss)
             del out
             gc.collect()
             saved = rec.alive_saved()
+            fwd_calls = len(rec.calls)
             rec.phase = "bwd"
-            loss.backward()
-    del loss
+            value.backward()
+            del value
+            gc.collect()
+        rec.closed = True
     if tagger is not None:
         tagger.remove()
     spec = {k: v for k, v in sizes.items() if isinstance(v, int)}
@@ -370,9 +408,57 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
     guards = [g.expr for g in shape_env.guards
               if g.expr.free_symbols and g.expr.free_symbols <= set(symbols.values())]
     total, trainable = params if params is not None else count_params(model)
-    return Trace(rec.calls, _resolve({k: v[0] for k, v in saved.items()}, shape_env),
-                 int(total), int(trainable), symbols, guards, spec, dict(counts or {}),
-                 {k: v[1] for k, v in saved.items()})
+    sizes_b = [v if isinstance(v, int) else shape_env.replace(v) for v in rec.sizes]
+    return Trace(rec.calls, {sid: sizes_b[sid] for sid in saved}, int(total), int(trainable),
+                 symbols, guards, spec, dict(counts or {}), saved,
+                 param_table(model, counts or {}, base_names), sizes_b, rec.events,
+                 rec.births, fwd_calls)
+
+
+def _loss_of(out, inputs, loss_fn):
+    import torch
+    if loss_fn is not None:
+        value = loss_fn(out, inputs)
+    elif isinstance(out, torch.Tensor):
+        value = out
+    elif isinstance(out, dict):
+        value = out.get("loss")
+    else:
+        value = getattr(out, "loss", None)
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        raise SimcostError("the model's call returned no scalar loss (give it labels, or "
+                           "return a loss from the factory's module or its 'loss' function)")
+    return value
+
+
+def param_table(model, counts: dict, base_names: set | None) -> list:
+    """(name, shape, dtype, trainable, added by the method, how many layers it stands for)
+    per distinct parameter of the (reduced) model."""
+    weight: dict[int, int] = {}
+    for mod in model.modules():
+        c = counts.get(id(mod))
+        if c:
+            for p in mod.parameters():
+                weight[id(p)] = c
+    out, seen = [], set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        dt = TORCH_DTYPES.get(str(p.dtype).removeprefix("torch."), "fp32")
+        added = base_names is not None and base_name(name) not in base_names
+        out.append((name, tuple(int(x) for x in p.shape), dt, bool(p.requires_grad), added,
+                    weight.get(id(p), 1)))
+    return out
+
+
+def base_name(name: str) -> str:
+    """A peft-wrapped parameter's name in the model before peft."""
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def count_params(model) -> tuple[int, int]:
@@ -388,9 +474,3 @@ def count_params(model) -> tuple[int, int]:
     return int(total), int(trainable)
 
 
-def _resolve(saved: dict, shape_env) -> dict:
-    """Apply the shape environment's replacements (sizes torch proved equal)."""
-    out = {}
-    for k, v in saved.items():
-        out[k] = v if isinstance(v, int) else shape_env.replace(v)
-    return out

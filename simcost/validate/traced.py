@@ -27,17 +27,17 @@ class RealStep:
 def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "fp32") -> RealStep:
     import torch
 
-    from simcost.trace.build import build_model, input_maker, task_of
+    from simcost.trace.build import build_model, peft_type, task_for
+    from simcost.trace.record import _loss_of
     from simcost.validate.torch_measure import _flop_counter, _register_missing_flop_formulas
 
     _register_missing_flop_formulas()
-
-    model = build_model(cfg, peft_config, dtype, device="cpu")
+    task = task_for(cfg)
+    model = build_model(task, peft_config, dtype, device="cpu")
     model.train()
     params = {id(p): p for p in model.parameters()}.values()
     skip = {t.untyped_storage()._cdata for t in (*params, *model.buffers())}
-    _, task = task_of(cfg)
-    inputs = input_maker(cfg, task, (peft_config or {}).get("peft_type"))(dims)
+    inputs = task.inputs(dims, peft_type(peft_config))
     boxes = []
 
     def pack_keep(t):
@@ -50,8 +50,8 @@ def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "
     with _flop_counter() as fc:
         with torch.autograd.graph.saved_tensors_hooks(pack_keep, Packed.unpack):
             out = model(**inputs)
+            loss = _loss_of(out, inputs, task.loss)
         fwd = fc.get_total_flops()
-        loss = out if isinstance(out, torch.Tensor) else out.loss
         del out
         gc.collect()
         live = {}

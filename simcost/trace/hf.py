@@ -1,0 +1,113 @@
+"""Hugging Face ``config.json`` tasks for the traced front end (torch imported lazily).
+
+The task head comes from the config's ``architectures``; the inputs and the loss are the ones
+the Hugging Face model computes from ``labels``:
+
+| task (class suffix)             | inputs (symbolic sizes)                          |
+|---------------------------------|--------------------------------------------------|
+| ForCausalLM, LMHeadModel        | input_ids, labels (batch, seq)                   |
+| ForMaskedLM                     | input_ids, labels (batch, seq)                   |
+| ForSequenceClassification       | input_ids (batch, seq), labels (batch)           |
+| ForConditionalGeneration (T5…)  | input_ids (batch, seq), labels (batch, target_seq) |
+| ForImageClassification          | pixel_values (batch, channels, image, image), labels (batch) |
+
+Causal LMs also get ``shift_labels`` (the labels shifted by one, as the HF loss makes them):
+the loss is the same, and torch's padding kernel, which needs a concrete batch size, is not
+run on the symbolic labels. Prompt-learning methods lengthen the sequence inside peft (which
+pads ``labels`` but not ``shift_labels``), so they get no ``shift_labels``.
+"""
+from __future__ import annotations
+
+import json
+
+from simcost.errors import SimcostError
+from simcost.trace.task import TEXT_DIMS, TracedTask
+
+# class-name suffix -> task kind
+TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForMaskedLM": "masked-lm",
+         "ForSequenceClassification": "seq-cls", "ForConditionalGeneration": "seq2seq",
+         "ForImageClassification": "image-cls"}
+DIMS = {"seq2seq": ("batch", "seq", "target_seq"), "image-cls": ("batch", "image")}
+TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+
+
+def task_of(cfg: dict) -> tuple[str, str]:
+    """(architecture class name, task kind) from the config's ``architectures``."""
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    for suffix, kind in TASKS.items():
+        if arch.endswith(suffix):
+            return arch, kind
+    raise SimcostError(f"architecture '{arch or cfg.get('model_type')}': the traced front end "
+                       f"builds the heads {', '.join(TASKS)} from a config's architectures")
+
+
+def hf_task(cfg: dict, name: str = "model") -> TracedTask:
+    arch, kind = task_of(cfg)
+    dims = DIMS.get(kind, TEXT_DIMS)
+    defaults = {}
+    if kind == "image-cls":
+        img = cfg.get("image_size")
+        if isinstance(img, (list, tuple)):
+            img = img[0]
+        if img:
+            defaults["image"] = int(img)
+    if kind == "seq2seq":
+        defaults["target_seq"] = "seq"       # the request's --seq when not given
+    max_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    learned = cfg.get("model_type") in ("gpt2", "bert", "roberta", "deberta-v2", "vit",
+                                        "bart", "whisper", "clip_vision_model", "opt")
+    return TracedTask(name=name, kind=kind, dims=dims,
+                      build=lambda dtype, device: build_hf(cfg, arch, dtype, device),
+                      inputs=lambda sizes, peft_type: hf_inputs(cfg, kind, sizes, peft_type),
+                      key=json.dumps(cfg, sort_keys=True, default=str),
+                      static=("image",) if kind == "image-cls" else (),
+                      defaults={k: v for k, v in defaults.items() if v is not None},
+                      max_positions=int(max_pos) if isinstance(max_pos, int) else None,
+                      learned_positions=learned)
+
+
+def build_hf(cfg: dict, arch: str, dtype: str, device: str):
+    """The base model on ``device`` (meta: no memory; cpu: random weights)."""
+    import torch
+    import transformers
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise SimcostError(f"transformers {transformers.__version__} has no class '{arch}'")
+    body = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "dtype")}
+    try:
+        config = transformers.AutoConfig.for_model(**body)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SimcostError(f"transformers cannot read this config: {e}") from None
+    config.architectures = [arch]
+    config._attn_implementation = "sdpa"
+    if device != "meta":
+        torch.manual_seed(0)
+    with torch.device(device):
+        try:
+            return cls(config).to(getattr(torch, TORCH_DTYPE[dtype]))
+        except Exception as e:  # noqa: BLE001 -- any build error is the config's
+            raise SimcostError(f"torch cannot build {arch} from this config: "
+                               f"{type(e).__name__}: {e}") from None
+
+
+def hf_inputs(cfg: dict, kind: str, s: dict, peft_type: str | None) -> dict:
+    """The task's input tensors from (symbolic) sizes."""
+    import torch
+    long = torch.long
+    if kind in ("causal-lm", "masked-lm"):
+        out = {"input_ids": torch.zeros(s["batch"], s["seq"], dtype=long),
+               "labels": torch.zeros(s["batch"], s["seq"], dtype=long)}
+        if kind == "causal-lm" and (peft_type or "").upper() not in PROMPT_LEARNING:
+            out["shift_labels"] = torch.zeros(s["batch"], s["seq"], dtype=long)
+        return out
+    if kind == "seq-cls":
+        return {"input_ids": torch.zeros(s["batch"], s["seq"], dtype=long),
+                "labels": torch.zeros(s["batch"], dtype=long)}
+    if kind == "seq2seq":
+        return {"input_ids": torch.zeros(s["batch"], s["seq"], dtype=long),
+                "labels": torch.zeros(s["batch"], s["target_seq"], dtype=long)}
+    ch = int(cfg.get("num_channels", 3))
+    return {"pixel_values": torch.zeros(s["batch"], ch, s["image"], s["image"]),
+            "labels": torch.zeros(s["batch"], dtype=long)}

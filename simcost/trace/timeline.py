@@ -1,0 +1,107 @@
+"""The live-memory timeline of a traced step (no torch here: numpy only).
+
+While a step is recorded (:mod:`simcost.trace.record`), every storage an aten call makes is a
+*birth* and every storage torch frees is a *death* (a finalizer on the storage, which fires
+when the last tensor on it goes, autograd's saved references included). Parameters and the
+inputs are not counted: the timeline is what a step allocates on top of them, so its running
+sum is ``torch.cuda.memory_allocated()`` less the weights (and less the gradients and
+optimizer state of the previous step, which ``zero_grad(set_to_none=True)`` freed).
+
+A reduced-depth recording (:mod:`simcost.trace.layers`) runs one layer of each kind; the
+timeline of the whole model is that of the recording with each kept layer's runs (a *region*:
+consecutive calls of one layer in one phase) repeated ``count`` times. Within a repeated region,
+a storage born there is one per instance; a death is one per instance when the storage was born
+by the same layer (its own saved tensors) or by the region just before it in the same phase
+(the hidden state, or its gradient, handed from layer to layer); any other death (a mask or a
+table shared by all layers) happens once, after the region's last instance. With ``d`` the
+running sum of one instance and ``net`` its end value, the region's peak is
+``start + max(0, (count - 1) * net) + max(d)`` and it ends at ``start + count * net`` plus its
+once-only deaths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Region:
+    phase: str
+    layer: object                 # a kept layer (its id), or None outside the layers
+    count: int
+    events: tuple                 # (sign, storage id, per_instance) in order
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The regions of one recording and the split between the loss instant and the rest of
+    backward (the first backward region inside the layers)."""
+    regions: tuple
+    loss_regions: int             # regions [0, loss_regions) end at the loss's backward
+
+
+def build_timeline(calls, events, births: dict, counts: dict) -> Timeline:
+    """``calls``: the recorded calls (phase, layer); ``events``: (sign, storage id, call index)
+    in the order they happened; ``births``: storage id -> index of the call that made it."""
+    run_of_call = []
+    runs: list[tuple[str, object]] = []
+    for c in calls:
+        key = (c.phase, c.layer)
+        if not runs or runs[-1] != key:
+            runs.append(key)
+        run_of_call.append(len(runs) - 1)
+    if not runs:
+        return Timeline((), 0)
+    per_run: list[list] = [[] for _ in runs]
+    for sign, sid, idx in events:
+        r = run_of_call[min(idx, len(calls) - 1)]
+        per_run[r].append((sign, sid, _per_instance(sign, sid, r, runs, run_of_call, births)))
+    regions = tuple(Region(ph, lay, counts.get(lay, 1) if lay is not None else 1, tuple(ev))
+                    for (ph, lay), ev in zip(runs, per_run))
+    split = next((i for i, (ph, lay) in enumerate(runs) if ph == "bwd" and lay is not None),
+                 len(runs))
+    return Timeline(regions, split)
+
+
+def _per_instance(sign, sid, r, runs, run_of_call, births) -> bool:
+    if sign > 0:
+        return True
+    b = births.get(sid)
+    if b is None:
+        return False
+    born = run_of_call[b]
+    phase, layer = runs[r]
+    if born == r or (layer is not None and runs[born][1] == layer):
+        return True
+    prev = next((i for i in range(r - 1, -1, -1) if runs[i][0] == phase), None)
+    return born == prev
+
+
+def evaluate(tl: Timeline, nbytes: dict) -> dict:
+    """Bytes live at the step's instants, at the sizes ``nbytes`` (storage id -> bytes, numbers
+    or numpy arrays of one sweep): ``end_forward`` (what autograd keeps, the loss computed),
+    ``peak_loss`` (the worst instant up to the loss's backward), ``peak_backward`` (the worst
+    instant after it) and ``end_backward`` (the gradients left)."""
+    cur = 0.0
+    peak_loss = peak_bwd = 0.0
+    end_fwd = None
+    for i, reg in enumerate(tl.regions):
+        if end_fwd is None and reg.phase == "bwd":
+            end_fwd = cur
+        per = [s * nbytes[sid] for s, sid, inst in reg.events if inst]
+        once = [s * nbytes[sid] for s, sid, inst in reg.events if not inst]
+        top = net = 0.0
+        for d in per:
+            net = net + d
+            top = np.maximum(top, net)
+        peak = cur + np.maximum(0.0, (reg.count - 1) * net) + top
+        cur = cur + reg.count * net + (sum(once) if once else 0.0)
+        if i < tl.loss_regions:
+            peak_loss = np.maximum(peak_loss, peak)
+        else:
+            peak_bwd = np.maximum(peak_bwd, peak)
+    if end_fwd is None:
+        end_fwd = cur
+    return {"end_forward": end_fwd, "peak_loss": peak_loss, "peak_backward": peak_bwd,
+            "end_backward": cur}
