@@ -44,7 +44,7 @@ class SymMeta:
 @dataclass(slots=True)
 class Call:
     name: str                 # str(OpOverload), e.g. 'aten.mm.default'
-    phase: str                # 'fwd' | 'bwd'
+    phase: str                # 'fwd' | 'bwd' | 'rec' (a checkpointed forward re-run in backward)
     args: tuple               # tensors replaced by SymMeta
     kwargs: dict
     outs: tuple               # SymMeta of the tensor outputs
@@ -310,17 +310,20 @@ class _Recorder:
             return
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         outs = tuple(sym_meta(t) for t in tensors)
+        # a forward re-run inside backward (a checkpointed layer: torch.utils.checkpoint
+        # recomputes it under enable_grad, where backward itself runs without grad mode)
+        phase = "rec" if self.phase == "bwd" and torch.is_grad_enabled() else self.phase
         layer = None
         if self.tagger is not None:
             from simcost.trace.layers import node_tag
-            layer = self.tagger.current if self.phase == "fwd" else node_tag()
-            if self.phase == "fwd" and layer is None:
+            layer = self.tagger.current if phase == "fwd" else node_tag()
+            if phase == "fwd" and layer is None:
                 self.tagger.outside(tensors)
         for t in tensors:
             st = t.untyped_storage()
             if st._cdata not in self.param_storages:
                 self.storage(st, layer, born=True)
-        self.calls.append(Call(name, self.phase, _meta_tree(tuple(args)),
+        self.calls.append(Call(name, phase, _meta_tree(tuple(args)),
                                {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
                                frozenset(str(t).removeprefix("Tag.") for t in func.tags),
                                bool(getattr(func, "is_view", False)), layer))

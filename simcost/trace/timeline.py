@@ -59,7 +59,7 @@ def build_timeline(calls, events, births: dict, counts: dict) -> Timeline:
         per_run[r].append((sign, sid, _per_instance(sign, sid, r, runs, run_of_call, births)))
     regions = tuple(Region(ph, lay, counts.get(lay, 1) if lay is not None else 1, tuple(ev))
                     for (ph, lay), ev in zip(runs, per_run))
-    split = next((i for i, (ph, lay) in enumerate(runs) if ph == "bwd" and lay is not None),
+    split = next((i for i, (ph, lay) in enumerate(runs) if ph != "fwd" and lay is not None),
                  len(runs))
     return Timeline(regions, split)
 
@@ -87,7 +87,7 @@ def evaluate(tl: Timeline, nbytes: dict) -> dict:
     peak_loss = peak_bwd = 0.0
     end_fwd = None
     for i, reg in enumerate(tl.regions):
-        if end_fwd is None and reg.phase == "bwd":
+        if end_fwd is None and reg.phase != "fwd":
             end_fwd = cur
         per = [s * nbytes[sid] for s, sid, inst in reg.events if inst]
         once = [s * nbytes[sid] for s, sid, inst in reg.events if not inst]
