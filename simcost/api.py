@@ -22,6 +22,7 @@ from simcost.models.attention import UNIT_BATCH_LAYOUT
 from simcost.models.config import ModelSpec, load_model
 from simcost.peft.spec import PeftSpec
 from simcost.request.fields import MAX_BATCH, MAX_SEQ
+from simcost.request.frontend import require_text_sizes, resolve_frontend
 from simcost.request.train import (MultiTrainRequest, SweepRequest, TrainRequest, check_seq,
                                    request_peft, resolve_peft, sweep_points)
 from simcost.result import MultiTrainEstimate, TrainEstimate, device_warnings, make_estimate
@@ -76,7 +77,17 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
 
 
 def run_train(req: TrainRequest) -> TrainEstimate:
-    """The estimate of a validated request."""
+    """The estimate of a validated request, by the front end that covers it
+    (:mod:`simcost.request.frontend`)."""
+    frontend, why = resolve_frontend(req)
+    if frontend == "traced":
+        from simcost.trace.estimate import estimate_traced
+        return estimate_traced(req, why)
+    require_text_sizes(req)
+    return _run_analytic(req).model_copy(update={"frontend": "analytic"})
+
+
+def _run_analytic(req: TrainRequest) -> TrainEstimate:
     spec = _model(req.model, req.max_positions)
     if req.distributed:
         return _run_parallel(req, spec)

@@ -20,7 +20,7 @@ class TrainEstimate(BaseModel):
     model: str
     hardware: str
     batch: int
-    seq: int
+    seq: int | None                 # None: a model without a token sequence (vision)
     dtype: str
     mixed_precision: str
     attn: str
@@ -31,7 +31,8 @@ class TrainEstimate(BaseModel):
     flops: dict
     memory_bytes: dict
     time_s: dict
-    tokens_per_s: float
+    tokens_per_s: float | None      # None: images or samples, not tokens (samples_per_s)
+    samples_per_s: float | None = None
     fits: bool
     parallel: dict | None = None    # multi-device / fp8 estimates: plan, per-device numbers
     checkpointing: str | None = None  # 'full' or 'selective' when activations are recomputed
@@ -41,6 +42,9 @@ class TrainEstimate(BaseModel):
     optimizer_in_backward: bool | None = None  # optimizer stepped per parameter in backward
     stack: dict | None = None       # the software stack priced: name, versions, alias
     intervals: dict | None = None   # p10-p90 of step_s and peak_bytes, or why there are none
+    frontend: str | None = None     # 'analytic' (hand-built graph) or 'traced' (torch recorded)
+    sizes: dict | None = None       # a traced model's sizes (batch, seq, target_seq, image)
+    unpriced_ops: dict | None = None  # aten ops priced by their bytes alone: calls per step
 
     def model_dump_public(self) -> dict:
         """The ``--json`` object: ``schema_version`` first, empty optional keys left out."""
@@ -48,7 +52,8 @@ class TrainEstimate(BaseModel):
         if not d.get("warnings"):
             d.pop("warnings", None)
         for k in ("parallel", "checkpointing", "cost_usd", "loss_chunks",
-                  "optimizer_in_backward", "stack", "intervals"):
+                  "optimizer_in_backward", "stack", "intervals", "sizes", "unpriced_ops",
+                  "tokens_per_s"):
             if d.get(k) is None:
                 d.pop(k, None)
         return d
@@ -77,36 +82,43 @@ class MultiTrainEstimate(BaseModel):
         return d
 
 
-def make_estimate(spec: ModelSpec, device, pspec: PeftSpec, n, *, batch, seq, dtype: str,
-                  mixed_precision: str, attn: str, optimizer: str, checkpointing,
+def make_estimate(spec: ModelSpec | str, device, pspec: PeftSpec | dict, n, *, batch, seq,
+                  dtype: str, mixed_precision: str, attn: str, optimizer: str, checkpointing,
                   flops: dict | None = None, memory_bytes: dict | None = None,
                   time_s: dict | None = None, tokens_per_s=None, fits=None,
                   parallel: dict | None = None, warnings: list[str] = (),
                   loss_chunks: int = 1, optimizer_in_backward: bool = False,
-                  stack=None) -> TrainEstimate:
+                  stack=None, counts_tokens: bool = True) -> TrainEstimate:
     """The one place a :class:`TrainEstimate` is assembled: parameter counts from ``n`` (a
     :class:`~simcost.sim.train.TrainNumbers`), every other number from ``n`` unless given
-    (the multi-device path passes its per-device memory, time and whole-job FLOPs)."""
+    (the multi-device path passes its per-device memory, time and whole-job FLOPs).
+    ``spec`` is the model (or its name), ``pspec`` the method (or its result entry, for a
+    traced adapter config); ``counts_tokens`` False: a model without tokens (``n``'s
+    ``tokens_per_s`` then counts samples, and ``tokens_per_s`` is None)."""
     from simcost.sim.memory import ckpt_mode
     mode = ckpt_mode(checkpointing)
     f = float
     step_s = f((n.time_s if time_s is None else time_s)["step"])
-    tok_s = f(n.tokens_per_s if tokens_per_s is None else tokens_per_s)
+    tok_s = f(n.tokens_per_s if tokens_per_s is None else tokens_per_s) if counts_tokens \
+        else None
+    name = spec if isinstance(spec, str) else spec.name
+    peft_entry = pspec if isinstance(pspec, dict) else peft_dict(pspec)
+    peft_warns = [] if isinstance(pspec, dict) else list(pspec.warnings)
     mem = {k: f(v) for k, v in (n.memory_bytes if memory_bytes is None else memory_bytes).items()}
     return TrainEstimate(
-        model=spec.name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
+        model=name, hardware=device.name, batch=batch, seq=seq, dtype=dtype,
         mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
-        grad_checkpointing=mode != "none", peft=peft_dict(pspec),
+        grad_checkpointing=mode != "none", peft=peft_entry,
         params={"total": n.params_total, "trainable": n.params_trainable,
                 "added": n.params_added, "with_adapters": n.params_total + n.params_added},
         flops={k: f(v) for k, v in (n.flops if flops is None else flops).items()},
         memory_bytes=mem,
         time_s={k: f(v) for k, v in (n.time_s if time_s is None else time_s).items()},
-        tokens_per_s=tok_s,
+        tokens_per_s=tok_s, samples_per_s=batch / step_s if step_s else None,
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
         checkpointing=None if mode == "none" else mode,
         cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
-        warnings=[*warnings, *pspec.warnings, *device_warnings(device)],
+        warnings=[*warnings, *peft_warns, *device_warnings(device)],
         loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
         optimizer_in_backward=True if optimizer_in_backward else None,
         stack=stack.label() if stack is not None else None,

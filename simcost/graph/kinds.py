@@ -41,6 +41,9 @@ CUT_CROSS_ENTROPY = "cut_cross_entropy"          # lm_head + loss, logits only i
 LORA_FUSED = "lora_fused"                        # a LoRA branch added into its base output in
 #                                                  the base dtype, keeping only x (Unsloth)
 
+# a recorded aten call of a traced step (simcost.trace.ir): its cost comes priced with it
+ATEN = "aten"
+
 NORMS = (RMS_NORM, LAYER_NORM, RMS_NORM_FUSED)
 LOSSES = (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, LINEAR_CROSS_ENTROPY,    # the head's loss op
           CUT_CROSS_ENTROPY)

@@ -163,11 +163,17 @@ def check_spec(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def _spec_from_config(cfg: dict, name: str) -> ModelSpec:
+def architecture_of(cfg: dict, name: str = "model") -> str:
+    """The config's architecture class name (its first ``architectures`` entry, or the one of
+    its ``model_type``; '' when neither names one)."""
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise SimcostError(f"config of '{name}': architectures must be a list of names")
-    arch = archs[0] if archs else _MODEL_TYPE_ARCH.get(cfg.get("model_type", ""), "")
+    return archs[0] if archs else _MODEL_TYPE_ARCH.get(cfg.get("model_type", ""), "")
+
+
+def _spec_from_config(cfg: dict, name: str) -> ModelSpec:
+    arch = architecture_of(cfg, name)
     if arch not in ARCHITECTURES:
         raise SimcostError(f"unsupported architecture '{arch or cfg.get('model_type')}' in '{name}'; "
                            f"supported: {', '.join(sorted(ARCHITECTURES))}; the traced front end "

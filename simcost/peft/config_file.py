@@ -220,6 +220,21 @@ def _describe(e: ValidationError, where: str) -> str:
     return f"{where}: {key} {msg}{tail}"
 
 
+def uncovered(cfg) -> str | None:
+    """Why the hand-built graphs cannot express this adapter config (a tuner or an option
+    they do not model; the traced front end runs peft itself), or None when they can."""
+    if not isinstance(cfg, dict):
+        return None
+    ptype = cfg.get("peft_type")
+    name = ptype.upper() if isinstance(ptype, str) else None
+    if name is not None and name not in PEFT_TYPES:
+        return f"peft_type {name}"
+    for key, what in REFUSED.items():
+        if cfg.get(key) not in (None, False, [], {}):
+            return what
+    return None
+
+
 def method_of(cfg: dict, where: str) -> str:
     ptype = cfg.get("peft_type")
     name = ptype.upper() if isinstance(ptype, str) else ("(missing)" if ptype is None else _shown(ptype))

@@ -49,8 +49,9 @@ class PeftSpec:
 MAX_CONFIG_BYTES = 16 * 2 ** 20   # an adapter_config.json is a few kB
 
 
-def from_adapter_config(path: str) -> PeftSpec:
-    """Read what ``PeftConfig.save_pretrained`` writes (the file or its directory)."""
+def read_adapter_config(path: str) -> tuple[object, str]:
+    """(the JSON value, the file's path) of what ``PeftConfig.save_pretrained`` writes (the
+    file or its directory)."""
     try:
         p = Path(path)
         file = p / "adapter_config.json" if p.is_dir() else p
@@ -59,7 +60,13 @@ def from_adapter_config(path: str) -> PeftSpec:
         raise SimcostError(f"--peft-config: not a usable path: {path!r}") from None
     if not ok:
         raise SimcostError(f"no adapter_config.json at '{path}'")
-    return from_peft_dict(read_json(file, "adapter config", MAX_CONFIG_BYTES), str(file))
+    return read_json(file, "adapter config", MAX_CONFIG_BYTES), str(file)
+
+
+def from_adapter_config(path: str) -> PeftSpec:
+    """Read what ``PeftConfig.save_pretrained`` writes (the file or its directory)."""
+    cfg, file = read_adapter_config(path)
+    return from_peft_dict(cfg, file)
 
 
 def from_peft_dict(cfg: dict, where: str = "adapter config") -> PeftSpec:

@@ -23,11 +23,13 @@ MAX_DEVICES = 10 ** 6
 MAX_RANK = 10 ** 6
 MAX_VIRTUAL_TOKENS = 10 ** 6       # prefix / prompt tuning
 MAX_REQUESTS = 10 ** 7             # simulated requests (rate x duration, a trace's rows)
+MAX_IMAGE = 10 ** 5                # pixels per image side
 
 PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 Batch = Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)]
 Seq = Annotated[StrictInt, Field(ge=1, le=MAX_SEQ)]
+ImageSize = Annotated[StrictInt, Field(ge=1, le=MAX_IMAGE)]
 Devices = Annotated[StrictInt, Field(ge=1, le=MAX_DEVICES)]
 Rank = Annotated[StrictInt, Field(ge=1, le=MAX_RANK)]
 FinitePos = Annotated[float, Field(gt=0, allow_inf_nan=False)]

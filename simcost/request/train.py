@@ -17,10 +17,10 @@ from simcost.models.config import ModelSpec, check_spec
 from simcost.peft.spec import PeftSpec
 from simcost.sim.parallel.deepspeed import DeepSpeedZero
 from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES,  # noqa: F401
-                                     MIXED_PRECISIONS, OPTIMIZERS, PEFT_METHODS)
+                                     FRONTENDS, MIXED_PRECISIONS, OPTIMIZERS, PEFT_METHODS)
 from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, MAX_VIRTUAL_TOKENS, Batch,
-                                    Devices, FiniteNonNeg,
-                                    Fraction, NonNegInt, PosInt, Request, Seq)
+                                    Devices, FiniteNonNeg, Fraction, ImageSize, NonNegInt,
+                                    PosInt, Request, Seq)
 
 MAX_JOBS = 10_000
 MAX_SWEEP_POINTS = 10 ** 6
@@ -80,7 +80,13 @@ class TrainRequest(Request):
     model: str | ModelSpec
     hardware: str
     batch: Batch
-    seq: Seq
+    seq: Seq | None = None             # text tokens (required by text models)
+    target_seq: Seq | None = None      # an encoder-decoder's target tokens (default: seq)
+    image_size: ImageSize | None = None  # pixels per side (vision, diffusion; default: config's)
+    # analytic: the hand-built graphs; traced: torch records the step (any model, any tuner);
+    # auto: analytic where it covers the request
+    frontend: Literal[FRONTENDS] = "auto"
+    trace_cache: StrictBool = True     # reuse a traced step recorded before (disk cache)
     peft: str | PeftSpec | None = None
     peft_config: str | None = None
     dtype: Literal[DTYPES] = "bf16"
@@ -238,7 +244,7 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
                          f"SwiGLU")
     if r.micro_batch is not None and r.micro_batch > r.batch:
         raise ValueError(f"--micro-batch {r.micro_batch} is larger than --batch {r.batch}")
-    if r.loss_chunks > r.seq:
+    if r.seq is not None and r.loss_chunks > r.seq:
         raise ValueError(f"--loss-chunks {r.loss_chunks} is more chunks than the {r.seq} "
                          f"tokens of a sequence")
     if r.optimizer == "mezo" and (r.optimizer_in_backward or r.loss_chunks != 1):

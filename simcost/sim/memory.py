@@ -155,14 +155,22 @@ def ckpt_mode(checkpointing) -> str:
     raise SimcostError(f"unknown checkpointing '{checkpointing}'; valid: {', '.join(CHECKPOINTING)}")
 
 
-def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
-                    runtime_overhead: float, foreach: bool = True, loss_chunks: int = 1,
-                    optimizer_in_backward: bool = False, fused_optimizer: bool = False) -> Memory:
-    """``loss_chunks``: 1 = HF's cross-entropy over the whole logits; N > 1 = torchtune's
-    chunked cross-entropy. ``optimizer_in_backward``: per-parameter optimizer steps in the
-    backward (gradients freed as they are applied). See the module docstring."""
-    if int(loss_chunks) != loss_chunks or loss_chunks < 1:
-        raise SimcostError(f"loss_chunks must be an integer >= 1, got {loss_chunks}")
+@dataclass
+class ParamMemory:
+    """What the parameters hold: their bytes, their gradients (fp32 under AMP), the fp32 master
+    copies of 16-bit trainable weights under AMP, the optimizer state, and the optimizer
+    step's temporaries (torch's for-loop AdamW: two tensors the size of the largest gradient;
+    foreach: one list as large as all exp_avg_sq states; a fused kernel: none)."""
+    weights: object
+    grads: object
+    master: object
+    opt: object
+    opt_temp: object
+    trainable: list          # (numel, dtype, count) per trainable tensor
+
+
+def param_memory(g, *, optimizer: str, mixed: str, foreach: bool = True,
+                 fused_optimizer: bool = False) -> ParamMemory:
     weights = 0
     grads = 0
     master = 0
@@ -182,6 +190,21 @@ def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
         opt_temp = opt / 2
     else:
         opt_temp = 2 * max(n * (4 if mixed != "none" else BYTES[dt]) for n, dt, _ in trainable)
+    return ParamMemory(weights, grads, master, opt, opt_temp, trainable)
+
+
+def training_memory(g, analysis, *, optimizer: str, mixed: str, checkpointing,
+                    runtime_overhead: float, foreach: bool = True, loss_chunks: int = 1,
+                    optimizer_in_backward: bool = False, fused_optimizer: bool = False) -> Memory:
+    """``loss_chunks``: 1 = HF's cross-entropy over the whole logits; N > 1 = torchtune's
+    chunked cross-entropy. ``optimizer_in_backward``: per-parameter optimizer steps in the
+    backward (gradients freed as they are applied). See the module docstring."""
+    if int(loss_chunks) != loss_chunks or loss_chunks < 1:
+        raise SimcostError(f"loss_chunks must be an integer >= 1, got {loss_chunks}")
+    pm = param_memory(g, optimizer=optimizer, mixed=mixed, foreach=foreach,
+                      fused_optimizer=fused_optimizer)
+    weights, grads, master, opt, opt_temp = pm.weights, pm.grads, pm.master, pm.opt, pm.opt_temp
+    trainable = pm.trainable
 
     act = analysis.activations_bytes
     mode = ckpt_mode(checkpointing)

@@ -46,7 +46,7 @@ from simcost.sim.timing import recomputed
 PASS_THROUGH = (K.ADD, K.SUB, K.VIEW)
 
 
-def _big(nbytes, threshold: float):
+def big_block(nbytes, threshold: float):
     """``nbytes`` where it reaches the threshold, else 0 (numbers or sweep arrays)."""
     if isinstance(nbytes, np.ndarray):
         return np.where(nbytes >= threshold, nbytes, 0.0)
@@ -56,18 +56,18 @@ def _big(nbytes, threshold: float):
 def forward_blocks(g, r, threshold: float):
     """Bytes of one instance of record ``r``'s forward allocations of at least ``threshold``."""
     c = r.cost
-    total = _big(c.temp_bytes, threshold)
+    total = big_block(c.temp_bytes, threshold)
     for t in r.op.outputs:
         ten = g.tensors[t]
         if ten.storage == t and r.op.kind != K.VIEW:
-            total = total + _big(ten.nbytes, threshold)
+            total = total + big_block(ten.nbytes, threshold)
     for s in c.saved:
         if isinstance(s, tuple):
-            total = total + _big(s[1], threshold)
+            total = total + big_block(s[1], threshold)
     if r.op.kind == K.CROSS_ENTROPY:
         f32, up = _loss_fp32(g, r)
         if up:
-            total = total + _big(f32, threshold)      # logits.float()
+            total = total + big_block(f32, threshold)      # logits.float()
     return total
 
 
@@ -86,13 +86,13 @@ def backward_blocks(g, r, threshold: float, grad_bytes):
     if r.op.kind not in PASS_THROUGH:
         for t, needs in zip(r.op.inputs, r.rg_in):
             if needs:
-                total = total + _big(g.tensors[t].nbytes, threshold)
+                total = total + big_block(g.tensors[t].nbytes, threshold)
     if r.op.kind == K.CROSS_ENTROPY and r.rg_in[0]:
         f32, up = _loss_fp32(g, r)
-        total = total + _big(f32, threshold) * (2 if up else 1)
+        total = total + big_block(f32, threshold) * (2 if up else 1)
     for p in r.op.params:
         if p.trainable:
-            total = total + _big(grad_bytes(p), threshold)
+            total = total + big_block(grad_bytes(p), threshold)
     return total
 
 
@@ -112,13 +112,22 @@ def fresh_block_bytes(g, analysis, threshold: float, *, optimizer: str, impl: st
             if recomputed(r, checkpointing):
                 bwd = bwd + f
         bwd = bwd + backward_blocks(g, r, threshold, grad_bytes) * r.count
+    return {"forward": fwd, "backward": bwd,
+            "optimizer": optimizer_blocks(g, threshold, optimizer=optimizer, impl=impl,
+                                          mixed=mixed)}
+
+
+def optimizer_blocks(g, threshold: float, *, optimizer: str, impl: str, mixed: str):
+    """Bytes of the optimizer step's temporaries of at least ``threshold`` (see the module
+    docstring: torch's AdamW, two per tensor for-loop, one foreach)."""
     per_tensor = {"for-loop": 2, "foreach": 1}.get(impl, 0) if optimizer == "adamw" else 0
     opt = 0.0
     if per_tensor:
         for p, count in g.params():
             if p.trainable:
-                opt = opt + per_tensor * _big(grad_bytes(p), threshold) * count
-    return {"forward": fwd, "backward": bwd, "optimizer": opt}
+                gb = p.numel * (4 if mixed != "none" else BYTES[p.dtype])
+                opt = opt + per_tensor * big_block(gb, threshold) * count
+    return opt
 
 
 def fault_times(g, analysis, policy, *, optimizer: str, impl: str, mixed: str,

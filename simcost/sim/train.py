@@ -43,7 +43,6 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     checkpointing = ckpt_mode(checkpointing)
     if checkpointing == "none":
         checkpointing = False
-    total, added, trainable, n_tensors = param_counts(g)
     a = analysis
     fwd_mm = a.total("fwd_matmul_flops")
     bwd_mm = a.total("bwd_act_matmul_flops") + a.total("bwd_weight_matmul_flops")
@@ -56,21 +55,13 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
             if checkpointing == "full" and r.op.module.startswith(("model.layers", "transformer.h")) \
                     or checkpointing == "selective" and recomputed(r, "selective"):
                 recompute = recompute + r.cost.fwd_flops * r.count
-    opt_flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable
-    compute_dtype = g.dtype
     tm = TimeModel.from_device(device, stack)
-    t_fwd, t_bwd = phase_times(tm, compute_dtype, a, recompute_blocks=checkpointing)
-    elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
-    impl = optimizer_impl(stack, device.kind)
-    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=impl == "foreach",
-                           elem_bytes=elem, fused=impl == "fused")
+    t_fwd, t_bwd = phase_times(tm, g.dtype, a, recompute_blocks=checkpointing)
+    opt_flops, t_opt, impl = optimizer_step(g, tm, device, optimizer=optimizer, mixed=mixed,
+                                            stack=stack)
     policy = resolve(device.params, device.kind, host_allocator)
     faults = fault_times(g, a, policy, optimizer=optimizer, impl=impl, mixed=mixed,
                          checkpointing=checkpointing)
-    if faults is not None:
-        t_fwd, t_bwd, t_opt = (t_fwd + faults["forward"], t_bwd + faults["backward"],
-                               t_opt + faults["optimizer"])
-    step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     mem = training_memory(g, a, optimizer=optimizer, mixed=mixed, checkpointing=checkpointing,
                           runtime_overhead=device.runtime_overhead_bytes,
                           foreach=impl == "foreach", loss_chunks=loss_chunks,
@@ -79,12 +70,36 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
              "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
              "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}
+    return step_numbers(g, device, tm, stack, flops=flops, mem=mem, t_fwd=t_fwd, t_bwd=t_bwd,
+                        t_opt=t_opt, faults=faults, tokens=batch * seq, policy=policy)
+
+
+def optimizer_step(g, tm: TimeModel, device, *, optimizer: str, mixed: str, stack):
+    """(FLOPs, seconds, implementation) of the optimizer step over ``g``'s trainable
+    parameters (the stack picks the implementation: foreach, fused or for-loop)."""
+    _, _, trainable, n_tensors = param_counts(g)
+    opt_flops = {"adamw": 14, "sgd": 2, "adamw8bit": 20}[optimizer] * trainable
+    elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
+    impl = optimizer_impl(stack, device.kind)
+    t_opt = optimizer_time(tm, optimizer, trainable, n_tensors, mixed, foreach=impl == "foreach",
+                           elem_bytes=elem, fused=impl == "fused")
+    return opt_flops, t_opt, impl
+
+
+def step_numbers(g, device, tm: TimeModel, stack, *, flops: dict, mem, t_fwd, t_bwd, t_opt,
+                 faults, tokens, policy) -> TrainNumbers:
+    """The step's :class:`TrainNumbers` from its phases' times, FLOPs and memory (shared by
+    the hand-built and the traced graphs)."""
+    total, added, trainable, _ = param_counts(g)
+    if faults is not None:
+        t_fwd, t_bwd, t_opt = (t_fwd + faults["forward"], t_bwd + faults["backward"],
+                               t_opt + faults["optimizer"])
+    step = t_fwd + t_bwd + t_opt + tm.step_overhead_s
     memory = mem.breakdown(device.memory_bytes, stack, device.kind)
     times = {"step": step, "forward": t_fwd, "backward": t_bwd, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     if faults is not None:
         times["page_faults"] = faults["forward"] + faults["backward"] + faults["optimizer"]
-    tokens = batch * seq
     return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
                         np.asarray(memory["peak"]) <= device.memory_bytes,
                         [policy.note] if policy.note else [])

@@ -77,7 +77,7 @@ def peft_type(peft_config: dict | None) -> str | None:
 
 def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str = "bf16",
                hints: dict, reduce: bool = True, checkpointing: bool = False,
-               autocast: str | None = None) -> Trace:
+               autocast: str | None = None, attn: str = "sdpa") -> Trace:
     """Trace one training step of the task's model with the adapter config applied.
     ``hints``: the sizes the trace follows where model code branches (the request's own).
     ``reduce``: trace one layer of each kind and count the rest
@@ -85,7 +85,8 @@ def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str 
     the repeated stacks runs under ``torch.utils.checkpoint`` (non-reentrant), as
     transformers' ``gradient_checkpointing_enable`` runs its decoder layers. ``autocast``:
     'bf16' or 'fp16' runs the step under ``torch.autocast`` (mixed precision over ``dtype``
-    weights)."""
+    weights). ``attn``: 'sdpa' (the default of the builds) or 'eager' (transformers'
+    ``set_attn_implementation``)."""
     require_torch()
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -96,6 +97,11 @@ def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str 
     if dtype not in TORCH_DTYPE:
         raise SimcostError(f"traced dtype '{dtype}'; valid: {', '.join(TORCH_DTYPE)}")
     model = task.build(dtype, "meta")
+    if attn != "sdpa":
+        if not hasattr(model, "set_attn_implementation"):
+            raise SimcostError(f"--attn {attn}: {task.name} has no attention implementation "
+                               f"to choose")
+        model.set_attn_implementation(attn)
     base_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     if peft_config:
         model = apply_peft(model, peft_config)

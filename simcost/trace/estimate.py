@@ -1,0 +1,153 @@
+"""``estimate train --frontend traced``: a validated :class:`~simcost.request.train.TrainRequest`
+priced through torch's own recording of the step (the recording needs the torch extra; a
+cached one does not).
+
+The request's sizes become the task's (:class:`~simcost.trace.task.TracedTask`: ``--seq``,
+``--target-seq``, ``--image-size``), the method becomes a peft adapter config (``--peft-config``
+as written, or the shorthand flags through :func:`simcost.peft.spec.to_peft_dict`, with the
+task type of the model's head), and the step is recorded once at the request's sizes, then
+priced (:mod:`simcost.trace.numbers`). Options the traced path does not price yet are refused
+with the reason, never ignored.
+"""
+from __future__ import annotations
+
+from simcost.errors import SimcostError
+from simcost.hardware import load_profile
+from simcost.result import TrainEstimate, make_estimate
+from simcost.stack import load_stack
+
+# peft's task_type for each head kind (None: a plain PeftModel, as peft's docs use for ViT)
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq-cls": "SEQ_CLS",
+              "masked-lm": None, "image-cls": None, "custom": None, "noise-pred": None}
+PEFT_SHORTHAND = ("lora", "dora", "ia3", "prefix", "prompt", "ln_tuning")
+
+
+def refuse_unpriced(req) -> None:
+    """Options the traced path does not price: one line each, with what to use instead."""
+    checks = [
+        (req.distributed, "several devices, plans, fp8 and offload are priced for the "
+                          "hand-built decoder graphs only (--frontend analytic)"),
+        (req.optimizer == "mezo", "--optimizer mezo is priced by the analytic path only"),
+        (req.checkpointing == "selective", "--checkpointing selective needs the attention "
+                                           "core's structure: traced steps take none or full"),
+        (req.loss_chunks != 1, "--loss-chunks (torchtune's chunked loss) is priced by the "
+                               "analytic path only"),
+        (req.optimizer_in_backward, "--optimizer-in-backward is priced by the analytic path "
+                                    "only"),
+        (req.max_positions is not None, "--max-positions applies to the analytic path"),
+    ]
+    for bad, why in checks:
+        if bad:
+            raise SimcostError(f"traced front end: {why}")
+
+
+def adapter_config(req, kind: str) -> tuple[dict | None, dict, list[str]]:
+    """(peft config dict or None, the result's ``peft`` entry, warnings)."""
+    from simcost.request.train import request_peft
+    if req.peft_config is not None:
+        from simcost.peft.spec import read_adapter_config
+        cfg, file = read_adapter_config(req.peft_config)
+        if not isinstance(cfg, dict):
+            raise SimcostError(f"{file} is not a JSON object")
+        ptype = cfg.get("peft_type")
+        if not isinstance(ptype, str):
+            raise SimcostError(f"{file}: peft_type is missing")
+        return cfg, {"method": ptype.lower(), "peft_type": ptype.upper(), "config": file}, []
+    method = req.method
+    if method == "full":
+        return None, {"method": "full"}, []
+    if method not in PEFT_SHORTHAND:
+        raise SimcostError(f"traced front end: --peft {method} is not a peft tuner; give its "
+                           f"adapter_config.json (--peft-config) or use --frontend analytic")
+    from simcost.peft.spec import to_peft_dict
+    from simcost.result import peft_dict
+    spec = request_peft(req)
+    d = to_peft_dict(spec, None)
+    d = {k: v for k, v in d.items() if v is not None}
+    task_type = TASK_TYPES.get(kind)
+    if task_type:
+        d["task_type"] = task_type
+    else:
+        d.pop("task_type", None)
+    return d, peft_dict(spec), list(spec.warnings)
+
+
+def compiled_step(task, peft_cfg, *, dtype: str, autocast: str | None, attn: str,
+                  checkpointing: bool, sizes: dict, use_cache: bool = True):
+    """The task's :class:`CompiledTrace` at ``sizes``, from the cache or traced now."""
+    from simcost.trace import cache
+    static = {d: sizes[d] for d in task.dims if d in task.static or sizes[d] == 1}
+    key = cache.trace_key(task.key, peft_cfg, dtype=dtype, autocast=autocast, attn=attn,
+                          checkpointing=checkpointing, static=static)
+    ct = cache.get(key) if use_cache else None
+    if ct is not None:
+        try:
+            ct.check(sizes)
+            return ct
+        except SimcostError:
+            pass              # its guards do not hold here: record it again at these sizes
+    from simcost.trace.build import trace_task
+    from simcost.trace.compiled import compile_trace
+    tr = trace_task(task, peft_cfg, dtype=dtype, hints=sizes, checkpointing=checkpointing,
+                    autocast=autocast, attn=attn)
+    ct = compile_trace(tr)
+    if use_cache:
+        cache.put(key, ct)
+    return ct
+
+
+def estimate_traced(req, why: str | None = None) -> TrainEstimate:
+    from simcost.trace.build import task_for
+    from simcost.trace.numbers import traced_numbers
+    refuse_unpriced(req)
+    task = task_for(req.model)
+    sizes = task.sizes({"batch": req.batch, "seq": req.seq, "target_seq": req.target_seq,
+                        "image": req.image_size})
+    warns = list(req.notes)
+    if why:
+        warns.append(f"priced by the traced front end ({why} is beyond the hand-built graphs)")
+    if task.learned_positions and task.max_positions and "seq" in sizes \
+            and sizes["seq"] > task.max_positions:
+        raise SimcostError(f"sequence length {sizes['seq']} exceeds {task.name}'s "
+                           f"{task.max_positions} learned positions")
+    device = load_profile(req.hardware).device()
+    if req.attn == "flash" and device.kind == "cpu":
+        raise SimcostError("--attn flash needs an accelerator; on a CPU torch runs sdpa or "
+                           "eager attention")
+    stack = load_stack(req.stack)
+    if stack.fusions:
+        warns.append(f"stack '{stack.name}': its fusions ({', '.join(stack.fusions)}) are not "
+                     f"applied to traced graphs (priced as the eager kernels torch recorded)")
+    peft_cfg, peft_entry, pwarn = adapter_config(req, task.kind)
+    compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
+    if req.dtype == "fp8":
+        raise SimcostError("traced front end: --dtype fp8 is priced by the analytic path only")
+    ct = compiled_step(task, peft_cfg, dtype=req.dtype,
+                       autocast=None if req.mixed_precision == "none" else req.mixed_precision,
+                       attn="eager" if req.attn == "eager" else "sdpa",
+                       checkpointing=req.checkpointing == "full", sizes=sizes,
+                       use_cache=req.trace_cache)
+    tn = traced_numbers(ct, sizes, device, optimizer=req.optimizer, mixed=req.mixed_precision,
+                        stack=stack, host_allocator=req.host_allocator, dtype=compute,
+                        tokens=tokens_per_step(task, sizes))
+    n = tn.numbers
+    if tn.unpriced:
+        warns.append("priced by their bytes alone (no formula): " +
+                     ", ".join(f"{k} x{v}" for k, v in sorted(tn.unpriced.items())))
+    text = "seq" in sizes and task.kind not in ("image-cls", "noise-pred")
+    est = make_estimate(task.name, device, peft_entry, n, batch=req.batch, seq=sizes.get("seq"),
+                        dtype=req.dtype, mixed_precision=req.mixed_precision, attn=req.attn,
+                        optimizer=req.optimizer, checkpointing=req.grad_checkpointing,
+                        warnings=[*warns, *pwarn, *n.warnings], stack=stack,
+                        counts_tokens=text)
+    return est.model_copy(update={"frontend": "traced", "sizes": dict(sizes),
+                                  "unpriced_ops": dict(tn.unpriced) or None})
+
+
+def tokens_per_step(task, sizes: dict):
+    """What a step trains on: batch x seq tokens (an encoder-decoder adds its target tokens);
+    image and diffusion models count samples (the batch)."""
+    b = sizes["batch"]
+    if "seq" not in sizes or task.kind in ("image-cls", "noise-pred"):
+        return b
+    return b * (sizes["seq"] + sizes.get("target_seq", 0))

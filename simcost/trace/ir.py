@@ -1,0 +1,96 @@
+"""A priced traced step as simcost's IR: a :class:`~simcost.graph.ir.ModelGraph` whose ops are
+the recorded aten calls and an :class:`~simcost.sim.analysis.Analysis` of their costs, so the
+time model (:func:`simcost.sim.timing.phase_times`), the optimizer and parameter memory, the
+stacks' host and allocator terms and the reports work on it unchanged (no torch here).
+
+- Segments: one per kept layer (``count`` = the layers it stands for; its forward, backward
+  and recomputed calls together, as a decoder block is one segment of the hand-built graph),
+  one per run of calls outside the layers (embedding, head, the loss's backward), and one
+  holder segment per distinct layer count carrying the parameters (``held_params``), so
+  ``g.params()`` yields each parameter with the number of layers it stands for.
+- Ops: kind ``aten`` with the call's cost; an SDPA call is kind ``sdpa`` (``causal`` from its
+  ``is_causal``), which is what a GPU profile prices at its fused-attention efficiency
+  (FlashAttention runs there where the CPU trace ran torch's flash kernel for the CPU).
+- A call's forward work goes into the op's forward fields; backward and recomputed forward
+  work into its backward fields (weight-gradient work where :mod:`simcost.trace.price` says
+  so), since both run in the backward phase.
+"""
+from __future__ import annotations
+
+from simcost.costs.registry import OpCost
+from simcost.graph import kinds as K
+from simcost.graph.ir import ModelGraph, Op, Param, Segment
+from simcost.sim.analysis import Analysis, OpRecord
+
+_SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+         "_scaled_dot_product_cudnn_attention")
+
+
+def _is_sdpa(name: str) -> bool:
+    return any(name.startswith("aten." + s) for s in _SDPA)
+
+
+def _causal(call) -> bool:
+    """``is_causal`` of an SDPA call (forward: 5th argument; backward: 8th)."""
+    if "is_causal" in call.kwargs:
+        return bool(call.kwargs["is_causal"])
+    i = 7 if call.name.endswith("backward.default") else 4
+    return bool(call.args[i]) if len(call.args) > i else False
+
+
+def op_cost(pc) -> OpCost:
+    """The :class:`OpCost` of one priced call (forward fields, or backward ones)."""
+    c = pc.cost
+    if pc.call.phase == "fwd":
+        return OpCost(fwd_flops=c.flops, fwd_matmul_flops=c.matmul_flops, fwd_bytes=c.bytes,
+                      fwd_kernels=c.kernels, gemms_fwd=list(c.gemms), special_fwd=dict(c.special))
+    cost = OpCost(fwd_kernels=0, bwd_bytes=c.bytes, bwd_kernels=c.kernels,
+                  gemms_bwd=list(c.gemms), special_bwd=dict(c.special))
+    if pc.weight_grad:
+        cost.bwd_weight_flops, cost.bwd_weight_matmul_flops = c.flops, c.matmul_flops
+    else:
+        cost.bwd_act_flops, cost.bwd_act_matmul_flops = c.flops, c.matmul_flops
+    return cost
+
+
+def build_ir(ct, priced: list, *, batch, seq, dtype: str,
+             saved=0) -> tuple[ModelGraph, Analysis]:
+    """``priced``: :func:`simcost.trace.price.evaluate`'s calls of ``ct`` (a CompiledTrace);
+    ``saved``: the bytes autograd keeps for backward (the analysis's activations)."""
+    g = ModelGraph(batch, seq, dtype)
+    seg_of: dict = {}
+    segments: list[Segment] = []
+    records: list[OpRecord] = []
+    run = 0
+    prev = None
+    for i, pc in enumerate(priced):
+        c = pc.call
+        if c.layer is None and (prev is None or prev[1] is not None or prev[0] != c.phase):
+            run += 1
+        prev = (c.phase, c.layer)
+        key = ("layer", c.layer) if c.layer is not None else ("run", run)
+        si = seg_of.get(key)
+        if si is None:
+            si = seg_of[key] = len(segments)
+            segments.append(Segment(f"layer{len(seg_of)}" if c.layer is not None else
+                                    f"outside{run}", [], pc.count,
+                                    first_layer=len(seg_of) if c.layer is not None else None))
+        sdpa = _is_sdpa(c.name)
+        op = Op(f"{c.name}#{i}", K.SDPA if sdpa else K.ATEN, (), (),
+                attrs={"causal": _causal(c)} if sdpa else {})
+        segments[si].ops.append(op)
+        records.append(OpRecord(si, op, pc.count, (), True, op_cost(pc)))
+    for count, params in _params_by_count(ct.params).items():
+        holder = Op(f"params[x{count}]", K.ATEN, (), (), attrs={"held_params": tuple(params)})
+        segments.append(Segment(f"params_x{count}", [holder], count))
+    g.segments = segments
+    g.meta["traced"] = True
+    return g, Analysis(records, [0] * len(segments), 0, saved, 0)
+
+
+def _params_by_count(table) -> dict:
+    out: dict[int, list] = {}
+    for name, shape, dtype, trainable, added, count in table:
+        out.setdefault(count, []).append(
+            Param(name, tuple(shape), dtype, trainable, "adapter" if added else "weight"))
+    return out
