@@ -11,8 +11,8 @@ import sys
 
 from simcost.errors import SimcostError
 
-from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES, MIXED_PRECISIONS,
-                                     OPTIMIZERS, PEFT_METHODS as PEFT_CHOICES)
+from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES, FRONTENDS,
+                                     MIXED_PRECISIONS, OPTIMIZERS, PEFT_METHODS as PEFT_CHOICES)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -71,12 +71,29 @@ def _add_train(est_sub) -> None:
     t = est_sub.add_parser("train", help="one training step: FLOPs, memory, time, fits",
                            description="Estimate one training step (forward with loss, backward, "
                                        "optimizer step) of MODEL on HARDWARE.")
-    t.add_argument("--model", required=True, help="zoo name, config.json path or its directory")
+    t.add_argument("--model", required=True,
+                   help="zoo name (simcost models), a config.json (any architecture "
+                        "transformers or diffusers builds) or its directory, or "
+                        "path/to/file.py:factory (your own torch module; see README)")
     t.add_argument("--hardware", required=True, help="profile name or profile JSON path")
     t.add_argument("--batch", type=_positive_int, required=True,
-                   help="sequences per optimizer step (the global batch with --devices)")
-    t.add_argument("--seq", type=_positive_int, required=True,
-                   help="tokens per sequence (virtual tokens of prompt tuning come on top)")
+                   help="samples per optimizer step (the global batch with --devices)")
+    t.add_argument("--seq", type=_positive_int, default=None,
+                   help="tokens per sequence, required by text models (virtual tokens of "
+                        "prompt tuning come on top; a diffusion UNet's text tokens)")
+    t.add_argument("--target-seq", type=_positive_int, default=None,
+                   help="encoder-decoder models (T5, BART, Whisper): target tokens "
+                        "(default: --seq)")
+    t.add_argument("--image-size", type=_positive_int, default=None,
+                   help="vision and diffusion models: pixels per image side (default: the "
+                        "config's)")
+    t.add_argument("--frontend", default="auto", choices=FRONTENDS,
+                   help="analytic: the hand-built decoder graphs (no torch); traced: torch "
+                        "records the step (any model, every peft tuner; needs the torch "
+                        "extra); auto: analytic where it covers the request")
+    t.add_argument("--no-trace-cache", action="store_true",
+                   help="traced front end: record the step again instead of reusing a cached "
+                        "recording")
     t.add_argument("--peft", default=None, choices=PEFT_CHOICES, metavar="NAME",
                    help=f"PEFT method ({', '.join(PEFT_CHOICES)}); default full")
     t.add_argument("--peft-config", default=None, metavar="PATH",
@@ -294,7 +311,9 @@ def _train_request(a, cls=None, **extra):
         fp8_attention=a.fp8_attention, fp8_params=a.fp8_params,
         fp8_activation=a.fp8_activation, max_positions=a.max_positions,
         loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
-        stack=a.stack, host_allocator=a.host_allocator, shorthand=short, **extra)
+        stack=a.stack, host_allocator=a.host_allocator, shorthand=short,
+        target_seq=a.target_seq, image_size=a.image_size, frontend=a.frontend,
+        trace_cache=not a.no_trace_cache, **extra)
 
 
 def _estimate_train(a) -> int:

@@ -28,7 +28,9 @@ def _time(s: float) -> str:
 def print_train(r) -> None:
     c = _console()
     p = r.peft
-    title = (f"{r.model} on {r.hardware}: batch {r.batch} x seq {r.seq}, {p['method']}"
+    sizes = r.sizes or {"batch": r.batch, "seq": r.seq}
+    shape = " x ".join(f"{_SIZE.get(k, k)} {v}" for k, v in sizes.items())
+    title = (f"{r.model} on {r.hardware}: {shape}, {p['method']}"
              + (f" r={p['r']}" if "r" in p else "") + f", {r.dtype}"
              + (f" + {r.mixed_precision} mixed" if r.mixed_precision != "none" else "")
              + f", attn {r.attn}, {r.optimizer}" + (
@@ -59,13 +61,19 @@ def print_train(r) -> None:
               f"{_time(ts['forward'])} / {_time(ts['backward'])} / {_time(ts['optimizer'])}")
     t.add_row("[bold]step time[/bold]",
               f"[bold]{_time(ts['step'])}[/bold]{_range(iv.get('step_s'), _time)}")
-    t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    if r.tokens_per_s is not None:
+        t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    else:
+        t.add_row("samples/s", f"{r.samples_per_s:,.2f}")
     if r.cost_usd:
         c_ = r.cost_usd
         per_m = c_["per_million_tokens"]
         t.add_row("cost", f"${c_['per_hour']:.2f}/h ({c_['devices']} x ${c_['price_per_device_hour']:.2f}), "
                   + (f"${per_m:.3f} per 1M tokens" if per_m else ""))
     c.print(t)
+    if r.frontend:
+        c.print(f"front end: {r.frontend}" + (" (the step as torch recorded it)"
+                                             if r.frontend == "traced" else ""), style="dim")
     st = r.stack
     if st:
         via = f" (via {st['via']})" if st.get("via") else ""
@@ -79,6 +87,9 @@ def print_train(r) -> None:
     if any("p10" in v for v in iv.values()):
         c.print("p10-p90 in brackets: the range of the measured value, from the stack's "
                 "out-of-fit validation errors on this hardware class", style="dim")
+
+
+_SIZE = {"target_seq": "target", "image": "image"}
 
 
 def _gib(x: float) -> str:

@@ -86,7 +86,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"],
                                                       "model_type": "bert"}))
     rc, out, err = run(["estimate", "train", "--model", str(tmp_path), "--hardware", "l40s",
-                        "--batch", "1", "--seq", "8"], capsys)
+                        "--batch", "1", "--seq", "8", "--frontend", "analytic"], capsys)
     assert rc == 2 and "unsupported architecture 'BertForMaskedLM'" in err
     assert "LlamaForCausalLM" in err and err.count("\n") == 1
 

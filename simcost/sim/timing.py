@@ -277,12 +277,12 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
         c = r.cost
         att = attention_kind(r)
         df = hf = db = hb = 0.0
-        if np.any(c.fwd_kernels):      # (a fused loss's kernel count may vary over a sweep)
+        if _nonzero(c.fwd_kernels):     # (a fused loss's kernel count may vary over a sweep)
             df = tm.device_time(dtype, c.gemms_fwd, c.fwd_matmul_flops,
                                 c.fwd_flops - c.fwd_matmul_flops, c.fwd_bytes, c.special_fwd,
                                 attention=att and ("fwd", att[1]))
             hf = tm.host_time(c.fwd_kernels)
-        if np.any(c.bwd_kernels):
+        if _nonzero(c.bwd_kernels):
             mm = c.bwd_act_matmul_flops + c.bwd_weight_matmul_flops
             other = c.bwd_act_flops + c.bwd_weight_flops - mm
             db = tm.device_time(dtype, c.gemms_bwd, mm, other, c.bwd_bytes, c.special_bwd,
@@ -303,6 +303,10 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
                 per_op.append((r, _share(tm, tf, df, hf, sdf, shf),
                                _share(tm, tb, db, hb, sdb, shb)))
     return fwd, bwd
+
+
+def _nonzero(x) -> bool:
+    return bool(x.any()) if isinstance(x, np.ndarray) else bool(x)
 
 
 def _share(tm: TimeModel, total, dev, host, dev_sum, host_sum):

@@ -315,7 +315,7 @@ def reduction(args, kwargs, outs):
     return AtenCost(flops=x.numel, bytes=io_bytes(args, kwargs, outs))
 
 
-@register("aten._softmax.default", "aten._log_softmax.default")
+@register("aten._softmax.default", "aten._log_softmax.default", "aten._safe_softmax.default")
 def softmax(args, kwargs, outs):
     n = args[0].numel
     return AtenCost(flops=5 * n, bytes=args[0].nbytes + outs[0].nbytes, special={"exp": n})

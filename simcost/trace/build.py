@@ -88,6 +88,16 @@ def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str 
     weights). ``attn``: 'sdpa' (the default of the builds) or 'eager' (transformers'
     ``set_attn_implementation``)."""
     require_torch()
+    import warnings
+    with warnings.catch_warnings():
+        # the libraries' deprecation and advice warnings are about their own use, not the
+        # estimate; what changes a recording (peft's refusals) raises
+        warnings.simplefilter("ignore")
+        return _trace_task(task, peft_config, dtype=dtype, hints=hints, reduce=reduce,
+                           checkpointing=checkpointing, autocast=autocast, attn=attn)
+
+
+def _trace_task(task, peft_config, *, dtype, hints, reduce, checkpointing, autocast, attn):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     missing = [d for d in task.dims if d not in hints]

@@ -37,6 +37,7 @@ class CCall:
     outs: tuple
     tags: frozenset
     layer: object            # the kept layer (an int) or None
+    weight_grad: bool = False  # backward work making a parameter-shaped gradient
 
 
 @dataclass
@@ -131,8 +132,9 @@ def compile_trace(trace) -> CompiledTrace:
         if c.is_view:
             continue
         remap[i] = len(calls)
-        calls.append(CCall(c.name, c.phase, conv(c.args), {k: conv(v) for k, v in c.kwargs.items()},
-                           conv(c.outs), c.tags, c.layer))
+        args, outs = conv(c.args), conv(c.outs)
+        calls.append(CCall(c.name, c.phase, args, {k: conv(v) for k, v in c.kwargs.items()},
+                           outs, c.tags, c.layer, c.phase == "bwd" and _is_weight_grad(args, outs)))
     saved = [(ref(nb), trace.weight(trace.saved_layer.get(sid))) for sid, nb in trace.saved.items()]
     storage = [ref(b) for b in trace.storage_bytes]
     guards = [(str(g.xreplace(subs)), ref(g).i) for g in trace.guards]
@@ -142,6 +144,25 @@ def compile_trace(trace) -> CompiledTrace:
                          {sid: _after(remap, i) for sid, i in trace.births.items()},
                          dict(trace.counts), list(trace.params), trace.params_total,
                          trace.params_trainable, sum(1 for i in remap if i < trace.fwd_calls))
+
+
+def _is_weight_grad(args, outs) -> bool:
+    """Its outputs are all free of the symbolic sizes while an input carries them: a
+    reduction over the tokens into a parameter-shaped gradient (``dW = dYᵀ·X``, an
+    embedding's dense gradient)."""
+    def symbolic(m):
+        return any(isinstance(s, Ref) for s in m.shape)
+
+    ins = [a for a in _flat(args) if isinstance(a, Meta)]
+    return bool(outs) and not any(symbolic(o) for o in outs) and any(symbolic(a) for a in ins)
+
+
+def _flat(x):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _flat(v)
+    else:
+        yield x
 
 
 def _after(remap: dict, i: int) -> int:

@@ -5,8 +5,8 @@ expressions and the per-aten formulas (:mod:`simcost.trace.aten_costs`) only, wi
 re-trace.
 
 A backward call is *weight-gradient* work when its outputs are all free of the symbolic sizes
-while some input carries them (a reduction over tokens into a parameter-shaped gradient:
-``dW = dYᵀ·X``, an embedding's dense gradient); the rest is activation-gradient work. A
+while some input carries them (:func:`simcost.trace.compiled._is_weight_grad`); the rest is
+activation-gradient work. A
 forward re-run in backward (``rec``: a checkpointed layer) is *recompute* work. Calls
 without a formula are priced memory-bound by their bytes and listed in ``unpriced``.
 """
@@ -71,7 +71,7 @@ def evaluate(ct: CompiledTrace, dims: dict):
         cost, covered = aten_cost(c.name, ev(c.args), {k: ev(v) for k, v in c.kwargs.items()},
                                   ev(c.outs), c.tags)
         out.append(PricedCall(c, cost, ct.counts.get(c.layer, 1) if c.layer is not None else 1,
-                              c.phase == "bwd" and _is_weight_grad(c), covered))
+                              c.weight_grad, covered))
     return out, vals
 
 
@@ -123,21 +123,3 @@ class Pricer:
 
     def price(self, **dims) -> StepPrice:
         return price(self.compiled, **dims)
-
-
-def _symbolic(meta: Meta) -> bool:
-    return any(isinstance(s, Ref) for s in meta.shape)
-
-
-def _is_weight_grad(call) -> bool:
-    ins = [a for a in _flat(call.args) if isinstance(a, Meta)]
-    return bool(call.outs) and not any(_symbolic(o) for o in call.outs) \
-        and any(_symbolic(a) for a in ins)
-
-
-def _flat(x):
-    if isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _flat(v)
-    else:
-        yield x

@@ -386,6 +386,20 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
         tagger = LayerTagger(counts, model)
     rec = _Recorder(pstor, fake_mode, tagger)
     amp = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else nullcontext()
+    # the collections below need only see what the step makes: everything alive before it
+    # (torch, transformers, the model) is moved out of the collector's generations
+    gc.collect()
+    gc.freeze()
+    try:
+        return _record(model, make_inputs, sizes, symbols, shape_env, fake_mode, rec, tagger,
+                       amp, loss, counts, params, base_names)
+    finally:
+        gc.unfreeze()
+
+
+def _record(model, make_inputs, sizes, symbols, shape_env, fake_mode, rec, tagger, amp, loss,
+            counts, params, base_names) -> Trace:
+    import torch
     with fake_mode, fake_tensors_are_not_tracing():
         inputs = make_inputs(sizes)
         with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, Packed.unpack):
@@ -399,7 +413,6 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
             rec.phase = "bwd"
             value.backward()
             del value
-            gc.collect()
         rec.closed = True
     if tagger is not None:
         tagger.remove()
