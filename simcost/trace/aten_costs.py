@@ -333,6 +333,12 @@ def log_softmax_backward(args, kwargs, outs):
     return AtenCost(flops=4 * n, bytes=io_bytes(args, kwargs, outs), special={"exp": n})
 
 
+@register("aten._local_scalar_dense.default")
+def scalar_read(args, kwargs, outs):
+    """``.item()``: one element copied to the host (on an accelerator, a synchronisation)."""
+    return AtenCost(bytes=sum((t.nbytes for t in _tensors(args)), 0))
+
+
 @register("aten._unsafe_view.default", "aten.alias.default", "aten.lift_fresh.default")
 def no_kernel(args, kwargs, outs):
     """Metadata only (a view torch does not tag as one)."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 from simcost.errors import SimcostError
 from simcost.trace.layers import reduce_depth
 from simcost.trace.record import Trace, count_params, fakeify, trace_step
-from simcost.trace.task import TracedTask, require_torch
-
-TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from simcost.trace.task import TORCH_DTYPE, TracedTask, require_torch
 
 
 def task_for(model, name: str | None = None) -> TracedTask:

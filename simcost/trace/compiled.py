@@ -8,7 +8,7 @@ In the compiled calls an expression is a :class:`Ref` to its place in that funct
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +56,8 @@ class CompiledTrace:
     params_total: int
     params_trainable: int
     fwd_calls: int           # calls[0:fwd_calls] are the forward
+    layer_outputs: frozenset = frozenset()   # hidden states a kept layer returned
+    layer_inputs: dict = field(default_factory=dict)  # hidden state -> kept layers it entered
     _fn: object = None
 
     def __getstate__(self):
@@ -143,7 +145,8 @@ def compile_trace(trace) -> CompiledTrace:
                          [(s, sid, _after(remap, i)) for s, sid, i in trace.events],
                          {sid: _after(remap, i) for sid, i in trace.births.items()},
                          dict(trace.counts), list(trace.params), trace.params_total,
-                         trace.params_trainable, sum(1 for i in remap if i < trace.fwd_calls))
+                         trace.params_trainable, sum(1 for i in remap if i < trace.fwd_calls),
+                         frozenset(trace.layer_outputs), dict(trace.layer_inputs))
 
 
 def _is_weight_grad(args, outs) -> bool:

@@ -123,7 +123,7 @@ def factory_task(spec: str) -> TracedTask:
 
     def build(dtype, device):
         import torch
-        from simcost.trace.build import TORCH_DTYPE
+        from simcost.trace.task import TORCH_DTYPE
         out = call_factory(fn, spec, device)
         return out["module"].to(getattr(torch, TORCH_DTYPE[dtype]))
 

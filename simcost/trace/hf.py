@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 
 from simcost.errors import SimcostError
-from simcost.trace.task import TEXT_DIMS, TracedTask
+from simcost.trace.task import TEXT_DIMS, TORCH_DTYPE, TracedTask
 
 # class-name suffix -> task kind
 TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForMaskedLM": "masked-lm",
          "ForSequenceClassification": "seq-cls", "ForConditionalGeneration": "seq2seq",
          "ForImageClassification": "image-cls"}
 DIMS = {"seq2seq": ("batch", "seq", "target_seq"), "image-cls": ("batch", "image")}
-TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 

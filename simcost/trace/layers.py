@@ -99,6 +99,8 @@ class LayerTagger:
     def __init__(self, counts: dict, model):
         self.counts = counts
         self.current = None
+        self.on_enter = None         # called with a kept layer's inputs when it starts
+        self.on_leave = None         # called with a kept layer's outputs when it returns
         self.pending: list = []      # weakrefs to tensors made outside the layers since the last
         self._handles = []
         for mod in model.modules():
@@ -117,10 +119,14 @@ class LayerTagger:
         self.pending.clear()
         _tag_graph(((args, kwargs), [t for t in alive if t is not None]), None)
         self.current = id(mod)
+        if self.on_enter is not None:
+            self.on_enter(id(mod), args, kwargs)
 
     def _leave(self, mod, args, kwargs, out):
         _tag_graph(out, id(mod))
         self.current = None
+        if self.on_leave is not None:
+            self.on_leave(id(mod), out)
 
     def remove(self):
         for h in self._handles:

@@ -39,7 +39,8 @@ class TracedNumbers:
 def timeline_of(ct):
     tl = getattr(ct, "_timeline", None)
     if tl is None:
-        tl = build_timeline(ct.calls, ct.events, ct.births, ct.counts)
+        tl = build_timeline(ct.calls, ct.events, ct.births, ct.counts, ct.layer_outputs,
+                            ct.layer_inputs)
         ct._timeline = tl
     return tl
 

@@ -70,6 +70,8 @@ class Trace:
     events: list = field(default_factory=list)     # (+1 | -1, storage id, call index)
     births: dict = field(default_factory=dict)     # storage id -> the call that made it
     fwd_calls: int = 0                             # calls [0, fwd_calls) are the forward
+    layer_outputs: frozenset = frozenset()         # hidden states a kept layer returned
+    layer_inputs: dict = field(default_factory=dict)  # hidden state -> kept layers it entered
 
     def weight(self, layer) -> int:
         """How many times the work of ``layer`` (a kept layer, or None) happens in a step."""
@@ -227,6 +229,12 @@ def make_symbols(shape_env, hints: dict, static: tuple = ()) -> dict:
     return out
 
 
+# ops whose schema says they return a new tensor while eager torch returns one on the input's
+# storage (so a fake tensor gets a storage of its own): the recorder keeps them on the input's
+EAGER_ALIASES = frozenset({"aten._unsafe_view.default", "aten.alias.default",
+                           "aten.lift_fresh.default"})
+
+
 class _Recorder:
     """The dispatch mode and the saved-tensor hooks of one recording, and its storages: an
     id for each (a storage torch frees gets no id again, so ids stay unique), its bytes, the
@@ -245,6 +253,9 @@ class _Recorder:
         self.made_in: dict = {}          # storage id -> the kept layer whose forward made it
         self.births: dict = {}           # storage id -> index of the call that made it
         self.events: list = []           # (+1 | -1, storage id, call index), in order
+        self.refs: dict = {}             # storage id -> fake storages standing for it
+        self.layer_outputs: set = set()  # hidden states a kept layer returned
+        self.layer_inputs: dict = {}     # hidden state -> the kept layers it entered
         self.closed = False
 
     def mode(self):
@@ -277,15 +288,23 @@ class _Recorder:
         return self.fake_mode.fake_tensor_converter.from_real_tensor(
             self.fake_mode, real, make_constant=True)
 
-    def storage(self, st, layer=None, born: bool = False) -> int:
-        """The id of storage ``st``; a new one is a birth when an aten call ``born`` it."""
+    def storage(self, st, layer=None, born: bool = False, alias_of: int | None = None) -> int:
+        """The id of storage ``st``; a new one is a birth when an aten call ``born`` it.
+        ``alias_of``: ``st`` is the same storage as that id in eager torch (see
+        :data:`EAGER_ALIASES`), so it gets that id and keeps it alive."""
         import torch
         cd = st._cdata
         sid = self.live.get(cd)
         if sid is not None:
             return sid
+        if alias_of is not None:
+            self.live[cd] = alias_of
+            self.refs[alias_of] = self.refs.get(alias_of, 0) + 1
+            weakref.finalize(st, self._dead, cd, alias_of, alias_of in self.births)
+            return alias_of
         sid = len(self.sizes)
         self.live[cd] = sid
+        self.refs[sid] = 1
         nb = st.nbytes()
         self.sizes.append(_expr(nb) if isinstance(nb, torch.SymInt) else int(nb))
         if born:
@@ -299,7 +318,8 @@ class _Recorder:
     def _dead(self, cd, sid, born) -> None:
         if self.live.get(cd) == sid:
             del self.live[cd]
-        if born and not self.closed:
+        self.refs[sid] -= 1
+        if born and not self.closed and self.refs[sid] == 0:
             self.events.append((-1, sid, len(self.calls) - 1))
 
     def record(self, func, args, kwargs, out) -> None:
@@ -319,14 +339,45 @@ class _Recorder:
             layer = self.tagger.current if phase == "fwd" else node_tag()
             if phase == "fwd" and layer is None:
                 self.tagger.outside(tensors)
+        alias = None
+        if name in EAGER_ALIASES and args and isinstance(args[0], torch.Tensor):
+            src = args[0].untyped_storage()
+            if src._cdata not in self.param_storages:
+                alias = self.storage(src)
+        # a view or an in-place result is on an input's storage: no allocation (an input the
+        # step did not make, such as the batch's token ids, is no birth either)
+        ins = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+               if isinstance(t, torch.Tensor)}
         for t in tensors:
             st = t.untyped_storage()
             if st._cdata not in self.param_storages:
-                self.storage(st, layer, born=True)
+                self.storage(st, layer, born=not func.is_view and st._cdata not in ins,
+                             alias_of=alias)
         self.calls.append(Call(name, phase, _meta_tree(tuple(args)),
                                {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
                                frozenset(str(t).removeprefix("Tag.") for t in func.tags),
                                bool(getattr(func, "is_view", False)), layer))
+
+    def _hidden(self, tree):
+        """The storage id of the first tensor in ``tree`` (a layer's hidden state), or None."""
+        import torch
+        from torch.utils._pytree import tree_leaves
+        t = next((t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)), None)
+        if t is None or t.untyped_storage()._cdata in self.param_storages:
+            return None
+        return self.storage(t.untyped_storage())
+
+    def layer_entered(self, layer, args, kwargs) -> None:
+        """A kept layer's hidden-state input (its first tensor argument)."""
+        sid = self._hidden((args, kwargs))
+        if sid is not None:
+            self.layer_inputs.setdefault(sid, set()).add(layer)
+
+    def layer_returned(self, layer, out) -> None:
+        """A kept layer's hidden-state output (its first tensor result)."""
+        sid = self._hidden(out)
+        if sid is not None:
+            self.layer_outputs.add(sid)
 
     def pack(self, t):
         st = t.untyped_storage()
@@ -385,6 +436,8 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
         from simcost.trace.layers import LayerTagger
         tagger = LayerTagger(counts, model)
     rec = _Recorder(pstor, fake_mode, tagger)
+    if tagger is not None:
+        tagger.on_enter, tagger.on_leave = rec.layer_entered, rec.layer_returned
     amp = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else nullcontext()
     # the collections below need only see what the step makes: everything alive before it
     # (torch, transformers, the model) is moved out of the collector's generations
@@ -428,7 +481,8 @@ def _record(model, make_inputs, sizes, symbols, shape_env, fake_mode, rec, tagge
     return Trace(rec.calls, {sid: sizes_b[sid] for sid in saved}, int(total), int(trainable),
                  symbols, guards, spec, dict(counts or {}), saved,
                  param_table(model, counts or {}, base_names), sizes_b, rec.events,
-                 rec.births, fwd_calls)
+                 rec.births, fwd_calls, frozenset(rec.layer_outputs),
+                 {k: frozenset(v) for k, v in rec.layer_inputs.items()})
 
 
 def _loss_of(out, inputs, loss_fn):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TEXT_DIMS = ("batch", "seq")
+TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,22 @@ optimizer state of the previous step, which ``zero_grad(set_to_none=True)`` free
 
 A reduced-depth recording (:mod:`simcost.trace.layers`) runs one layer of each kind; the
 timeline of the whole model is that of the recording with each kept layer's runs (a *region*:
-consecutive calls of one layer in one phase) repeated ``count`` times. Within a repeated region,
-a storage born there is one per instance; a death is one per instance when the storage was born
-by the same layer (its own saved tensors) or by the region just before it in the same phase
-(the hidden state, or its gradient, handed from layer to layer); any other death (a mask or a
-table shared by all layers) happens once, after the region's last instance. With ``d`` the
-running sum of one instance and ``net`` its end value, the region's peak is
-``start + max(0, (count - 1) * net) + max(d)`` and it ends at ``start + count * net`` plus its
-once-only deaths.
+consecutive calls of one layer in one phase) repeated ``count`` times. How many copies an event
+stands for:
+- a birth in a region happens once per instance;
+- a death of a storage born by the same layer (its own saved tensors, its temporaries) happens
+  once per instance;
+- a death of the hidden state entering a layer (its first tensor argument), in that layer's
+  region, happens once per instance (each frees its predecessor's output); so does, in
+  backward, a death of what the region just before made (the gradient flowing down);
+- a death of a hidden state a layer returned, anywhere else, frees one copy (the last
+  instance's: the others entered the instances after it);
+- a death of any other storage (a mask or table shared by all layers, a layer's key/value kept
+  in a cache until the output is dropped) frees every copy made: as many as its birth region
+  has instances, after the last instance of a repeated region.
+With ``d`` the running sum of one instance and ``net`` its end value, a region's peak is
+``start + max(0, (count - 1) * net) + max(d)``; it ends at ``start + count * net`` plus its
+one-off deaths.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ class Region:
     phase: str
     layer: object                 # a kept layer (its id), or None outside the layers
     count: int
-    events: tuple                 # (sign, storage id, per_instance) in order
+    events: tuple                 # (sign x copies, storage id, per_instance) in order
 
 
 @dataclass(frozen=True)
@@ -41,9 +49,13 @@ class Timeline:
     loss_regions: int             # regions [0, loss_regions) end at the loss's backward
 
 
-def build_timeline(calls, events, births: dict, counts: dict) -> Timeline:
+def build_timeline(calls, events, births: dict, counts: dict,
+                   layer_outputs=frozenset(), layer_inputs=None) -> Timeline:
     """``calls``: the recorded calls (phase, layer); ``events``: (sign, storage id, call index)
-    in the order they happened; ``births``: storage id -> index of the call that made it."""
+    in the order they happened; ``births``: storage id -> index of the call that made it;
+    ``layer_outputs``: the hidden states a kept layer returned; ``layer_inputs``: hidden state
+    -> the kept layers it entered."""
+    layer_inputs = layer_inputs or {}
     run_of_call = []
     runs: list[tuple[str, object]] = []
     for c in calls:
@@ -53,29 +65,40 @@ def build_timeline(calls, events, births: dict, counts: dict) -> Timeline:
         run_of_call.append(len(runs) - 1)
     if not runs:
         return Timeline((), 0)
+    count = [counts.get(lay, 1) if lay is not None else 1 for _, lay in runs]
     per_run: list[list] = [[] for _ in runs]
     for sign, sid, idx in events:
         r = run_of_call[min(idx, len(calls) - 1)]
-        per_run[r].append((sign, sid, _per_instance(sign, sid, r, runs, run_of_call, births)))
-    regions = tuple(Region(ph, lay, counts.get(lay, 1) if lay is not None else 1, tuple(ev))
-                    for (ph, lay), ev in zip(runs, per_run))
+        if sign > 0:
+            per_run[r].append((1, sid, True))
+            continue
+        b = births.get(sid)
+        copies, inst = _death(r, run_of_call[b] if b is not None else None, sid, runs, count,
+                              layer_outputs, layer_inputs)
+        per_run[r].append((-copies, sid, inst))
+    regions = tuple(Region(ph, lay, c, tuple(ev))
+                    for (ph, lay), c, ev in zip(runs, count, per_run))
     split = next((i for i, (ph, lay) in enumerate(runs) if ph != "fwd" and lay is not None),
                  len(runs))
     return Timeline(regions, split)
 
 
-def _per_instance(sign, sid, r, runs, run_of_call, births) -> bool:
-    if sign > 0:
-        return True
-    b = births.get(sid)
-    if b is None:
-        return False
-    born = run_of_call[b]
+def _death(r: int, born, sid, runs, count, layer_outputs, layer_inputs) -> tuple[int, bool]:
+    """(copies freed, once per instance) of a death in region ``r`` of a storage born in
+    region ``born`` (see the module docstring)."""
+    if born is None:
+        return 1, count[r] == 1
     phase, layer = runs[r]
     if born == r or (layer is not None and runs[born][1] == layer):
-        return True
+        return 1, True              # the layer's own storage
+    if layer is not None and layer in layer_inputs.get(sid, ()):
+        return 1, True              # the hidden state entering each instance
+    if sid in layer_outputs:
+        return 1, count[r] == 1     # the last instance's hidden state
     prev = next((i for i in range(r - 1, -1, -1) if runs[i][0] == phase), None)
-    return born == prev
+    if phase != "fwd" and born == prev:
+        return 1, True              # the gradient flowing down from the region above
+    return count[born], count[r] == 1
 
 
 def evaluate(tl: Timeline, nbytes: dict) -> dict:
