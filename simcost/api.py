@@ -218,6 +218,11 @@ def sweep_train(model: str | ModelSpec, hardware: str, *, batches, seqs, **optio
 
 def run_sweep(req: SweepRequest) -> dict:
     base = req.base
+    frontend, why = resolve_frontend(base)
+    if frontend == "traced":
+        from simcost.trace.estimate import sweep_traced
+        return sweep_traced(req, why)
+    require_text_sizes(base)
     spec = _model(base.model, base.max_positions)
     pspec = request_peft(base)
     bb, ss = np.meshgrid(req.batches, req.seqs, indexing="ij")

@@ -87,12 +87,19 @@ def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str 
     ``set_attn_implementation``)."""
     require_torch()
     import warnings
-    with warnings.catch_warnings():
-        # the libraries' deprecation and advice warnings are about their own use, not the
-        # estimate; what changes a recording (peft's refusals) raises
-        warnings.simplefilter("ignore")
-        return _trace_task(task, peft_config, dtype=dtype, hints=hints, reduce=reduce,
-                           checkpointing=checkpointing, autocast=autocast, attn=attn)
+
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            # the libraries' deprecation and advice messages are about their own use, not the
+            # estimate; what changes a recording (peft's refusals) raises
+            warnings.simplefilter("ignore")
+            return _trace_task(task, peft_config, dtype=dtype, hints=hints, reduce=reduce,
+                               checkpointing=checkpointing, autocast=autocast, attn=attn)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _trace_task(task, peft_config, *, dtype, hints, reduce, checkpointing, autocast, attn):

@@ -151,3 +151,63 @@ def tokens_per_step(task, sizes: dict):
     if "seq" not in sizes or task.kind in ("image-cls", "noise-pred"):
         return b
     return b * (sizes["seq"] + sizes.get("target_seq", 0))
+
+
+def sweep_traced(req, why: str | None = None) -> dict:
+    """:func:`simcost.api.sweep_train` on a traced step: one recording (traced at the largest
+    point, so its guards hold for the smaller ones it covers), priced over the whole grid as
+    numpy arrays; points where a size is 1 (which torch specialises) get a recording of their
+    own."""
+    import numpy as np
+
+    from simcost.result import device_warnings
+    from simcost.stack.intervals import estimate_intervals
+    from simcost.trace.build import task_for
+    from simcost.trace.numbers import traced_numbers
+    base = req.base
+    refuse_unpriced(base)
+    task = task_for(base.model)
+    if "seq" not in task.dims:
+        raise SimcostError(f"sweep_train sweeps batch x sequence; {task.name} ({task.kind}) "
+                           f"has no sequence")
+    bb, ss = np.meshgrid(req.batches, req.seqs, indexing="ij")
+    flat_b, flat_s = bb.ravel().astype(np.int64), ss.ravel().astype(np.int64)
+    device = load_profile(base.hardware).device()
+    stack = load_stack(base.stack)
+    peft_cfg, _, pwarn = adapter_config(base, task.kind)
+    out = {k: np.zeros(flat_b.shape) for k in ("step_s", "tokens_per_s", "peak_bytes")}
+    out["fits"] = np.zeros(flat_b.shape, dtype=bool)
+    warns = [*base.notes, *pwarn, *device_warnings(device)]
+    for unit_b in (False, True):
+        for unit_s in (False, True):
+            sel = ((flat_b == 1) == unit_b) & ((flat_s == 1) == unit_s)
+            if not sel.any():
+                continue
+            other = task.sizes({"batch": base.batch, "seq": base.seq,
+                                "target_seq": base.target_seq, "image": base.image_size})
+            hints = {**other, "batch": int(flat_b[sel].max()), "seq": int(flat_s[sel].max())}
+            dims = {**other, "batch": flat_b[sel], "seq": flat_s[sel]}
+            ct = compiled_step(task, peft_cfg, dtype=base.dtype,
+                               autocast=None if base.mixed_precision == "none"
+                               else base.mixed_precision,
+                               attn="eager" if base.attn == "eager" else "sdpa",
+                               checkpointing=base.checkpointing == "full", sizes=hints,
+                               use_cache=base.trace_cache)
+            compute = base.mixed_precision if base.mixed_precision != "none" else base.dtype
+            n = traced_numbers(ct, dims, device, optimizer=base.optimizer,
+                               mixed=base.mixed_precision, stack=stack,
+                               host_allocator=base.host_allocator, dtype=compute,
+                               tokens=tokens_per_step(task, dims)).numbers
+            k = int(sel.sum())
+            out["step_s"][sel] = np.broadcast_to(n.time_s["step"], k)
+            out["tokens_per_s"][sel] = np.broadcast_to(n.tokens_per_s, k)
+            out["peak_bytes"][sel] = np.broadcast_to(n.memory_bytes["peak"], k)
+            out["fits"][sel] = np.broadcast_to(n.fits, k)
+    arrays = {k: v.reshape(bb.shape) for k, v in out.items()}
+    if why:
+        warns.insert(0, f"priced by the traced front end ({why} is beyond the hand-built "
+                        f"graphs)")
+    return {"batch": bb, "seq": ss, "warnings": warns, **arrays, "stack": stack.label(),
+            "frontend": "traced",
+            "intervals": estimate_intervals(stack, device, arrays["step_s"],
+                                            arrays["peak_bytes"])}
