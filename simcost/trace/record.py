@@ -441,7 +441,6 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
     amp = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else nullcontext()
     # the collections below need only see what the step makes: everything alive before it
     # (torch, transformers, the model) is moved out of the collector's generations
-    gc.collect()
     gc.freeze()
     try:
         return _record(model, make_inputs, sizes, symbols, shape_env, fake_mode, rec, tagger,
