@@ -1,54 +1,73 @@
-"""Speed of the traced front end on this machine (torch, transformers and peft already imported).
+"""Speed of the traced front end through the API, on this machine (torch, transformers and peft
+imported before timing, as issue 9 states):
 
-- cold: build a zoo model on the meta device, apply an adapter config with peft, record one
-  training step with symbolic batch x sequence (no cache);
-- price: one pricing of the recording at a new size, and a 1000-point batch x sequence sweep
-  priced at once (numpy arrays).
+- cold: ``estimate_train(..., frontend="traced")`` with an empty trace cache (build on the meta
+  device, peft, record one step with symbolic batch x sequence, compile, price);
+- cached (memory): the same estimate again at new sizes in the same process;
+- cached (disk): the in-memory cache cleared, the recording read from the disk cache;
+- sweep: ``sweep_train`` over 40 x 25 = 1000 batch x sequence points from the cached recording
+  (batch 1 included: torch specialises it, so it has a recording of its own, traced first).
 
-    python benchmarks/bench_trace.py [--model llama-2-7b] [--peft-type LOHA]
+    python benchmarks/bench_trace.py [--model llama-2-7b] [--peft-type LOHA] [--repeat 5]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import statistics
+import tempfile
 import time
-
-import numpy as np
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-2-7b")
     ap.add_argument("--peft-type", default="LOHA")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--hardware", default="a100-80gb-sxm")
+    ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args()
+    os.environ["SIMCOST_CACHE_DIR"] = tempfile.mkdtemp(prefix="simcost-bench-")
+    import numpy as np
     import peft  # noqa: F401  -- imported before timing, as the issue states
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from simcost.models.config import load_config_dict
-    from simcost.trace.build import trace_config
-    from simcost.trace.price import Pricer
-    _, cfg = load_config_dict(a.model)
-    pc = {"peft_type": a.peft_type, "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    from simcost.api import estimate_train, sweep_train
+    from simcost.trace import cache
+    cfg = os.path.join(os.environ["SIMCOST_CACHE_DIR"], "adapter_config.json")
+    with open(cfg, "w") as f:
+        json.dump({"peft_type": a.peft_type, "r": 8, "target_modules": ["q_proj", "v_proj"],
+                   "task_type": "CAUSAL_LM"}, f)
+    kw = dict(peft_config=cfg, frontend="traced")
     t0 = time.perf_counter()
-    tr = trace_config(cfg, pc, dtype="bf16", hints={"batch": 2, "seq": 512})
+    estimate_train(a.model, a.hardware, batch=2, seq=512, **kw)
     cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pr = Pricer(tr)
-    compile_s = time.perf_counter() - t0
-    one = []
+    warm, disk = [], []
     for i in range(a.repeat):
         t0 = time.perf_counter()
-        pr.price(batch=4 + i, seq=1024)
-        one.append(time.perf_counter() - t0)
-    b, s = np.meshgrid(np.arange(1, 41), np.arange(1, 26) * 128)
-    t0 = time.perf_counter()
-    pr.price(batch=b.ravel(), seq=s.ravel())
-    sweep = time.perf_counter() - t0
-    print(json.dumps({"model": a.model, "peft_type": a.peft_type, "calls": len(tr.calls),
-                      "cold_trace_s": round(cold, 3), "compile_s": round(compile_s, 3),
-                      "price_one_s": round(min(one), 4), "sweep_1000_s": round(sweep, 4)}))
+        estimate_train(a.model, a.hardware, batch=3 + i, seq=1024 + 64 * i, **kw)
+        warm.append(time.perf_counter() - t0)
+        cache._MEMORY.clear()
+        t0 = time.perf_counter()
+        estimate_train(a.model, a.hardware, batch=3 + i, seq=2048 + 64 * i, **kw)
+        disk.append(time.perf_counter() - t0)
+    batches, seqs = np.arange(1, 41), np.arange(1, 26) * 128
+    sweep_train(a.model, a.hardware, batches=batches, seqs=seqs, **kw)     # records batch 1
+    sweeps = []
+    for _ in range(a.repeat):
+        t0 = time.perf_counter()
+        sweep_train(a.model, a.hardware, batches=batches, seqs=seqs, **kw)
+        sweeps.append(time.perf_counter() - t0)
+    print(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"Python {platform.python_version()}",
+        "model": a.model, "peft_type": a.peft_type,
+        "cold_traced_estimate_s": round(cold, 3),
+        "cached_estimate_memory_s": round(statistics.median(warm), 4),
+        "cached_estimate_disk_s": round(statistics.median(disk), 4),
+        "sweep_1000_points_s": round(statistics.median(sweeps), 4)}))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ prices a whole sweep of batch x sequence at once).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from simcost.graph.kinds import ALL as KINDS
 
@@ -53,7 +53,7 @@ class Param:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> float:

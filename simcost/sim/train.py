@@ -106,7 +106,11 @@ def step_numbers(g, device, tm: TimeModel, stack, *, flops: dict, mem, t_fwd, t_
 
 
 def param_counts(g):
-    """(base parameters, parameters the PEFT method adds, trainable, trainable tensors)."""
+    """(base parameters, parameters the PEFT method adds, trainable, trainable tensors); a
+    graph whose parameters are fixed may carry them in ``g.meta['param_counts']``."""
+    cached = g.meta.get("param_counts")
+    if cached is not None:
+        return cached
     total = added = trainable = n_tensors = 0
     for p, count in g.params():
         if p.role == "adapter":

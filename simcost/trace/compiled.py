@@ -38,6 +38,7 @@ class CCall:
     tags: frozenset
     layer: object            # the kept layer (an int) or None
     weight_grad: bool = False  # backward work making a parameter-shaped gradient
+    static: bool = False       # no size expression in it: its cost is the same at any sizes
 
 
 @dataclass
@@ -61,9 +62,14 @@ class CompiledTrace:
     _fn: object = None
 
     def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_fn"] = None
-        return d
+        """What is pickled: the recording, not what is derived from it in a process (the
+        compiled value function, the IR structure, the timeline)."""
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_fn", "_ir", "_timeline", "_param_counts", "_static")}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._fn = None
 
     def fn(self):
         if self._fn is None:
@@ -135,8 +141,10 @@ def compile_trace(trace) -> CompiledTrace:
             continue
         remap[i] = len(calls)
         args, outs = conv(c.args), conv(c.outs)
-        calls.append(CCall(c.name, c.phase, args, {k: conv(v) for k, v in c.kwargs.items()},
-                           outs, c.tags, c.layer, c.phase == "bwd" and _is_weight_grad(args, outs)))
+        kwargs = {k: conv(v) for k, v in c.kwargs.items()}
+        calls.append(CCall(c.name, c.phase, args, kwargs, outs, c.tags, c.layer,
+                           c.phase == "bwd" and _is_weight_grad(args, outs),
+                           not _has_ref((args, kwargs, outs))))
     saved = [(ref(nb), trace.weight(trace.saved_layer.get(sid))) for sid, nb in trace.saved.items()]
     storage = [ref(b) for b in trace.storage_bytes]
     guards = [(str(g.xreplace(subs)), ref(g).i) for g in trace.guards]
@@ -158,6 +166,18 @@ def _is_weight_grad(args, outs) -> bool:
 
     ins = [a for a in _flat(args) if isinstance(a, Meta)]
     return bool(outs) and not any(symbolic(o) for o in outs) and any(symbolic(a) for a in ins)
+
+
+def _has_ref(x) -> bool:
+    if isinstance(x, Ref):
+        return True
+    if isinstance(x, Meta):
+        return any(isinstance(s, Ref) for s in x.shape)
+    if isinstance(x, (list, tuple)):
+        return any(_has_ref(v) for v in x)
+    if isinstance(x, dict):
+        return any(_has_ref(v) for v in x.values())
+    return False
 
 
 def _flat(x):

@@ -21,13 +21,15 @@ from simcost.costs.registry import OpCost
 from simcost.graph import kinds as K
 from simcost.graph.ir import ModelGraph, Op, Param, Segment
 from simcost.sim.analysis import Analysis, OpRecord
+from simcost.sim.train import param_counts
 
-_SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-         "_scaled_dot_product_cudnn_attention")
+_SDPA = frozenset(f"aten._scaled_dot_product_{k}{b}.default"
+                  for k in ("flash_attention", "flash_attention_for_cpu", "efficient_attention",
+                            "cudnn_attention") for b in ("", "_backward"))
 
 
 def _is_sdpa(name: str) -> bool:
-    return any(name.startswith("aten." + s) for s in _SDPA)
+    return name in _SDPA
 
 
 def _causal(call) -> bool:
@@ -56,15 +58,31 @@ def op_cost(pc) -> OpCost:
 def build_ir(ct, priced: list, *, batch, seq, dtype: str,
              saved=0) -> tuple[ModelGraph, Analysis]:
     """``priced``: :func:`simcost.trace.price.evaluate`'s calls of ``ct`` (a CompiledTrace);
-    ``saved``: the bytes autograd keeps for backward (the analysis's activations)."""
+    ``saved``: the bytes autograd keeps for backward (the analysis's activations). The
+    segments and ops depend on the recording only, so they are made once per recording."""
+    segments, placed = _structure(ct)
     g = ModelGraph(batch, seq, dtype)
+    g.segments = segments
+    g.meta["traced"] = True
+    if getattr(ct, "_param_counts", None) is None:
+        ct._param_counts = param_counts(g)
+    g.meta["param_counts"] = ct._param_counts
+    records = [OpRecord(si, op, pc.count, (), True, op_cost(pc))
+               for (si, op), pc in zip(placed, priced)]
+    return g, Analysis(records, [0] * len(segments), 0, saved, 0)
+
+
+def _structure(ct) -> tuple[list, list]:
+    """(segments, (segment index, op) per compiled call), cached on the recording."""
+    cached = getattr(ct, "_ir", None)
+    if cached is not None:
+        return cached
     seg_of: dict = {}
     segments: list[Segment] = []
-    records: list[OpRecord] = []
+    placed = []
     run = 0
     prev = None
-    for i, pc in enumerate(priced):
-        c = pc.call
+    for i, c in enumerate(ct.calls):
         if c.layer is None and (prev is None or prev[1] is not None or prev[0] != c.phase):
             run += 1
         prev = (c.phase, c.layer)
@@ -72,20 +90,20 @@ def build_ir(ct, priced: list, *, batch, seq, dtype: str,
         si = seg_of.get(key)
         if si is None:
             si = seg_of[key] = len(segments)
+            count = ct.counts.get(c.layer, 1) if c.layer is not None else 1
             segments.append(Segment(f"layer{len(seg_of)}" if c.layer is not None else
-                                    f"outside{run}", [], pc.count,
+                                    f"outside{run}", [], count,
                                     first_layer=len(seg_of) if c.layer is not None else None))
         sdpa = _is_sdpa(c.name)
         op = Op(f"{c.name}#{i}", K.SDPA if sdpa else K.ATEN, (), (),
                 attrs={"causal": _causal(c)} if sdpa else {})
         segments[si].ops.append(op)
-        records.append(OpRecord(si, op, pc.count, (), True, op_cost(pc)))
+        placed.append((si, op))
     for count, params in _params_by_count(ct.params).items():
         holder = Op(f"params[x{count}]", K.ATEN, (), (), attrs={"held_params": tuple(params)})
         segments.append(Segment(f"params_x{count}", [holder], count))
-    g.segments = segments
-    g.meta["traced"] = True
-    return g, Analysis(records, [0] * len(segments), 0, saved, 0)
+    ct._ir = (segments, placed)
+    return ct._ir
 
 
 def _params_by_count(table) -> dict:

@@ -56,21 +56,29 @@ def evaluate(ct: CompiledTrace, dims: dict):
     vals = ct.values(dims)
 
     def ev(x):
-        if isinstance(x, Meta):
-            return TMeta(tuple(vals[s.i] if isinstance(s, Ref) else s for s in x.shape), x.dtype)
-        if isinstance(x, Ref):
+        t = type(x)
+        if t is Meta:
+            return TMeta(tuple(vals[s.i] if type(s) is Ref else s for s in x.shape), x.dtype)
+        if t is Ref:
             return vals[x.i]
-        if isinstance(x, list):
+        if t is list:
             return [ev(v) for v in x]
-        if isinstance(x, tuple):
+        if t is tuple:
             return tuple(ev(v) for v in x)
         return x
 
     out = []
-    for c in ct.calls:
-        cost, covered = aten_cost(c.name, ev(c.args), {k: ev(v) for k, v in c.kwargs.items()},
-                                  ev(c.outs), c.tags)
-        out.append(PricedCall(c, cost, ct.counts.get(c.layer, 1) if c.layer is not None else 1,
+    counts = ct.counts
+    static = ct.__dict__.setdefault("_static", {})   # costs that hold at any sizes
+    for i, c in enumerate(ct.calls):
+        hit = static.get(i) if c.static else None
+        if hit is None:
+            kw = {k: ev(v) for k, v in c.kwargs.items()} if c.kwargs else {}
+            hit = aten_cost(c.name, ev(c.args), kw, ev(c.outs), c.tags)
+            if c.static:
+                static[i] = hit
+        cost, covered = hit
+        out.append(PricedCall(c, cost, counts.get(c.layer, 1) if c.layer is not None else 1,
                               c.weight_grad, covered))
     return out, vals
 
