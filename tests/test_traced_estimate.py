@@ -9,7 +9,7 @@ pytest.importorskip("peft")
 
 from simcost.cli import main  # noqa: E402
 from simcost.errors import SimcostError  # noqa: E402
-from simcost.peft.spec import PeftSpec, to_peft_dict  # noqa: E402
+from simcost.peft.spec import PeftSpec  # noqa: E402
 from simcost.validate import traced  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -45,10 +45,18 @@ def test_one_truth(model, method):
     b, s = 2, 64
     g, a = pipeline.build_graph(load_model(model), b, s, dtype="bf16", attn="sdpa", peft=spec,
                                 device_kind="cpu")
-    pc = to_peft_dict(spec, None)
-    ct = compiled_step(task_for(model), pc and {k: v for k, v in pc.items() if v is not None},
-                       dtype="bf16", autocast=None, attn="sdpa", checkpointing=False,
-                       sizes={"batch": 3, "seq": 37})       # traced at other sizes
+    from simcost.trace.estimate import adapter_config
+    from simcost.request.train import TrainRequest
+    req = TrainRequest.from_call(model, "cpu-generic", batch=b, seq=s, peft=spec)
+    task = task_for(model)
+    pc = adapter_config(req, task.kind, task.model_type)[0]
+
+    def step(sizes):
+        return compiled_step(task, pc, dtype="bf16", autocast=None, attn="sdpa",
+                             checkpointing=False, sizes=sizes)
+    ct = step({"batch": 3, "seq": 37})       # traced at other sizes
+    if ct.specialized:                        # prompt tuning pads the labels: batch fixed
+        ct = step({"batch": b, "seq": s})
     p = price(ct, batch=b, seq=s)
     assert ct.params_trainable == sum(p_.numel * c for p_, c in g.params() if p_.trainable)
     assert ct.params_total == sum(p_.numel * c for p_, c in g.params())

@@ -41,7 +41,8 @@ def refuse_unpriced(req) -> None:
             raise SimcostError(f"traced front end: {why}")
 
 
-def adapter_config(req, kind: str) -> tuple[dict | None, dict, list[str]]:
+def adapter_config(req, kind: str, task_model_type: str | None = None
+                   ) -> tuple[dict | None, dict, list[str]]:
     """(peft config dict or None, the result's ``peft`` entry, warnings)."""
     from simcost.request.train import request_peft
     if req.peft_config is not None:
@@ -59,10 +60,14 @@ def adapter_config(req, kind: str) -> tuple[dict | None, dict, list[str]]:
     if method not in PEFT_SHORTHAND:
         raise SimcostError(f"traced front end: --peft {method} is not a peft tuner; give its "
                            f"adapter_config.json (--peft-config) or use --frontend analytic")
+    from simcost.peft.base import LN_DEFAULTS, LORA_DEFAULTS
     from simcost.peft.spec import to_peft_dict
     from simcost.result import peft_dict
     spec = request_peft(req)
-    d = to_peft_dict(spec, None)
+    # the hand-built path's default targets where it has them (peft 0.21 has none for
+    # Mixtral on transformers 5), so both paths price the same adapter; peft's elsewhere
+    defaults = {"lora": LORA_DEFAULTS, "ln_tuning": LN_DEFAULTS}.get(spec.method, {})
+    d = to_peft_dict(spec, defaults.get(task_model_type))
     d = {k: v for k, v in d.items() if v is not None}
     task_type = TASK_TYPES.get(kind)
     if task_type:
@@ -118,7 +123,7 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
     if stack.fusions:
         warns.append(f"stack '{stack.name}': its fusions ({', '.join(stack.fusions)}) are not "
                      f"applied to traced graphs (priced as the eager kernels torch recorded)")
-    peft_cfg, peft_entry, pwarn = adapter_config(req, task.kind)
+    peft_cfg, peft_entry, pwarn = adapter_config(req, task.kind, task.model_type)
     compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
     if req.dtype == "fp8":
         raise SimcostError("traced front end: --dtype fp8 is priced by the analytic path only")
@@ -174,7 +179,7 @@ def sweep_traced(req, why: str | None = None) -> dict:
     flat_b, flat_s = bb.ravel().astype(np.int64), ss.ravel().astype(np.int64)
     device = load_profile(base.hardware).device()
     stack = load_stack(base.stack)
-    peft_cfg, _, pwarn = adapter_config(base, task.kind)
+    peft_cfg, _, pwarn = adapter_config(base, task.kind, task.model_type)
     out = {k: np.zeros(flat_b.shape) for k in ("step_s", "tokens_per_s", "peak_bytes")}
     out["fits"] = np.zeros(flat_b.shape, dtype=bool)
     warns = [*base.notes, *pwarn, *device_warnings(device)]

@@ -64,7 +64,7 @@ def hf_task(cfg: dict, name: str = "model") -> TracedTask:
                       static=("image",) if kind == "image-cls" else (),
                       defaults={k: v for k, v in defaults.items() if v is not None},
                       max_positions=int(max_pos) if isinstance(max_pos, int) else None,
-                      learned_positions=learned)
+                      learned_positions=learned, model_type=cfg.get("model_type"))
 
 
 def build_hf(cfg: dict, arch: str, dtype: str, device: str):

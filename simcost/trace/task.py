@@ -35,6 +35,7 @@ class TracedTask:
     max_positions: int | None = None            # a learned position table's length
     learned_positions: bool = False
     loss: Callable[[Any, Any], Any] | None = None  # (model output, inputs) -> scalar loss
+    model_type: str | None = None               # a config's model_type (default targets)
 
     @property
     def text(self) -> bool:
