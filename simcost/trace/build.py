@@ -81,9 +81,12 @@ def build_model(cfg: dict, peft_config: dict | None, dtype: str = "bf16", device
 def apply_peft(model, peft_config: dict):
     """Apply an adapter config exactly as peft does (``get_peft_config`` + ``get_peft_model``)."""
     import peft
+
+    from simcost.trace.workarounds import building
     try:
         pcfg = peft.get_peft_config(dict(peft_config))
-        return peft.get_peft_model(model, pcfg)
+        with building():
+            return peft.get_peft_model(model, pcfg)
     except Exception as e:  # noqa: BLE001 -- peft's refusal, whatever its type
         raise SimcostError(f"peft refuses this adapter config: {type(e).__name__}: {e}") from None
 

@@ -31,7 +31,8 @@ from simcost.errors import SimcostError
 
 TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
                 "int64": "int64", "int32": "int32", "bool": "bool", "uint8": "uint8",
-                "int8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+                "int8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
+                "complex64": "c64", "complex128": "c128"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +281,7 @@ class _Recorder:
             if self.phase == "fwd":
                 if layer is None:
                     self.tagger.outside(tensors)
-                for t in tensors:
-                    st = t.untyped_storage()
+                for st in (s for t in tensors for s in storages(t)):
                     if st._cdata not in self.made_in:
                         self.made_in[st._cdata] = layer
                         self._keep.append(st)     # so no later storage reuses its id
@@ -292,16 +292,17 @@ class _Recorder:
 
     def pack(self, t):
         import torch
-        st = t.untyped_storage()
-        sid = st._cdata
-        if sid in self.param_storages:
-            return t
-        self._keep.append(st)
-        box = Packed(t)
-        nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
-        layer = self.tagger.current if self.tagger is not None else None
-        self.packed.append((weakref.ref(box), sid, nbytes, layer))
-        return box
+        box = None
+        for st in storages(t):
+            sid = st._cdata
+            if sid in self.param_storages:
+                continue
+            self._keep.append(st)
+            box = box or Packed(t)
+            nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
+            layer = self.tagger.current if self.tagger is not None else None
+            self.packed.append((weakref.ref(box), sid, nbytes, layer))
+        return t if box is None else box
 
 
     def alive_saved(self) -> dict:
@@ -313,6 +314,17 @@ class _Recorder:
                 # outside them (a prefix's key/values, shared by all layers) counts once
                 out[sid] = (nbytes, layer if self.made_in.get(sid) is not None else None)
         return out
+
+
+def storages(t) -> list:
+    """The storages a tensor keeps alive: its own, or a sparse COO tensor's indices and values
+    (SHiRA's delta weight, which autograd saves)."""
+    import torch
+    if t.layout == torch.sparse_coo:
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            return [t._indices().untyped_storage(), t._values().untyped_storage()]
+    return [t.untyped_storage()]
 
 
 class Packed:
@@ -346,7 +358,8 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
         from simcost.trace.layers import LayerTagger
         tagger = LayerTagger(counts, model)
     rec = _Recorder(pstor, fake_mode, tagger)
-    with fake_mode, fake_tensors_are_not_tracing():
+    from simcost.trace.workarounds import tracing
+    with fake_mode, fake_tensors_are_not_tracing(), tracing():
         inputs = make_inputs(sizes)
         with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, Packed.unpack):
             out = model(**inputs)

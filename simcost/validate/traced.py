@@ -11,7 +11,7 @@ import gc
 import weakref
 from dataclasses import dataclass
 
-from simcost.trace.record import Packed
+from simcost.trace.record import Packed, storages
 from simcost.validate.cases import CaseResult
 
 
@@ -41,10 +41,11 @@ def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "
     boxes = []
 
     def pack_keep(t):
-        if t.untyped_storage()._cdata in skip:
+        parts = [st for st in storages(t) if st._cdata not in skip]
+        if not parts:
             return t
         b = Packed(t)
-        boxes.append(weakref.ref(b))
+        boxes.append((weakref.ref(b), parts))
         return b
 
     with _flop_counter() as fc:
@@ -55,11 +56,9 @@ def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "
         del out
         gc.collect()
         live = {}
-        for r in boxes:
-            b = r()
-            if b is not None:
-                st = b.t.untyped_storage()
-                live[st._cdata] = st.nbytes()
+        for r, parts in boxes:
+            if r() is not None:
+                live.update((st._cdata, st.nbytes()) for st in parts)
         loss.backward()
         total = fc.get_total_flops()
     return RealStep(sum(p.numel() for p in params),
