@@ -187,6 +187,8 @@ def fake_tensors_are_not_tracing():
 def fakeify(model, fake_mode) -> None:
     """Swap a meta-device model's parameters and buffers for fake CPU tensors (in place)."""
     import torch
+
+    from simcost.trace.workarounds import carry_tensor_hooks
     conv = fake_mode.fake_tensor_converter
     cpu = torch.device("cpu")
     done: dict[int, object] = {}          # tied weights stay one parameter
@@ -196,6 +198,7 @@ def fakeify(model, fake_mode) -> None:
                 if id(p) not in done:
                     fake = conv.from_meta_and_device(fake_mode, p.data.to("meta"), cpu)
                     done[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                    carry_tensor_hooks(p, done[id(p)])
                 mod._parameters[n] = done[id(p)]
         for n, b in list(mod._buffers.items()):
             if b is not None:

@@ -46,6 +46,15 @@ def building():
         yield
 
 
+def carry_tensor_hooks(src, dst) -> None:
+    """Give ``dst`` (a parameter's fake stand-in) the gradient hooks a tuner registered on
+    ``src``: OSF projects its factors' gradients, CPT masks its delta embedding's."""
+    if src._backward_hooks:
+        dst._backward_hooks = src._backward_hooks
+    if getattr(src, "_post_accumulate_grad_hooks", None):
+        dst._post_accumulate_grad_hooks = src._post_accumulate_grad_hooks
+
+
 # -- FFT -------------------------------------------------------------------------------------
 
 def _sort_dims(strides, dim, exclude_last=False):
