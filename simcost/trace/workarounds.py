@@ -135,15 +135,38 @@ def _sparse_mask_kernel(fake_mode, func, x, mask):
             layout=torch.sparse_coo, device=x.device, is_coalesced=mask.is_coalesced())
 
 
+def _rnn_layer_kernel(fake_mode, func, *args, **kwargs):
+    """oneDNN's RNN layer (``torch.nn.LSTM`` / ``GRU`` on the CPU) returns a workspace that
+    backward needs, sized by oneDNN's own layout rules; torch's meta kernel makes it empty. With
+    concrete sizes (P-tuning's LSTM runs over the virtual tokens, batch 1) the real kernel is
+    run on zeros of the same sizes, and its outputs' sizes and strides are the fake ones (its
+    backward likewise: torch's meta kernel gives the weight gradients other strides, which
+    autograd would then copy)."""
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(isinstance(s, int) for t in tensors for s in (*t.shape, *t.stride())):
+        return NotImplemented                               # symbolic: torch's meta kernel
+    with _disable_current_modes():
+        real = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).zero_()
+                if isinstance(a, torch.Tensor) else a for a in args]
+        outs = func(*real, **kwargs)
+    with fake_mode:
+        return tuple(torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device="cpu")
+                     if isinstance(o, torch.Tensor) else o for o in outs)
+
+
 @contextmanager
 def fake_kernels():
     """Fake kernels for the aten ops whose meta kernels fail or guess under symbolic sizes:
-    the FFTs (see the module's docstring) and ``sparse_mask``."""
+    the FFTs (see the module's docstring), ``sparse_mask`` and oneDNN's RNN layer."""
     import torch
     from torch._subclasses import fake_impls
     aten = torch.ops.aten
     kernels = {aten._fft_r2c.default: _fft_kernel, aten._fft_c2c.default: _fft_kernel,
-               aten._fft_c2r.default: _fft_kernel, aten.sparse_mask.default: _sparse_mask_kernel}
+               aten._fft_c2r.default: _fft_kernel, aten.sparse_mask.default: _sparse_mask_kernel,
+               aten.mkldnn_rnn_layer.default: _rnn_layer_kernel,
+               aten.mkldnn_rnn_layer_backward.default: _rnn_layer_kernel}
     entry = (lambda func: func in kernels, lambda mode, func, *a, **k: kernels[func](mode, func, *a, **k))
     fake_impls.op_implementations_checks.insert(0, entry)
     try:
