@@ -92,6 +92,7 @@ def apply_peft(model, peft_config: dict):
 
 
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+TASK_IDS = ("MULTITASK_PROMPT_TUNING", "POLY")       # peft's forward needs task_ids
 
 
 def input_maker(cfg: dict, task: str, peft_type: str | None = None):
@@ -121,8 +122,11 @@ def input_maker(cfg: dict, task: str, peft_type: str | None = None):
         return {"pixel_values": torch.zeros(s["batch"], ch, s["image"], s["image"]),
                 "labels": torch.zeros(s["batch"], dtype=long)}
 
-    return {"ForCausalLM": lm, "ForMaskedLM": lm, "ForSequenceClassification": cls,
+    make = {"ForCausalLM": lm, "ForMaskedLM": lm, "ForSequenceClassification": cls,
             "ForConditionalGeneration": s2s, "ForImageClassification": img}[task]
+    if (peft_type or "").upper() in TASK_IDS:      # one task id per example (task 0)
+        return lambda s: {**make(s), "task_ids": torch.zeros(s["batch"], dtype=long)}
+    return make
 
 
 def dims_of(task: str) -> tuple[str, ...]:

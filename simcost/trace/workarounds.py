@@ -14,12 +14,10 @@ step is recorded (:func:`tracing`), and undo themselves on exit.
   FFT of the activations). They are replaced by the same size and stride arithmetic done on
   the sizes themselves, so the output's sizes and strides are the ones the CPU (MKL) kernel
   returns.
-- :func:`vblora_finite_logits`: VB-LoRA's ``_get_lora_matrices`` raises in training when
-  ``logits_A[0, 0]`` is infinite (a model resumed from a top-k-only checkpoint), a branch on
-  a tensor's value a fake tensor cannot take. A freshly built adapter's logits are finite
-  (peft draws them from ``uniform_(-init_logits_std, init_logits_std)``), so the real step
-  never raises; the recording takes the same branch by running that one method with the
-  layer's ``training`` flag off (the method reads the flag for this check only, peft 0.21).
+- :func:`known_reads`: a branch on a tensor's value (VB-LoRA's check for infinite logits,
+  Poly's check of the task ids) cannot be taken
+  on a fake tensor; where the value the real step reads is known (a freshly built adapter's,
+  the harness's inputs'), the read is given it.
 - :func:`shira_masks_on_cpu`: SHiRA turns its 0/1 mask into indices with ``torch.where``
   (``nonzero``), which has no meta kernel (the count is data-dependent). On a meta-device
   build the mask function runs on a CPU stand-in of the layer (same shape, no weights), so
@@ -27,6 +25,7 @@ step is recorded (:func:`tracing`), and undo themselves on exit.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack, contextmanager
 
 
@@ -35,7 +34,7 @@ def tracing():
     """Everything :func:`simcost.trace.record.trace_step` needs while recording."""
     with ExitStack() as stack:
         stack.enter_context(fake_kernels())
-        stack.enter_context(vblora_finite_logits())
+        stack.enter_context(known_reads())
         yield
 
 
@@ -156,6 +155,27 @@ def _rnn_layer_kernel(fake_mode, func, *args, **kwargs):
                      if isinstance(o, torch.Tensor) else o for o in outs)
 
 
+_READS: dict = {}                 # what scalar_reads says the values read are, while inside it
+
+
+def _nonzero_kernel(fake_mode, func, mask):
+    """Inside :func:`scalar_reads` with a true ``flag``, a mask is all true: ``nonzero`` keeps
+    every position (WaveFT's in-range spectrum indices: padding only enlarges the matrix)."""
+    import torch
+    if _READS.get("flag") is not True:
+        return NotImplemented
+    with fake_mode:
+        return torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
+
+
+def _all_true_kernel(fake_mode, func, x):
+    """``_is_all_true`` / ``_is_any_true`` (a distribution's argument check) give one bool;
+    torch's decomposition of them fails on a fake tensor below a dispatch mode."""
+    import torch
+    with fake_mode:
+        return torch.empty((), dtype=torch.bool, device=x.device)
+
+
 @contextmanager
 def fake_kernels():
     """Fake kernels for the aten ops whose meta kernels fail or guess under symbolic sizes:
@@ -166,7 +186,10 @@ def fake_kernels():
     kernels = {aten._fft_r2c.default: _fft_kernel, aten._fft_c2c.default: _fft_kernel,
                aten._fft_c2r.default: _fft_kernel, aten.sparse_mask.default: _sparse_mask_kernel,
                aten.mkldnn_rnn_layer.default: _rnn_layer_kernel,
-               aten.mkldnn_rnn_layer_backward.default: _rnn_layer_kernel}
+               aten.mkldnn_rnn_layer_backward.default: _rnn_layer_kernel,
+               aten._is_all_true.default: _all_true_kernel,
+               aten._is_any_true.default: _all_true_kernel,
+               aten.nonzero.default: _nonzero_kernel}
     entry = (lambda func: func in kernels, lambda mode, func, *a, **k: kernels[func](mode, func, *a, **k))
     fake_impls.op_implementations_checks.insert(0, entry)
     try:
@@ -175,30 +198,93 @@ def fake_kernels():
         fake_impls.op_implementations_checks.remove(entry)
 
 
-# -- VB-LoRA ---------------------------------------------------------------------------------
+# -- values the real step reads ---------------------------------------------------------------
 
 @contextmanager
-def vblora_finite_logits():
-    try:
-        from peft.tuners.vblora.layer import Linear as VBLoRALinear
-    except ImportError:                                     # pragma: no cover
-        yield
-        return
-    orig = VBLoRALinear._get_lora_matrices
+def scalar_reads(number, flag: bool):
+    """Inside, reading a fake tensor's value (``.item()``, ``bool(t)``), which torch answers
+    with a data-dependent symbol, gives that symbol what the real step reads there: ``flag``
+    for a bool tensor, ``number`` for any other; a mask's ``nonzero`` keeps every position
+    when ``flag`` is true.
+    The read is still recorded (``_local_scalar_dense``), and torch checks the branch taken on
+    it as a runtime assertion (``ShapeEnv.real_tensor_prop_unbacked_vals``, the mechanism of
+    its ``propagate_real_tensors``)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+    orig_item, orig_bool = torch.Tensor.item, torch.Tensor.__bool__
 
-    def get_lora_matrices(self, adapter, cast_to_fp32=False):
-        training = self.training
-        self.training = False
-        try:
-            return orig(self, adapter, cast_to_fp32)
-        finally:
-            self.training = training
+    def known(r, value):
+        if value is not None and isinstance(r, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            env = r.node.shape_env
+            for sym in r.node.expr.free_symbols:
+                if sym not in env.backed_var_to_val:
+                    env.set_real_tensor_prop_unbacked_vals(sym, value)
+        return r
 
-    VBLoRALinear._get_lora_matrices = get_lora_matrices
+    def item(t):
+        if not isinstance(t, FakeTensor):
+            return orig_item(t)
+        return known(orig_item(t), int(flag) if t.dtype == torch.bool else number)
+
+    def to_bool(t):
+        return bool(item(t)) if isinstance(t, FakeTensor) else orig_bool(t)
+
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = log.level
+    log.setLevel(logging.ERROR)            # torch warns of each value it is given
+    torch.Tensor.item, torch.Tensor.__bool__ = item, to_bool
+    outer = dict(_READS)
+    _READS.update(number=number, flag=flag)
     try:
         yield
     finally:
-        VBLoRALinear._get_lora_matrices = orig
+        torch.Tensor.item, torch.Tensor.__bool__ = orig_item, orig_bool
+        log.setLevel(level)
+        _READS.clear()
+        _READS.update(outer)
+
+
+def _reading(cls, name: str, number, flag: bool):
+    """``cls.name`` wrapped so that the values it reads are ``number`` and ``flag`` (see
+    :func:`scalar_reads`); returns an undo."""
+    orig = getattr(cls, name)
+
+    def wrapped(*args, **kwargs):
+        with scalar_reads(number, flag):
+            return orig(*args, **kwargs)
+
+    setattr(cls, name, wrapped)
+    return lambda: setattr(cls, name, orig)
+
+
+@contextmanager
+def known_reads():
+    """The branches peft takes on tensor values, as the real step takes them:
+
+    - VB-LoRA (``Linear._get_lora_matrices``) raises in training when ``logits_A[0, 0]`` is
+      infinite (a model resumed from a top-k-only checkpoint); a freshly built adapter's logits
+      are finite (``uniform_(-init_logits_std, init_logits_std)``): ``isinf().any()`` is 0.
+    - Poly (``PolyRouter.forward``) refuses a task id >= ``n_tasks``; the harness's are 0:
+      ``task_ids.max().item()`` is 0; its ``RelaxedBernoulli`` checks its logits (finite),
+      each check true.
+    - WaveFT (``get_delta_weight``) keeps the spectrum indices inside the padded matrix by a
+      mask; padding only enlarges it, so the mask is all true and every index is kept."""
+    import importlib
+    undo = []
+    for mod, cls, name, number, flag in (
+            ("peft.tuners.vblora.layer", "Linear", "_get_lora_matrices", None, False),
+            ("peft.tuners.poly.router", "PolyRouter", "forward", 0, True),
+            ("peft.tuners.waveft.layer", "WaveFTLayer", "get_delta_weight", None, True)):
+        try:
+            owner = getattr(importlib.import_module(mod), cls)
+        except (ImportError, AttributeError):                # pragma: no cover
+            continue
+        undo.append(_reading(owner, name, number, flag))
+    try:
+        yield
+    finally:
+        for u in undo:
+            u()
 
 
 # -- SHiRA -----------------------------------------------------------------------------------
