@@ -302,7 +302,8 @@ class _Recorder:
                 continue
             self._keep.append(st)
             box = box or Packed(t)
-            nbytes = _expr(st.nbytes()) if isinstance(st.nbytes(), torch.SymInt) else int(st.nbytes())
+            n = st.nbytes()
+            nbytes = _expr(n) if isinstance(n, torch.SymInt) else int(n)
             layer = self.tagger.current if self.tagger is not None else None
             self.packed.append((weakref.ref(box), sid, nbytes, layer))
         return t if box is None else box

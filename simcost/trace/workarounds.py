@@ -1,23 +1,27 @@
-"""Workarounds that let torch's fake tensors record peft tuners the real step runs (needs the
-torch extra).
+"""Workarounds that let torch's fake tensors record the peft tuners a real step runs (needs
+the torch extra).
 
 Each one changes how the *recording* learns a result's metadata or a branch's outcome, never
 what the step computes: the recorded aten calls, their shapes and the tensors autograd saves
-are those of the real step (``simcost.validate.traced`` checks each tuner against a real CPU
+are those of the real step (``simcost.validate.traced`` checks every tuner against a real CPU
 step). They are context managers, active only while a model is built (:func:`building`) or a
 step is recorded (:func:`tracing`), and undo themselves on exit.
 
-- :func:`fake_kernels`: torch 2.13's meta kernels of ``aten._fft_r2c`` / ``_fft_c2c`` /
-  ``_fft_c2r`` (``torch._meta_registrations._exec_fft``) call ``Tensor.resize_`` and
-  ``Tensor.permute`` on their arguments, which fails ("tried to directly modify sizes for
-  customized tensor") or specialises every size to its hint once a size is symbolic (C3A's
-  FFT of the activations). They are replaced by the same size and stride arithmetic done on
-  the sizes themselves, so the output's sizes and strides are the ones the CPU (MKL) kernel
-  returns.
+- :func:`fake_kernels`, for aten ops whose meta kernels fail or guess wrong:
+  the FFTs (torch 2.13's ``_exec_fft`` calls ``resize_`` / ``permute`` on its arguments, which
+  fails, "tried to directly modify sizes for customized tensor", or specialises every size to
+  its hint once a size is symbolic: C3A's FFT of the activations), replaced by the same size
+  and stride arithmetic on the sizes, so the outputs have the CPU (MKL) kernel's sizes and
+  strides; ``sparse_mask`` (SHiRA's backward: the meta kernel keeps no values); oneDNN's RNN
+  layer (P-tuning's LSTM: the meta kernel's workspace, which backward keeps, is empty);
+  ``_is_all_true`` (a distribution's argument check) and ``nonzero`` of a mask known to be
+  all true.
+- :func:`carry_tensor_hooks`: gradient hooks a tuner put on a parameter (OSF's projection of
+  its factors' gradients) go with the parameter onto its fake stand-in.
 - :func:`known_reads`: a branch on a tensor's value (VB-LoRA's check for infinite logits,
-  Poly's check of the task ids) cannot be taken
-  on a fake tensor; where the value the real step reads is known (a freshly built adapter's,
-  the harness's inputs'), the read is given it.
+  Poly's check of its task ids, WaveFT's in-range index mask) cannot be taken on a fake tensor;
+  where the value the real step reads is known (a freshly built adapter's, the harness's
+  inputs'), the read is given that value.
 - :func:`shira_masks_on_cpu`: SHiRA turns its 0/1 mask into indices with ``torch.where``
   (``nonzero``), which has no meta kernel (the count is data-dependent). On a meta-device
   build the mask function runs on a CPU stand-in of the layer (same shape, no weights), so
@@ -47,7 +51,7 @@ def building():
 
 def carry_tensor_hooks(src, dst) -> None:
     """Give ``dst`` (a parameter's fake stand-in) the gradient hooks a tuner registered on
-    ``src``: OSF projects its factors' gradients, CPT masks its delta embedding's."""
+    ``src`` (OSF projects its factors' gradients; CPT masks its delta embedding's)."""
     if src._backward_hooks:
         dst._backward_hooks = src._backward_hooks
     if getattr(src, "_post_accumulate_grad_hooks", None):
@@ -178,8 +182,8 @@ def _all_true_kernel(fake_mode, func, x):
 
 @contextmanager
 def fake_kernels():
-    """Fake kernels for the aten ops whose meta kernels fail or guess under symbolic sizes:
-    the FFTs (see the module's docstring), ``sparse_mask`` and oneDNN's RNN layer."""
+    """Fake kernels for the aten ops whose meta kernels fail or guess wrong (see the module's
+    docstring); each returns ``NotImplemented`` where torch's own kernel is right."""
     import torch
     from torch._subclasses import fake_impls
     aten = torch.ops.aten
@@ -190,7 +194,8 @@ def fake_kernels():
                aten._is_all_true.default: _all_true_kernel,
                aten._is_any_true.default: _all_true_kernel,
                aten.nonzero.default: _nonzero_kernel}
-    entry = (lambda func: func in kernels, lambda mode, func, *a, **k: kernels[func](mode, func, *a, **k))
+    entry = (lambda func: func in kernels,
+             lambda mode, func, *a, **k: kernels[func](mode, func, *a, **k))
     fake_impls.op_implementations_checks.insert(0, entry)
     try:
         yield
