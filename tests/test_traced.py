@@ -13,9 +13,11 @@ from simcost.validate import traced  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-# one tuner per architecture besides LoRA, and the decoder's token and parameter targeting
+# one tuner per architecture besides LoRA, the decoder's token and parameter targeting, and
+# two tuners that need the workarounds (C3A: FFTs of symbolic sizes; SHiRA: a mask built on the
+# CPU, a sparse delta weight saved for backward)
 SUBSET = {("llama-gqa", m) for m in ("lora", "loha", "prefix", "prompt", "lora_fq", "lora_layers",
-                                     "lora_params", "trainable_tokens")} | {
+                                     "lora_params", "trainable_tokens", "c3a", "shira")} | {
     ("bert-cls", "lora"), ("bert-cls", "boft"), ("roberta-mlm", "ia3"), ("t5", "lora"),
     ("t5", "vera"), ("vit", "lora"), ("vit", "oft")}
 ALL = list(traced.traced_cases())
@@ -38,6 +40,82 @@ def test_traced_step_is_exact(model, method, peft_config):
 def test_subset_is_in_the_matrix():
     names = {(m, meth) for m, meth, _ in ALL}
     assert SUBSET <= names
+
+
+def test_every_peft_tuner_is_traced_or_a_gap():
+    """Each tuner peft names (peft.PeftType) is in the matrix or among the gaps, with a reason."""
+    import peft
+    traced_types = {pc["peft_type"] for _, _, pc in ALL}
+    gaps = {k.upper() for k in traced.GAPS}
+    missing = {t.value for t in peft.PeftType} - traced_types - gaps
+    assert not missing, missing
+    assert not gaps & traced_types
+    assert all(len(why) > 40 for why in traced.GAPS.values())
+
+
+@pytest.mark.parametrize("shape,op", [
+    ((3, 7, 16), lambda x: __import__("torch").fft.rfft(x, dim=-1)),
+    ((3, 7, 16), lambda x: __import__("torch").fft.ifft(x.transpose(0, 2), dim=0)),
+    ((3, 7, 16), lambda x: __import__("torch").fft.irfft(__import__("torch").fft.rfft(x), dim=-1)),
+    ((3, 8, 16), lambda x: __import__("torch").fft.rfft2(x.transpose(1, 2))),
+    ((3, 8, 16), lambda x: __import__("torch").fft.ifft2(x + 0j).real),
+], ids=["rfft", "ifft-strided", "irfft", "rfft2", "ifft2"])
+def test_fft_fake_kernels_match_the_real_kernels(shape, op):
+    """Under symbolic sizes, the FFTs' fake outputs have the real kernels' sizes and strides,
+    and no size is specialised (torch's own meta kernels fail or specialise here)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from simcost.trace.record import make_symbols
+    from simcost.trace.workarounds import fake_kernels
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    sizes = make_symbols(env, {"b": shape[0], "s": shape[1]})
+    with mode, fake_kernels():
+        y = op(torch.empty(sizes["b"], sizes["s"], shape[2]))
+        fake = ([int(s) if not isinstance(s, torch.SymInt) else s.node.hint for s in y.shape],
+                [s.node.hint if isinstance(s, torch.SymInt) else s for s in y.stride()])
+    real = op(torch.randn(*shape))
+    assert fake == (list(real.shape), list(real.stride()))
+    assert not env.replacements
+
+
+def test_fft_cost_formulas():
+    """5·N·log2(N) per complex transform, 2.5·N·log2(N) per real-data one (FFTW's count);
+    bytes: input and output once; no matmul FLOPs."""
+    from simcost.trace.aten_costs import TMeta, aten_cost
+    x = TMeta((4, 6, 16), "c64")
+    c, ok = aten_cost("aten._fft_c2c.default", (x, [2], 0, True), {}, (x,))
+    assert ok and c.flops == 4 * 6 * 5 * 16 * 4 and c.matmul_flops == 0
+    assert c.bytes == 2 * 4 * 6 * 16 * 8
+    r = TMeta((4, 6, 16), "fp32")
+    half = TMeta((4, 6, 9), "c64")
+    c, _ = aten_cost("aten._fft_r2c.default", (r, [2], 0, True), {}, (half,))
+    assert c.flops == 4 * 6 * 2.5 * 16 * 4 and c.bytes == r.nbytes + half.nbytes
+    c, _ = aten_cost("aten._fft_c2r.default", (half, [2], 0, 16), {}, (r,))
+    assert c.flops == 4 * 6 * 2.5 * 16 * 4
+    c, _ = aten_cost("aten._fft_c2c.default", (TMeta((8, 8), "c64"), [0, 1], 0, True), {},
+                     (TMeta((8, 8), "c64"),))
+    assert c.flops == 5 * 64 * 6                      # one 2-D transform of 64 points
+
+
+def test_workarounds_undo_themselves():
+    """Outside a build or a recording, peft's and torch's functions are their own again."""
+    import torch
+    from peft.tuners.poly.router import PolyRouter
+    from peft.tuners.shira.model import ShiraModel
+    from torch._subclasses import fake_impls
+
+    from simcost.trace import workarounds
+    before = (PolyRouter.forward, ShiraModel._create_and_replace, torch.Tensor.item,
+              torch.Tensor.__bool__, list(fake_impls.op_implementations_checks))
+    with workarounds.tracing(), workarounds.building():
+        assert PolyRouter.forward is not before[0]
+        assert len(fake_impls.op_implementations_checks) == len(before[4]) + 1
+    after = (PolyRouter.forward, ShiraModel._create_and_replace, torch.Tensor.item,
+             torch.Tensor.__bool__, list(fake_impls.op_implementations_checks))
+    assert after == before
 
 
 def _trace(model="llama-gqa", method="lora", hints=None):

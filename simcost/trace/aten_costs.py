@@ -248,6 +248,45 @@ def sdpa_backward(args, kwargs, outs):
                            (bh, sq, d, sk), (bh, sk, d, sq)], special={"exp": bh * sq * sk})
 
 
+# -- FFT ---------------------------------------------------------------------------------------
+
+def _fft_points(x, dims):
+    n = 1
+    for d in dims:
+        n = n * x.shape[d]
+    return n
+
+
+def _fft_cost(batch, n, per_point, x, out):
+    """``batch`` transforms of ``n`` points, ``per_point`` x log2(n) FLOPs per point; the
+    kernel reads its input and writes its output once (an out-of-place transform)."""
+    f = batch * per_point * n * np.log2(np.maximum(n, 1))
+    return AtenCost(flops=f, bytes=x.nbytes + out.nbytes)
+
+
+@register("aten._fft_c2c.default")
+def fft_c2c(args, kwargs, outs):
+    """A complex transform of N points: 5·N·log2(N) FLOPs, the radix-2 Cooley-Tukey count
+    FFTW's benchmarks use to state every FFT's speed (fftw.org/speed/method.html), N the
+    product of the transformed sizes, times the number of transforms (the other sizes).
+    Not matmul work: ``torch.utils.flop_counter`` does not count FFTs."""
+    x, dims = args[0], args[1]
+    n = _fft_points(x, dims)
+    return _fft_cost(x.numel / n if len(dims) else 0, n, 5, x, outs[0])
+
+
+@register("aten._fft_r2c.default", "aten._fft_c2r.default")
+def fft_real(args, kwargs, outs):
+    """A real-input (r2c) or real-output (c2r) transform of N real points: 2.5·N·log2(N)
+    FLOPs, half the complex count, as FFTW's benchmarks count real-data transforms
+    (fftw.org/speed/method.html); N is the real side's transformed size (the input of r2c,
+    the output of c2r), whose one-sided complex side holds N/2+1 points on the last dim."""
+    x, dims = args[0], args[1]
+    real = outs[0] if x.dtype in ("c64", "c128") else x
+    n = _fft_points(real, dims)
+    return _fft_cost(real.numel / n if len(dims) else 0, n, 2.5, x, outs[0])
+
+
 # -- vector work -------------------------------------------------------------------------------
 
 # FLOPs per output element beyond the one of a plain pointwise op
@@ -291,7 +330,7 @@ for _n in (*_EXTRA_FLOPS, *_TRANSCENDENTAL, "aten.threshold_backward.default",
           "aten.zero_.default", "aten.arange.default", "aten.arange.start",
           "aten.arange.start_step", "aten.new_zeros.default", "aten.new_ones.default",
           "aten.new_empty.default", "aten.new_full.default", "aten.scalar_tensor.default",
-          "aten.empty_strided.default")
+          "aten.empty_strided.default", "aten.new_empty_strided.default")
 def factory(args, kwargs, outs):
     """Writes its output only (an allocation without fill writes nothing, priced as one)."""
     return AtenCost(bytes=sum((o.nbytes for o in outs), 0))

@@ -91,8 +91,20 @@ def build_hf(cfg: dict, arch: str, dtype: str, device: str):
                                f"{type(e).__name__}: {e}") from None
 
 
+TASK_IDS = ("MULTITASK_PROMPT_TUNING", "POLY")       # peft's forward needs task_ids
+
+
 def hf_inputs(cfg: dict, kind: str, s: dict, peft_type: str | None) -> dict:
-    """The task's input tensors from (symbolic) sizes."""
+    """The task's input tensors from (symbolic) sizes; methods whose forward needs
+    ``task_ids`` get one per example (task 0)."""
+    import torch
+    out = _inputs(cfg, kind, s, peft_type)
+    if (peft_type or "").upper() in TASK_IDS:
+        out["task_ids"] = torch.zeros(s["batch"], dtype=torch.long)
+    return out
+
+
+def _inputs(cfg: dict, kind: str, s: dict, peft_type: str | None) -> dict:
     import torch
     long = torch.long
     if kind in ("causal-lm", "masked-lm"):

@@ -51,8 +51,16 @@ def _attrs(mod) -> tuple:
     return tuple(keep)
 
 
+def _hooks(mod) -> tuple:
+    """The forward hooks on a module, by function (ShadowPEFT wraps its state on entry to the
+    first targeted layer and unwraps it on exit from the last: those layers are kinds of their
+    own)."""
+    hooks = (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values())
+    return tuple(getattr(getattr(h, "func", h), "__qualname__", type(h).__name__) for h in hooks)
+
+
 def signature(layer) -> tuple:
-    mods = tuple((n, type(m).__name__, _attrs(m)) for n, m in layer.named_modules())
+    mods = tuple((n, type(m).__name__, _attrs(m), _hooks(m)) for n, m in layer.named_modules())
     params = tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad)
                    for n, p in layer.named_parameters())
     bufs = tuple((n, tuple(b.shape), str(b.dtype)) for n, b in layer.named_buffers())
@@ -137,14 +145,26 @@ def _tag_graph(tree, tag) -> None:
     """Tag every untagged autograd node reachable from the tensors in ``tree``."""
     import torch
     from torch.utils._pytree import tree_leaves
-    stack = [t.grad_fn for t in tree_leaves(tree)
-             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    stack = [t.grad_fn for t in _tensors(tree_leaves(tree)) if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or TAG_KEY in node.metadata:
             continue
         node.metadata[TAG_KEY] = tag
         stack.extend(n for n, _ in node.next_functions)
+
+
+def _tensors(leaves):
+    """The tensors among pytree leaves, and those one attribute deep in other objects (a
+    ShadowPEFT carrier holding the hidden and the shadow states)."""
+    import torch
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            yield x
+            continue
+        attrs = getattr(x, "__dict__", None) or {
+            k: getattr(x, k, None) for k in getattr(type(x), "__slots__", ())}
+        yield from (v for v in attrs.values() if isinstance(v, torch.Tensor))
 
 
 def node_tag():

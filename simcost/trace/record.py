@@ -31,7 +31,8 @@ from simcost.errors import SimcostError
 
 TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
                 "int64": "int64", "int32": "int32", "bool": "bool", "uint8": "uint8",
-                "int8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+                "int8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
+                "complex64": "c64", "complex128": "c128"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +194,8 @@ def fake_tensors_are_not_tracing():
 def fakeify(model, fake_mode) -> None:
     """Swap a meta-device model's parameters and buffers for fake CPU tensors (in place)."""
     import torch
+
+    from simcost.trace.workarounds import carry_tensor_hooks
     conv = fake_mode.fake_tensor_converter
     cpu = torch.device("cpu")
     done: dict[int, object] = {}          # tied weights stay one parameter
@@ -202,6 +205,7 @@ def fakeify(model, fake_mode) -> None:
                 if id(p) not in done:
                     fake = conv.from_meta_and_device(fake_mode, p.data.to("meta"), cpu)
                     done[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                    carry_tensor_hooks(p, done[id(p)])
                 mod._parameters[n] = done[id(p)]
         for n, b in list(mod._buffers.items()):
             if b is not None:
@@ -341,15 +345,14 @@ class _Recorder:
                 self.tagger.outside(tensors)
         alias = None
         if name in EAGER_ALIASES and args and isinstance(args[0], torch.Tensor):
-            src = args[0].untyped_storage()
+            src = storages(args[0])[0]
             if src._cdata not in self.param_storages:
                 alias = self.storage(src)
         # a view or an in-place result is on an input's storage: no allocation (an input the
         # step did not make, such as the batch's token ids, is no birth either)
-        ins = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
-               if isinstance(t, torch.Tensor)}
-        for t in tensors:
-            st = t.untyped_storage()
+        ins = {st._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+               for st in storages(t)}
+        for st in (st for t in tensors for st in storages(t)):
             if st._cdata not in self.param_storages:
                 self.storage(st, layer, born=not func.is_view and st._cdata not in ins,
                              alias_of=alias)
@@ -363,9 +366,12 @@ class _Recorder:
         import torch
         from torch.utils._pytree import tree_leaves
         t = next((t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)), None)
-        if t is None or t.untyped_storage()._cdata in self.param_storages:
+        if t is None:
             return None
-        return self.storage(t.untyped_storage())
+        st = storages(t)[0]
+        if st._cdata in self.param_storages:
+            return None
+        return self.storage(st)
 
     def layer_entered(self, layer, args, kwargs) -> None:
         """A kept layer's hidden-state input (its first tensor argument)."""
@@ -380,14 +386,17 @@ class _Recorder:
             self.layer_outputs.add(sid)
 
     def pack(self, t):
-        st = t.untyped_storage()
-        if st._cdata in self.param_storages:
-            return t
-        sid = self.storage(st)
-        box = Packed(t)
+        """Box a tensor autograd saves; each of its storages (a sparse tensor's indices and
+        values) is counted alive as long as the box."""
+        box = None
         layer = self.tagger.current if self.tagger is not None else None
-        self.packed.append((weakref.ref(box), sid, layer))
-        return box
+        for st in storages(t):
+            if st._cdata in self.param_storages:
+                continue
+            sid = self.storage(st)
+            box = box or Packed(t)
+            self.packed.append((weakref.ref(box), sid, layer))
+        return t if box is None else box
 
     def alive_saved(self) -> dict:
         """Storage id -> the kept layer it counts with, of the saved storages still alive."""
@@ -399,6 +408,17 @@ class _Recorder:
                 # outside them (a prefix's key/values, shared by all layers) counts once
                 out[sid] = layer if self.made_in.get(sid) is not None else None
         return out
+
+
+def storages(t) -> list:
+    """The storages a tensor keeps alive: its own, or a sparse COO tensor's indices and values
+    (SHiRA's delta weight, which autograd saves)."""
+    import torch
+    if t.layout == torch.sparse_coo:
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            return [t._indices().untyped_storage(), t._values().untyped_storage()]
+    return [t.untyped_storage()]
 
 
 class Packed:
@@ -452,7 +472,9 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
 def _record(model, make_inputs, sizes, symbols, shape_env, fake_mode, rec, tagger, amp, loss,
             counts, params, base_names) -> Trace:
     import torch
-    with fake_mode, fake_tensors_are_not_tracing():
+
+    from simcost.trace.workarounds import tracing
+    with fake_mode, fake_tensors_are_not_tracing(), tracing():
         inputs = make_inputs(sizes)
         with rec.mode(), torch.autograd.graph.saved_tensors_hooks(rec.pack, Packed.unpack):
             with amp:

@@ -11,7 +11,7 @@ import gc
 import weakref
 from dataclasses import dataclass
 
-from simcost.trace.record import Packed
+from simcost.trace.record import Packed, storages
 from simcost.validate.cases import CaseResult
 
 
@@ -41,10 +41,11 @@ def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "
     boxes = []
 
     def pack_keep(t):
-        if t.untyped_storage()._cdata in skip:
+        parts = [st for st in storages(t) if st._cdata not in skip]
+        if not parts:
             return t
         b = Packed(t)
-        boxes.append(weakref.ref(b))
+        boxes.append((weakref.ref(b), parts))
         return b
 
     with _flop_counter() as fc:
@@ -55,11 +56,9 @@ def measure_real(cfg: dict, peft_config: dict | None, dims: dict, dtype: str = "
         del out
         gc.collect()
         live = {}
-        for r in boxes:
-            b = r()
-            if b is not None:
-                st = b.t.untyped_storage()
-                live[st._cdata] = st.nbytes()
+        for r, parts in boxes:
+            if r() is not None:
+                live.update((st._cdata, st.nbytes()) for st in parts)
         loss.backward()
         total = fc.get_total_flops()
     return RealStep(sum(p.numel() for p in params),
@@ -116,7 +115,7 @@ def adapter_configs(model: str) -> dict[str, dict]:
            "randlora": {"peft_type": "RANDLORA", "r": 4, "target_modules": t},
            "ia3": {"peft_type": "IA3", "target_modules": [*t, _FFN[model]],
                    "feedforward_modules": [_FFN[model]]},
-           "ln_tuning": {"peft_type": "LN_TUNING", **_LN.get(model, {})}}
+           "ln_tuning": {"peft_type": "LN_TUNING", **_LN.get(model, {})}} | _more_tuners(t)
     if model == "llama-gqa":
         out |= {"prefix": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
                            "num_virtual_tokens": 5},
@@ -132,18 +131,85 @@ def adapter_configs(model: str) -> dict[str, dict]:
                 "lora_fq": {"peft_type": "LORA", "r": 4,
                             "target_modules": ["model.layers.1.self_attn.q_proj"]},
                 "lora_params": {"peft_type": "LORA", "r": 4, "target_modules": [],
-                                "target_parameters": ["mlp.down_proj.weight"]}}
+                                "target_parameters": ["mlp.down_proj.weight"]}} | _decoder_tuners(t)
     return out
+
+
+def _more_tuners(t: list) -> dict:
+    """The tuners on linear layers that every architecture here takes (sizes chosen to divide
+    48, 64 and 32, the layers' widths)."""
+    return {
+        "adalora": {"peft_type": "ADALORA", "init_r": 6, "target_r": 4, "total_step": 10,
+                    "target_modules": t},
+        "fourierft": {"peft_type": "FOURIERFT", "n_frequency": 20, "target_modules": t},
+        "c3a": {"peft_type": "C3A", "block_size": 16, "target_modules": t},
+        "shira": {"peft_type": "SHIRA", "r": 2, "target_modules": t},
+        "vblora": {"peft_type": "VBLORA", "r": 4, "num_vectors": 16, "vector_length": 16,
+                   "target_modules": t},
+        "road": {"peft_type": "ROAD", "group_size": 8, "target_modules": t},
+        "road_2": {"peft_type": "ROAD", "variant": "road_2", "group_size": 8, "target_modules": t},
+        "beft": {"peft_type": "BEFT", "target_modules": t},
+        "deft": {"peft_type": "DEFT", "r": 4, "target_modules": t},
+        "delora": {"peft_type": "DELORA", "r": 4, "target_modules": t},
+        "glora": {"peft_type": "GLORA", "r": 4, "target_modules": t},
+        "gralora": {"peft_type": "GRALORA", "r": 4, "gralora_k": 2, "alpha": 8,
+                    "target_modules": t},
+        "hira": {"peft_type": "HIRA", "r": 4, "target_modules": t},
+        "lily": {"peft_type": "LILY", "r": 4, "num_B": 2, "target_modules": t},
+        "osf": {"peft_type": "OSF", "effective_rank": 8, "target_modules": t},
+        "peanut": {"peft_type": "PEANUT", "r": 4, "target_modules": t},
+        "psoft": {"peft_type": "PSOFT", "r": 4, "psoft_alpha": 4, "target_modules": t},
+        "pvera": {"peft_type": "PVERA", "r": 4, "target_modules": t},
+        "supertuning": {"peft_type": "SUPERTUNING", "sparsity": 0.9, "target_modules": t},
+        "tinylora": {"peft_type": "TINYLORA", "r": 2, "u": 8, "target_modules": t},
+        "unilora": {"peft_type": "UNILORA", "r": 4, "theta_d_length": 64, "target_modules": t},
+        "waveft": {"peft_type": "WAVEFT", "n_frequency": 64, "target_modules": t}}
+
+
+def _decoder_tuners(t: list) -> dict:
+    """Prompt learning and the tuners that need a causal LM's forward (task ids, a decoder
+    loop, LoRA adapters on disk)."""
+    lm = {"task_type": "CAUSAL_LM"}
+    return {
+        "p_tuning": {"peft_type": "P_TUNING", **lm, "num_virtual_tokens": 5,
+                     "encoder_hidden_size": 16},
+        "p_tuning_lstm": {"peft_type": "P_TUNING", **lm, "num_virtual_tokens": 5,
+                          "encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"},
+        "multitask_prompt": {"peft_type": "MULTITASK_PROMPT_TUNING", **lm,
+                             "num_virtual_tokens": 5, "num_tasks": 2, "num_ranks": 1},
+        "cartridge": {"peft_type": "CARTRIDGE", **lm, "num_virtual_tokens": 5},
+        "poly": {"peft_type": "POLY", **lm, "r": 4, "n_tasks": 2, "n_skills": 2,
+                 "target_modules": t},
+        "shadow": {"peft_type": "SHADOW", **lm, "r": 4},
+        # peft loads adapter i under the name str(i) and activates the config's names: the
+        # names must be "0", "1", ...; the paths are LoRA adapters of this model, made by
+        # run_traced_case from the named cases
+        "xlora": {"peft_type": "XLORA", **lm, "hidden_size": 64, "xlora_depth": 1,
+                  "xlora_dropout_p": 0.0, "adapters": {"0": "case:lora", "1": "case:lora_layers"}}}
+
+
+# what a case needs besides its adapter config: a dtype other than fp32, config changes
+CASE_OPTIONS = {
+    # peft re-wraps AdaLoRA's ranknum as a new, trainable Parameter whenever moving it to the
+    # base layer's device or dtype copies it (ParameterDict wraps a plain tensor with
+    # requires_grad=True): on a GPU, on the meta device, in bf16; a CPU fp32 build is the one
+    # case where the move is a no-op and ranknum stays frozen (1 element fewer per adapted
+    # layer, and the division by it saves nothing). The traced step is the GPU one, so the
+    # real step is checked where the CPU does the same: bf16
+    "adalora": {"dtype": "bf16"},
+    "xlora": {"config": {"use_cache": False}},          # X-LoRA refuses a model with a cache
+}
 
 
 # tuners peft 0.21 builds that the traced path cannot record yet, with the reason (measured)
 GAPS = {
-    "fourierft": "torch's fake FFT kernels (aten._fft_r2c) fail under FakeTensorMode",
-    "c3a": "torch's fake FFT kernels (aten._fft_r2c) fail under FakeTensorMode",
-    "shira": "peft builds its sparse mask with torch.nonzero, which has no meta kernel",
-    "vblora": "peft's forward branches on a tensor value (data-dependent guard)",
-    "adalora": "peft's meta-device init of the rank buffers differs from a CPU build by 4 "
-               "trainable elements per model (not yet explained)",
+    "cpt": "CPT's loss (CPTEmbedding.calculate_loss) loops over each example's unique label "
+           "types (Tensor.unique) and selects the loss with boolean masks: sizes that depend "
+           "on tensor values, which fake tensors do not have (GuardOnDataDependentSymNode)",
+    "frod": "FRoD decomposes the base weights of all targeted layers jointly when built "
+            "(FrodModel._init_frod_projections copies each to the CPU: 'Cannot copy out of "
+            "meta tensor'); a meta-device build has no weights",
+    "adamss": "peft's AdaMSS needs scikit-learn, which simcost's torch extra does not install",
 }
 
 
@@ -156,29 +222,36 @@ def traced_cases(models=None):
 def run_traced_case(model: str, method: str, peft_config: dict):
     """Trace at the hints, measure for real at the checked sizes, compare. A step that torch
     could only trace at concrete sizes (peft's prompt tuning pads the labels) is traced again
-    at the checked sizes, as the front end does."""
+    at the checked sizes, as the front end does. :data:`CASE_OPTIONS` gives a case its dtype
+    and config changes; X-LoRA's adapters are made first (:func:`_lora_adapters`)."""
+    import tempfile
     import time
 
     from simcost.trace.build import trace_config
     from simcost.trace.price import Pricer
     cfg, hints, dims = CONFIGS[model]
-    res = CaseResult(model, method, "fp32", "sdpa", dims["batch"],
+    opts = CASE_OPTIONS.get(method, {})
+    cfg = {**cfg, **opts.get("config", {})}
+    dtype = opts.get("dtype", "fp32")
+    res = CaseResult(model, method, dtype, "sdpa", dims["batch"],
                      dims.get("seq", dims.get("image")))
     t0 = time.perf_counter()
-    tr = trace_config(cfg, peft_config, dtype="fp32", hints=hints)
-    if any(tr.specialized.get(k, v) != v for k, v in dims.items()):
-        tr = trace_config(cfg, peft_config, dtype="fp32", hints=dims)
-    p = Pricer(tr).price(**dims)
-    res.simcost = {"params_total": tr.params_total, "params_trainable": tr.params_trainable,
-                   "flops_matmul_forward": float(p.fwd_matmul_flops),
-                   "flops_matmul_backward": float(p.bwd_matmul_flops),
-                   "activations_bytes": float(p.saved_bytes)}
-    r = measure_real(cfg, peft_config, dims)
-    res.torch = {"params_total": r.params_total, "params_trainable": r.params_trainable,
-                 "flops_matmul_forward": r.fwd_matmul_flops,
-                 "flops_matmul_backward": r.bwd_matmul_flops,
-                 "activations_bytes": r.saved_bytes}
-    _compare_memory(res, tr, cfg, peft_config, dims, method)
+    with tempfile.TemporaryDirectory(prefix="simcost-adapters-") as tmp:
+        peft_config = _lora_adapters(model, cfg, peft_config, tmp)
+        tr = trace_config(cfg, peft_config, dtype=dtype, hints=hints)
+        if any(tr.specialized.get(k, v) != v for k, v in dims.items()):
+            tr = trace_config(cfg, peft_config, dtype=dtype, hints=dims)
+        p = Pricer(tr).price(**dims)
+        r = measure_real(cfg, peft_config, dims, dtype)
+        res.simcost = {"params_total": tr.params_total, "params_trainable": tr.params_trainable,
+                       "flops_matmul_forward": float(p.fwd_matmul_flops),
+                       "flops_matmul_backward": float(p.bwd_matmul_flops),
+                       "activations_bytes": float(p.saved_bytes)}
+        res.torch = {"params_total": r.params_total, "params_trainable": r.params_trainable,
+                     "flops_matmul_forward": r.fwd_matmul_flops,
+                     "flops_matmul_backward": r.bwd_matmul_flops,
+                     "activations_bytes": r.saved_bytes}
+        _compare_memory(res, p, tr, cfg, peft_config, dims, method, dtype)
     res.seconds = time.perf_counter() - t0
     res.ok = not res.mismatches()
     return res
@@ -193,7 +266,7 @@ MEMORY_GAPS = {
 }
 
 
-def _compare_memory(res, tr, cfg, peft_config, dims, method) -> None:
+def _compare_memory(res, p, tr, cfg, peft_config, dims, method, dtype) -> None:
     """The live-memory timeline (:mod:`simcost.trace.timeline`) against the real step's
     (:mod:`simcost.validate.traced_memory`): bytes alive at the end of forward and the peak
     over forward and backward, both exact."""
@@ -205,9 +278,29 @@ def _compare_memory(res, tr, cfg, peft_config, dims, method) -> None:
     from simcost.validate.traced_memory import measure_real_memory
     ct = compile_trace(tr)
     t = evaluate(timeline_of(ct), byte_values(ct, ct.values(dims), ct.storage_bytes))
-    real = measure_real_memory(task_for(cfg), peft_config, dims)
+    real = measure_real_memory(task_for(cfg), peft_config, dims, dtype)
     res.simcost["end_forward_bytes"] = float(t["end_forward"])
     res.torch["end_forward_bytes"] = real["end_forward"]
     if method not in MEMORY_GAPS:
         res.simcost["peak_bytes"] = float(max(t["peak_loss"], t["peak_backward"]))
         res.torch["peak_bytes"] = real["peak"]
+
+
+def _lora_adapters(model: str, cfg: dict, peft_config: dict, folder: str) -> dict:
+    """X-LoRA loads its LoRA adapters from disk: each ``case:NAME`` among ``adapters`` is made
+    from the same model's case NAME (random weights, saved with peft's ``save_pretrained``)."""
+    adapters = peft_config.get("adapters")
+    if not isinstance(adapters, dict):
+        return peft_config
+    from pathlib import Path
+
+    from simcost.trace.build import build_model, task_for
+    paths = {}
+    for key, src in adapters.items():
+        if isinstance(src, str) and src.startswith("case:"):
+            path = Path(folder) / key
+            build_model(task_for(cfg), adapter_configs(model)[src[5:]], "fp32", device="cpu") \
+                .save_pretrained(str(path))
+            src = str(path)
+        paths[key] = src
+    return {**peft_config, "adapters": paths}
