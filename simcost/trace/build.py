@@ -116,15 +116,7 @@ def _trace_task(task, peft_config, *, dtype, hints, reduce, checkpointing, autoc
                            f"{', '.join(task.dims)}; missing: {', '.join(missing)}")
     if dtype not in TORCH_DTYPE:
         raise SimcostError(f"traced dtype '{dtype}'; valid: {', '.join(TORCH_DTYPE)}")
-    model = task.build(dtype, "meta")
-    if attn != "sdpa":
-        if not hasattr(model, "set_attn_implementation"):
-            raise SimcostError(f"--attn {attn}: {task.name} has no attention implementation "
-                               f"to choose")
-        model.set_attn_implementation(attn)
-    base_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if peft_config:
-        model = apply_peft(model, peft_config, meta=True)
+    model, base_names = _peft_model(task, peft_config, dtype, attn)
     model.train()
     if checkpointing:
         enable_checkpointing(model)
@@ -140,6 +132,29 @@ def _trace_task(task, peft_config, *, dtype, hints, reduce, checkpointing, autoc
                       {d: hints[d] for d in task.dims}, env, mode, static=static,
                       counts=counts, params=params, loss=task.loss, base_names=base_names,
                       autocast=TORCH_DTYPE[autocast] if autocast else None)
+
+
+def _peft_model(task: TracedTask, peft_config, dtype: str, attn: str):
+    """(the peft-wrapped model on the meta device, the base model's parameter names). peft
+    makes uninitialised adapters where the tuner's init allows; a tuner whose init reads the
+    weights (SHiRA's mask) is built again with peft's full init."""
+    def base():
+        m = task.build(dtype, "meta")
+        if attn != "sdpa":
+            if not hasattr(m, "set_attn_implementation"):
+                raise SimcostError(f"--attn {attn}: {task.name} has no attention "
+                                   f"implementation to choose")
+            m.set_attn_implementation(attn)
+        return m, {n for n, _ in m.named_parameters(remove_duplicate=False)}
+
+    model, names = base()
+    if not peft_config:
+        return model, names
+    try:
+        return apply_peft(model, peft_config, meta=True), names
+    except SimcostError:
+        model, names = base()
+        return apply_peft(model, peft_config), names
 
 
 def enable_checkpointing(model) -> None:

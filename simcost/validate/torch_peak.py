@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from simcost.trace.record import storages
 from simcost.validate.torch_measure import build_peft_model
 
 
@@ -30,12 +31,13 @@ class LiveMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = {st.data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) for st in storages(t)}
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
+            if not isinstance(t, torch.Tensor):
+                continue
+            for st in storages(t):      # a sparse tensor: its indices and values
                 nb = st.nbytes()
                 if nb == 0 or st.data_ptr() in inputs or id(st) in self._live:
                     continue   # a view or an in-place result
