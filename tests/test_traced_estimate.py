@@ -227,3 +227,34 @@ def test_size_one_is_its_own_recording(tmp_path):
     assert ct.specialized["batch"] == 1
     with pytest.raises(SimcostError, match="fixed batch to 1"):
         ct.check({"batch": 2, "seq": 8})
+
+
+def test_data_parallel_on_a_traced_graph(tmp_path):
+    """DDP, ZeRO-1/2/3 over 4 ranks: a rank's work is the single-device step at its batch,
+    plus the collectives; each ZeRO stage shards one more kind of state."""
+    from simcost.api import estimate_train
+    model = _tiny(tmp_path, "bert-cls")
+    kw = dict(seq=16, peft="lora", frontend="traced", dtype="fp32")
+    one = estimate_train(model, "a100-80gb-sxm", batch=2, **kw)
+    z = {s: estimate_train(model, "a100-80gb-sxm", batch=8, devices=4, zero=s, **kw)
+         for s in (0, 1, 2, 3)}
+    m0 = z[0].memory_bytes
+    assert m0["activations"] == one.memory_bytes["activations"]
+    assert z[0].time_s["step"] > one.time_s["step"]            # the all-reduce
+    assert z[1].memory_bytes["optimizer"] == pytest.approx(m0["optimizer"] / 4)
+    assert z[2].memory_bytes["gradients"] == pytest.approx(m0["gradients"] / 4)
+    assert z[3].memory_bytes["weights"] < m0["weights"]
+    assert z[3].parallel["plan"]["zero"] == 3 and z[3].parallel["communication_s"]["zero3_s"] > 0
+    auto = estimate_train(model, "a100-80gb-sxm", batch=8, devices=4, parallel="auto", **kw)
+    assert auto.fits and auto.parallel["searched"] == 4 * 2      # zero 0-3 x micro-batch 1, 2
+    assert auto.time_s["step"] <= min(r.time_s["step"] for r in z.values())   # the fastest
+
+
+@pytest.mark.parametrize("extra,needle", [({"tp": 2}, "--tp needs the model's module roles"),
+                                          ({"offload": "optimizer"}, "--offload"),
+                                          ({"micro_batch": 3}, "does not divide")])
+def test_traced_parallel_refusals(tmp_path, extra, needle):
+    from simcost.api import estimate_train
+    with pytest.raises(SimcostError, match=needle):
+        estimate_train(_tiny(tmp_path, "bert-cls"), "a100-80gb-sxm", batch=8, seq=16,
+                       devices=2, frontend="traced", **extra)

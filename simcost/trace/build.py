@@ -62,12 +62,37 @@ def apply_peft(model, peft_config: dict, meta: bool = False):
 
     from simcost.trace.workarounds import building
     try:
-        pcfg = peft.get_peft_config(dict(peft_config))
+        pcfg = peft_config_of(peft_config)
         with building():
             return peft.get_peft_model(model, pcfg, low_cpu_mem_usage=meta)
     except Exception as e:  # noqa: BLE001 -- peft's refusal, whatever its type
         raise SimcostError(f"peft refuses this adapter config: {type(e).__name__}: "
                            f"{_one_line(e)}") from None
+
+
+def peft_config_of(peft_config: dict):
+    """The peft config object of a config dict, read as peft reads an adapter_config.json
+    (``PeftConfig.from_peft_type``: keys this peft version does not know, written by another
+    version, are dropped with a warning; :func:`ignored_keys` names them)."""
+    import peft
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftConfig.from_peft_type(**dict(peft_config))
+
+
+def ignored_keys(peft_config: dict | None) -> list[str]:
+    """The adapter config's keys peft drops (a config written by another peft version)."""
+    import dataclasses
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    if not peft_config or not isinstance(peft_config.get("peft_type"), str):
+        return []
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_config["peft_type"].upper())
+    if cls is None:
+        return []
+    known = {f.name for f in dataclasses.fields(cls)} | {"peft_type"}
+    return sorted(k for k in peft_config if k not in known)
 
 
 def _one_line(e: Exception) -> str:

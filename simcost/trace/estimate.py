@@ -25,8 +25,6 @@ PEFT_SHORTHAND = ("lora", "dora", "ia3", "prefix", "prompt", "ln_tuning")
 def refuse_unpriced(req) -> None:
     """Options the traced path does not price: one line each, with what to use instead."""
     checks = [
-        (req.distributed, "several devices, plans, fp8 and offload are priced for the "
-                          "hand-built decoder graphs only (--frontend analytic)"),
         (req.optimizer == "mezo", "--optimizer mezo is priced by the analytic path only"),
         (req.checkpointing == "selective", "--checkpointing selective needs the attention "
                                            "core's structure: traced steps take none or full"),
@@ -127,11 +125,17 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
     compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
     if req.dtype == "fp8":
         raise SimcostError("traced front end: --dtype fp8 is priced by the analytic path only")
+    if req.distributed:
+        from simcost.trace.parallel import refuse_axes
+        refuse_axes(req)
     ct = compiled_step(task, peft_cfg, dtype=req.dtype,
                        autocast=None if req.mixed_precision == "none" else req.mixed_precision,
                        attn="eager" if req.attn == "eager" else "sdpa",
                        checkpointing=req.checkpointing == "full", sizes=sizes,
                        use_cache=req.trace_cache)
+    if req.distributed:
+        return _data_parallel(req, task, ct, sizes, device, stack, compute, peft_entry,
+                              [*warns, *pwarn])
     tn = traced_numbers(ct, sizes, device, optimizer=req.optimizer, mixed=req.mixed_precision,
                         stack=stack, host_allocator=req.host_allocator, dtype=compute,
                         tokens=tokens_per_step(task, sizes))
@@ -139,6 +143,12 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
     if tn.unpriced:
         warns.append("priced by their bytes alone (no formula): " +
                      ", ".join(f"{k} x{v}" for k, v in sorted(tn.unpriced.items())))
+    if peft_cfg:
+        from simcost.trace.build import ignored_keys
+        dropped = ignored_keys(peft_cfg)
+        if dropped:
+            warns.append(f"adapter config keys this peft version does not know, ignored as "
+                         f"peft ignores them: {', '.join(dropped)}")
     text = "seq" in sizes and task.kind not in ("image-cls", "noise-pred")
     est = make_estimate(task.name, device, peft_entry, n, batch=req.batch, seq=sizes.get("seq"),
                         dtype=req.dtype, mixed_precision=req.mixed_precision, attn=req.attn,
@@ -216,3 +226,58 @@ def sweep_traced(req, why: str | None = None) -> dict:
             "frontend": "traced",
             "intervals": estimate_intervals(stack, device, arrays["step_s"],
                                             arrays["peak_bytes"])}
+
+
+def _data_parallel(req, task, ct0, sizes, device, stack, compute, peft_entry, warns):
+    """``--devices N`` (``--zero``, ``--micro-batch``, ``--parallel auto``) on a traced graph:
+    :mod:`simcost.trace.parallel`; every plan's micro-batch priced from its recording."""
+    from simcost.hardware import load_profile
+    from simcost.sim.timing import TimeModel
+    from simcost.stack import optimizer_impl
+    from simcost.trace import parallel as TP
+    from simcost.trace.numbers import traced_numbers
+    profile = load_profile(req.hardware)
+    topo = TP.topology(profile, req.devices, req.nodes)
+    tm = TimeModel.from_device(device, stack)
+    impl = optimizer_impl(stack, device.kind)
+    results, numbers = [], {}
+    for plan in TP.plans(req):
+        mb = plan.micro_batch
+        if mb not in numbers:
+            dims = {**sizes, "batch": mb}
+            ct = ct0 if mb == sizes["batch"] else compiled_step(
+                task, ct0_peft(req, task), dtype=req.dtype,
+                autocast=None if req.mixed_precision == "none" else req.mixed_precision,
+                attn="eager" if req.attn == "eager" else "sdpa",
+                checkpointing=req.checkpointing == "full", sizes=dims,
+                use_cache=req.trace_cache)
+            numbers[mb] = (ct, traced_numbers(ct, dims, device, optimizer=req.optimizer,
+                                              mixed=req.mixed_precision, stack=stack,
+                                              dtype=compute,
+                                              tokens=tokens_per_step(task, dims)).numbers)
+        ct, n = numbers[mb]
+        results.append(TP.evaluate(plan, n, ct, topo=topo, device=device, tm=tm, stack=stack,
+                                   optimizer=req.optimizer, mixed=req.mixed_precision,
+                                   impl=impl))
+    fitting = [r for r in results if r.fits]
+    best = min(fitting or results, key=lambda r: (r.step_s if fitting else r.memory_bytes["peak"]))
+    n1 = numbers[best.plan.micro_batch][1]
+    tokens = tokens_per_step(task, sizes)
+    scale = sizes["batch"] / best.plan.micro_batch
+    flops = {k: float(v) * (scale if k != "optimizer" else 1) for k, v in n1.flops.items()}
+    par = {"plan": best.plan.as_dict(), "devices": req.devices, "searched": len(results),
+           "communication_s": best.communication_s,
+           "note": "data parallelism over traced graphs (simcost.trace.parallel)"}
+    text = "seq" in sizes and task.kind not in ("image-cls", "noise-pred")
+    est = make_estimate(task.name, device, peft_entry, n1, batch=req.batch,
+                        seq=sizes.get("seq"), dtype=req.dtype,
+                        mixed_precision=req.mixed_precision, attn=req.attn,
+                        optimizer=req.optimizer, checkpointing=req.grad_checkpointing,
+                        flops=flops, memory_bytes=best.memory_bytes, time_s=best.time_s,
+                        tokens_per_s=tokens / best.step_s, fits=best.fits, parallel=par,
+                        warnings=[*warns, *n1.warnings], stack=stack, counts_tokens=text)
+    return est.model_copy(update={"frontend": "traced", "sizes": dict(sizes)})
+
+
+def ct0_peft(req, task):
+    return adapter_config(req, task.kind, task.model_type)[0]

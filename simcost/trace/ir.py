@@ -108,7 +108,7 @@ def _structure(ct) -> tuple[list, list]:
 
 def _params_by_count(table) -> dict:
     out: dict[int, list] = {}
-    for name, shape, dtype, trainable, added, count in table:
+    for name, shape, dtype, trainable, added, count, _ in table:
         out.setdefault(count, []).append(
             Param(name, tuple(shape), dtype, trainable, "adapter" if added else "weight"))
     return out

@@ -523,14 +523,14 @@ def _loss_of(out, inputs, loss_fn):
 
 
 def param_table(model, counts: dict, base_names: set | None) -> list:
-    """(name, shape, dtype, trainable, added by the method, how many layers it stands for)
-    per distinct parameter of the (reduced) model."""
-    weight: dict[int, int] = {}
+    """(name, shape, dtype, trainable, added by the method, how many layers it stands for, the
+    kept layer it belongs to or None) per distinct parameter of the (reduced) model."""
+    weight: dict[int, tuple] = {}
     for mod in model.modules():
         c = counts.get(id(mod))
         if c:
             for p in mod.parameters():
-                weight[id(p)] = c
+                weight[id(p)] = (c, id(mod))
     out, seen = [], set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -539,7 +539,7 @@ def param_table(model, counts: dict, base_names: set | None) -> list:
         dt = TORCH_DTYPES.get(str(p.dtype).removeprefix("torch."), "fp32")
         added = base_names is not None and base_name(name) not in base_names
         out.append((name, tuple(int(x) for x in p.shape), dt, bool(p.requires_grad), added,
-                    weight.get(id(p), 1)))
+                    *weight.get(id(p), (1, None))))
     return out
 
 
