@@ -91,6 +91,10 @@ def _add_train(est_sub) -> None:
                    help="analytic: the hand-built decoder graphs (no torch); traced: torch "
                         "records the step (any model, every peft tuner; needs the torch "
                         "extra); auto: analytic where it covers the request")
+    t.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"),
+                   help="the frozen base stored quantised: nf4 (QLoRA, bitsandbytes 4-bit "
+                        "with double quantisation) or int8 (LLM.int8); with LoRA nf4 is "
+                        "--peft qlora, with any other tuner the traced front end prices it")
     t.add_argument("--no-trace-cache", action="store_true",
                    help="traced front end: record the step again instead of reusing a cached "
                         "recording")
@@ -313,7 +317,7 @@ def _train_request(a, cls=None, **extra):
         loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
         stack=a.stack, host_allocator=a.host_allocator, shorthand=short,
         target_seq=a.target_seq, image_size=a.image_size, frontend=a.frontend,
-        trace_cache=not a.no_trace_cache, **extra)
+        trace_cache=not a.no_trace_cache, quantize=a.quantize, **extra)
 
 
 def _estimate_train(a) -> int:

@@ -258,3 +258,27 @@ def test_traced_parallel_refusals(tmp_path, extra, needle):
     with pytest.raises(SimcostError, match=needle):
         estimate_train(_tiny(tmp_path, "bert-cls"), "a100-80gb-sxm", batch=8, seq=16,
                        devices=2, frontend="traced", **extra)
+
+
+def test_quantised_base_under_any_tuner():
+    """QLoRA through the traced front end equals the hand-built qlora in memory and FLOPs;
+    the NF4 base combines with DoRA (refused by the analytic path)."""
+    from simcost.api import estimate_train
+    kw = dict(batch=2, seq=128, rank=16, targets="all-linear")
+    a = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="qlora", frontend="analytic", **kw)
+    auto = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="lora", quantize="nf4", **kw)
+    assert auto.frontend == "analytic" and auto.peft["method"] == "qlora"   # LoRA + NF4 = QLoRA
+    t = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="lora", quantize="nf4",
+                       frontend="traced", **kw)
+    assert t.peft["quantize"] == "nf4"
+    assert t.memory_bytes["weights"] == pytest.approx(a.memory_bytes["weights"])
+    assert t.memory_bytes["temporaries"] == pytest.approx(a.memory_bytes["temporaries"])
+    assert t.flops["matmul_forward"] == a.flops["matmul_forward"]
+    d = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="dora", quantize="nf4", **kw)
+    plain = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="dora", **kw)
+    assert d.frontend == "traced"
+    assert d.memory_bytes["weights"] < 0.4 * plain.memory_bytes["weights"]
+    assert d.time_s["step"] > plain.time_s["step"]                  # dequantisation
+    with pytest.raises(SimcostError, match="analytic path models QLoRA"):
+        estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="dora", quantize="nf4",
+                       frontend="analytic", **kw)

@@ -35,6 +35,9 @@ def traced_reason(req) -> str | None:
         return f"architecture {arch or cfg.get('model_type') or '(unnamed)'}"
     if req.target_seq is not None or req.image_size is not None:
         return "--target-seq / --image-size (sizes of encoder-decoder, vision and diffusion models)"
+    if req.quantize == "int8" or req.quantize == "nf4" and (
+            req.peft_config is not None or req.method not in ("lora", "qlora")):
+        return f"a {req.quantize} base under --peft {req.method}"
     if req.peft_config is not None:
         from simcost.peft.config_file import uncovered
         from simcost.peft.spec import read_adapter_config
@@ -42,6 +45,16 @@ def traced_reason(req) -> str | None:
         if why:
             return why
     return None
+
+
+def require_analytic(req) -> None:
+    """What the analytic path needs: text sizes (``--seq``, no vision or target sizes), and a
+    quantised base only as QLoRA (``--quantize nf4`` with LoRA)."""
+    if req.quantize == "int8" or req.quantize == "nf4" and req.method not in ("lora", "qlora"):
+        raise SimcostError(f"--quantize {req.quantize} with --peft {req.method}: the analytic "
+                           f"path models QLoRA (--peft qlora, or lora with --quantize nf4); "
+                           f"--frontend traced quantises the base under any method")
+    require_text_sizes(req)
 
 
 def require_text_sizes(req) -> None:

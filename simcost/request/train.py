@@ -87,6 +87,8 @@ class TrainRequest(Request):
     # auto: analytic where it covers the request
     frontend: Literal[FRONTENDS] = "auto"
     trace_cache: StrictBool = True     # reuse a traced step recorded before (disk cache)
+    # the frozen base stored quantised (QLoRA's NF4, LLM.int8) under any method
+    quantize: Literal["none", "nf4", "int8"] = "none"
     peft: str | PeftSpec | None = None
     peft_config: str | None = None
     dtype: Literal[DTYPES] = "bf16"

@@ -39,6 +39,7 @@ class CCall:
     layer: object            # the kept layer (an int) or None
     weight_grad: bool = False  # backward work making a parameter-shaped gradient
     static: bool = False       # no size expression in it: its cost is the same at any sizes
+    params: tuple = ()         # names of the parameters among its arguments
 
 
 @dataclass
@@ -53,7 +54,7 @@ class CompiledTrace:
     events: list             # (+1 | -1, storage id, call index into ``calls``)
     births: dict             # storage id -> call index into ``calls``
     counts: dict             # kept layer -> layers it stands for
-    params: list             # see simcost.trace.record.param_table
+    params: list             # simcost.trace.record.ParamInfo per parameter
     params_total: int
     params_trainable: int
     fwd_calls: int           # calls[0:fwd_calls] are the forward
@@ -144,7 +145,7 @@ def compile_trace(trace) -> CompiledTrace:
         kwargs = {k: conv(v) for k, v in c.kwargs.items()}
         calls.append(CCall(c.name, c.phase, args, kwargs, outs, c.tags, c.layer,
                            c.phase == "bwd" and _is_weight_grad(args, outs),
-                           not _has_ref((args, kwargs, outs))))
+                           not _has_ref((args, kwargs, outs)), c.params))
     saved = [(ref(nb), trace.weight(trace.saved_layer.get(sid))) for sid, nb in trace.saved.items()]
     storage = [ref(b) for b in trace.storage_bytes]
     guards = [(str(g.xreplace(subs)), ref(g).i) for g in trace.guards]

@@ -55,6 +55,9 @@ def adapter_config(req, kind: str, task_model_type: str | None = None
     method = req.method
     if method == "full":
         return None, {"method": "full"}, []
+    if method == "qlora":          # LoRA, with the NF4 base as a rewrite (quantisation())
+        req = req.model_copy(update={"peft": "lora"})
+        method = "lora"
     if method not in PEFT_SHORTHAND:
         raise SimcostError(f"traced front end: --peft {method} is not a peft tuner; give its "
                            f"adapter_config.json (--peft-config) or use --frontend analytic")
@@ -73,6 +76,11 @@ def adapter_config(req, kind: str, task_model_type: str | None = None
     else:
         d.pop("task_type", None)
     return d, peft_dict(spec), list(spec.warnings)
+
+
+def quantisation(req) -> str:
+    """The base's storage: ``--quantize``, or NF4 for ``--peft qlora``."""
+    return "nf4" if req.method == "qlora" and req.quantize == "none" else req.quantize
 
 
 def compiled_step(task, peft_cfg, *, dtype: str, autocast: str | None, attn: str,
@@ -122,6 +130,8 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
         warns.append(f"stack '{stack.name}': its fusions ({', '.join(stack.fusions)}) are not "
                      f"applied to traced graphs (priced as the eager kernels torch recorded)")
     peft_cfg, peft_entry, pwarn = adapter_config(req, task.kind, task.model_type)
+    if quantisation(req) != "none":
+        peft_entry = {**peft_entry, "quantize": quantisation(req)}
     compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
     if req.dtype == "fp8":
         raise SimcostError("traced front end: --dtype fp8 is priced by the analytic path only")
@@ -138,7 +148,7 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
                               [*warns, *pwarn])
     tn = traced_numbers(ct, sizes, device, optimizer=req.optimizer, mixed=req.mixed_precision,
                         stack=stack, host_allocator=req.host_allocator, dtype=compute,
-                        tokens=tokens_per_step(task, sizes))
+                        tokens=tokens_per_step(task, sizes), quantize=quantisation(req))
     n = tn.numbers
     if tn.unpriced:
         warns.append("priced by their bytes alone (no formula): " +
@@ -212,7 +222,8 @@ def sweep_traced(req, why: str | None = None) -> dict:
             n = traced_numbers(ct, dims, device, optimizer=base.optimizer,
                                mixed=base.mixed_precision, stack=stack,
                                host_allocator=base.host_allocator, dtype=compute,
-                               tokens=tokens_per_step(task, dims)).numbers
+                               tokens=tokens_per_step(task, dims),
+                               quantize=quantisation(base)).numbers
             k = int(sel.sum())
             out["step_s"][sel] = np.broadcast_to(n.time_s["step"], k)
             out["tokens_per_s"][sel] = np.broadcast_to(n.tokens_per_s, k)
@@ -253,8 +264,8 @@ def _data_parallel(req, task, ct0, sizes, device, stack, compute, peft_entry, wa
                 use_cache=req.trace_cache)
             numbers[mb] = (ct, traced_numbers(ct, dims, device, optimizer=req.optimizer,
                                               mixed=req.mixed_precision, stack=stack,
-                                              dtype=compute,
-                                              tokens=tokens_per_step(task, dims)).numbers)
+                                              dtype=compute, tokens=tokens_per_step(task, dims),
+                                              quantize=quantisation(req)).numbers)
         ct, n = numbers[mb]
         results.append(TP.evaluate(plan, n, ct, topo=topo, device=device, tm=tm, stack=stack,
                                    optimizer=req.optimizer, mixed=req.mixed_precision,

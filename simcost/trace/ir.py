@@ -55,28 +55,33 @@ def op_cost(pc) -> OpCost:
     return cost
 
 
-def build_ir(ct, priced: list, *, batch, seq, dtype: str,
-             saved=0) -> tuple[ModelGraph, Analysis]:
+def build_ir(ct, priced: list, *, batch, seq, dtype: str, saved=0,
+             quantize: str = "none") -> tuple[ModelGraph, Analysis]:
     """``priced``: :func:`simcost.trace.price.evaluate`'s calls of ``ct`` (a CompiledTrace);
-    ``saved``: the bytes autograd keeps for backward (the analysis's activations). The
-    segments and ops depend on the recording only, so they are made once per recording."""
-    segments, placed = _structure(ct)
+    ``saved``: the bytes autograd keeps for backward (the analysis's activations);
+    ``quantize``: the frozen base stored as :mod:`simcost.trace.quantize` says. The segments
+    and ops depend on the recording only, so they are made once per recording."""
+    segments, placed = _structure(ct, quantize, dtype)
     g = ModelGraph(batch, seq, dtype)
     g.segments = segments
     g.meta["traced"] = True
-    if getattr(ct, "_param_counts", None) is None:
-        ct._param_counts = param_counts(g)
+    if getattr(ct, "_param_counts", None) is None:    # the model's, whatever its storage
+        plain = ModelGraph(batch, seq, dtype)
+        plain.segments = _structure(ct)[0]
+        ct._param_counts = param_counts(plain)
     g.meta["param_counts"] = ct._param_counts
     records = [OpRecord(si, op, pc.count, (), True, op_cost(pc))
                for (si, op), pc in zip(placed, priced)]
     return g, Analysis(records, [0] * len(segments), 0, saved, 0)
 
 
-def _structure(ct) -> tuple[list, list]:
-    """(segments, (segment index, op) per compiled call), cached on the recording."""
-    cached = getattr(ct, "_ir", None)
-    if cached is not None:
-        return cached
+def _structure(ct, quantize: str = "none", compute: str = "bf16") -> tuple[list, list]:
+    """(segments, (segment index, op) per compiled call), cached on the recording per
+    quantisation."""
+    cache = ct.__dict__.setdefault("_ir", {})
+    key = (quantize, compute if quantize != "none" else None)
+    if key in cache:
+        return cache[key]
     seg_of: dict = {}
     segments: list[Segment] = []
     placed = []
@@ -99,16 +104,27 @@ def _structure(ct) -> tuple[list, list]:
                 attrs={"causal": _causal(c)} if sdpa else {})
         segments[si].ops.append(op)
         placed.append((si, op))
-    for count, params in _params_by_count(ct.params).items():
+    for count, params in _params_by_count(ct.params, quantize, compute).items():
         holder = Op(f"params[x{count}]", K.ATEN, (), (), attrs={"held_params": tuple(params)})
         segments.append(Segment(f"params_x{count}", [holder], count))
-    ct._ir = (segments, placed)
-    return ct._ir
+    cache[key] = (segments, placed)
+    return cache[key]
 
 
-def _params_by_count(table) -> dict:
+def _params_by_count(table, quantize: str = "none", compute: str = "bf16") -> dict:
+    from simcost.trace.quantize import quantized
+    q = quantized(table, quantize)
     out: dict[int, list] = {}
-    for name, shape, dtype, trainable, added, count, _ in table:
-        out.setdefault(count, []).append(
-            Param(name, tuple(shape), dtype, trainable, "adapter" if added else "weight"))
+    for p in table:
+        role = "adapter" if p.added else "weight"
+        if p.name in q:
+            dt = "nf4" if quantize == "nf4" else "int8"
+            out.setdefault(p.count, []).append(
+                Param(p.name, tuple(p.shape), dt, False, role, compute_dtype=compute))
+            if quantize == "int8":          # LLM.int8: one fp32 scale per output row
+                out[p.count].append(Param(p.name + ".SCB", (p.shape[0],), "fp32", False,
+                                          "quant_state"))
+            continue
+        out.setdefault(p.count, []).append(
+            Param(p.name, tuple(p.shape), p.dtype, p.trainable, role))
     return out

@@ -60,20 +60,25 @@ def flops_of(priced) -> dict:
 
 
 def traced_numbers(ct, dims: dict, device, *, optimizer: str, mixed: str, stack=None,
-                   host_allocator: str | None = None, dtype: str, tokens) -> TracedNumbers:
+                   host_allocator: str | None = None, dtype: str, tokens,
+                   quantize: str = "none") -> TracedNumbers:
     """``dims``: the task's sizes (numbers or numpy arrays); ``dtype``: the compute dtype;
-    ``tokens``: what ``tokens_per_s`` counts per step."""
+    ``tokens``: what ``tokens_per_s`` counts per step; ``quantize``: the frozen base's
+    storage (:mod:`simcost.trace.quantize`: 'nf4', 'int8' or 'none')."""
+    from simcost.trace.quantize import quantized, rewrite_calls
     priced, vals = evaluate(ct, dims)
+    dense = rewrite_calls(priced, quantized(ct.params, quantize), quantize, dtype)
     saved = saved_bytes(ct, vals)
     g, a = build_ir(ct, priced, batch=dims.get("batch"), seq=dims.get("seq"), dtype=dtype,
-                    saved=saved)
+                    saved=saved, quantize=quantize)
     tm = TimeModel.from_device(device, stack)
     t_fwd, t_bwd = phase_times(tm, dtype, a)
     opt_flops, t_opt, impl = optimizer_step(g, tm, device, optimizer=optimizer, mixed=mixed,
                                             stack=stack)
     nbytes = byte_values(ct, vals, ct.storage_bytes)
     mem = traced_memory(g, timeline_of(ct), nbytes, optimizer=optimizer, mixed=mixed,
-                        impl=impl, runtime_overhead=device.runtime_overhead_bytes)
+                        impl=impl, runtime_overhead=device.runtime_overhead_bytes,
+                        temporaries=dense)
     policy = resolve(device.params, device.kind, host_allocator)
     faults = None
     if policy.active:
@@ -94,16 +99,19 @@ def traced_numbers(ct, dims: dict, device, *, optimizer: str, mixed: str, stack=
 
 
 def traced_memory(g, tl, nbytes: list, *, optimizer: str, mixed: str, impl: str,
-                  runtime_overhead: float) -> Memory:
+                  runtime_overhead: float, temporaries: float = 0.0) -> Memory:
+    """``temporaries``: a working copy alive on top of the recorded step (a dequantised
+    weight, :mod:`simcost.trace.quantize`)."""
     pm = param_memory(g, optimizer=optimizer, mixed=mixed, foreach=impl == "foreach",
                       fused_optimizer=impl == "fused")
     t = timeline_at(tl, nbytes)
     act = t["end_forward"]
     loss = np.maximum(t["peak_loss"] - act, 0.0)
     at_step = np.maximum(t["peak_backward"], pm.grads + pm.opt_temp)
-    peak = runtime_overhead + pm.weights + pm.master + pm.opt + np.maximum(act + loss, at_step)
-    return Memory(pm.weights, pm.grads, pm.opt, pm.master, act, 0.0, runtime_overhead, peak,
-                  loss_transient=loss, gradient_transient=at_step - pm.grads)
+    peak = runtime_overhead + pm.weights + pm.master + pm.opt + np.maximum(act + loss, at_step) \
+        + temporaries
+    return Memory(pm.weights, pm.grads, pm.opt, pm.master, act, temporaries, runtime_overhead,
+                  peak, loss_transient=loss, gradient_transient=at_step - pm.grads)
 
 
 def fresh_blocks(ct, g, nbytes: list, threshold: float, *, optimizer: str, impl: str,

@@ -102,7 +102,7 @@ def evaluate(plan: Plan, n, ct, *, topo, device, tm: TimeModel, stack, optimizer
     ctx = _Ctx(topo)
     ddp = data_parallel(ctx, plan, shard, t_bwd)
     z3 = zero3_gather(ctx, plan, work, shard)
-    n_tensors = sum(p[5] for p in ct.params if p[3])      # trainable tensors x their layers
+    n_tensors = sum(p.count for p in ct.params if p.trainable)   # trainable tensors
     t_opt = optimizer_time(tm, optimizer, optimizer_numel(plan, shard), max(1, n_tensors),
                            mixed, foreach=impl == "foreach", elem_bytes=tr_elem,
                            fused=impl == "fused")
@@ -125,7 +125,7 @@ class _Ctx:
 
 def _trainable_elem(ct) -> int:
     from simcost.dtypes import BYTES
-    return max((BYTES[p[2]] for p in ct.params if p[3]), default=4)
+    return max((BYTES[p.dtype] for p in ct.params if p.trainable), default=4)
 
 
 def _memory(plan: Plan, mem: dict, ct, device, stack) -> dict:
@@ -155,8 +155,8 @@ def _largest_unit_bytes(ct) -> float:
     root unit: embeddings, head), whichever is larger."""
     from simcost.dtypes import BYTES
     units: dict = {}
-    for _, shape, dt, _, _, _, layer in ct.params:
-        units[layer] = units.get(layer, 0.0) + float(np.prod(shape)) * BYTES[dt]
+    for p in ct.params:
+        units[p.layer] = units.get(p.layer, 0.0) + float(np.prod(p.shape)) * BYTES[p.dtype]
     return max(units.values(), default=0.0)
 
 

@@ -24,6 +24,7 @@ import gc
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class Call:
     tags: frozenset
     is_view: bool
     layer: int | None = None  # the kept layer it runs for (see simcost.trace.layers)
+    params: tuple = ()        # names of the parameters among its arguments (views included)
 
 
 @dataclass
@@ -245,7 +247,7 @@ class _Recorder:
     kept layer and phase of the call that made it, and the births and deaths of the
     live-memory timeline (:mod:`simcost.trace.timeline`)."""
 
-    def __init__(self, param_storages: set, fake_mode=None, tagger=None):
+    def __init__(self, param_storages: dict, fake_mode=None, tagger=None):
         self.fake_mode = fake_mode
         self.tagger = tagger
         self.calls: list[Call] = []
@@ -356,10 +358,13 @@ class _Recorder:
             if st._cdata not in self.param_storages:
                 self.storage(st, layer, born=not func.is_view and st._cdata not in ins,
                              alias_of=alias)
+        params = tuple(sorted({self.param_storages[st._cdata]
+                               for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                               for st in storages(t) if st._cdata in self.param_storages}))
         self.calls.append(Call(name, phase, _meta_tree(tuple(args)),
                                {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
                                frozenset(str(t).removeprefix("Tag.") for t in func.tags),
-                               bool(getattr(func, "is_view", False)), layer))
+                               bool(getattr(func, "is_view", False)), layer, params))
 
     def _hidden(self, tree):
         """The storage id of the first tensor in ``tree`` (a layer's hidden state), or None."""
@@ -450,7 +455,10 @@ def trace_step(model, make_inputs, hints: dict, shape_env, fake_mode,
     import torch
     sizes = make_symbols(shape_env, hints, static)
     symbols = {k: v.node.expr for k, v in sizes.items() if not isinstance(v, int)}
-    pstor = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    # parameter and buffer storages -> a name (the calls name the parameters they read)
+    pstor = {t.untyped_storage()._cdata: n for n, t in
+             (*model.named_parameters(remove_duplicate=False),
+              *model.named_buffers(remove_duplicate=False))}
     tagger = None
     if counts:
         from simcost.trace.layers import LayerTagger
@@ -522,15 +530,37 @@ def _loss_of(out, inputs, loss_fn):
     return value
 
 
-def param_table(model, counts: dict, base_names: set | None) -> list:
-    """(name, shape, dtype, trainable, added by the method, how many layers it stands for, the
-    kept layer it belongs to or None) per distinct parameter of the (reduced) model."""
+class ParamInfo(NamedTuple):
+    """One distinct parameter of a recorded (reduced) model."""
+    name: str
+    shape: tuple
+    dtype: str
+    trainable: bool
+    added: bool           # made by the PEFT method (not in the model before peft)
+    count: int            # the layers it stands for
+    layer: object         # the kept layer it belongs to, or None outside the layers
+    kind: str             # 'linear' (an nn.Linear's weight), 'head' (the output embedding's),
+    #                       'embedding' or 'other'
+
+
+def param_table(model, counts: dict, base_names: set | None) -> list[ParamInfo]:
+    """A :class:`ParamInfo` per distinct parameter of the (reduced) model."""
+    import torch
     weight: dict[int, tuple] = {}
     for mod in model.modules():
         c = counts.get(id(mod))
         if c:
             for p in mod.parameters():
                 weight[id(p)] = (c, id(mod))
+    kind: dict[int, str] = {}
+    for mod in model.modules():
+        w = mod._parameters.get("weight")        # the module owning it (not a wrapper's alias)
+        if w is not None and id(w) not in kind:
+            kind[id(w)] = "linear" if isinstance(mod, torch.nn.Linear) else \
+                "embedding" if isinstance(mod, torch.nn.Embedding) else "other"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and isinstance(getattr(head, "weight", None), torch.nn.Parameter):
+        kind[id(head.weight)] = "head"
     out, seen = [], set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -538,8 +568,8 @@ def param_table(model, counts: dict, base_names: set | None) -> list:
         seen.add(id(p))
         dt = TORCH_DTYPES.get(str(p.dtype).removeprefix("torch."), "fp32")
         added = base_names is not None and base_name(name) not in base_names
-        out.append((name, tuple(int(x) for x in p.shape), dt, bool(p.requires_grad), added,
-                    *weight.get(id(p), (1, None))))
+        out.append(ParamInfo(name, tuple(int(x) for x in p.shape), dt, bool(p.requires_grad),
+                             added, *weight.get(id(p), (1, None)), kind.get(id(p), "other")))
     return out
 
 
