@@ -277,7 +277,7 @@ def test_quantised_base_under_any_tuner():
     d = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="dora", quantize="nf4", **kw)
     plain = estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="dora", **kw)
     assert d.frontend == "traced"
-    assert d.memory_bytes["weights"] < 0.4 * plain.memory_bytes["weights"]
+    assert d.memory_bytes["weights"] < 0.5 * plain.memory_bytes["weights"]   # embeddings stay
     assert d.time_s["step"] > plain.time_s["step"]                  # dequantisation
     with pytest.raises(SimcostError, match="analytic path models QLoRA"):
         estimate_train("llama-3.2-1b", "a100-80gb-sxm", peft="dora", quantize="nf4",
