@@ -126,7 +126,8 @@ def test_cli_sizes_per_model_kind(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--devices", "2"], "several devices"),
+    (["--devices", "2"], "no device interconnect"),     # a CPU profile: one device
+    (["--devices", "2", "--tp", "2"], "--tp needs the model's module roles"),
     (["--peft", "bitfit"], "not a peft tuner"),
     (["--checkpointing", "selective"], "selective"),
     (["--optimizer", "mezo"], "mezo"),

@@ -270,7 +270,7 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
     the head) the host issues the kernels into the launch queue while the device runs the
     earlier ones, so each segment of each phase costs ``combine(Σ device, Σ host)`` (the
     queue holds far more than one block's kernels; HF training has no host sync inside a
-    phase). ``per_op`` collects (record, fwd, bwd): each op's share of its segment's time, in
+    phase; a traced step's syncs cut it, :func:`_sync_chunks`). ``per_op`` collects (record, fwd, bwd): each op's share of its segment's time, in
     proportion to the side that sets the pace."""
     segs: dict[int, list] = {}
     for r in analysis.records:
@@ -290,19 +290,36 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
             hb = tm.host_time(c.bwd_kernels)
         segs.setdefault(r.segment, []).append((r, df, hf, db, hb, recomputed(r, recompute_blocks)))
     fwd = bwd = 0.0
-    for ops in segs.values():
-        sdf = sum(o[1] * o[0].count for o in ops)
-        shf = sum(o[2] * o[0].count for o in ops)
-        sdb = sum((o[3] + (o[1] if o[5] else 0.0)) * o[0].count for o in ops)
-        shb = sum((o[4] + (o[2] if o[5] else 0.0)) * o[0].count for o in ops)
-        tf, tb = tm.combine(sdf, shf), tm.combine(sdb, shb)
-        fwd = fwd + tf
-        bwd = bwd + tb
-        if per_op is not None:
-            for r, df, hf, db, hb, _ in ops:
-                per_op.append((r, _share(tm, tf, df, hf, sdf, shf),
-                               _share(tm, tb, db, hb, sdb, shb)))
+    for seg_ops in segs.values():
+        for ops in _sync_chunks(seg_ops):
+            sdf = sum(o[1] * o[0].count for o in ops)
+            shf = sum(o[2] * o[0].count for o in ops)
+            sdb = sum((o[3] + (o[1] if o[5] else 0.0)) * o[0].count for o in ops)
+            shb = sum((o[4] + (o[2] if o[5] else 0.0)) * o[0].count for o in ops)
+            tf, tb = tm.combine(sdf, shf), tm.combine(sdb, shb)
+            fwd = fwd + tf
+            bwd = bwd + tb
+            if per_op is not None:
+                for r, df, hf, db, hb, _ in ops:
+                    per_op.append((r, _share(tm, tf, df, hf, sdf, shf),
+                                   _share(tm, tb, db, hb, sdb, shb)))
     return fwd, bwd
+
+
+def _sync_chunks(ops: list) -> list:
+    """A segment's ops cut after every op that makes the host wait for the device
+    (``attrs['sync']``: a value read on the host, such as ``.item()``): the launch queue is
+    empty there, so host and device overlap within each piece but not across pieces. A
+    hand-built graph has none: one piece."""
+    chunks, cur = [], []
+    for o in ops:
+        cur.append(o)
+        if o[0].op.attrs.get("sync"):
+            chunks.append(cur)
+            cur = []
+    if cur or not chunks:
+        chunks.append(cur)
+    return chunks
 
 
 def _nonzero(x) -> bool:

@@ -318,6 +318,7 @@ def _named_pointwise(name):
 for _n in (*_EXTRA_FLOPS, *_TRANSCENDENTAL, "aten.threshold_backward.default",
            "aten.tanh_backward.default", "aten.sigmoid_backward.default",
            "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.where.self",
+           "aten.masked_fill_.Scalar", "aten.masked_fill_.Tensor",
            "aten.clamp.default", "aten._to_copy.default", "aten.copy_.default",
            "aten.clone.default", "aten.copy.default"):
     if _n not in _REGISTRY:
@@ -327,7 +328,8 @@ for _n in (*_EXTRA_FLOPS, *_TRANSCENDENTAL, "aten.threshold_backward.default",
 @register("aten.zeros.default", "aten.ones.default", "aten.empty.memory_format",
           "aten.full.default", "aten.zeros_like.default", "aten.ones_like.default",
           "aten.empty_like.default", "aten.full_like.default", "aten.fill_.Scalar",
-          "aten.zero_.default", "aten.arange.default", "aten.arange.start",
+          "aten.zero_.default", "aten.arange.default", "aten.arange.start", "aten.eye.default",
+          "aten.eye.m",
           "aten.arange.start_step", "aten.new_zeros.default", "aten.new_ones.default",
           "aten.new_empty.default", "aten.new_full.default", "aten.scalar_tensor.default",
           "aten.empty_strided.default", "aten.new_empty_strided.default")
@@ -336,7 +338,8 @@ def factory(args, kwargs, outs):
     return AtenCost(bytes=sum((o.nbytes for o in outs), 0))
 
 
-@register("aten.rand.default", "aten.randn.default", "aten.bernoulli_.float",
+@register("aten.rand.default", "aten.randn.default", "aten.randn_like.default",
+          "aten.rand_like.default", "aten.bernoulli_.float",
           "aten.native_dropout.default", "aten.uniform_.default", "aten.normal_.default")
 def random(args, kwargs, outs):
     n = outs[0].numel
@@ -347,6 +350,7 @@ def random(args, kwargs, outs):
           "aten.amax.default", "aten.max.dim", "aten.max.default", "aten.min.default",
           "aten.var_mean.correction", "aten.var.correction", "aten.linalg_vector_norm.default",
           "aten.norm.ScalarOpt_dim", "aten.argmax.default", "aten.any.dim", "aten.all.default",
+          "aten.any.default",
           "aten.cumsum.default")
 def reduction(args, kwargs, outs):
     """One FLOP per input element (two for var/norm), reads the input once."""
@@ -372,10 +376,68 @@ def log_softmax_backward(args, kwargs, outs):
     return AtenCost(flops=4 * n, bytes=io_bytes(args, kwargs, outs), special={"exp": n})
 
 
+# calls after which the host waits for the device (a value copied to the host): on an
+# accelerator the launch queue drains there, so host and device work do not overlap across them
+SYNCS = frozenset({"aten._local_scalar_dense.default", "aten._linalg_check_errors.default",
+                   "aten.nonzero.default", "aten.unique.default", "aten._unique2.default"})
+
+
 @register("aten._local_scalar_dense.default")
 def scalar_read(args, kwargs, outs):
     """``.item()``: one element copied to the host (on an accelerator, a synchronisation)."""
     return AtenCost(bytes=sum((t.nbytes for t in _tensors(args)), 0))
+
+
+@register("aten._linalg_check_errors.default")
+def check_errors(args, kwargs, outs):
+    """``torch.linalg``'s check of the LAPACK ``info`` codes: read on the host (a sync)."""
+    return AtenCost(bytes=args[0].nbytes)
+
+
+def _square_batch(a):
+    """(batch, n) of a (..., n, n) matrix argument."""
+    n = a.shape[-1]
+    b = 1
+    for s in a.shape[:-2]:
+        b = b * s
+    return b, n
+
+
+@register("aten._linalg_solve_ex.default")
+def linalg_solve(args, kwargs, outs):
+    """LU factorisation (2/3 n³) and two triangular solves (2 n² per right-hand side) per
+    matrix (LAPACK getrf + getrs operation counts); not matmul work for FlopCounterMode."""
+    a, b = args[0], args[1]
+    batch, n = _square_batch(a)
+    k = b.shape[-1] if len(b.shape) == len(a.shape) else 1
+    return AtenCost(flops=batch * (2 * n ** 3 / 3 + 2 * n * n * k),
+                    bytes=io_bytes(args, kwargs, outs), kernels=2)
+
+
+@register("aten.linalg_lu_solve.default", "aten.lu_solve.default")
+def lu_solve(args, kwargs, outs):
+    """Two triangular solves with a given LU: 2 n² per right-hand side (getrs)."""
+    lu, b = args[0], args[2]
+    batch, n = _square_batch(lu)
+    return AtenCost(flops=batch * 2 * n * n * b.shape[-1], bytes=io_bytes(args, kwargs, outs))
+
+
+@register("aten.block_diag.default")
+def block_diag(args, kwargs, outs):
+    """Writes the (zeroed) block-diagonal matrix and copies each block in."""
+    return AtenCost(bytes=outs[0].nbytes + io_bytes(args, kwargs, ()))
+
+
+@register("aten._sparse_coo_tensor_with_dims_and_tensors.default")
+def sparse_wrap(args, kwargs, outs):
+    """A sparse tensor made from given indices and values: metadata only."""
+    return AtenCost(kernels=0)
+
+
+@register("aten.sparse_mask.default")
+def sparse_mask(args, kwargs, outs):
+    """Gathers the dense input at the mask's indices: reads them, writes the values."""
+    return AtenCost(bytes=2 * sum((o.nbytes for o in outs), 0))
 
 
 @register("aten._unsafe_view.default", "aten.alias.default", "aten.lift_fresh.default")
@@ -413,7 +475,8 @@ def gather(args, kwargs, outs):
 @register("aten.embedding_dense_backward.default", "aten.index_add.default",
           "aten.scatter_add.default", "aten.scatter.src", "aten.scatter.value",
           "aten.index_put.default", "aten.index_put_.default", "aten._index_put_impl_.default",
-          "aten.scatter_add_.default", "aten.index_add_.default")
+          "aten.scatter_add_.default", "aten.index_add_.default", "aten.index_copy.default",
+          "aten.index_copy_.default")
 def scatter(args, kwargs, outs):
     """Writes (zeroes) the destination and adds the scattered rows into it."""
     src = sum((t.nbytes for t in _tensors(args[1:])), 0)

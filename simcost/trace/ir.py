@@ -11,6 +11,8 @@ stacks' host and allocator terms and the reports work on it unchanged (no torch 
 - Ops: kind ``aten`` with the call's cost; an SDPA call is kind ``sdpa`` (``causal`` from its
   ``is_causal``), which is what a GPU profile prices at its fused-attention efficiency
   (FlashAttention runs there where the CPU trace ran torch's flash kernel for the CPU).
+- A call after which the host reads a value the device made (``.item()``, linalg's error
+  check) is marked ``sync``: the time model does not overlap host and device across it.
 - A call's forward work goes into the op's forward fields; backward and recomputed forward
   work into its backward fields (weight-gradient work where :mod:`simcost.trace.price` says
   so), since both run in the backward phase.
@@ -22,6 +24,7 @@ from simcost.graph import kinds as K
 from simcost.graph.ir import ModelGraph, Op, Param, Segment
 from simcost.sim.analysis import Analysis, OpRecord
 from simcost.sim.train import param_counts
+from simcost.trace.aten_costs import SYNCS
 
 _SDPA = frozenset(f"aten._scaled_dot_product_{k}{b}.default"
                   for k in ("flash_attention", "flash_attention_for_cpu", "efficient_attention",
@@ -100,8 +103,10 @@ def _structure(ct, quantize: str = "none", compute: str = "bf16") -> tuple[list,
                                     f"outside{run}", [], count,
                                     first_layer=len(seg_of) if c.layer is not None else None))
         sdpa = _is_sdpa(c.name)
-        op = Op(f"{c.name}#{i}", K.SDPA if sdpa else K.ATEN, (), (),
-                attrs={"causal": _causal(c)} if sdpa else {})
+        attrs = {"causal": _causal(c)} if sdpa else {}
+        if c.name in SYNCS:
+            attrs["sync"] = True
+        op = Op(f"{c.name}#{i}", K.SDPA if sdpa else K.ATEN, (), (), attrs=attrs)
         segments[si].ops.append(op)
         placed.append((si, op))
     for count, params in _params_by_count(ct.params, quantize, compute).items():
