@@ -18,6 +18,12 @@ layer stands for. :class:`LayerTagger` tells which kept layer an aten call runs 
 forward, the layer whose ``forward`` is running; in backward, the layer whose forward made
 the autograd node being run (a node is tagged when its layer returns, walking back from the
 layer's outputs to the nodes made before it).
+
+Layers of one kind are assumed to do the same work, which holds when each kept layer gives its
+hidden state back in the shape it got it (decoder and encoder layers). A stack whose layers
+change it (token merging: each ViT block merges r of its tokens) has layers of one kind that
+see different sizes; :class:`LayerTagger` raises :class:`UnevenLayers` there, and
+:func:`simcost.trace.build.trace_task` traces every layer instead.
 """
 from __future__ import annotations
 
@@ -92,12 +98,21 @@ def reduce_depth(model) -> dict:
     return counts
 
 
+class UnevenLayers(Exception):
+    """A kept layer changed the shape of its hidden state while the reduction counts layers of
+    one kind as doing the same work (see the module docstring)."""
+
+
 class LayerTagger:
     """Hooks on the kept layers: ``current`` is the tag (``id`` of the layer) of the forward
-    being run; autograd nodes a layer makes get its tag in their metadata."""
+    being run; autograd nodes a layer makes get its tag in their metadata. Raises
+    :class:`UnevenLayers` when a kept layer returns its first tensor argument (the hidden
+    state) in another shape while some kept layer stands for more than one."""
 
     def __init__(self, counts: dict, model):
         self.counts = counts
+        self.reduced = any(c > 1 for c in counts.values())
+        self._shape_in: dict = {}
         self.current = None
         self.on_enter = None         # called with a kept layer's inputs when it starts
         self.on_leave = None         # called with a kept layer's outputs when it returns
@@ -119,12 +134,19 @@ class LayerTagger:
         self.pending.clear()
         _tag_graph(((args, kwargs), [t for t in alive if t is not None]), None)
         self.current = id(mod)
+        if self.reduced:
+            self._shape_in[id(mod)] = _first_shape((args, kwargs))
         if self.on_enter is not None:
             self.on_enter(id(mod), args, kwargs)
 
     def _leave(self, mod, args, kwargs, out):
         _tag_graph(out, id(mod))
         self.current = None
+        if self.reduced:
+            before, after = self._shape_in.pop(id(mod), None), _first_shape(out)
+            if before is not None and after is not None and before != after:
+                raise UnevenLayers(f"{type(mod).__name__} turns a {before} input into a "
+                                   f"{after} output")
         if self.on_leave is not None:
             self.on_leave(id(mod), out)
 
@@ -145,6 +167,19 @@ def _tag_graph(tree, tag) -> None:
             continue
         node.metadata[TAG_KEY] = tag
         stack.extend(n for n, _ in node.next_functions)
+
+
+def _first_shape(tree):
+    """The shape of the first tensor in ``tree``, as size expressions (comparing them adds no
+    guard), or None."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from simcost.trace.record import _expr
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            return tuple(_expr(s) for s in t.shape)
+    return None
 
 
 def node_tag():
