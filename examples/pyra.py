@@ -164,7 +164,7 @@ class PYRAViT(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-def pyra_vit(image: int = 32, patch: int = 4, dim: int = 64, layers: int = 4, heads: int = 4,
+def pyra_vit(image: int = 32, patch: int = 4, dim: int = 64, layers: int = 3, heads: int = 4,
              mlp_ratio: int = 4, classes: int = 10, lora_rank: int = 8, r=8) -> PYRAViT:
     """A frozen ViT of these sizes with ToMe (``r`` tokens merged per block: an int, or one
     per block), PYRA and qkv LoRA trainable, and a trainable classifier head."""

@@ -1,7 +1,8 @@
 """Repeated layers: trace one of each kind, count the rest (needs the torch extra).
 
-A *stack* is an outermost ``nn.ModuleList`` whose children all have one class (decoder
-layers, T5 blocks, ViT layers). Two layers of a stack are the same kind when their module
+A *stack* is an outermost ``nn.ModuleList`` whose children all have one class and
+submodules of their own (decoder layers, T5 blocks, ViT layers; a list of plain ``Linear``
+or ``Conv2d`` modules is usually applied in parallel, one per head or scale, not in sequence). Two layers of a stack are the same kind when their module
 trees, parameters (relative names, shapes, dtypes, ``requires_grad``) and plain attributes
 (``attention_type``, ``sliding_window``, ...; the layer index excluded) agree, *and* when
 the same gradient state enters them (a layer above the lowest trainable one receives an
@@ -39,6 +40,8 @@ def repeated_stacks(model) -> list[tuple[str, object]]:
         if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
             continue
         if len({type(c) for c in mod}) != 1 or not any(True for _ in mod[0].parameters()):
+            continue
+        if not any(True for _ in mod[0].children()):      # leaf modules: not layers
             continue
         if any(name.startswith(p + ".") for p, _ in out):
             continue

@@ -211,3 +211,11 @@ def _compare_memory(res, tr, cfg, peft_config, dims, method) -> None:
     if method not in MEMORY_GAPS:
         res.simcost["peak_bytes"] = float(max(t["peak_loss"], t["peak_backward"]))
         res.torch["peak_bytes"] = real["peak"]
+
+
+def measure_task(task, dims: dict, peft_config: dict | None = None,
+                 dtype: str = "fp32") -> RealStep:
+    """:func:`measure_real` of any model :func:`~simcost.trace.build.task_for` takes: a
+    :class:`~simcost.trace.task.TracedTask`, a bring-your-own ``path/to/file.py:factory``, a
+    zoo name or a config dict."""
+    return measure_real(task, peft_config, dims, dtype)
