@@ -45,6 +45,8 @@ TASKS = {"semseg": (5, 1.0), "saliency": (1, 5.0), "normals": (3, 10.0)}
 
 
 def task_loss(task: str, pred, label):
+    if label.is_floating_point():
+        label = label.to(pred.dtype)                 # bf16/fp16 steps
     if task == "semseg":
         return F.cross_entropy(pred, label, ignore_index=255)
     if task == "saliency":
@@ -216,6 +218,7 @@ class MTLoRAModel(nn.Module):
                                                       TASKS[t][0], image) for t in self.tasks})
 
     def forward(self, pixel_values, **labels):
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)   # bf16/fp16 steps
         x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
         x = self.patch_norm(x) + self.pos_embed
         feats = {t: [] for t in self.tasks}

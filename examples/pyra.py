@@ -155,6 +155,7 @@ class PYRAViT(nn.Module):
         self.head = nn.Linear(dim, classes)
 
     def forward(self, pixel_values, labels):
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)   # bf16/fp16 steps
         x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         size = torch.ones_like(x[..., :1])               # each token stands for one patch

@@ -120,6 +120,7 @@ class LayerTagger:
         self.on_enter = None         # called with a kept layer's inputs when it starts
         self.on_leave = None         # called with a kept layer's outputs when it returns
         self.pending: list = []      # weakrefs to tensors made outside the layers since the last
+        self.made: list = []         # weakrefs to tensors the running layer made
         self._handles = []
         for mod in model.modules():
             if id(mod) in counts:
@@ -128,9 +129,16 @@ class LayerTagger:
 
     def outside(self, tensors) -> None:
         """Tensors made outside the layers (a prefix's key/values, the position tables):
-        their nodes are tagged as such when the next layer starts."""
+        their nodes are tagged as such when the next layer starts. (An aten call's outputs
+        get their ``grad_fn`` after the call returns, so none is filtered out here.)"""
         import weakref
-        self.pending.extend(weakref.ref(t) for t in tensors if t.requires_grad)
+        self.pending.extend(weakref.ref(t) for t in tensors)
+
+    def inside(self, tensors) -> None:
+        """Tensors the running layer makes: their nodes are the layer's when it returns, also
+        those its outputs do not reach (an auxiliary loss the layer keeps aside)."""
+        import weakref
+        self.made.extend(weakref.ref(t) for t in tensors)
 
     def _enter(self, mod, args, kwargs):
         alive = [r() for r in self.pending]
@@ -143,7 +151,9 @@ class LayerTagger:
             self.on_enter(id(mod), args, kwargs)
 
     def _leave(self, mod, args, kwargs, out):
-        _tag_graph(out, id(mod))
+        made = [r() for r in self.made]
+        self.made.clear()
+        _tag_graph((out, [t for t in made if t is not None]), id(mod))
         self.current = None
         if self.reduced:
             before, after = self._shape_in.pop(id(mod), None), _first_shape(out)
@@ -177,11 +187,10 @@ def _first_shape(tree):
     guard), or None."""
     import torch
     from torch.utils._pytree import tree_leaves
-
-    from simcost.trace.record import _expr
     for t in tree_leaves(tree):
         if isinstance(t, torch.Tensor):
-            return tuple(_expr(s) for s in t.shape)
+            return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s)
+                         for s in t.shape)
     return None
 
 
