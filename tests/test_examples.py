@@ -90,6 +90,7 @@ def test_traced_step_is_exact(name):
     assert not tr.specialized, tr.specialized                     # symbolic in every size
     assert sorted(tr.counts.values()) == counts
     p = Pricer(tr).price(**dims)
+    assert not p.unpriced, p.unpriced                               # every aten call has a formula
     real = measure_task(spec(name), dims)
     got = {"params_total": tr.params_total, "params_trainable": tr.params_trainable,
            "fwd_matmul_flops": int(p.fwd_matmul_flops),

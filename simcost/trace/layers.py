@@ -1,10 +1,10 @@
 """Repeated layers: trace one of each kind, count the rest (needs the torch extra).
 
 A *stack* is an outermost ``nn.ModuleList`` whose children all have one class and
-submodules of their own (decoder layers, T5 blocks, ViT layers; a list of plain ``Linear``
-or ``Conv2d`` modules is usually applied in parallel, one per head or scale, not in sequence). Two layers of a stack are the same kind when their module
-trees, parameters (relative names, shapes, dtypes, ``requires_grad``) and plain attributes
-(``attention_type``, ``sliding_window``, ...; the layer index excluded) agree, *and* when
+submodules of their own (decoder layers, T5 blocks, ViT layers; a list of plain ``Linear`` or
+``Conv2d`` modules is usually applied in parallel, one per head or scale, not in sequence).
+Two layers of a stack are the same kind when their module trees, parameters (relative
+names, shapes, dtypes, ``requires_grad``) and plain attributes (``attention_type``, ``sliding_window``, ...; the layer index excluded) agree, *and* when
 the same gradient state enters them (a layer above the lowest trainable one receives an
 input that requires grad; the first one above a frozen prologue does not). The first layer
 of a stack is always a kind of its own (trainable tensors outside the stacks, a prefix's
