@@ -83,15 +83,30 @@ def test_factory_protocol(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_traced_step_is_exact(name):
-    from simcost.trace.price import Pricer
-    from simcost.validate.traced import measure_task
     hints, dims, counts = CASES[name]
     _, tr = traced(name)
     assert not tr.specialized, tr.specialized                     # symbolic in every size
     assert sorted(tr.counts.values()) == counts
+    _assert_exact(name, tr, dims, "fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_traced_step_is_exact_in_bf16(name):
+    """The float inputs follow the weights' dtype (the examples cast them, as transformers'
+    models do)."""
+    from simcost.trace.build import task_for, trace_task
+    hints, dims, _ = CASES[name]
+    _assert_exact(name, trace_task(task_for(spec(name)), None, dtype="bf16", hints=hints),
+                  dims, "bf16")
+
+
+def _assert_exact(name, tr, dims, dtype):
+    from simcost.trace.price import Pricer
+    from simcost.validate.traced import measure_task
     p = Pricer(tr).price(**dims)
     assert not p.unpriced, p.unpriced                               # every aten call has a formula
-    real = measure_task(spec(name), dims)
+    real = measure_task(spec(name), dims, dtype=dtype)
     got = {"params_total": tr.params_total, "params_trainable": tr.params_trainable,
            "fwd_matmul_flops": int(p.fwd_matmul_flops),
            "bwd_matmul_flops": int(p.bwd_matmul_flops), "saved_bytes": int(p.saved_bytes)}
