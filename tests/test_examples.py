@@ -3,7 +3,8 @@ does not ship) against the ``file.py:factory`` protocol, torch and their papers:
 factory satisfies the protocol; its step traced once under fake tensors with symbolic sizes
 and priced at other sizes equals a real CPU step at those sizes (matmul FLOPs per phase from
 FlopCounterMode, the storages autograd keeps at the end of forward, parameters); and its
-trainable parameters equal a hand count from the method's formula."""
+trainable parameters equal a hand count from the method's formula. The recordings' live-memory
+timelines are exact too (the bytes alive at the end of forward, the peak)."""
 import importlib.util
 import inspect
 from pathlib import Path
@@ -88,6 +89,24 @@ def test_traced_step_is_exact(name):
     assert not tr.specialized, tr.specialized                     # symbolic in every size
     assert sorted(tr.counts.values()) == counts
     _assert_exact(name, tr, dims, "fp32")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_traced_memory_is_exact(name):
+    """The live-memory timeline of the recording (expanded to the full depth) against every
+    storage the real step allocates: the bytes alive at the end of forward, and the peak."""
+    from simcost.trace.compiled import compile_trace
+    from simcost.trace.numbers import timeline_of
+    from simcost.trace.price import byte_values
+    from simcost.trace.timeline import evaluate
+    from simcost.validate.traced_memory import measure_real_memory
+    _, dims, _ = CASES[name]
+    task, tr = traced(name)
+    ct = compile_trace(tr)
+    t = evaluate(timeline_of(ct), byte_values(ct, ct.values(dims), ct.storage_bytes))
+    real = measure_real_memory(task, None, dims)
+    assert {"end_forward": int(t["end_forward"]),
+            "peak": int(max(t["peak_loss"], t["peak_backward"]))} == real
 
 
 @pytest.mark.slow
