@@ -328,6 +328,7 @@ for _n in (*_EXTRA_FLOPS, *_TRANSCENDENTAL, "aten.threshold_backward.default",
 @register("aten.zeros.default", "aten.ones.default", "aten.empty.memory_format",
           "aten.full.default", "aten.zeros_like.default", "aten.ones_like.default",
           "aten.empty_like.default", "aten.full_like.default", "aten.fill_.Scalar",
+          "aten.fill_.Tensor",
           "aten.zero_.default", "aten.arange.default", "aten.arange.start", "aten.eye.default",
           "aten.eye.m",
           "aten.arange.start_step", "aten.new_zeros.default", "aten.new_ones.default",
@@ -476,7 +477,7 @@ def gather(args, kwargs, outs):
           "aten.scatter_add.default", "aten.scatter.src", "aten.scatter.value",
           "aten.index_put.default", "aten.index_put_.default", "aten._index_put_impl_.default",
           "aten.scatter_add_.default", "aten.index_add_.default", "aten.index_copy.default",
-          "aten.index_copy_.default")
+          "aten.index_copy_.default", "aten.scatter_reduce.two")
 def scatter(args, kwargs, outs):
     """Writes (zeroes) the destination and adds the scattered rows into it."""
     src = sum((t.nbytes for t in _tensors(args[1:])), 0)
@@ -488,6 +489,14 @@ def scatter(args, kwargs, outs):
 def nll_loss(args, kwargs, outs):
     x, target = args[0], args[1]
     return AtenCost(flops=target.numel, bytes=target.nbytes * 2 + outs[0].nbytes)
+
+
+@register("aten.binary_cross_entropy_with_logits.default")
+def bce_with_logits(args, kwargs, outs):
+    """max(x, 0) - x·y + log(1 + exp(-|x|)) per element, then the reduction (autograd's
+    backward is pointwise calls of its own)."""
+    n = args[0].numel
+    return AtenCost(flops=8 * n, bytes=io_bytes(args, kwargs, outs), special={"exp": n})
 
 
 @register("aten.nll_loss_backward.default", "aten.nll_loss2d_backward.default")

@@ -9,7 +9,7 @@ applied exactly as peft applies it.
 from __future__ import annotations
 
 from simcost.errors import SimcostError
-from simcost.trace.layers import reduce_depth
+from simcost.trace.layers import UnevenLayers, reduce_depth
 from simcost.trace.record import Trace, count_params, fakeify, trace_step
 from simcost.trace.task import TORCH_DTYPE, TracedTask, require_torch
 
@@ -114,7 +114,8 @@ def trace_task(task: TracedTask, peft_config: dict | None = None, *, dtype: str 
     transformers' ``gradient_checkpointing_enable`` runs its decoder layers. ``autocast``:
     'bf16' or 'fp16' runs the step under ``torch.autocast`` (mixed precision over ``dtype``
     weights). ``attn``: 'sdpa' (the default of the builds) or 'eager' (transformers'
-    ``set_attn_implementation``)."""
+    ``set_attn_implementation``). A stack whose layers change the shape of their hidden
+    state (token merging) is traced at full depth (:class:`~simcost.trace.layers.UnevenLayers`)."""
     require_torch()
     import warnings
 
@@ -153,10 +154,14 @@ def _trace_task(task, peft_config, *, dtype, hints, reduce, checkpointing, autoc
     ptype = peft_type(peft_config)
     # a size of 1 is specialised by torch: such a recording holds for that size only
     static = (*task.static, *(d for d in task.dims if hints[d] == 1 and d not in task.static))
-    return trace_step(model, lambda sizes: task.inputs(sizes, ptype),
-                      {d: hints[d] for d in task.dims}, env, mode, static=static,
-                      counts=counts, params=params, loss=task.loss, base_names=base_names,
-                      autocast=TORCH_DTYPE[autocast] if autocast else None)
+    try:
+        return trace_step(model, lambda sizes: task.inputs(sizes, ptype),
+                          {d: hints[d] for d in task.dims}, env, mode, static=static,
+                          counts=counts, params=params, loss=task.loss, base_names=base_names,
+                          autocast=TORCH_DTYPE[autocast] if autocast else None)
+    except UnevenLayers:
+        return trace_task(task, peft_config, dtype=dtype, hints=hints, reduce=False,
+                          checkpointing=checkpointing, autocast=autocast, attn=attn)
 
 
 def _peft_model(task: TracedTask, peft_config, dtype: str, attn: str):

@@ -1,9 +1,10 @@
 """Repeated layers: trace one of each kind, count the rest (needs the torch extra).
 
-A *stack* is an outermost ``nn.ModuleList`` whose children all have one class (decoder
-layers, T5 blocks, ViT layers). Two layers of a stack are the same kind when their module
-trees, parameters (relative names, shapes, dtypes, ``requires_grad``) and plain attributes
-(``attention_type``, ``sliding_window``, ...; the layer index excluded) agree, *and* when
+A *stack* is an outermost ``nn.ModuleList`` whose children all have one class and
+submodules of their own (decoder layers, T5 blocks, ViT layers; a list of plain ``Linear`` or
+``Conv2d`` modules is usually applied in parallel, one per head or scale, not in sequence).
+Two layers of a stack are the same kind when their module trees, parameters (relative
+names, shapes, dtypes, ``requires_grad``) and plain attributes (``attention_type``, ``sliding_window``, ...; the layer index excluded) agree, *and* when
 the same gradient state enters them (a layer above the lowest trainable one receives an
 input that requires grad; the first one above a frozen prologue does not). The first layer
 of a stack is always a kind of its own (trainable tensors outside the stacks, a prefix's
@@ -18,6 +19,12 @@ layer stands for. :class:`LayerTagger` tells which kept layer an aten call runs 
 forward, the layer whose ``forward`` is running; in backward, the layer whose forward made
 the autograd node being run (a node is tagged when its layer returns, walking back from the
 layer's outputs to the nodes made before it).
+
+Layers of one kind are assumed to do the same work, which holds when each kept layer gives its
+hidden state back in the shape it got it (decoder and encoder layers). A stack whose layers
+change it (token merging: each ViT block merges r of its tokens) has layers of one kind that
+see different sizes; :class:`LayerTagger` raises :class:`UnevenLayers` there, and
+:func:`simcost.trace.build.trace_task` traces every layer instead.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ def repeated_stacks(model) -> list[tuple[str, object]]:
         if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
             continue
         if len({type(c) for c in mod}) != 1 or not any(True for _ in mod[0].parameters()):
+            continue
+        if not any(True for _ in mod[0].children()):      # leaf modules: not layers
             continue
         if any(name.startswith(p + ".") for p, _ in out):
             continue
@@ -100,16 +109,26 @@ def reduce_depth(model) -> dict:
     return counts
 
 
+class UnevenLayers(Exception):
+    """A kept layer changed the shape of its hidden state while the reduction counts layers of
+    one kind as doing the same work (see the module docstring)."""
+
+
 class LayerTagger:
     """Hooks on the kept layers: ``current`` is the tag (``id`` of the layer) of the forward
-    being run; autograd nodes a layer makes get its tag in their metadata."""
+    being run; autograd nodes a layer makes get its tag in their metadata. Raises
+    :class:`UnevenLayers` when a kept layer returns its first tensor argument (the hidden
+    state) in another shape while some kept layer stands for more than one."""
 
     def __init__(self, counts: dict, model):
         self.counts = counts
+        self.reduced = any(c > 1 for c in counts.values())
+        self._shape_in: dict = {}
         self.current = None
         self.on_enter = None         # called with a kept layer's inputs when it starts
         self.on_leave = None         # called with a kept layer's outputs when it returns
         self.pending: list = []      # weakrefs to tensors made outside the layers since the last
+        self.made: list = []         # weakrefs to tensors the running layer made
         self._handles = []
         for mod in model.modules():
             if id(mod) in counts:
@@ -118,21 +137,37 @@ class LayerTagger:
 
     def outside(self, tensors) -> None:
         """Tensors made outside the layers (a prefix's key/values, the position tables):
-        their nodes are tagged as such when the next layer starts."""
+        their nodes are tagged as such when the next layer starts. (An aten call's outputs
+        get their ``grad_fn`` after the call returns, so none is filtered out here.)"""
         import weakref
-        self.pending.extend(weakref.ref(t) for t in tensors if t.requires_grad)
+        self.pending.extend(weakref.ref(t) for t in tensors)
+
+    def inside(self, tensors) -> None:
+        """Tensors the running layer makes: their nodes are the layer's when it returns, also
+        those its outputs do not reach (an auxiliary loss the layer keeps aside)."""
+        import weakref
+        self.made.extend(weakref.ref(t) for t in tensors)
 
     def _enter(self, mod, args, kwargs):
         alive = [r() for r in self.pending]
         self.pending.clear()
         _tag_graph(((args, kwargs), [t for t in alive if t is not None]), None)
         self.current = id(mod)
+        if self.reduced:
+            self._shape_in[id(mod)] = _first_shape((args, kwargs))
         if self.on_enter is not None:
             self.on_enter(id(mod), args, kwargs)
 
     def _leave(self, mod, args, kwargs, out):
-        _tag_graph(out, id(mod))
+        made = [r() for r in self.made]
+        self.made.clear()
+        _tag_graph((out, [t for t in made if t is not None]), id(mod))
         self.current = None
+        if self.reduced:
+            before, after = self._shape_in.pop(id(mod), None), _first_shape(out)
+            if before is not None and after is not None and before != after:
+                raise UnevenLayers(f"{type(mod).__name__} turns a {before} input into a "
+                                   f"{after} output")
         if self.on_leave is not None:
             self.on_leave(id(mod), out)
 
@@ -165,6 +200,18 @@ def _tensors(leaves):
         attrs = getattr(x, "__dict__", None) or {
             k: getattr(x, k, None) for k in getattr(type(x), "__slots__", ())}
         yield from (v for v in attrs.values() if isinstance(v, torch.Tensor))
+
+
+def _first_shape(tree):
+    """The shape of the first tensor in ``tree``, as size expressions (comparing them adds no
+    guard), or None."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s)
+                         for s in t.shape)
+    return None
 
 
 def node_tag():

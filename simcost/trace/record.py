@@ -343,8 +343,8 @@ class _Recorder:
         if self.tagger is not None:
             from simcost.trace.layers import node_tag
             layer = self.tagger.current if phase == "fwd" else node_tag()
-            if phase == "fwd" and layer is None:
-                self.tagger.outside(tensors)
+            if phase == "fwd":
+                (self.tagger.outside if layer is None else self.tagger.inside)(tensors)
         alias = None
         if name in EAGER_ALIASES and args and isinstance(args[0], torch.Tensor):
             src = storages(args[0])[0]

@@ -313,3 +313,11 @@ def _lora_adapters(model: str, cfg: dict, peft_config: dict, folder: str) -> dic
             src = str(path)
         paths[key] = src
     return {**peft_config, "adapters": paths}
+
+
+def measure_task(task, dims: dict, peft_config: dict | None = None,
+                 dtype: str = "fp32") -> RealStep:
+    """:func:`measure_real` of any model :func:`~simcost.trace.build.task_for` takes: a
+    :class:`~simcost.trace.task.TracedTask`, a bring-your-own ``path/to/file.py:factory``, a
+    zoo name or a config dict."""
+    return measure_real(task, peft_config, dims, dtype)
