@@ -7,7 +7,8 @@ a dict:
 - ``"module"``: the ``torch.nn.Module`` to train. ``module(**inputs)`` returns the scalar
   loss, an object with ``.loss``, or a dict with ``"loss"`` (or see ``"loss"`` below);
 - ``"inputs"``: example inputs, a dict of tensors at any concrete sizes (only their shapes and
-  dtypes are used: simcost makes inputs of the same dtypes at the sizes it prices);
+  dtypes are used: simcost makes inputs at the sizes it prices, floating ones in the dtype
+  of the weights (``--dtype``), the others in their own);
 - ``"dims"``: which input axes carry which named size, e.g.
   ``{"batch": [("input_ids", 0), ("labels", 0)], "seq": [("input_ids", 1), ("labels", 1)]}``.
   ``batch`` is required; ``seq`` (``--seq``), ``target_seq`` (``--target-seq``) and ``image``
@@ -121,11 +122,14 @@ def factory_task(spec: str) -> TracedTask:
     plain = {k: v for k, v in probe["inputs"].items() if not _is_tensor(v)}
     axes = {d: [(inp, ax % len(shapes[inp][0])) for inp, ax in probe["dims"][d]] for d in dims}
 
+    built = {"dtype": None}       # the dtype of the last build: float inputs follow it
+
     def build(dtype, device):
         import torch
         from simcost.trace.task import TORCH_DTYPE
         out = call_factory(fn, spec, device)
-        return out["module"].to(getattr(torch, TORCH_DTYPE[dtype]))
+        built["dtype"] = getattr(torch, TORCH_DTYPE[dtype])
+        return out["module"].to(built["dtype"])
 
     def inputs(sizes, peft_type):
         import torch
@@ -136,6 +140,10 @@ def factory_task(spec: str) -> TracedTask:
                 for inp, ax in where:
                     if inp == k:
                         dims_k[ax] = sizes.get(d, fixed.get(d))
+            # float inputs in the weights' dtype (as --dtype sets them; a model of transformers
+            # casts its own), integer ones (ids, labels) as given
+            if dt.is_floating_point and built["dtype"] is not None:
+                dt = built["dtype"]
             made[k] = torch.zeros(*dims_k, dtype=dt)
         return {**made, **plain}
 
