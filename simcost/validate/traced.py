@@ -209,7 +209,9 @@ GAPS = {
     "frod": "FRoD decomposes the base weights of all targeted layers jointly when built "
             "(FrodModel._init_frod_projections copies each to the CPU: 'Cannot copy out of "
             "meta tensor'); a meta-device build has no weights",
-    "adamss": "peft's AdaMSS needs scikit-learn, which simcost's torch extra does not install",
+    "adamss": "AdaMSS clusters the base weights' singular vectors when built (scikit-learn's "
+              "KMeans on the SVD of each targeted weight): a meta-device build has no weights "
+              "('Cannot copy out of meta tensor'), as for FRoD",
 }
 
 

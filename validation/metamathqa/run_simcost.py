@@ -94,7 +94,13 @@ def report(rows) -> str:
     lines = ["# simcost on peft's MetaMathQA method comparison (report only, nothing fitted)", "",
              "`python validation/metamathqa/run_simcost.py` writes this file and `simcost.csv`.",
              f"Llama-3.2-3B, batch {BATCH} x {SEQ} tokens, bf16, AdamW, one L40S, stack `hf`, "
-             "traced front end.", ""]
+             "traced front end.", "",
+             "The memory column is not a like-for-like check: peft samples `memory_reserved` "
+             "after each optimizer step of a run that also generates answers at batch 50 every "
+             "250 steps, and the caching allocator keeps what generation reserved; its 99th "
+             "percentile is the generation's footprint wherever that exceeds the training step "
+             "(every method but full fine-tuning). The step time is the measured training step "
+             "alone.", ""]
     for what, pred, meas in (("step time", "step_s", "measured_step_s"),
                              ("peak reserved vs reserved p99", "peak_reserved_bytes",
                               "measured_reserved_99th_bytes")):
