@@ -68,8 +68,11 @@ def adapter_config(req, kind: str, task_model_type: str | None = None
     # the hand-built path's default targets where it has them (peft 0.21 has none for
     # Mixtral on transformers 5), so both paths price the same adapter; peft's elsewhere
     defaults = {"lora": LORA_DEFAULTS, "ln_tuning": LN_DEFAULTS}.get(spec.method, {})
-    d = to_peft_dict(spec, defaults.get(task_model_type))
+    default = defaults.get(task_model_type)
+    d = to_peft_dict(spec, default)
     d = {k: v for k, v in d.items() if v is not None}
+    if default and "target_modules" not in d:          # LN tuning's shorthand leaves it out
+        d["target_modules"] = list(default)
     task_type = TASK_TYPES.get(kind)
     if task_type:
         d["task_type"] = task_type
