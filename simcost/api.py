@@ -53,9 +53,11 @@ def graph(model: str | ModelSpec, *, batch, seq, dtype: str = "bf16", attn: str 
                                 device_kind=device_kind)
 
 
-def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: int,
+def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: int | None = None,
                    **options: Any) -> TrainEstimate:
-    """Estimate one training step (forward with loss, backward, optimizer step).
+    """Estimate one training step (forward with loss, backward, optimizer step). ``seq``:
+    tokens per sequence, required by text models (a vision model takes ``image_size``; an
+    encoder-decoder ``target_seq`` too).
 
     ``options`` are the fields of :class:`~simcost.request.train.TrainRequest` (``peft``,
     ``peft_config``, ``dtype``, ``mixed_precision``, ``attn``, ``optimizer``,

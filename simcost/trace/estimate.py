@@ -69,6 +69,10 @@ def adapter_config(req, kind: str, task_model_type: str | None = None
     # Mixtral on transformers 5), so both paths price the same adapter; peft's elsewhere
     defaults = {"lora": LORA_DEFAULTS, "ln_tuning": LN_DEFAULTS}.get(spec.method, {})
     default = defaults.get(task_model_type)
+    if spec.method in ("lora", "dora", "ia3") and spec.targets is None and default is None \
+            and not _peft_has_defaults(spec.method, task_model_type):
+        raise SimcostError(f"peft has no default target modules for model type "
+                           f"'{task_model_type}': give --targets (module names, or all-linear)")
     d = to_peft_dict(spec, default)
     d = {k: v for k, v in d.items() if v is not None}
     if default and "target_modules" not in d:          # LN tuning's shorthand leaves it out
@@ -79,6 +83,13 @@ def adapter_config(req, kind: str, task_model_type: str | None = None
     else:
         d.pop("task_type", None)
     return d, peft_dict(spec), list(spec.warnings)
+
+
+def _peft_has_defaults(method: str, model_type: str | None) -> bool:
+    from peft.utils import constants
+    table = constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if method == "ia3" \
+        else constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    return model_type in table
 
 
 def quantisation(req) -> str:

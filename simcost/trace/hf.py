@@ -27,19 +27,35 @@ from simcost.trace.task import TEXT_DIMS, TORCH_DTYPE, TracedTask
 TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForMaskedLM": "masked-lm",
          "ForSequenceClassification": "seq-cls", "ForConditionalGeneration": "seq2seq",
          "ForImageClassification": "image-cls"}
-DIMS = {"seq2seq": ("batch", "seq", "target_seq"), "image-cls": ("batch", "image")}
+DIMS = {"seq2seq": ("batch", "seq", "target_seq"), "image-cls": ("batch", "image"),
+        "speech-seq2seq": ("batch", "target_seq")}
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
 def task_of(cfg: dict) -> tuple[str, str]:
-    """(architecture class name, task kind) from the config's ``architectures``."""
+    """(architecture class name, task kind) from the config's ``architectures``; a config
+    naming none (deberta-v3-base's) gets its model type's masked-LM head, else its causal-LM
+    head, as transformers' auto classes map them."""
     archs = cfg.get("architectures") or []
-    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    arch = archs[0] if archs and isinstance(archs[0], str) else _default_head(cfg)
+    if arch in SPEECH:
+        return arch, "speech-seq2seq"
     for suffix, kind in TASKS.items():
         if arch.endswith(suffix):
             return arch, kind
     raise SimcostError(f"architecture '{arch or cfg.get('model_type')}': the traced front end "
                        f"builds the heads {', '.join(TASKS)} from a config's architectures")
+
+
+# encoder-decoders whose encoder reads log-mel features, not tokens
+SPEECH = ("WhisperForConditionalGeneration",)
+
+
+def _default_head(cfg: dict) -> str:
+    from transformers.models.auto import modeling_auto as auto
+    mt = cfg.get("model_type")
+    return (auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(mt)
+            or auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or "")
 
 
 def hf_task(cfg: dict, name: str = "model") -> TracedTask:
@@ -80,15 +96,21 @@ def build_hf(cfg: dict, arch: str, dtype: str, device: str):
     except (ValueError, KeyError, TypeError) as e:
         raise SimcostError(f"transformers cannot read this config: {e}") from None
     config.architectures = [arch]
-    config._attn_implementation = "sdpa"
     if device != "meta":
         torch.manual_seed(0)
-    with torch.device(device):
-        try:
-            return cls(config).to(getattr(torch, TORCH_DTYPE[dtype]))
-        except Exception as e:  # noqa: BLE001 -- any build error is the config's
-            raise SimcostError(f"torch cannot build {arch} from this config: "
-                               f"{type(e).__name__}: {e}") from None
+    for impl in ("sdpa", "eager"):   # eager where transformers has no SDPA path (Gemma 2)
+        config._attn_implementation = impl
+        with torch.device(device):
+            try:
+                return cls(config).to(getattr(torch, TORCH_DTYPE[dtype]))
+            except ValueError as e:
+                if impl == "sdpa" and "scaled_dot_product_attention" in str(e):
+                    continue
+                raise SimcostError(f"torch cannot build {arch} from this config: "
+                                   f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+            except Exception as e:  # noqa: BLE001 -- any build error is the config's
+                raise SimcostError(f"torch cannot build {arch} from this config: "
+                                   f"{type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 TASK_IDS = ("MULTITASK_PROMPT_TUNING", "POLY")       # peft's forward needs task_ids
@@ -118,6 +140,11 @@ def _inputs(cfg: dict, kind: str, s: dict, peft_type: str | None) -> dict:
                 "labels": torch.zeros(s["batch"], dtype=long)}
     if kind == "seq2seq":
         return {"input_ids": torch.zeros(s["batch"], s["seq"], dtype=long),
+                "labels": torch.zeros(s["batch"], s["target_seq"], dtype=long)}
+    if kind == "speech-seq2seq":      # Whisper: 30 s of log-mel frames (2 per encoder position)
+        frames = 2 * int(cfg.get("max_source_positions", 1500))
+        return {"input_features": torch.zeros(s["batch"], int(cfg.get("num_mel_bins", 80)),
+                                              frames),
                 "labels": torch.zeros(s["batch"], s["target_seq"], dtype=long)}
     ch = int(cfg.get("num_channels", 3))
     return {"pixel_values": torch.zeros(s["batch"], ch, s["image"], s["image"]),
