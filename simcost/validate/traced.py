@@ -91,6 +91,47 @@ CONFIGS: dict[str, tuple[dict, dict, dict]] = {
              "patch_size": 8, "num_labels": 3, **_ENC},
             {"batch": 3, "image": 32}, {"batch": 2, "image": 32}),
 }
+# diffusers denoisers (simcost.trace.diffusion): a SD-style UNet (cross-attention down and up
+# blocks), an SDXL-style one (text_time added conditioning, linear projections, 3 transformer
+# blocks per attention: the stack traced as 2), a DiT (learned sigma: 8 output channels).
+# Image sizes in pixels (latent = image // 8); the UNets' are symbolic (latents 8 and 6 are
+# multiples of their one upsampler's 2), DiT's is fixed by its position table
+_UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64],
+         "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 8, "in_channels": 4,
+         "out_channels": 4}
+DIFFUSION: dict[str, tuple[dict, dict, dict]] = {
+    "unet-sd": ({**_UNET, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                 "cross_attention_dim": 24, "attention_head_dim": 8},
+                {"batch": 3, "image": 64, "seq": 11}, {"batch": 2, "image": 48, "seq": 7}),
+    "unet-sdxl": ({**_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                   "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                   "cross_attention_dim": 40, "attention_head_dim": [2, 4],
+                   "transformer_layers_per_block": [1, 3], "use_linear_projection": True,
+                   "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                   "projection_class_embeddings_input_dim": 68},
+                  {"batch": 3, "image": 64, "seq": 11}, {"batch": 2, "image": 48, "seq": 7}),
+    "dit": ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero",
+             "activation_fn": "gelu-approximate", "attention_bias": True,
+             "attention_head_dim": 8, "num_attention_heads": 2, "in_channels": 4,
+             "out_channels": 8, "norm_elementwise_affine": False, "num_embeds_ada_norm": 10,
+             "num_layers": 3, "patch_size": 2, "sample_size": 4},
+            {"batch": 3, "image": 32}, {"batch": 2, "image": 32}),
+}
+CONFIGS |= DIFFUSION
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]          # diffusers' LoRA scripts' targets
+
+
+def _diffusion_adapters(model: str) -> dict[str, dict]:
+    """LoRA on the attention projections (train_text_to_image_lora.py,
+    train_dreambooth_lora_sdxl.py); LyCORIS-style LoHa / LoKr on them and on the resnets'
+    convolutions (peft's Conv2d variants) or DiT's feed-forward."""
+    extra = ["ff.net.0.proj", "ff.net.2"] if model == "dit" else ["conv1", "conv2"]
+    return {"lora": {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": _ATTN},
+            "loha": {"peft_type": "LOHA", "r": 4, "target_modules": [*_ATTN, *extra]},
+            "lokr": {"peft_type": "LOKR", "r": 4, "target_modules": [*_ATTN, *extra]}}
+
+
 _TARGETS = {"llama-gqa": ["q_proj", "v_proj"], "bert-cls": ["query", "value"],
             "roberta-mlm": ["query", "value"], "t5": ["q", "v"], "vit": ["q_proj", "v_proj"]}
 _LN = {"bert-cls": {"target_modules": ["LayerNorm"]},       # peft knows only decoder norms
@@ -102,6 +143,8 @@ _FFN = {"llama-gqa": "down_proj", "bert-cls": "output.dense", "roberta-mlm": "ou
 
 def adapter_configs(model: str) -> dict[str, dict]:
     """peft adapter configs (peft's own field names) for one of :data:`CONFIGS`."""
+    if model in DIFFUSION:
+        return _diffusion_adapters(model)
     t = _TARGETS[model]
     out = {"lora": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": t},
            "dora": {"peft_type": "LORA", "r": 4, "use_dora": True, "target_modules": t},

@@ -1,0 +1,147 @@
+"""Diffusers denoisers through the traced front end (simcost.trace.diffusion): one
+noise-prediction training step recorded with symbolic batch, image and text sizes equals a
+real CPU step at other sizes, exactly (peft's parameters, FlopCounterMode's matmul FLOPs per
+phase, convolutions included, and the storages autograd keeps at the end of forward); the zoo's
+SD 1.5 and SDXL UNets and DiT-XL/2 trace on the meta device at their real sizes."""
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("diffusers")
+
+from simcost.errors import SimcostError  # noqa: E402
+from simcost.validate import traced  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+# CI: one case per denoiser; `pytest -m slow` runs every tuner on each
+SUBSET = {("unet-sd", "lora"), ("unet-sdxl", "lokr"), ("dit", "lora"), ("dit", "loha")}
+CASES = list(traced.traced_cases(list(traced.DIFFUSION)))
+LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+        "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def _params():
+    return [pytest.param(m, meth, pc, id=f"{m}-{meth}",
+                         marks=() if (m, meth) in SUBSET else (pytest.mark.slow,))
+            for m, meth, pc in CASES]
+
+
+@pytest.mark.parametrize("model,method,peft_config", _params())
+def test_tiny_denoiser_step_is_exact(model, method, peft_config):
+    r = traced.run_traced_case(model, method, peft_config)
+    assert r.ok, r.mismatches()
+
+
+def test_subset_is_in_the_matrix():
+    assert SUBSET <= {(m, meth) for m, meth, _ in CASES}
+
+
+def _trace(model, hints=None, method="lora"):
+    from simcost.trace.build import trace_config
+    cfg, h, _ = traced.CONFIGS[model]
+    return trace_config(cfg, traced.adapter_configs(model)[method], dtype="fp32",
+                        hints=hints or h)
+
+
+def test_dit_is_traced_at_its_image_size_and_one_block_of_three():
+    """DiT's position table fixes the image size; its 3 blocks are traced as 2 (the first,
+    and one standing for the other two)."""
+    from simcost.trace.compiled import compile_trace
+    tr = _trace("dit")
+    assert tr.specialized.get("image") == 32
+    assert sorted(tr.counts.values()) == [1, 2]
+    with pytest.raises(SimcostError, match="fixed image to 32"):
+        compile_trace(tr).check({"batch": 2, "image": 64})
+
+
+def test_unet_recording_holds_on_its_branch_only():
+    """The UNet forwards explicit upsample sizes when the latent is not a multiple of
+    2**upsamplers: a recording at latent 8 prices latent 6 (48 px) but refuses latent 5."""
+    from simcost.trace.compiled import compile_trace
+    ct = compile_trace(_trace("unet-sd"))
+    ct.check({"batch": 2, "image": 48, "seq": 7})
+    with pytest.raises(SimcostError, match="holds only where"):
+        ct.check({"batch": 2, "image": 40, "seq": 7})
+
+
+def test_unknown_and_unsupported_classes_are_one_line():
+    from simcost.trace.build import task_for
+    with pytest.raises(SimcostError, match="has no class 'UNet9DConditionModel'") as e:
+        task_for({"_class_name": "UNet9DConditionModel", "sample_size": 8})
+    assert "\n" not in str(e.value)
+    with pytest.raises(SimcostError, match="trains the diffusers denoisers") as e:
+        task_for({"_class_name": "AutoencoderKL"})
+    assert "\n" not in str(e.value)
+    with pytest.raises(SimcostError, match="addition_embed_type='image'") as e:
+        task_for({**traced.CONFIGS["unet-sd"][0], "addition_embed_type": "image"})
+    assert "\n" not in str(e.value)
+
+
+def test_sizes_and_defaults():
+    """Image in pixels (default: sample_size x the VAE's 8), seq 77 (CLIP's) for the UNets."""
+    from simcost.trace.build import task_for
+    sd = task_for(traced.CONFIGS["unet-sd"][0])
+    assert sd.kind == "noise-pred" and sd.dims == ("batch", "image", "seq")
+    assert sd.sizes({"batch": 2}) == {"batch": 2, "image": 64, "seq": 77}
+    dit = task_for(traced.CONFIGS["dit"][0])
+    assert dit.dims == ("batch", "image") and dit.static == ("image",)
+    with pytest.raises(SimcostError, match="--seq does not apply"):
+        dit.sizes({"batch": 2, "seq": 7})
+
+
+def test_symbolic_upsampling_keeps_sizes_symbolic():
+    """F.interpolate's C++ upsampling reads concrete sizes (torch would specialise batch and
+    image); while recording it runs in torch's symbolic form, and is restored after."""
+    import torch
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from simcost.trace.composites import symbolic_upsampling
+    from simcost.trace.record import make_symbols
+    orig = torch._C._nn.upsample_nearest2d
+    env = ShapeEnv()
+    s = make_symbols(env, {"batch": 3, "side": 5})
+    with FakeTensorMode(shape_env=env), symbolic_upsampling():
+        x = torch.zeros(s["batch"], 4, s["side"], s["side"], requires_grad=True)
+        y = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        z = F.interpolate(x, size=(s["side"] * 3, 7), mode="nearest")
+        (y.sum() + z.sum()).backward()
+    assert str(y.shape[0]) == str(s["batch"]) and str(y.shape[2]) == f"2*{s['side']}"
+    assert str(z.shape[2]) == f"3*{s['side']}" and z.shape[3] == 7
+    assert not env.replacements
+    assert torch._C._nn.upsample_nearest2d is orig
+    real = torch.arange(8.0).reshape(1, 2, 2, 2)
+    assert torch.equal(F.interpolate(real, scale_factor=2.0), real.repeat_interleave(
+        2, 2).repeat_interleave(2, 3))
+
+
+# the zoo's denoisers on the meta device at their real sizes (minutes each on 2 cores), with
+# the UNets' published parameter counts. diffusers' DiT copies the timestep and class
+# embedder into each of its 28 blocks (convert_dit_to_diffusers.py), so it has more than the
+# paper's 675M: no published count to compare with
+ZOO = {"stable-diffusion-1.5-unet": 859_520_964, "sdxl-unet": 2_567_463_684,
+       "dit-xl-2-256": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_denoiser_traces_at_real_size(name):
+    """LoRA r=4 on to_q, to_k, to_v, to_out.0: the trainable parameters are peft's on a meta
+    build, the base model's the published count, and FLOPs and saved bytes are linear in the
+    (symbolic) batch."""
+    from simcost.trace.build import build_model, task_for, trace_task
+    from simcost.trace.price import Pricer
+    task = task_for(name)
+    tr = trace_task(task, LORA, dtype="bf16", hints=task.sizes({"batch": 2}))
+    trainable, total = build_model(task, LORA, "bf16", "meta").get_nb_trainable_parameters()
+    assert (tr.params_trainable, tr.params_total) == (trainable, total)
+    assert ZOO[name] is None or total - trainable == ZOO[name]
+    assert "batch" not in tr.specialized
+    pr = Pricer(tr)
+    p = [pr.price(**task.sizes({"batch": b})) for b in (2, 4, 8)]
+    for a, b in ((p[0], p[1]), (p[1], p[2])):
+        assert 2 * a.fwd_matmul_flops == b.fwd_matmul_flops > 0
+        assert 2 * a.bwd_matmul_flops == b.bwd_matmul_flops > 0
+        assert 2 * a.saved_bytes == b.saved_bytes > 0
+    assert not p[0].unpriced, p[0].unpriced
