@@ -14,7 +14,8 @@ from simcost.validate import traced  # noqa: E402
 pytestmark = pytest.mark.torch
 
 # CI: one case per denoiser; `pytest -m slow` runs every tuner on each
-SUBSET = {("unet-sd", "lora"), ("unet-sdxl", "lokr"), ("dit", "lora"), ("dit", "loha")}
+SUBSET = {("unet-sd", "lora"), ("unet-sdxl", "lokr"), ("dit", "lora"), ("dit", "loha"),
+          ("pixart", "lokr")}
 CASES = list(traced.traced_cases(list(traced.DIFFUSION)))
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 4,
         "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -83,6 +84,9 @@ def test_sizes_and_defaults():
     sd = task_for(traced.CONFIGS["unet-sd"][0])
     assert sd.kind == "noise-pred" and sd.dims == ("batch", "image", "seq")
     assert sd.sizes({"batch": 2}) == {"batch": 2, "image": 64, "seq": 77}
+    assert task_for(traced.CONFIGS["pixart"][0]).sizes({"batch": 2})["seq"] == 120   # T5's
+    ddpm = task_for(traced.CONFIGS["unet-ddpm"][0])            # pixel space
+    assert ddpm.sizes({"batch": 2}) == {"batch": 2, "image": 8}
     dit = task_for(traced.CONFIGS["dit"][0])
     assert dit.dims == ("batch", "image") and dit.static == ("image",)
     with pytest.raises(SimcostError, match="--seq does not apply"):

@@ -183,7 +183,10 @@ def diffusion_inputs(cfg: dict, cls_name: str, s: dict) -> dict:
     if cls_name == "PixArtTransformer2DModel":
         ctx = torch.zeros(b, s["seq"], int(cfg.get("caption_channels") or 4096))
         cond = {"resolution": None, "aspect_ratio": None}
-        if cfg.get("use_additional_conditions", cfg.get("sample_size") == 128):
+        extra = cfg.get("use_additional_conditions")
+        if extra is None:                        # diffusers' default: PixArt-alpha 1024 px
+            extra = cfg.get("sample_size") == 128
+        if extra:
             cond = {"resolution": torch.zeros(b, 2), "aspect_ratio": torch.zeros(b, 1)}
         return {"hidden_states": x, "timestep": t, "encoder_hidden_states": ctx,
                 "added_cond_kwargs": cond}
