@@ -13,8 +13,9 @@ from simcost.validate import traced  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-# CI: one case per denoiser; `pytest -m slow` runs every tuner on each
-SUBSET = {("unet-sd", "lora"), ("unet-sdxl", "lokr"), ("dit", "lora"), ("dit", "loha"),
+# CI: a few cases (the SD-style UNet under LoRA is checked below, with its branch guard);
+# `pytest -m slow` runs every tuner on each denoiser
+SUBSET = {("unet-sdxl", "lokr"), ("dit", "lora"), ("dit", "loha"),
           ("pixart", "lokr")}
 CASES = list(traced.traced_cases(list(traced.DIFFUSION)))
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 4,
@@ -35,6 +36,7 @@ def test_tiny_denoiser_step_is_exact(model, method, peft_config):
 
 def test_subset_is_in_the_matrix():
     assert SUBSET <= {(m, meth) for m, meth, _ in CASES}
+    assert ("unet-sd", "lora") in {(m, meth) for m, meth, _ in CASES}
 
 
 def _trace(model, hints=None, method="lora"):
@@ -55,14 +57,21 @@ def test_dit_is_traced_at_its_image_size_and_one_block_of_three():
         compile_trace(tr).check({"batch": 2, "image": 64})
 
 
-def test_unet_recording_holds_on_its_branch_only():
-    """The UNet forwards explicit upsample sizes when the latent is not a multiple of
-    2**upsamplers: a recording at latent 8 prices latent 6 (48 px) but refuses latent 5."""
-    from simcost.trace.compiled import compile_trace
-    ct = compile_trace(_trace("unet-sd"))
-    ct.check({"batch": 2, "image": 48, "seq": 7})
+def test_unet_step_is_exact_on_the_branch_it_was_traced_on():
+    """SD-style UNet under LoRA, traced at batch 3, 64 px (latent 8), 11 tokens, equals the
+    real step at batch 2, 48 px (latent 6), 7 tokens. The UNet forwards explicit upsample sizes
+    when the latent is not a multiple of 2**upsamplers: the recording refuses 40 px (latent 5)."""
+    from simcost.trace.price import Pricer
+    cfg, _, dims = traced.CONFIGS["unet-sd"]
+    tr = _trace("unet-sd")
+    pr = Pricer(tr)
+    p = pr.price(**dims)
+    r = traced.measure_real(cfg, traced.adapter_configs("unet-sd")["lora"], dims)
+    assert (tr.params_total, tr.params_trainable) == (r.params_total, r.params_trainable)
+    assert (p.fwd_matmul_flops, p.bwd_matmul_flops, p.saved_bytes) == \
+        (r.fwd_matmul_flops, r.bwd_matmul_flops, r.saved_bytes)
     with pytest.raises(SimcostError, match="holds only where"):
-        ct.check({"batch": 2, "image": 40, "seq": 7})
+        pr.price(**{**dims, "image": 40})
 
 
 def test_unknown_and_unsupported_classes_are_one_line():
@@ -93,28 +102,32 @@ def test_sizes_and_defaults():
         dit.sizes({"batch": 2, "seq": 7})
 
 
-def test_symbolic_upsampling_keeps_sizes_symbolic():
-    """F.interpolate's C++ upsampling reads concrete sizes (torch would specialise batch and
-    image); while recording it runs in torch's symbolic form, and is restored after."""
+def test_symbolic_composites_keep_sizes_symbolic():
+    """F.interpolate's C++ upsampling reads concrete sizes, and the fake convolution guards the
+    batch to choose a CPU kernel: while recording, neither specialises nor guards a size, the
+    recorded ops are the real ones, and torch's functions are restored after."""
     import torch
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from simcost.trace.composites import symbolic_upsampling
+    from simcost.trace.composites import symbolic_composites
     from simcost.trace.record import make_symbols
-    orig = torch._C._nn.upsample_nearest2d
+    orig = torch._C._nn.upsample_nearest2d, torch._C._select_conv_backend
     env = ShapeEnv()
     s = make_symbols(env, {"batch": 3, "side": 5})
-    with FakeTensorMode(shape_env=env), symbolic_upsampling():
+    with FakeTensorMode(shape_env=env), symbolic_composites():
         x = torch.zeros(s["batch"], 4, s["side"], s["side"], requires_grad=True)
         y = F.interpolate(x, scale_factor=2.0, mode="nearest")
         z = F.interpolate(x, size=(s["side"] * 3, 7), mode="nearest")
-        (y.sum() + z.sum()).backward()
+        c = F.conv2d(y, torch.zeros(8, 4, 3, 3, requires_grad=True), padding=1)
+        (c.sum() + z.sum()).backward()
     assert str(y.shape[0]) == str(s["batch"]) and str(y.shape[2]) == f"2*{s['side']}"
     assert str(z.shape[2]) == f"3*{s['side']}" and z.shape[3] == 7
+    assert c.shape[2] == y.shape[2] and c.is_contiguous()
     assert not env.replacements
-    assert torch._C._nn.upsample_nearest2d is orig
+    assert not [g for g in env.guards if s["batch"].node.expr in g.expr.free_symbols]
+    assert (torch._C._nn.upsample_nearest2d, torch._C._select_conv_backend) == orig
     real = torch.arange(8.0).reshape(1, 2, 2, 2)
     assert torch.equal(F.interpolate(real, scale_factor=2.0), real.repeat_interleave(
         2, 2).repeat_interleave(2, 3))

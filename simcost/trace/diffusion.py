@@ -8,13 +8,20 @@ the loss is ``F.mse_loss(model_pred.float(), target.float())`` with ``target`` t
 (epsilon prediction), a tensor of the latents' shape. The VAE and the text encoders are
 frozen and run outside the step (their outputs are inputs here).
 
-| ``_class_name``                  | inputs (sizes)                                            |
-|----------------------------------|-----------------------------------------------------------|
-| UNet2DConditionModel (SD, SDXL)  | sample (batch, in_channels, latent, latent), timestep (batch), encoder_hidden_states (batch, seq, cross_attention_dim); SDXL (``addition_embed_type='text_time'``): added_cond_kwargs text_embeds (batch, pooled dim), time_ids (batch, 6) |
-| DiTTransformer2DModel            | hidden_states (batch, in_channels, latent, latent), timestep (batch), class_labels (batch) |
-| Transformer2DModel               | remapped by ``norm_type`` as diffusers' ``from_pretrained`` does (``ada_norm_zero``: DiT, ``ada_norm_single``: PixArt) |
-| PixArtTransformer2DModel         | hidden_states, timestep, encoder_hidden_states (batch, seq, caption_channels), added_cond_kwargs resolution / aspect_ratio (batch, 2) / (batch, 1) where the model uses them |
-| UNet2DModel (DDPM, unconditional)| sample (batch, in_channels, image, image) in pixel space, timestep (batch) |
+Per ``_class_name``, the inputs (sizes):
+- ``UNet2DConditionModel`` (SD, SDXL): sample (batch, in_channels, latent, latent), timestep
+  (batch), encoder_hidden_states (batch, seq, cross_attention_dim); SDXL
+  (``addition_embed_type='text_time'``): added_cond_kwargs text_embeds (batch, pooled) and
+  time_ids (batch, 6);
+- ``DiTTransformer2DModel``: hidden_states (batch, in_channels, latent, latent), timestep and
+  class_labels (batch);
+- ``PixArtTransformer2DModel``: hidden_states, timestep, encoder_hidden_states (batch, seq,
+  caption_channels), added_cond_kwargs resolution (batch, 2) and aspect_ratio (batch, 1) where
+  the model uses them;
+- ``Transformer2DModel``: renamed by ``norm_type`` as diffusers' ``from_pretrained`` does
+  (``ada_norm_zero``: DiT, ``ada_norm_single``: PixArt);
+- ``UNet2DModel`` (DDPM, unconditional): sample (batch, in_channels, image, image) in pixel
+  space, timestep (batch).
 
 Sizes: ``batch``; ``image``, in pixels (default: the config's ``sample_size`` times the VAE
 scale factor, SD 1.5: 64 -> 512, SDXL: 128 -> 1024, DiT-XL/2-256: 32 -> 256); the latent side
@@ -135,7 +142,7 @@ def build_diffusers(cfg: dict, cls_name: str, dtype: str, device: str):
     import diffusers
     import torch
 
-    from simcost.trace.build import TORCH_DTYPE
+    from simcost.trace.task import TORCH_DTYPE
     cls = getattr(diffusers, cls_name)
     body = {k: v for k, v in cfg.items() if not k.startswith("_")}
     if device != "meta":
