@@ -36,13 +36,12 @@ What torch keeps symbolic. ``batch`` always. ``image`` in the UNets: diffusers' 
 upsampling (``F.interpolate(scale_factor=2)``) and strided convolutions give exact
 floor-division sizes, and the UNet's branch on ``latent % 2**num_upsamplers`` (it forwards
 explicit upsample sizes when the latent is not a multiple) is a guard, so a recording holds
-for every image size on the branch it was traced on (:meth:`Trace.check` refuses the others).
-Two branches on the batch are kept as guards too, though neither changes a count:
-torch's fake convolution asks the CPU backend selector, which picks oneDNN from a batch of 16
-(``_select_conv_backend``, for the output's memory format), and ``Upsample2D`` makes its input
-contiguous from a batch of 64 (a no-op on these tensors). A recording made below 16 holds
-below 16, one made at 16 to 63 holds there, and so on; the front end records at the
-request's sizes. ``image`` is static in the transformers: DiT's and PixArt's patch embedding
+for every image size on the branch it was traced on (the recording's ``check`` refuses the
+others). ``Upsample2D`` branches on the batch (``.contiguous()`` from a batch of 64, a no-op
+on these tensors) and on the upsampled size (the same above 2**31 elements): torch keeps both
+as guards, so a recording made below a batch of 64 holds below 64, one made at 64 or more
+from 64 on (the front end records at the request's sizes). The fake convolution's guard on
+the batch (its CPU kernel choice) is not kept (:mod:`simcost.trace.composites`). ``image`` is static in the transformers: DiT's and PixArt's patch embedding
 recompute their sin-cos position table when the token grid differs from ``sample_size``'s,
 and DiT's unpatchify takes ``int(tokens ** 0.5)``; both need a concrete size.
 """
