@@ -142,18 +142,23 @@ def build_diffusers(cfg: dict, cls_name: str, dtype: str, device: str):
     import torch
 
     from simcost.trace.task import TORCH_DTYPE
+    from diffusers.utils import logging as dlog
     cls = getattr(diffusers, cls_name)
     body = {k: v for k, v in cfg.items() if not k.startswith("_")}
     if device != "meta":
         torch.manual_seed(0)
-    with torch.device(device):
-        try:
-            model = cls.from_config(body)
-        except Exception as e:  # noqa: BLE001 -- any build error is the config's
-            raise SimcostError(f"diffusers cannot build {cls_name} from this config: "
-                               f"{type(e).__name__}: {' '.join(str(e).split())}") from None
     tdt = getattr(torch, TORCH_DTYPE[dtype])
-    model = model.to(tdt)
+    # diffusers' advice (keys a legacy config carries, casting with .to()) is not the estimate's
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        with torch.device(device):
+            model = cls.from_config(body).to(tdt)
+    except Exception as e:  # noqa: BLE001 -- any build error is the config's
+        raise SimcostError(f"diffusers cannot build {cls_name} from this config: "
+                           f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+    finally:
+        dlog.set_verbosity(level)
     model.register_forward_pre_hook(functools.partial(_cast_inputs, tdt), with_kwargs=True)
     return model
 
