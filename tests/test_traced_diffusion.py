@@ -74,6 +74,31 @@ def test_unet_step_is_exact_on_the_branch_it_was_traced_on():
         pr.price(**{**dims, "image": 40})
 
 
+def test_checkpointed_step_is_exact():
+    """diffusers' own gradient checkpointing (its blocks under torch.utils.checkpoint): the
+    recomputed forward is counted in backward as FlopCounterMode counts it."""
+    from simcost.trace.build import build_model, enable_checkpointing, task_for, trace_config
+    from simcost.trace.price import Pricer
+    from simcost.trace.record import _loss_of
+    from simcost.validate.torch_measure import _flop_counter, _register_missing_flop_formulas
+    cfg, hints, dims = traced.CONFIGS["dit"]
+    pc = traced.adapter_configs("dit")["lora"]
+    p = Pricer(trace_config(cfg, pc, dtype="fp32", hints=hints, checkpointing=True)).price(**dims)
+    _register_missing_flop_formulas()
+    task = task_for(cfg)
+    model = build_model(task, pc, "fp32", "cpu")
+    model.train()
+    enable_checkpointing(model)
+    inputs = task.inputs(dims, None)
+    with _flop_counter() as fc:
+        loss = _loss_of(model(**inputs), inputs, task.loss)
+        fwd = fc.get_total_flops()
+        loss.backward()
+        bwd = fc.get_total_flops() - fwd
+    assert (p.fwd_matmul_flops, p.bwd_matmul_flops) == (fwd, bwd)
+    assert 0 < p.rec_matmul_flops < p.fwd_matmul_flops
+
+
 def test_unknown_and_unsupported_classes_are_one_line():
     from simcost.trace.build import task_for
     with pytest.raises(SimcostError, match="has no class 'UNet9DConditionModel'") as e:
