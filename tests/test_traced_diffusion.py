@@ -190,3 +190,29 @@ def test_zoo_denoiser_traces_at_real_size(name):
         assert 2 * a.bwd_matmul_flops == b.bwd_matmul_flops > 0
         assert 2 * a.saved_bytes == b.saved_bytes > 0
     assert not p[0].unpriced, p[0].unpriced
+
+
+def test_cli_estimates_a_diffusers_config(tmp_path, capsys):
+    """``estimate train --model dir/config.json`` with a diffusers config: the traced front end
+    (auto), the image size in pixels (default sample_size x 8), samples per second, LoRA on
+    the attention projections as peft counts it; --seq does not apply to DiT."""
+    import json
+
+    from simcost.cli import main
+    d = tmp_path / "dit"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(traced.CONFIGS["dit"][0]))
+    argv = ["estimate", "train", "--hardware", "cpu-generic", "--json", "--model", str(d),
+            "--batch", "2", "--peft", "lora", "--rank", "4", "--targets",
+            "to_q,to_k,to_v,to_out.0", "--no-trace-cache"]
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["frontend"] == "traced" and res["sizes"] == {"batch": 2, "image": 32}
+    assert res["samples_per_s"] > 0 and "tokens_per_s" not in res
+    lora = traced.adapter_configs("dit")["lora"]
+    assert res["params"]["trainable"] == traced.measure_real(
+        traced.CONFIGS["dit"][0], lora, {"batch": 2, "image": 32}).params_trainable
+    assert main([*argv, "--seq", "7"]) == 2
+    assert "--seq does not apply" in capsys.readouterr().err
