@@ -1,5 +1,6 @@
 """Where torch reads concrete sizes of a symbolic step without need, and how a recording avoids
-it (needs the torch extra). Active only while a step is recorded (:mod:`simcost.trace.record`).
+it (needs the torch extra). Active only while a step is recorded
+(:func:`simcost.trace.workarounds.tracing`).
 
 - ``F.interpolate`` calls ``torch._C._nn.upsample_*(input, output_size, scale_factors)`` (the
   ``.vec`` overloads), whose C++ bodies compute the output size from ``input.sizes()``: torch
