@@ -20,7 +20,8 @@ SUBSET = {("llama-gqa", m) for m in ("lora", "loha", "prefix", "prompt", "lora_f
                                      "lora_params", "trainable_tokens", "c3a", "shira")} | {
     ("bert-cls", "lora"), ("bert-cls", "boft"), ("roberta-mlm", "ia3"), ("t5", "lora"),
     ("t5", "vera"), ("vit", "lora"), ("vit", "oft")}
-ALL = list(traced.traced_cases())
+# the diffusers denoisers' cases are tests/test_traced_diffusion.py's
+ALL = list(traced.traced_cases([m for m in traced.CONFIGS if m not in traced.DIFFUSION]))
 
 
 def _params(cases, subset):

@@ -147,7 +147,7 @@ def _trace_task(task, peft_config, *, dtype, hints, reduce, checkpointing, autoc
     if checkpointing:
         enable_checkpointing(model)
     params = count_params(model)
-    counts = reduce_depth(model) if reduce else None
+    counts = reduce_depth(model, task.stacks) if reduce else None
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)   # peft's prompt ids
     fakeify(model, mode)

@@ -33,11 +33,15 @@ _INDEX_ATTRS = {"layer_idx", "layer_id", "idx", "index", "layer_number", "layer_
 TAG_KEY = "simcost_layer"
 
 
-def repeated_stacks(model) -> list[tuple[str, object]]:
+def repeated_stacks(model, names: tuple = ()) -> list[tuple[str, object]]:
+    """The outermost ModuleLists of two or more layers of one class (only those whose last
+    name is in ``names``, when given)."""
     import torch
     out: list[tuple[str, object]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
+            continue
+        if names and name.rpartition(".")[2] not in names:
             continue
         if len({type(c) for c in mod}) != 1 or not any(True for _ in mod[0].parameters()):
             continue
@@ -76,12 +80,13 @@ def signature(layer) -> tuple:
     return mods, params, bufs
 
 
-def reduce_depth(model) -> dict:
-    """Keep one layer of each kind per stack (in place); returns {id(kept layer): count}."""
+def reduce_depth(model, names: tuple = ()) -> dict:
+    """Keep one layer of each kind per stack (in place); returns {id(kept layer): count}.
+    ``names``: see :func:`repeated_stacks`."""
     import torch
     counts: dict[int, int] = {}
     before_trainable = False
-    stacks = {name: mod for name, mod in repeated_stacks(model)}
+    stacks = {name: mod for name, mod in repeated_stacks(model, names)}
     seen_stack_params: set[int] = set()
     for name, mod in model.named_modules():
         if name in stacks:

@@ -239,6 +239,9 @@ def make_symbols(shape_env, hints: dict, static: tuple = ()) -> dict:
 # storage (so a fake tensor gets a storage of its own): the recorder keeps them on the input's
 EAGER_ALIASES = frozenset({"aten._unsafe_view.default", "aten.alias.default",
                            "aten.lift_fresh.default"})
+# losses whose eager kernel reduces into the unreduced (input-sized) buffer and returns the
+# 0-dim loss on it: the loss keeps that storage alive (a meta kernel allocates 0-dim storage)
+EAGER_UNREDUCED = frozenset({"aten.mse_loss.default", "aten.smooth_l1_loss.default"})
 
 
 class _Recorder:
@@ -361,6 +364,10 @@ class _Recorder:
         params = tuple(sorted({self.param_storages[st._cdata]
                                for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
                                for st in storages(t) if st._cdata in self.param_storages}))
+        if name in EAGER_UNREDUCED and len(tensors) == 1 and tensors[0].dim() == 0:
+            sid = self.live.get(tensors[0].untyped_storage()._cdata)
+            if sid is not None:
+                self.sizes[sid] = _expr(args[0].numel()) * tensors[0].element_size()
         self.calls.append(Call(name, phase, _meta_tree(tuple(args)),
                                {k: _meta_tree(v) for k, v in kwargs.items()}, outs,
                                frozenset(str(t).removeprefix("Tag.") for t in func.tags),

@@ -36,6 +36,9 @@ class TracedTask:
     learned_positions: bool = False
     loss: Callable[[Any, Any], Any] | None = None  # (model output, inputs) -> scalar loss
     model_type: str | None = None               # a config's model_type (default targets)
+    # the ModuleLists that repeat, by name (a diffusers UNet's 'transformer_blocks'); empty:
+    # every outermost ModuleList of one class (simcost.trace.layers)
+    stacks: tuple[str, ...] = ()
 
     @property
     def text(self) -> bool:

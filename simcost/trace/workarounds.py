@@ -36,9 +36,11 @@ from contextlib import ExitStack, contextmanager
 @contextmanager
 def tracing():
     """Everything :func:`simcost.trace.record.trace_step` needs while recording."""
+    from simcost.trace.composites import symbolic_composites
     with ExitStack() as stack:
         stack.enter_context(fake_kernels())
         stack.enter_context(known_reads())
+        stack.enter_context(symbolic_composites())
         yield
 
 

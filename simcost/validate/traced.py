@@ -91,6 +91,65 @@ CONFIGS: dict[str, tuple[dict, dict, dict]] = {
              "patch_size": 8, "num_labels": 3, **_ENC},
             {"batch": 3, "image": 32}, {"batch": 2, "image": 32}),
 }
+# diffusers denoisers (simcost.trace.diffusion): a SD-style UNet (cross-attention down and up
+# blocks), an SDXL-style one (text_time added conditioning, linear projections, 3 transformer
+# blocks per attention: the stack traced as 2), a DiT (learned sigma: 8 output channels),
+# PixArt and DDPM's UNet2DModel. Image sizes in pixels (latent = image // 8, UNet2DModel's in
+# pixel space); the UNets' are symbolic (sides 8 and 6 are multiples of their one upsampler's
+# 2), the transformers' fixed by their position tables
+_UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64],
+         "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 8, "in_channels": 4,
+         "out_channels": 4}
+DIFFUSION: dict[str, tuple[dict, dict, dict]] = {
+    "unet-sd": ({**_UNET, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                 "cross_attention_dim": 24, "attention_head_dim": 8},
+                {"batch": 3, "image": 64, "seq": 11}, {"batch": 2, "image": 48, "seq": 7}),
+    "unet-sdxl": ({**_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                   "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                   "cross_attention_dim": 40, "attention_head_dim": [2, 4],
+                   "transformer_layers_per_block": [1, 3], "use_linear_projection": True,
+                   "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                   "projection_class_embeddings_input_dim": 68},
+                  {"batch": 3, "image": 64, "seq": 11}, {"batch": 2, "image": 48, "seq": 7}),
+    "dit": ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero",
+             "activation_fn": "gelu-approximate", "attention_bias": True,
+             "attention_head_dim": 8, "num_attention_heads": 2, "in_channels": 4,
+             "out_channels": 8, "norm_elementwise_affine": False, "num_embeds_ada_norm": 10,
+             "num_layers": 3, "patch_size": 2, "sample_size": 4},
+            {"batch": 3, "image": 32}, {"batch": 2, "image": 32}),
+    # PixArt-alpha (Transformer2DModel, ada_norm_single): T5 captions through a projection,
+    # resolution and aspect-ratio conditioning (the hidden size a multiple of 3 for them)
+    "pixart": ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_single",
+                "activation_fn": "gelu-approximate", "attention_bias": True,
+                "attention_head_dim": 8, "num_attention_heads": 3, "in_channels": 4,
+                "out_channels": 8, "norm_elementwise_affine": False, "num_layers": 3,
+                "patch_size": 2, "sample_size": 4, "cross_attention_dim": 24,
+                "caption_channels": 12, "num_embeds_ada_norm": 1000,
+                "use_additional_conditions": True},
+               {"batch": 3, "image": 32, "seq": 11}, {"batch": 2, "image": 32, "seq": 7}),
+    # DDPM's pixel-space UNet2DModel (image = the sample's side), self-attention blocks
+    "unet-ddpm": ({"_class_name": "UNet2DModel", "block_out_channels": [16, 32],
+                   "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                   "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
+                   "sample_size": 8, "in_channels": 3, "out_channels": 3,
+                   "attention_head_dim": 8},
+                  {"batch": 3, "image": 8}, {"batch": 2, "image": 6}),
+}
+CONFIGS |= DIFFUSION
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]          # diffusers' LoRA scripts' targets
+
+
+def _diffusion_adapters(model: str) -> dict[str, dict]:
+    """LoRA on the attention projections (train_text_to_image_lora.py,
+    train_dreambooth_lora_sdxl.py); LyCORIS-style LoHa / LoKr on them and on the resnets'
+    convolutions (peft's Conv2d variants) or the transformers' feed-forward."""
+    extra = ["ff.net.0.proj", "ff.net.2"] if model in ("dit", "pixart") else ["conv1", "conv2"]
+    return {"lora": {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": _ATTN},
+            "loha": {"peft_type": "LOHA", "r": 4, "target_modules": [*_ATTN, *extra]},
+            "lokr": {"peft_type": "LOKR", "r": 4, "target_modules": [*_ATTN, *extra]}}
+
+
 _TARGETS = {"llama-gqa": ["q_proj", "v_proj"], "bert-cls": ["query", "value"],
             "roberta-mlm": ["query", "value"], "t5": ["q", "v"], "vit": ["q_proj", "v_proj"]}
 _LN = {"bert-cls": {"target_modules": ["LayerNorm"]},       # peft knows only decoder norms
@@ -102,6 +161,8 @@ _FFN = {"llama-gqa": "down_proj", "bert-cls": "output.dense", "roberta-mlm": "ou
 
 def adapter_configs(model: str) -> dict[str, dict]:
     """peft adapter configs (peft's own field names) for one of :data:`CONFIGS`."""
+    if model in DIFFUSION:
+        return _diffusion_adapters(model)
     t = _TARGETS[model]
     out = {"lora": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": t},
            "dora": {"peft_type": "LORA", "r": 4, "use_dora": True, "target_modules": t},
