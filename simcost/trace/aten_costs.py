@@ -318,7 +318,8 @@ def _named_pointwise(name):
 for _n in (*_EXTRA_FLOPS, *_TRANSCENDENTAL, "aten.threshold_backward.default",
            "aten.tanh_backward.default", "aten.sigmoid_backward.default",
            "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.where.self",
-           "aten.masked_fill_.Scalar", "aten.masked_fill_.Tensor",
+           "aten.masked_fill_.Scalar", "aten.masked_fill_.Tensor", "aten.floor_divide.default",
+           "aten.polar.default",
            "aten.clamp.default", "aten._to_copy.default", "aten.copy_.default",
            "aten.clone.default", "aten.copy.default"):
     if _n not in _REGISTRY:
@@ -351,7 +352,7 @@ def random(args, kwargs, outs):
           "aten.amax.default", "aten.max.dim", "aten.max.default", "aten.min.default",
           "aten.var_mean.correction", "aten.var.correction", "aten.linalg_vector_norm.default",
           "aten.norm.ScalarOpt_dim", "aten.argmax.default", "aten.any.dim", "aten.all.default",
-          "aten.any.default",
+          "aten.any.default", "aten.histc.default",
           "aten.cumsum.default")
 def reduction(args, kwargs, outs):
     """One FLOP per input element (two for var/norm), reads the input once."""

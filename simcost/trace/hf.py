@@ -38,10 +38,14 @@ def task_of(cfg: dict) -> tuple[str, str]:
     head, as transformers' auto classes map them."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else _default_head(cfg)
+    arch = DUAL_ENCODERS.get(arch, arch)
     if arch in SPEECH:
         return arch, "speech-seq2seq"
     for suffix, kind in TASKS.items():
         if arch.endswith(suffix):
+            if kind == "seq2seq" and not _encoder_decoder(cfg):
+                # a decoder-only vision-language model (LLaVA, Gemma 3): its language step
+                return arch, "causal-lm"
             return arch, kind
     raise SimcostError(f"architecture '{arch or cfg.get('model_type')}': the traced front end "
                        f"builds the heads {', '.join(TASKS)} from a config's architectures")
@@ -49,6 +53,20 @@ def task_of(cfg: dict) -> tuple[str, str]:
 
 # encoder-decoders whose encoder reads log-mel features, not tokens
 SPEECH = ("WhisperForConditionalGeneration",)
+# contrastive image-text models, fine-tuned as their vision tower with a classifier (the class
+# transformers ships for that, reading the same config)
+DUAL_ENCODERS = {"CLIPModel": "CLIPForImageClassification",
+                 "SiglipModel": "SiglipForImageClassification"}
+
+
+def _encoder_decoder(cfg: dict) -> bool:
+    """Whether the config's model type is an encoder-decoder (its config class says so)."""
+    import transformers
+    try:
+        cls = transformers.AutoConfig.for_model(cfg.get("model_type", "")).__class__
+    except (ValueError, KeyError):
+        return bool(cfg.get("is_encoder_decoder"))
+    return bool(cfg.get("is_encoder_decoder", getattr(cls(), "is_encoder_decoder", False)))
 
 
 def _default_head(cfg: dict) -> str:
@@ -63,7 +81,7 @@ def hf_task(cfg: dict, name: str = "model") -> TracedTask:
     dims = DIMS.get(kind, TEXT_DIMS)
     defaults = {}
     if kind == "image-cls":
-        img = cfg.get("image_size")
+        img = cfg.get("image_size") or (cfg.get("vision_config") or {}).get("image_size")
         if isinstance(img, (list, tuple)):
             img = img[0]
         if img:
@@ -73,9 +91,15 @@ def hf_task(cfg: dict, name: str = "model") -> TracedTask:
     max_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     learned = cfg.get("model_type") in ("gpt2", "bert", "roberta", "deberta-v2", "vit",
                                         "bart", "whisper", "clip_vision_model", "opt")
-    return TracedTask(name=name, kind=kind, dims=dims,
-                      build=lambda dtype, device: build_hf(cfg, arch, dtype, device),
-                      inputs=lambda sizes, peft_type: hf_inputs(cfg, kind, sizes, peft_type),
+    built = {}                    # the dtype of the last build: float inputs follow it
+
+    def build(dtype, device):
+        built["dtype"] = dtype
+        return build_hf(cfg, arch, dtype, device)
+
+    return TracedTask(name=name, kind=kind, dims=dims, build=build,
+                      inputs=lambda sizes, peft_type: hf_inputs(cfg, kind, sizes, peft_type,
+                                                                built.get("dtype")),
                       key=json.dumps(cfg, sort_keys=True, default=str),
                       static=("image",) if kind == "image-cls" else (),
                       defaults={k: v for k, v in defaults.items() if v is not None},
@@ -116,11 +140,16 @@ def build_hf(cfg: dict, arch: str, dtype: str, device: str):
 TASK_IDS = ("MULTITASK_PROMPT_TUNING", "POLY")       # peft's forward needs task_ids
 
 
-def hf_inputs(cfg: dict, kind: str, s: dict, peft_type: str | None) -> dict:
-    """The task's input tensors from (symbolic) sizes; methods whose forward needs
+def hf_inputs(cfg: dict, kind: str, s: dict, peft_type: str | None,
+              dtype: str | None = None) -> dict:
+    """The task's input tensors from (symbolic) sizes, floating ones in the weights' dtype
+    (Whisper's features: the model does not cast them); methods whose forward needs
     ``task_ids`` get one per example (task 0)."""
     import torch
     out = _inputs(cfg, kind, s, peft_type)
+    if dtype is not None:
+        fdt = getattr(torch, TORCH_DTYPE[dtype])
+        out = {k: v.to(fdt) if v.is_floating_point() else v for k, v in out.items()}
     if (peft_type or "").upper() in TASK_IDS:
         out["task_ids"] = torch.zeros(s["batch"], dtype=torch.long)
     return out
@@ -146,6 +175,6 @@ def _inputs(cfg: dict, kind: str, s: dict, peft_type: str | None) -> dict:
         return {"input_features": torch.zeros(s["batch"], int(cfg.get("num_mel_bins", 80)),
                                               frames),
                 "labels": torch.zeros(s["batch"], s["target_seq"], dtype=long)}
-    ch = int(cfg.get("num_channels", 3))
+    ch = int(cfg.get("num_channels") or (cfg.get("vision_config") or {}).get("num_channels", 3))
     return {"pixel_values": torch.zeros(s["batch"], ch, s["image"], s["image"]),
             "labels": torch.zeros(s["batch"], dtype=long)}
