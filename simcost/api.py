@@ -22,7 +22,7 @@ from simcost.models.attention import UNIT_BATCH_LAYOUT
 from simcost.models.config import ModelSpec, load_model
 from simcost.peft.spec import PeftSpec
 from simcost.request.fields import MAX_BATCH, MAX_SEQ
-from simcost.request.frontend import require_analytic, resolve_frontend
+from simcost.request.frontend import analytic_request, resolve_frontend
 from simcost.request.train import (MultiTrainRequest, SweepRequest, TrainRequest, check_seq,
                                    request_peft, resolve_peft, sweep_points)
 from simcost.result import MultiTrainEstimate, TrainEstimate, device_warnings, make_estimate
@@ -85,10 +85,7 @@ def run_train(req: TrainRequest) -> TrainEstimate:
     if frontend == "traced":
         from simcost.trace.estimate import estimate_traced
         return estimate_traced(req, why)
-    require_analytic(req)
-    if req.quantize == "nf4" and req.method == "lora":      # LoRA on an NF4 base is QLoRA
-        req = req.model_copy(update={"peft": "qlora", "quantize": "none"})
-    return _run_analytic(req).model_copy(update={"frontend": "analytic"})
+    return _run_analytic(analytic_request(req)).model_copy(update={"frontend": "analytic"})
 
 
 def _run_analytic(req: TrainRequest) -> TrainEstimate:
@@ -170,9 +167,7 @@ def run_multi_train(req: MultiTrainRequest) -> MultiTrainEstimate:
     from simcost.sim.multi import multi_numbers
     if req.frontend == "traced":
         raise SimcostError("--jobs is priced on the hand-built graphs (--frontend analytic)")
-    require_analytic(req)
-    if req.quantize == "nf4" and req.method == "lora":
-        req = req.model_copy(update={"peft": "qlora", "quantize": "none"})
+    req = analytic_request(req)
     spec = _model(req.model, req.max_positions)
     pspec = request_peft(req)
     warns = [*req.notes, *check_seq(spec, req.seq, tokens_added(pspec))]
@@ -231,9 +226,7 @@ def run_sweep(req: SweepRequest) -> dict:
     if frontend == "traced":
         from simcost.trace.estimate import sweep_traced
         return sweep_traced(req, why)
-    require_analytic(base)
-    if base.quantize == "nf4" and base.method == "lora":      # LoRA on an NF4 base is QLoRA
-        base = base.model_copy(update={"peft": "qlora", "quantize": "none"})
+    base = analytic_request(base)
     spec = _model(base.model, base.max_positions)
     pspec = request_peft(base)
     bb, ss = np.meshgrid(req.batches, req.seqs, indexing="ij")

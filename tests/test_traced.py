@@ -161,11 +161,13 @@ def test_weight_gradient_split():
 def test_specialised_size_is_refused():
     """peft's prompt tuning pads the labels, which needs a concrete batch: the recording holds
     only for the batch it was traced at, and says so instead of extrapolating."""
+    from simcost.trace.price import Pricer
     tr = _trace(method="prompt", hints={"batch": 3, "seq": 11})
     assert tr.specialized.get("batch") == 3
+    pr = Pricer(tr)
     with pytest.raises(SimcostError, match="fixed batch to 3"):
-        tr.saved_bytes(batch=2, seq=tr.specialized.get("seq", 11))
-    assert tr.saved_bytes(batch=3, seq=11) > 0
+        pr.price(batch=2, seq=tr.specialized.get("seq", 11))
+    assert pr.price(batch=3, seq=11).saved_bytes > 0
 
 
 def test_bad_adapter_config_is_one_line():
@@ -187,5 +189,6 @@ def test_unknown_task_and_missing_size():
     # torch specialises a size of 1: the recording is made at that size and holds for it only
     tr = trace_config(cfg, None, hints={"batch": 1, "seq": 8})
     assert tr.specialized.get("batch") == 1
+    from simcost.trace.compiled import compile_trace
     with pytest.raises(SimcostError, match="fixed batch to 1"):
-        tr.check(batch=2, seq=8)
+        compile_trace(tr).check({"batch": 2, "seq": 8})

@@ -47,14 +47,18 @@ def traced_reason(req) -> str | None:
     return None
 
 
-def require_analytic(req) -> None:
-    """What the analytic path needs: text sizes (``--seq``, no vision or target sizes), and a
-    quantised base only as QLoRA (``--quantize nf4`` with LoRA)."""
+def analytic_request(req):
+    """The request as the analytic path prices it, or a one-line refusal: text sizes
+    (``--seq``, no vision or target sizes), and a quantised base only as QLoRA (LoRA with
+    ``--quantize nf4`` is ``--peft qlora``)."""
     if req.quantize == "int8" or req.quantize == "nf4" and req.method not in ("lora", "qlora"):
         raise SimcostError(f"--quantize {req.quantize} with --peft {req.method}: the analytic "
                            f"path models QLoRA (--peft qlora, or lora with --quantize nf4); "
                            f"--frontend traced quantises the base under any method")
     require_text_sizes(req)
+    if req.quantize == "nf4":
+        return req.model_copy(update={"peft": "qlora", "quantize": "none"})
+    return req
 
 
 def require_text_sizes(req) -> None:

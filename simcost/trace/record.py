@@ -80,48 +80,6 @@ class Trace:
         """How many times the work of ``layer`` (a kept layer, or None) happens in a step."""
         return self.counts.get(layer, 1) if layer is not None else 1
 
-    def saved_expr(self):
-        total = 0
-        for sid, nbytes in self.saved.items():
-            total = total + nbytes * self.weight(self.saved_layer.get(sid))
-        return total
-
-    def check(self, **dims) -> None:
-        """Refuse dimensions this recording does not describe (a guard or a specialisation)."""
-        import sympy
-        for name, v in self.specialized.items():
-            if name in dims and np.any(np.asarray(dims[name]) != v):
-                raise SimcostError(f"the traced step fixed {name} to {v} (the model needs a "
-                                   f"concrete size there); trace again at {name}={dims[name]}")
-        names = [k for k in sorted(self.symbols) if k in dims]
-        for gexpr in self.guards:
-            if not gexpr.free_symbols <= {self.symbols[k] for k in names}:
-                continue
-            ok = sympy.lambdify([self.symbols[k] for k in names], gexpr, "numpy")(
-                *(dims[k] for k in names))
-            if not np.all(ok):
-                raise SimcostError(f"the traced step holds only where {gexpr} (with "
-                                   f"{', '.join(f'{self.symbols[k]} = {k}' for k in names)}); "
-                                   f"trace again at these sizes")
-
-    def saved_bytes(self, **dims):
-        import sympy
-        self.check(**dims)
-        expr = self.saved_expr()
-        if isinstance(expr, int) or expr.is_number:
-            return int(expr)
-        names = sorted(self.symbols)
-        fn = sympy.lambdify([self.symbols[k] for k in names], expr, "numpy")
-        return fn(*(self.size(k, dims) for k in names))
-
-    def size(self, name: str, dims: dict):
-        """The value of dimension ``name``: fixed by the trace, or given in ``dims``."""
-        if name in self.specialized:
-            return self.specialized[name]
-        if name not in dims:
-            raise SimcostError(f"the traced step needs the size {name}")
-        return dims[name]
-
 
 def _expr(x):
     """A size as a plain int or a sympy expression."""
