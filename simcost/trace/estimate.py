@@ -121,6 +121,21 @@ def compiled_step(task, peft_cfg, *, dtype: str, autocast: str | None, attn: str
     return ct
 
 
+def request_step(req, task, peft_cfg, sizes: dict):
+    """The recording a request prices at ``sizes`` (its dtypes, attention, checkpointing and
+    cache choice)."""
+    return compiled_step(task, peft_cfg, dtype=req.dtype,
+                         autocast=None if req.mixed_precision == "none" else req.mixed_precision,
+                         attn="eager" if req.attn == "eager" else "sdpa",
+                         checkpointing=req.checkpointing == "full", sizes=sizes,
+                         use_cache=req.trace_cache)
+
+
+def counts_tokens(task, sizes: dict) -> bool:
+    """Whether the model trains on tokens (else on samples: images, noise predictions)."""
+    return "seq" in sizes and task.kind not in ("image-cls", "noise-pred")
+
+
 def estimate_traced(req, why: str | None = None) -> TrainEstimate:
     from simcost.trace.build import task_for
     from simcost.trace.numbers import traced_numbers
@@ -149,17 +164,19 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
     compute = req.mixed_precision if req.mixed_precision != "none" else req.dtype
     if req.dtype == "fp8":
         raise SimcostError("traced front end: --dtype fp8 is priced by the analytic path only")
+    if peft_cfg:
+        from simcost.trace.build import ignored_keys
+        dropped = ignored_keys(peft_cfg)
+        if dropped:
+            warns.append(f"adapter config keys this peft version does not know, ignored as "
+                         f"peft ignores them: {', '.join(dropped)}")
     if req.distributed:
         from simcost.trace.parallel import refuse_axes
         refuse_axes(req)
-    ct = compiled_step(task, peft_cfg, dtype=req.dtype,
-                       autocast=None if req.mixed_precision == "none" else req.mixed_precision,
-                       attn="eager" if req.attn == "eager" else "sdpa",
-                       checkpointing=req.checkpointing == "full", sizes=sizes,
-                       use_cache=req.trace_cache)
+    ct = request_step(req, task, peft_cfg, sizes)
     if req.distributed:
-        return _data_parallel(req, task, ct, sizes, device, stack, compute, peft_entry,
-                              [*warns, *pwarn])
+        return _data_parallel(req, task, ct, peft_cfg, sizes, device, stack, compute,
+                              peft_entry, [*warns, *pwarn])
     tn = traced_numbers(ct, sizes, device, optimizer=req.optimizer, mixed=req.mixed_precision,
                         stack=stack, host_allocator=req.host_allocator, dtype=compute,
                         tokens=tokens_per_step(task, sizes), quantize=quantisation(req))
@@ -167,18 +184,11 @@ def estimate_traced(req, why: str | None = None) -> TrainEstimate:
     if tn.unpriced:
         warns.append("priced by their bytes alone (no formula): " +
                      ", ".join(f"{k} x{v}" for k, v in sorted(tn.unpriced.items())))
-    if peft_cfg:
-        from simcost.trace.build import ignored_keys
-        dropped = ignored_keys(peft_cfg)
-        if dropped:
-            warns.append(f"adapter config keys this peft version does not know, ignored as "
-                         f"peft ignores them: {', '.join(dropped)}")
-    text = "seq" in sizes and task.kind not in ("image-cls", "noise-pred")
     est = make_estimate(task.name, device, peft_entry, n, batch=req.batch, seq=sizes.get("seq"),
                         dtype=req.dtype, mixed_precision=req.mixed_precision, attn=req.attn,
                         optimizer=req.optimizer, checkpointing=req.grad_checkpointing,
                         warnings=[*warns, *pwarn, *n.warnings], stack=stack,
-                        counts_tokens=text)
+                        counts_tokens=counts_tokens(task, sizes))
     return est.model_copy(update={"frontend": "traced", "sizes": dict(sizes),
                                   "unpriced_ops": dict(tn.unpriced) or None})
 
@@ -226,12 +236,7 @@ def sweep_traced(req, why: str | None = None) -> dict:
                                 "target_seq": base.target_seq, "image": base.image_size})
             hints = {**other, "batch": int(flat_b[sel].max()), "seq": int(flat_s[sel].max())}
             dims = {**other, "batch": flat_b[sel], "seq": flat_s[sel]}
-            ct = compiled_step(task, peft_cfg, dtype=base.dtype,
-                               autocast=None if base.mixed_precision == "none"
-                               else base.mixed_precision,
-                               attn="eager" if base.attn == "eager" else "sdpa",
-                               checkpointing=base.checkpointing == "full", sizes=hints,
-                               use_cache=base.trace_cache)
+            ct = request_step(base, task, peft_cfg, hints)
             compute = base.mixed_precision if base.mixed_precision != "none" else base.dtype
             n = traced_numbers(ct, dims, device, optimizer=base.optimizer,
                                mixed=base.mixed_precision, stack=stack,
@@ -253,7 +258,7 @@ def sweep_traced(req, why: str | None = None) -> dict:
                                             arrays["peak_bytes"])}
 
 
-def _data_parallel(req, task, ct0, sizes, device, stack, compute, peft_entry, warns):
+def _data_parallel(req, task, ct0, peft_cfg, sizes, device, stack, compute, peft_entry, warns):
     """``--devices N`` (``--zero``, ``--micro-batch``, ``--parallel auto``) on a traced graph:
     :mod:`simcost.trace.parallel`; every plan's micro-batch priced from its recording."""
     from simcost.hardware import load_profile
@@ -270,12 +275,7 @@ def _data_parallel(req, task, ct0, sizes, device, stack, compute, peft_entry, wa
         mb = plan.micro_batch
         if mb not in numbers:
             dims = {**sizes, "batch": mb}
-            ct = ct0 if mb == sizes["batch"] else compiled_step(
-                task, ct0_peft(req, task), dtype=req.dtype,
-                autocast=None if req.mixed_precision == "none" else req.mixed_precision,
-                attn="eager" if req.attn == "eager" else "sdpa",
-                checkpointing=req.checkpointing == "full", sizes=dims,
-                use_cache=req.trace_cache)
+            ct = ct0 if mb == sizes["batch"] else request_step(req, task, peft_cfg, dims)
             numbers[mb] = (ct, traced_numbers(ct, dims, device, optimizer=req.optimizer,
                                               mixed=req.mixed_precision, stack=stack,
                                               dtype=compute, tokens=tokens_per_step(task, dims),
@@ -293,16 +293,12 @@ def _data_parallel(req, task, ct0, sizes, device, stack, compute, peft_entry, wa
     par = {"plan": best.plan.as_dict(), "devices": req.devices, "searched": len(results),
            "communication_s": best.communication_s,
            "note": "data parallelism over traced graphs (simcost.trace.parallel)"}
-    text = "seq" in sizes and task.kind not in ("image-cls", "noise-pred")
     est = make_estimate(task.name, device, peft_entry, n1, batch=req.batch,
                         seq=sizes.get("seq"), dtype=req.dtype,
                         mixed_precision=req.mixed_precision, attn=req.attn,
                         optimizer=req.optimizer, checkpointing=req.grad_checkpointing,
                         flops=flops, memory_bytes=best.memory_bytes, time_s=best.time_s,
                         tokens_per_s=tokens / best.step_s, fits=best.fits, parallel=par,
-                        warnings=[*warns, *n1.warnings], stack=stack, counts_tokens=text)
+                        warnings=[*warns, *n1.warnings], stack=stack,
+                        counts_tokens=counts_tokens(task, sizes))
     return est.model_copy(update={"frontend": "traced", "sizes": dict(sizes)})
-
-
-def ct0_peft(req, task):
-    return adapter_config(req, task.kind, task.model_type)[0]
