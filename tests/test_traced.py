@@ -174,8 +174,9 @@ def test_bad_adapter_config_is_one_line():
     from simcost.trace.build import trace_config
     cfg, h, _ = traced.CONFIGS["llama-gqa"]
     with pytest.raises(SimcostError, match="peft refuses this adapter config") as e:
-        trace_config(cfg, {"peft_type": "LORA", "r": 4, "target_modules": ["nope"]}, hints=h)
+        trace_config(cfg, {"peft_type": "LORA", "r": 4, "target_modules": ["q_prj"]}, hints=h)
     assert "\n" not in str(e.value)
+    assert "did you mean: q_proj" in str(e.value) and "down_proj" in str(e.value)
 
 
 def test_unknown_task_and_missing_size():

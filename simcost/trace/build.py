@@ -67,7 +67,8 @@ def apply_peft(model, peft_config: dict, meta: bool = False):
             return peft.get_peft_model(model, pcfg, low_cpu_mem_usage=meta)
     except Exception as e:  # noqa: BLE001 -- peft's refusal, whatever its type
         raise SimcostError(f"peft refuses this adapter config: {type(e).__name__}: "
-                           f"{_one_line(e)}") from None
+                           f"{_one_line(e).rstrip('.')}{_target_hint(model, peft_config, e)}") \
+            from None
 
 
 def peft_config_of(peft_config: dict):
@@ -93,6 +94,23 @@ def ignored_keys(peft_config: dict | None) -> list[str]:
         return []
     known = {f.name for f in dataclasses.fields(cls)} | {"peft_type"}
     return sorted(k for k in peft_config if k not in known)
+
+
+def _target_hint(model, peft_config: dict, e: Exception) -> str:
+    """For targets the model lacks: its nearest module names (leaf names of its linear,
+    convolution and embedding layers)."""
+    import torch
+    targets = peft_config.get("target_modules")
+    if "not found in the base model" not in str(e) or not isinstance(targets, (list, tuple)):
+        return ""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, kinds) or type(m).__name__ == "Conv1D"})
+    from simcost.errors import closest
+    near = [closest(str(t), names) for t in targets]
+    near = [h for h in near if h]
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return (near[0] if near else "") + f"; the model's layers: {shown}"
 
 
 def _one_line(e: Exception) -> str:
