@@ -59,7 +59,10 @@ def build_timeline(calls, events, births: dict, counts: dict,
     run_of_call = []
     runs: list[tuple[str, object]] = []
     for c in calls:
-        key = (c.phase, c.layer)
+        # a checkpointed layer's recomputation and its backward are one instance's work: each
+        # instance recomputes, then runs its backward, before the next one does
+        phase = "bwd" if c.phase == "rec" and c.layer is not None else c.phase
+        key = (phase, c.layer)
         if not runs or runs[-1] != key:
             runs.append(key)
         run_of_call.append(len(runs) - 1)

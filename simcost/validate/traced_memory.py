@@ -13,14 +13,17 @@ from __future__ import annotations
 import gc
 
 
-def measure_real_memory(task, peft_config: dict | None, dims: dict, dtype: str = "fp32") -> dict:
-    import torch
-
-    from simcost.trace.build import build_model, peft_type
+def measure_real_memory(task, peft_config: dict | None, dims: dict, dtype: str = "fp32",
+                        checkpointing: bool = False) -> dict:
+    """``checkpointing``: the model's layers checkpointed as the traced step's are
+    (:func:`simcost.trace.build.enable_checkpointing`)."""
+    from simcost.trace.build import build_model, enable_checkpointing, peft_type
     from simcost.trace.record import _loss_of
     from simcost.validate.torch_peak import LiveMemory
     model = build_model(task, peft_config, dtype, device="cpu")
     model.train()
+    if checkpointing:
+        enable_checkpointing(model)
     inputs = task.inputs(dims, peft_type(peft_config))
     gc.collect()
     live = LiveMemory(0)
@@ -36,15 +39,17 @@ def measure_real_memory(task, peft_config: dict | None, dims: dict, dtype: str =
 
 
 def traced_memory(task, peft_config: dict | None, hints: dict, dims: dict,
-                  dtype: str = "fp32") -> dict:
+                  dtype: str = "fp32", checkpointing: bool = False) -> dict:
     from simcost.trace.build import trace_task
     from simcost.trace.compiled import compile_trace
     from simcost.trace.numbers import timeline_of
     from simcost.trace.price import byte_values
     from simcost.trace.timeline import evaluate
-    ct = compile_trace(trace_task(task, peft_config, dtype=dtype, hints=hints))
+    ct = compile_trace(trace_task(task, peft_config, dtype=dtype, hints=hints,
+                                  checkpointing=checkpointing))
     if any(ct.specialized.get(k, v) != v for k, v in dims.items()):
-        ct = compile_trace(trace_task(task, peft_config, dtype=dtype, hints=dims))
+        ct = compile_trace(trace_task(task, peft_config, dtype=dtype, hints=dims,
+                                      checkpointing=checkpointing))
     t = evaluate(timeline_of(ct), byte_values(ct, ct.values(dims), ct.storage_bytes))
     return {"end_forward": int(t["end_forward"]),
             "peak": int(max(t["peak_loss"], t["peak_backward"]))}
