@@ -27,7 +27,7 @@ import hashlib
 from pathlib import Path
 
 from simcost.errors import SimcostError
-from simcost.trace.task import FLAGS, TracedTask
+from simcost.trace.task import FLAGS, TracedTask, weights_dtype_inputs
 
 CLI_DIMS = tuple(FLAGS)
 
@@ -128,8 +128,8 @@ def factory_task(spec: str) -> TracedTask:
         import torch
         from simcost.trace.task import TORCH_DTYPE
         out = call_factory(fn, spec, device)
-        built["dtype"] = getattr(torch, TORCH_DTYPE[dtype])
-        return out["module"].to(built["dtype"])
+        built["dtype"] = dtype
+        return out["module"].to(getattr(torch, TORCH_DTYPE[dtype]))
 
     def inputs(sizes, peft_type):
         import torch
@@ -140,12 +140,8 @@ def factory_task(spec: str) -> TracedTask:
                 for inp, ax in where:
                     if inp == k:
                         dims_k[ax] = sizes.get(d, fixed.get(d))
-            # float inputs in the weights' dtype (as --dtype sets them; a model of transformers
-            # casts its own), integer ones (ids, labels) as given
-            if dt.is_floating_point and built["dtype"] is not None:
-                dt = built["dtype"]
             made[k] = torch.zeros(*dims_k, dtype=dt)
-        return {**made, **plain}
+        return weights_dtype_inputs({**made, **plain}, built["dtype"])
 
     user_loss = probe.get("loss")
     return TracedTask(name=str(probe.get("name") or spec), kind="custom", dims=named + tuple(fixed),

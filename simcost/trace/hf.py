@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 
 from simcost.errors import SimcostError
-from simcost.trace.task import TEXT_DIMS, TORCH_DTYPE, TracedTask
+from simcost.trace.task import TEXT_DIMS, TORCH_DTYPE, TracedTask, weights_dtype_inputs
 
 # class-name suffix -> task kind
 TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForMaskedLM": "masked-lm",
@@ -146,10 +146,7 @@ def hf_inputs(cfg: dict, kind: str, s: dict, peft_type: str | None,
     (Whisper's features: the model does not cast them); methods whose forward needs
     ``task_ids`` get one per example (task 0)."""
     import torch
-    out = _inputs(cfg, kind, s, peft_type)
-    if dtype is not None:
-        fdt = getattr(torch, TORCH_DTYPE[dtype])
-        out = {k: v.to(fdt) if v.is_floating_point() else v for k, v in out.items()}
+    out = weights_dtype_inputs(_inputs(cfg, kind, s, peft_type), dtype)
     if (peft_type or "").upper() in TASK_IDS:
         out["task_ids"] = torch.zeros(s["batch"], dtype=torch.long)
     return out

@@ -25,15 +25,15 @@ from simcost.sim.memory import Memory, param_memory
 from simcost.sim.timing import TimeModel, phase_times
 from simcost.sim.train import TrainNumbers, optimizer_step, step_numbers
 from simcost.trace.ir import build_ir
-from simcost.trace.price import byte_values, evaluate, saved_bytes
+from simcost.trace.price import byte_values, evaluate, saved_bytes, totals
 from simcost.trace.timeline import build_timeline, evaluate as timeline_at
 
 
 @dataclass
 class TracedNumbers:
     numbers: TrainNumbers
-    unpriced: dict = field(default_factory=dict)      # aten op -> calls priced by bytes only
-    saved_bytes: object = 0                           # what autograd keeps (hooks)
+    unpriced: dict = field(default_factory=dict)      # aten op -> calls per step priced by
+    #                                                   their bytes alone
 
 
 def timeline_of(ct):
@@ -43,20 +43,6 @@ def timeline_of(ct):
                             ct.layer_inputs)
         ct._timeline = tl
     return tl
-
-
-def flops_of(priced) -> dict:
-    f = {"fwd": 0, "fwd_mm": 0, "act": 0, "w": 0, "rec": 0, "bwd_mm": 0}
-    for pc in priced:
-        c, w, ph = pc.cost, pc.count, pc.call.phase
-        if ph == "fwd":
-            f["fwd"] = f["fwd"] + c.flops * w
-            f["fwd_mm"] = f["fwd_mm"] + c.matmul_flops * w
-            continue
-        f["bwd_mm"] = f["bwd_mm"] + c.matmul_flops * w
-        k = "rec" if ph == "rec" else ("w" if pc.weight_grad else "act")
-        f[k] = f[k] + c.flops * w
-    return f
 
 
 def traced_numbers(ct, dims: dict, device, *, optimizer: str, mixed: str, stack=None,
@@ -85,17 +71,15 @@ def traced_numbers(ct, dims: dict, device, *, optimizer: str, mixed: str, stack=
         b = fresh_blocks(ct, g, nbytes, policy.threshold_bytes, optimizer=optimizer,
                          impl=impl, mixed=mixed)
         faults = {k: v / policy.fault_bytes_per_s for k, v in b.items()}
-    f = flops_of(priced)
-    flops = {"forward": f["fwd"], "backward": f["act"] + f["w"] + f["rec"],
-             "backward_activation": f["act"], "backward_weight": f["w"], "recompute": f["rec"],
-             "optimizer": opt_flops, "matmul_forward": f["fwd_mm"], "matmul_backward": f["bwd_mm"]}
+    f = totals(priced)
+    flops = {"forward": f.fwd_flops,
+             "backward": f.bwd_act_flops + f.bwd_weight_flops + f.rec_flops,
+             "backward_activation": f.bwd_act_flops, "backward_weight": f.bwd_weight_flops,
+             "recompute": f.rec_flops, "optimizer": opt_flops,
+             "matmul_forward": f.fwd_matmul_flops, "matmul_backward": f.bwd_matmul_flops}
     n = step_numbers(g, device, tm, stack, flops=flops, mem=mem, t_fwd=t_fwd, t_bwd=t_bwd,
                      t_opt=t_opt, faults=faults, tokens=tokens, policy=policy)
-    unpriced: dict = {}
-    for pc in priced:
-        if not pc.covered:
-            unpriced[pc.call.name] = unpriced.get(pc.call.name, 0) + pc.count
-    return TracedNumbers(n, unpriced, saved)
+    return TracedNumbers(n, dict(f.unpriced))
 
 
 def traced_memory(g, tl, nbytes: list, *, optimizer: str, mixed: str, impl: str,

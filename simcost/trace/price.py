@@ -96,11 +96,19 @@ def saved_bytes(ct: CompiledTrace, vals: list):
 
 def price(ct: CompiledTrace, **dims) -> StepPrice:
     calls, vals = evaluate(ct, dims)
+    p = totals(calls)
+    p.saved_bytes = saved_bytes(ct, vals)
+    return p
+
+
+def totals(calls: list) -> StepPrice:
+    """The step's work per phase from its priced calls (each as often as its layer runs);
+    ``unpriced``: the calls per step priced by their bytes alone, per aten op."""
     p = StepPrice()
     for pc in calls:
         c, w, ph = pc.cost, pc.count, pc.call.phase
         if not pc.covered:
-            p.unpriced[pc.call.name] += 1
+            p.unpriced[pc.call.name] += w
         if ph == "fwd":
             p.fwd_flops = p.fwd_flops + c.flops * w
             p.fwd_matmul_flops = p.fwd_matmul_flops + c.matmul_flops * w
@@ -118,7 +126,6 @@ def price(ct: CompiledTrace, **dims) -> StepPrice:
         else:
             p.bwd_act_flops = p.bwd_act_flops + c.flops * w
             p.bwd_act_matmul_flops = p.bwd_act_matmul_flops + c.matmul_flops * w
-    p.saved_bytes = saved_bytes(ct, vals)
     return p
 
 

@@ -84,3 +84,14 @@ def require_torch(what: str = "the traced front end") -> None:
     except ImportError as e:
         raise SimcostError(f"{what} needs the torch extra ({e.name} is missing): "
                            f"pip install torch==2.13.0 && pip install 'simcost[torch]'") from None
+
+
+def weights_dtype_inputs(inputs: dict, dtype: str | None) -> dict:
+    """``inputs`` with the floating tensors in the weights' dtype (``--dtype``; None: as made),
+    the others (ids, labels) as made: what a model casting its own inputs would compute on."""
+    if dtype is None:
+        return inputs
+    import torch
+    fdt = getattr(torch, TORCH_DTYPE[dtype])
+    return {k: v.to(fdt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
