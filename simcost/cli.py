@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     from simcost.serve.cli import add_commands as serve_commands
     serve_commands(sub, _Parser)        # `estimate serve` and `simulate serve`
+    from simcost.plan.cli import add_commands as plan_commands
+    plan_commands(sub, _Parser)         # `plan train` and `plan serve`
     return p
 
 
@@ -267,6 +269,9 @@ def _dispatch(args) -> int:
     if args.command == "simulate" or (args.command == "estimate" and args.what == "serve"):
         from simcost.serve.cli import dispatch as serve_dispatch
         return serve_dispatch(args)
+    if args.command == "plan":
+        from simcost.plan.cli import dispatch as plan_dispatch
+        return plan_dispatch(args)
     if args.command == "estimate":
         return _estimate_train(args)
     if args.command == "hardware":
