@@ -84,8 +84,34 @@ def run_train(req: TrainRequest) -> TrainEstimate:
     frontend, why = resolve_frontend(req)
     if frontend == "traced":
         from simcost.trace.estimate import estimate_traced
-        return estimate_traced(req, why)
-    return _run_analytic(analytic_request(req)).model_copy(update={"frontend": "analytic"})
+        return with_job(estimate_traced(req, why), req)
+    est = _run_analytic(analytic_request(req))
+    return with_job(est.model_copy(update={"frontend": "analytic"}), req)
+
+
+def with_job(est: TrainEstimate, req: TrainRequest) -> TrainEstimate:
+    """The step's estimate with what follows from it: its MFU and energy, the price of
+    ``--price`` instead of the profile's, and the whole job of ``--tokens``/``--samples``."""
+    from simcost.result import run_cost
+    from simcost.sim import job as J
+    profile = load_profile(req.hardware)
+    devices = est.parallel["devices"] if est.parallel else 1
+    step_s = est.time_s["step"]
+    compute = est.mixed_precision if est.mixed_precision != "none" else est.dtype
+    upd = {"mfu": J.mfu(est.flops, step_s, devices, profile.device().matmul_peak(compute)),
+           "energy": J.step_energy(profile.tdp_w.value if profile.tdp_w else None, devices,
+                                   est.time_s)}
+    price = est.cost_usd["price_per_device_hour"] if est.cost_usd else None
+    if req.price is not None:
+        price = req.price
+        upd["cost_usd"] = run_cost(price, devices, step_s, est.tokens_per_s, source="--price")
+    samples = J.job_samples(tokens=req.tokens, samples=req.samples, seq=req.seq)
+    if samples is not None:
+        upd["job"] = J.whole_job(step_s=step_s, batch=req.batch, seq=req.seq, devices=devices,
+                                 samples=samples, epochs=req.epochs,
+                                 price_per_device_hour=price, energy=upd["energy"],
+                                 interval=(est.intervals or {}).get("step_s"))
+    return est.model_copy(update=upd)
 
 
 def _run_analytic(req: TrainRequest) -> TrainEstimate:

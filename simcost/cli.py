@@ -78,8 +78,9 @@ def _add_train(est_sub) -> None:
                         "transformers or diffusers builds) or its directory, or "
                         "path/to/file.py:factory (your own torch module; see README)")
     t.add_argument("--hardware", required=True, help="profile name or profile JSON path")
-    t.add_argument("--batch", type=_positive_int, required=True,
-                   help="samples per optimizer step (the global batch with --devices)")
+    t.add_argument("--batch", type=_positive_int, default=None,
+                   help="samples per optimizer step (the global batch with --devices); "
+                        "required unless --find max-batch")
     t.add_argument("--seq", type=_positive_int, default=None,
                    help="tokens per sequence, required by text models (virtual tokens of "
                         "prompt tuning come on top; a diffusion UNet's text tokens)")
@@ -155,7 +156,30 @@ def _add_train(est_sub) -> None:
                         "named in a warning); glibc and jemalloc fault large blocks in again "
                         "every step")
     _add_distributed(t)
+    _add_job(t)
     t.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _positive_number(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{s}'") from None
+
+
+def _add_job(t) -> None:
+    j = t.add_argument_group("the whole job (time, cost and energy next to the step)")
+    j.add_argument("--tokens", type=_positive_int, default=None,
+                   help="training tokens per epoch, split into sequences of --seq")
+    j.add_argument("--samples", type=_positive_int, default=None,
+                   help="training samples (sequences, images) per epoch")
+    j.add_argument("--epochs", type=_positive_number, default=1.0,
+                   help="passes over --tokens or --samples")
+    j.add_argument("--price", type=_positive_number, default=None, metavar="USD_PER_DEVICE_HOUR",
+                   help="price per device-hour instead of the profile's")
+    j.add_argument("--find", default=None, choices=("max-batch", "max-seq"),
+                   help="the largest --batch (or --seq) that fits, by bisection on the same "
+                        "fits test; the estimate is then at that size")
 
 
 def _add_distributed(t) -> None:
@@ -322,7 +346,8 @@ def _train_request(a, cls=None, **extra):
         loss_chunks=a.loss_chunks, optimizer_in_backward=a.optimizer_in_backward,
         stack=a.stack, host_allocator=a.host_allocator, shorthand=short,
         target_seq=a.target_seq, image_size=a.image_size, frontend=a.frontend,
-        trace_cache=not a.no_trace_cache, quantize=a.quantize, **extra)
+        trace_cache=not a.no_trace_cache, quantize=a.quantize, tokens=a.tokens,
+        samples=a.samples, epochs=a.epochs, price=a.price, **extra)
 
 
 def _estimate_train(a) -> int:
@@ -330,15 +355,57 @@ def _estimate_train(a) -> int:
 
     if a.jobs is not None:
         return _estimate_multi(a)
-    r = run_train(_train_request(a))
+    if a.find is not None:
+        return _estimate_find(a)
+    if a.batch is None:
+        raise SimcostError("estimate train: --batch is required (or --find max-batch)")
+    req = _train_request(a)
+    r = run_train(req)
+    if not r.fits:
+        from simcost.plan.fit import savers
+        r = r.model_copy(update={"advice": savers(req, r)})
+    _print_estimate(a, r)
+    return 0
+
+
+def _print_estimate(a, r) -> None:
     _warn(r.warnings)
     if a.json:
         print(json.dumps(r.model_dump_public()))
+        return
+    from simcost.report import print_advice, print_find, print_train
+    print_train(r)
+    if r.parallel is not None:
+        _print_parallel(r)
+    if r.find:
+        print_find(r.find, r.memory_bytes["capacity"])
+    if r.advice:
+        print_advice(r)
+
+
+def _estimate_find(a) -> int:
+    from simcost.plan.fit import FIND, find_max, savers
+    field = FIND[a.find]
+    if getattr(a, field) is not None:
+        raise SimcostError(f"estimate train: --find {a.find} searches --{field}; leave "
+                           f"--{field} out")
+    if a.jobs is not None:
+        raise SimcostError("estimate train: --find prices one job (no --jobs)")
+    if field == "batch":
+        a.batch = 1
+    elif a.seq is None and a.batch is not None:
+        a.seq = 1
+    if a.batch is None:
+        raise SimcostError("estimate train: --batch is required (or --find max-batch)")
+    req = _train_request(a)
+    r, entry = find_max(req, a.find)
+    if r is None:                       # even the smallest size does not fit
+        from simcost.api import run_train
+        first = run_train(req)          # at size 1, which find_max probed first
+        r = first.model_copy(update={"find": entry, "advice": savers(req, first)})
     else:
-        from simcost.report import print_train
-        print_train(r)
-        if r.parallel is not None:
-            _print_parallel(r)
+        r = r.model_copy(update={"find": entry})
+    _print_estimate(a, r)
     return 0
 
 

@@ -68,8 +68,18 @@ def print_train(r) -> None:
     if r.cost_usd:
         c_ = r.cost_usd
         per_m = c_["per_million_tokens"]
-        t.add_row("cost", f"${c_['per_hour']:.2f}/h ({c_['devices']} x ${c_['price_per_device_hour']:.2f}), "
+        src = " from --price" if c_.get("price_source") == "--price" else ""
+        t.add_row("cost", f"${c_['per_hour']:.2f}/h ({c_['devices']} x "
+                  f"${c_['price_per_device_hour']:.2f}{src}), "
                   + (f"${per_m:.3f} per 1M tokens" if per_m else ""))
+    if r.mfu is not None:
+        t.add_row("MFU (forward + backward FLOPs / dense peak)", f"{100 * r.mfu:.1f} %")
+    if r.energy:
+        e = r.energy
+        t.add_row("energy per step", f"{e['per_step_j']:,.0f} J ({e['power_w_per_device']:.0f} W "
+                  f"per device of {e['tdp_w']:.0f} W TDP)")
+    if r.job:
+        _job_rows(t, r.job)
     c.print(t)
     if r.frontend:
         c.print(f"front end: {r.frontend}" + (" (the step as torch recorded it)"
@@ -90,6 +100,30 @@ def print_train(r) -> None:
 
 
 _SIZE = {"target_seq": "target", "image": "image"}
+
+
+def hours(s: float) -> str:
+    """A duration for people: minutes, hours or days."""
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.2f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def _job_rows(t, j: dict) -> None:
+    from rich.markup import escape
+    what = f"{j['samples']:,} samples x {j['epochs']:g} epochs"
+    if j["tokens"]:
+        what += f" = {j['tokens']:,.0f} tokens"
+    t.add_row("[bold]job[/bold]", f"{what}, {j['steps']:,} steps of {j['global_batch']}")
+    iv = j["job_s_interval"]
+    rng = escape(f" [p10 {hours(iv['p10'])} - p90 {hours(iv['p90'])}]") if iv else ""
+    t.add_row("[bold]job time[/bold]", f"[bold]{hours(j['job_s'])}[/bold]{rng}")
+    if j["job_usd"] is not None:
+        t.add_row("[bold]job cost[/bold]", f"[bold]${j['job_usd']:,.2f}[/bold]")
+    if j["energy_j"] is not None:
+        t.add_row("job energy", f"{j['energy_j'] / 3.6e6:,.1f} kWh")
 
 
 def _gib(x: float) -> str:
@@ -233,3 +267,34 @@ def _provenance(q) -> str:
         res = ", ".join(f"{k} {v:.3g}" for k, v in f.residual.items())
         return f"fitted by {f.script} on {len(f.rows)} rows ({res})"
     return q.source
+
+
+def print_find(f: dict, capacity_bytes: float) -> None:
+    """What --find searched and found."""
+    c = _console()
+    what = f["what"].removeprefix("max-")
+    if f["value"] is None:
+        c.print(f"--find {f['what']}: even {what} 1 does not fit (savers below)")
+        return
+    line = f"--find {f['what']}: the largest {what} that fits is [bold]{f['value']:,}[/bold]"
+    nxt = f.get("first_not_fitting")
+    if nxt:
+        need = (f"needs {nxt['peak_bytes'] / GiB:.1f} GiB of {capacity_bytes / GiB:.0f} GiB"
+                if nxt["peak_bytes"] is not None else nxt["why"])
+        line += f"; {what} {nxt['value']:,} {need}"
+    if f.get("limit"):
+        line += f" ({f['limit']})"
+    c.print(line + f" ({f['probes']} estimates)")
+
+
+def print_advice(r) -> None:
+    """The memory savers that would make a request fit, with the peak each gives."""
+    from rich.markup import escape
+    c = _console()
+    m = r.memory_bytes
+    c.print(f"[red]does not fit[/red]: needs {m['peak'] / GiB:.1f} GiB per device, the device "
+            f"has {m['capacity'] / GiB:.0f} GiB. Memory savers:")
+    for a in r.advice:
+        verdict = (f"[green]fits[/green], step {_time(a['step_s'])}" if a["fits"]
+                   else "still does not fit")
+        c.print(f"  {escape(a['change']):<48} peak {a['peak_bytes'] / GiB:6.1f} GiB  {verdict}")

@@ -45,6 +45,11 @@ class TrainEstimate(BaseModel):
     frontend: str | None = None     # 'analytic' (hand-built graph) or 'traced' (torch recorded)
     sizes: dict | None = None       # a traced model's sizes (batch, seq, target_seq, image)
     unpriced_ops: dict | None = None  # aten ops priced by their bytes alone: calls per step
+    mfu: float | None = None        # model FLOPs utilisation of the step (simcost.sim.job.mfu)
+    energy: dict | None = None      # joules per step from the profile's TDP (None: no TDP)
+    job: dict | None = None         # the whole job (--tokens / --samples, --epochs)
+    find: dict | None = None        # --find max-batch | max-seq: what was searched and found
+    advice: list | None = None      # when it does not fit: the memory savers that would help
 
     def model_dump_public(self) -> dict:
         """The ``--json`` object: ``schema_version`` first, empty optional keys left out."""
@@ -53,7 +58,7 @@ class TrainEstimate(BaseModel):
             d.pop("warnings", None)
         for k in ("parallel", "checkpointing", "cost_usd", "loss_chunks",
                   "optimizer_in_backward", "stack", "intervals", "sizes", "unpriced_ops",
-                  "tokens_per_s"):
+                  "tokens_per_s", "mfu", "energy", "job", "find", "advice"):
             if d.get(k) is None:
                 d.pop(k, None)
         return d
@@ -117,7 +122,8 @@ def make_estimate(spec: ModelSpec | str, device, pspec: PeftSpec | dict, n, *, b
         tokens_per_s=tok_s, samples_per_s=batch / step_s if step_s else None,
         fits=bool(n.fits if fits is None else fits), parallel=parallel,
         checkpointing=None if mode == "none" else mode,
-        cost_usd=run_cost(device, (parallel or {}).get("devices", 1), step_s, tok_s),
+        cost_usd=run_cost(device.price_usd_per_hour, (parallel or {}).get("devices", 1), step_s,
+                          tok_s),
         warnings=[*warnings, *peft_warns, *device_warnings(device)],
         loss_chunks=int(loss_chunks) if loss_chunks != 1 else None,
         optimizer_in_backward=True if optimizer_in_backward else None,
@@ -135,14 +141,17 @@ def device_warnings(device) -> list[str]:
             f"optimistic bound ('simcost calibrate' on the device measures it)"]
 
 
-def run_cost(device, devices: int, step_s: float, tokens_per_s: float) -> dict | None:
-    """Rental cost from the profile's price per device-hour (None when the profile has none)."""
-    if not device.price_usd_per_hour:
+def run_cost(price_per_device_hour: float | None, devices: int, step_s: float,
+             tokens_per_s: float | None, source: str = "profile") -> dict | None:
+    """The run's cost from a price per device-hour (None when there is none); ``source`` says
+    where the price came from (the profile, or --price)."""
+    if price_per_device_hour is None:
         return None
-    per_hour = device.price_usd_per_hour * devices
+    per_hour = price_per_device_hour * devices
     return {"per_hour": per_hour, "per_step": per_hour * step_s / 3600,
             "per_million_tokens": per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s else None,
-            "devices": devices, "price_per_device_hour": device.price_usd_per_hour}
+            "devices": devices, "price_per_device_hour": price_per_device_hour,
+            "price_source": source}
 
 
 def peft_dict(spec: PeftSpec) -> dict:

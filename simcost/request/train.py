@@ -23,6 +23,8 @@ from simcost.request.fields import (MAX_BATCH, MAX_RANK, MAX_SEQ, MAX_VIRTUAL_TO
                                     PosInt, Request, Seq)
 
 MAX_JOBS = 10_000
+MAX_JOB_TOKENS = 10 ** 15          # a whole job's tokens (a quadrillion: far beyond any fine-tune)
+MAX_EPOCHS = 10 ** 6
 MAX_SWEEP_POINTS = 10 ** 6
 
 # the PEFT shorthand options and the methods they shape (anything else: no effect)
@@ -123,6 +125,11 @@ class TrainRequest(Request):
     stack: str = "hf"                  # a stack name, alias[:variant] or profile path
     # the CPU training process's malloc (None: the calibration's; simcost.hardware.host_allocator)
     host_allocator: Literal["glibc", "tcmalloc", "jemalloc", "mimalloc"] | None = None
+    # the whole job: tokens (split into sequences of seq) or samples, seen epochs times
+    tokens: Annotated[StrictInt, Field(ge=1, le=MAX_JOB_TOKENS)] | None = None
+    samples: Annotated[StrictInt, Field(ge=1, le=MAX_JOB_TOKENS)] | None = None
+    epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS, allow_inf_nan=False)] = 1.0
+    price: FiniteNonNeg | None = None  # USD per device-hour, instead of the profile's
     shorthand: PeftShorthand = PeftShorthand()
     deepspeed: Any = None              # a DeepSpeedZero or a ds_config zero_optimization dict
     notes: tuple[str, ...] = ()        # options with no effect (filled by the validator)
@@ -168,7 +175,7 @@ class TrainRequest(Request):
 
     @model_validator(mode="after")
     def _consistent(self):
-        notes = [*_peft_conflicts(self), *_plan_conflicts(self)]
+        notes = [*_peft_conflicts(self), *_plan_conflicts(self), *_job_conflicts(self)]
         object.__setattr__(self, "notes", tuple(notes))
         return self
 
@@ -230,6 +237,17 @@ def _peft_conflicts(r: TrainRequest) -> list[str]:
     return notes
 
 
+def _job_conflicts(r: TrainRequest) -> list[str]:
+    if r.tokens is not None and r.samples is not None:
+        raise ValueError("give either --tokens or --samples, not both")
+    if r.tokens is not None and r.seq is None:
+        raise ValueError("--tokens needs --seq (the tokens are split into sequences of --seq); "
+                         "a model without a token sequence takes --samples")
+    if r.epochs != 1 and r.tokens is None and r.samples is None:
+        return [f"--epochs {r.epochs:g} has no effect without --tokens or --samples (the job)"]
+    return []
+
+
 def _plan_conflicts(r: TrainRequest) -> list[str]:
     notes = []
     if r.fp8_attention and r.dtype != "fp8":
@@ -274,6 +292,11 @@ def _plan_conflicts(r: TrainRequest) -> list[str]:
                      f"no effect")
     if r.optimizer == "mezo" and r.checkpointing != "none":
         notes.append("--checkpointing has no effect with --optimizer mezo (no backward pass)")
+    if r.devices > 1 and r.parallel is None and r.deepspeed is None and not r.zero and all(
+            x in (None, 1) for x in (r.tp, r.pp, r.dp, r.cp, r.ep)):
+        notes.append(f"no plan given for {r.devices} devices: priced as pure data parallelism "
+                     f"(dp{r.devices}, ZeRO-0: every device holds the whole model and its "
+                     f"optimizer states); --parallel auto searches the plans")
     if r.nodes not in (None, 1) and r.devices == 1:
         raise ValueError(f"--nodes {r.nodes} needs --devices (one device is on one node)")
     return notes
