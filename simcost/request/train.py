@@ -144,18 +144,7 @@ class TrainRequest(Request):
     @field_validator("stack")
     @classmethod
     def _stack(cls, v):
-        from simcost.errors import closest
-        from simcost.stack import load_stack, stack_names
-        from simcost.stack.registry import STACK_DIR
-        name = v.partition(":")[0]
-        if not v.endswith(".json") and "/" not in v and not (STACK_DIR / f"{name}.json").is_file():
-            raise ValueError(f"is not a stack{closest(name, stack_names())}; valid: "
-                             f"{', '.join(stack_names())}")
-        try:
-            load_stack(v)
-        except SimcostError as e:
-            raise ValueError(str(e)) from None
-        return v
+        return check_stack(v)
 
     @field_validator("peft")
     @classmethod
@@ -235,6 +224,23 @@ def _peft_conflicts(r: TrainRequest) -> list[str]:
         if method not in SHORTHAND_METHODS.get(k, ()):
             notes.append(f"{flag(k)} has no effect with --peft {method}")
     return notes
+
+
+def check_stack(v: str) -> str:
+    """A stack name, alias[:variant] or profile path that loads (ValueError naming the nearest
+    stacks otherwise)."""
+    from simcost.errors import closest
+    from simcost.stack import load_stack, stack_names
+    from simcost.stack.registry import STACK_DIR
+    name = v.partition(":")[0]
+    if not v.endswith(".json") and "/" not in v and not (STACK_DIR / f"{name}.json").is_file():
+        raise ValueError(f"is not a stack{closest(name, stack_names())}; valid: "
+                         f"{', '.join(stack_names())}")
+    try:
+        load_stack(v)
+    except SimcostError as e:
+        raise ValueError(str(e)) from None
+    return v
 
 
 def _job_conflicts(r: TrainRequest) -> list[str]:

@@ -1,0 +1,124 @@
+"""The training plan search: one *group* per hardware x device count x method x
+checkpointing, each searched over its parallel plans and micro-batch x gradient accumulation
+by the estimate's own plan search (``--parallel auto``), then priced again with the chosen
+plan spelled out, so that every candidate is exactly what ``simcost estimate train`` gives for
+its ``estimate_args``.
+
+Groups are independent and pure (a :class:`Group` in, a :class:`GroupResult` out), so they run
+in this process or as Ray tasks (:mod:`simcost.plan.distributed`) with the same results.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from simcost.errors import SimcostError
+
+
+@dataclass(frozen=True)
+class Group:
+    """One cell of the search: everything of a :class:`TrainRequest` but the plan."""
+    hardware: str
+    devices: int
+    method: str                     # a PEFT method name; 'dora' is LoRA with use_dora
+    checkpointing: str              # none | full | selective
+    request: tuple                  # the job's other request fields, as sorted (name, value)
+
+    def fields(self) -> dict:
+        d = dict(self.request)
+        short = dict(d.pop("shorthand", ()))
+        peft = self.method
+        if peft == "dora":
+            peft, short["dora"] = "lora", True
+        lora = peft in ("lora", "qlora")
+        for k in ("rank", "alpha", "targets"):      # the LoRA family's shorthand only
+            if not lora:
+                short.pop(k, None)
+        from simcost.request.train import PeftShorthand
+        d.update(hardware=self.hardware, devices=self.devices, peft=peft,
+                 grad_checkpointing=self.checkpointing, shorthand=PeftShorthand.build(**short))
+        return d
+
+
+@dataclass
+class GroupResult:
+    group: Group
+    entry: dict | None = None       # the group's best plan, fitting (None: nothing fits)
+    miss: dict | None = None        # the least memory any plan needs, when nothing fits
+    skipped: str | None = None      # why the group was not searched (no link, refused, ...)
+    plans: int = 0                  # plans the estimate searched
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def weights_floor_bytes(weights_bytes: float, runtime_bytes: float, devices: int) -> float:
+    """The least a device can hold: its share of the weights when every plan shards them
+    fully (tensor, pipeline or ZeRO-3), plus the runtime's context."""
+    return weights_bytes / devices + runtime_bytes
+
+
+def evaluate_group(group: Group) -> GroupResult:
+    """Search the group's plans; price the fastest fitting one as an explicit plan."""
+    from simcost.api import run_train
+    from simcost.request.train import TrainRequest
+    fields = group.fields()
+    try:
+        auto = run_train(TrainRequest.build(**fields, parallel="auto"))
+    except SimcostError as e:
+        return GroupResult(group, skipped=str(e))
+    par = auto.parallel
+    if not auto.fits:
+        return GroupResult(group, miss={"hardware": group.hardware, "devices": group.devices,
+                                        "peft": group.method,
+                                        "checkpointing": group.checkpointing,
+                                        "plan": par["plan_label"],
+                                        "peak_bytes": auto.memory_bytes["peak"],
+                                        "capacity_bytes": auto.memory_bytes["capacity"]},
+                           plans=par["plans_searched"])
+    p = par["plan"]
+    explicit = TrainRequest.build(**fields, tp=p["tp"], pp=p["pp"], dp=p["dp"], cp=p["cp"],
+                                  zero=p["zero"], micro_batch=p["micro_batch"],
+                                  sequence_parallel=None if p["sp"] or p["tp"] == 1 else False)
+    r = run_train(explicit)
+    return GroupResult(group, entry=entry_of(group, explicit, r), plans=par["plans_searched"])
+
+
+def entry_of(group: Group, req, r) -> dict:
+    """A candidate: the estimate of ``req`` in the planner's terms."""
+    from simcost.request.args import train_args
+    from simcost.sim.memory import peak_rows
+    par = r.parallel
+    plan = par["plan"]
+    t = r.time_s
+    comm = t.get("communication_exposed", 0.0)
+    host = t.get("host_overhead", 0.0)
+    bubble = t.get("pipeline_bubble", 0.0)
+    opt = t["optimizer"]
+    job = r.job or {}
+    return {
+        "hardware": group.hardware, "devices": group.devices, "nodes": par["nodes"],
+        "plan": par["plan_label"], "peft": group.method,
+        "micro_batch": plan["micro_batch"], "grad_accum": plan["micro_batches"],
+        "checkpointing": group.checkpointing, "global_batch": plan["global_batch"],
+        "step_s": t["step"], "steps": job.get("steps"), "job_s": job.get("job_s"),
+        "job_s_interval": job.get("job_s_interval"), "job_usd": job.get("job_usd"),
+        "usd_per_million_tokens": job.get("usd_per_million_tokens"),
+        "energy_j": job.get("energy_j"), "tokens_per_s": r.tokens_per_s,
+        "samples_per_s": r.samples_per_s, "mfu": r.mfu,
+        "peak_bytes": r.memory_bytes["peak"], "capacity_bytes": r.memory_bytes["capacity"],
+        "fits": r.fits, "deadline_risk": False,
+        "price_usd_per_device_hour": (r.cost_usd or {}).get("price_per_device_hour"),
+        "memory_breakdown_bytes": peak_rows(r.memory_bytes)[1],
+        "time_breakdown_s": {"compute": t["step"] - comm - host - bubble - opt,
+                             "communication": comm, "host": host, "optimizer": opt,
+                             "pipeline_bubble": bubble},
+        "estimate_args": train_args(req),
+        "warnings": list(r.warnings),
+    }
+
+
+@dataclass
+class SearchStats:
+    groups: int = 0
+    plans: int = 0
+    skipped: list = field(default_factory=list)
