@@ -110,7 +110,7 @@ class PlanTrainRequest(Request):
     @model_validator(mode="after")
     def _job(self):
         if (self.tokens is None) == (self.samples is None):
-            raise ValueError("give the job as --tokens N (with --seq) or --samples N")
+            raise ValueError("give the job as either --tokens N (with --seq) or --samples N")
         if self.tokens is not None and self.seq is None:
             raise ValueError("--tokens needs --seq (the tokens are split into sequences of "
                              "--seq)")

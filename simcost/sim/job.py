@@ -82,7 +82,7 @@ def whole_job(*, step_s: float, batch: int, seq: int | None, devices: int, sampl
     out = {"samples": samples, "epochs": epochs, "global_batch": batch, "steps": steps,
            "tokens": _whole(samples * epochs * seq) if seq else None, "job_s": job_s,
            "job_s_interval": ({"p10": steps * interval["p10"], "p90": steps * interval["p90"]}
-                              if interval else None),
+                              if interval and "p10" in interval else None),
            "job_usd": None, "usd_per_million_tokens": None,
            "energy_j": energy["per_step_j"] * steps if energy else None}
     if price_per_device_hour is not None:
