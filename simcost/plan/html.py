@@ -295,8 +295,8 @@ def _frontier(go, plan: dict) -> str:
     fig.update_layout(height=520, template="plotly_white", hovermode="closest",
                       margin=dict(l=70, r=20, t=70, b=60),
                       legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0),
-                      xaxis=dict(title="job time (hours; bars: p10–p90)", type=_scale(xs)),
-                      yaxis=dict(title=ytitle, type=_scale(ys)))
+                      xaxis=dict(title="job time (hours; bars: p10–p90)", **_scale(xs)),
+                      yaxis=dict(title=ytitle, **_scale(ys)))
     note = (f"<p class=\"muted\">{unplotted} candidate(s) have no price and are not plotted.</p>"
             if unplotted else "")
     return _figure_div(fig, "frontier") + note
@@ -331,10 +331,10 @@ def _limits(fig, q: dict, priced: bool) -> None:
                       line={**dash, "dash": "dot"}, showlegend=True, name=f"budget {_usd(b)}")
 
 
-def _scale(values) -> str:
-    """A log axis when the values span more than 30x."""
+def _scale(values) -> dict:
+    """A log axis (ticks at 1, 2 and 5 per decade) when the values span more than 30x."""
     v = [x for x in values if x and x > 0]
-    return "log" if v and max(v) / min(v) > 30 else "linear"
+    return dict(type="log", dtick="D2") if v and max(v) / min(v) > 30 else dict(type="linear")
 
 
 def _row_label(tag: str, e: dict) -> str:
