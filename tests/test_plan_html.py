@@ -170,7 +170,11 @@ def test_every_string_is_escaped():
     plan["question"]["model"] = "<script>alert(1)</script>"
     plan["excluded"] = [{"hardware": "x<img src=y>", "why": "a & b"}]
     plan["assumptions"]["notes"] = ['"quoted" <b>bold</b>']
+    for e in plan["candidates"]:            # strings that reach the plots' JSON too
+        e["memory_breakdown_bytes"]["</script><i>x"] = 1.0
+    plan["candidates"][1]["hardware"] = "</script>hw"
     page = report.render_html(plan)
+    assert page.count("</script>") == page.count("<script") == 4     # plotly.js + 3 plots
     assert "<script>alert(1)" not in page and "<img src=y>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "a &amp; b" in page
     assert "&lt;b&gt;bold&lt;/b&gt;" in page
