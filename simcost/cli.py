@@ -222,7 +222,8 @@ def _add_distributed(t) -> None:
 def _add_info(sub) -> None:
     hw = sub.add_parser("hardware", help="hardware profiles")
     hw_sub = hw.add_subparsers(dest="what", required=True, parser_class=_Parser)
-    hw_sub.add_parser("list", help="list bundled profiles")
+    hw_list = hw_sub.add_parser("list", help="list bundled profiles (with price per device-hour)")
+    hw_list.add_argument("--json", action="store_true", help="print one JSON object")
     show = hw_sub.add_parser("show", help="show one profile with sources")
     show.add_argument("name", help="profile name (simcost hardware list) or profile JSON path")
     show.add_argument("--json", action="store_true", help="print the profile as JSON")
@@ -468,8 +469,12 @@ def _hardware(a) -> int:
     from simcost.hardware import list_profiles, load_profile
 
     if a.what == "list":
-        from simcost.report import print_hardware_list
-        print_hardware_list([load_profile(n) for n in list_profiles()])
+        from simcost.report import hardware_list_json, print_hardware_list
+        profiles = [load_profile(n) for n in list_profiles()]
+        if a.json:
+            print(json.dumps({"profiles": hardware_list_json(profiles)}, indent=2))
+        else:
+            print_hardware_list(profiles)
         return 0
     prof = load_profile(a.name)
     if a.json:

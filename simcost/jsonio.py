@@ -80,6 +80,8 @@ def describe_error(e: ValidationError) -> str:
         return f"{loc} is missing"
     else:
         msg = err["msg"].replace("Value error, ", "").replace("Input should be ", "must be ")
+        if kind == "value_error" and (not err["loc"] or isinstance(got, dict)):
+            return f"{loc} {msg}" if err["loc"] else msg   # the message names what is wrong
     shown = json.dumps(got) if isinstance(got, (int, float, str)) and not isinstance(got, bool) \
         else str(got)
     if isinstance(got, float) and not math.isfinite(got):
@@ -92,12 +94,12 @@ def describe_error(e: ValidationError) -> str:
     return f"{loc} {msg}, got {shown}{hint}"
 
 
-def load_validated(cls, data, what: str, shown: str):
+def load_validated(cls, data, what: str, shown: str, context: dict | None = None):
     """``cls.model_validate(data)`` (a pydantic model of a profile file), every failure one
-    line naming the file and the first bad field."""
+    line naming the file and the first bad field; ``context`` goes to the model's validators."""
     from pydantic import ValidationError
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=context)
     except ValidationError as e:
         raise SimcostError(f"invalid {what} {shown}: {describe_error(e)}") from None
     except RecursionError:

@@ -165,16 +165,47 @@ def _memory_rows(t, m: dict) -> None:
                       f"[dim]{m[k] / GiB:.2f} GiB[/dim]")
 
 
+_BASIS = {"rental": "rental", "owned": "owned (amortised)", "none": "no price"}
+
+
+def usd_per_hour(x: float) -> str:
+    """'$2.99/h', '$0.0095/h': cents, or four decimals below a dime."""
+    return f"${x:.2f}/h" if x >= 0.1 else f"${x:.4f}/h"
+
+
 def print_hardware_list(profiles) -> None:
     t = Table(show_header=True, header_style="bold")
-    for col in ("name", "device", "kind", "memory", "bandwidth", "bf16 peak", "fp32 peak"):
+    for col in ("name", "device", "kind", "memory", "bandwidth", "bf16 peak", "fp32 peak",
+                "price/device-h", "basis"):
         t.add_column(col)
     for p in profiles:
         pk = p.peak_flops_per_s
+        q = p.price_usd_per_hour
         t.add_row(p.name, p.display_name, p.kind, f"{p.memory_bytes.value / GiB:.0f} GiB",
                   f"{p.memory_bandwidth_bytes_per_s.value / 1e9:.0f} GB/s",
-                  _si(pk.bf16.value, "FLOP/s") if pk.bf16 else "-", _si(pk.fp32.value, "FLOP/s"))
+                  _si(pk.bf16.value, "FLOP/s") if pk.bf16 else "-", _si(pk.fp32.value, "FLOP/s"),
+                  usd_per_hour(q.value) if q is not None else "-", _BASIS[p.price_basis])
     _console().print(t)
+
+
+def hardware_list_json(profiles) -> list[dict]:
+    """One row per profile for ``hardware list --json``: the list's columns in SI units plus
+    the price's basis, source and date."""
+    rows = []
+    for p in profiles:
+        q, pk = p.price_usd_per_hour, p.peak_flops_per_s
+        rows.append({"name": p.name, "display_name": p.display_name, "kind": p.kind,
+                     "memory_bytes": p.memory_bytes.value,
+                     "memory_bandwidth_bytes_per_s": p.memory_bandwidth_bytes_per_s.value,
+                     "bf16_flops_per_s": pk.bf16.value if pk.bf16 else None,
+                     "fp32_flops_per_s": pk.fp32.value,
+                     "price_usd_per_hour": q.value if q is not None else None,
+                     "price_basis": p.price_basis,
+                     "price_source": q.source if q is not None else None,
+                     "price_date": q.date if q is not None else None,
+                     "price_note": (q.note if q is not None
+                                    else (p.notes or {}).get("price_usd_per_hour"))})
+    return rows
 
 
 def print_hardware(p) -> None:
@@ -191,8 +222,14 @@ def print_hardware(p) -> None:
     t.add_row("runtime overhead", f"{p.runtime_overhead_bytes.value / GiB:.2f} GiB",
               _src(p.runtime_overhead_bytes))
     t.add_row("launch overhead", f"{p.launch_overhead_s.value * 1e6:.1f} us", _src(p.launch_overhead_s))
-    if p.price_usd_per_hour:
-        t.add_row("price", f"${p.price_usd_per_hour.value:.2f}/h", _src(p.price_usd_per_hour))
+    q = p.price_usd_per_hour
+    if q is not None:
+        t.add_row("price per device-hour", usd_per_hour(q.value), _src(q))
+        t.add_row("  basis", _BASIS[p.price_basis], q.note[:90] if q.note else "")
+        t.add_row("  date of the price", q.date or "-", "")
+    else:
+        t.add_row("price per device-hour", "none",
+                  ((p.notes or {}).get("price_usd_per_hour") or "no price in the profile")[:90])
     _console().print(t)
 
 

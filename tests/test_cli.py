@@ -142,9 +142,9 @@ def test_run_cost_from_profile_price(capsys):
     assert c["per_hour"] == c["price_per_device_hour"] > 0
     assert c["per_step"] == pytest.approx(c["per_hour"] * d["time_s"]["step"] / 3600)
     assert c["per_million_tokens"] == pytest.approx(c["per_hour"] / (d["tokens_per_s"] * 3600) * 1e6)
-    rc, out, _ = run(["estimate", "train", "--model", "gpt2", "--hardware", "rtx-4090", "--batch", "1",
+    rc, out, _ = run(["estimate", "train", "--model", "gpt2", "--hardware", "mi250x", "--batch", "1",
                       "--seq", "64", "--json"], capsys)
-    assert "cost_usd" not in json.loads(out)   # no public price in that profile
+    assert "cost_usd" not in json.loads(out)   # price_basis none: no price in that profile
 
 
 def test_profile_without_measured_matmul_efficiency_warns(capsys):

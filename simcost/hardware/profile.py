@@ -8,12 +8,13 @@ well-formed. A violation is one line naming the field path and the value.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from functools import cached_property, lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      model_validator)
+                      ValidationInfo, model_validator)
 
 from simcost.errors import SimcostError
 from simcost.jsonio import describe_error, load_validated, profile_file, read_json  # noqa: F401
@@ -67,6 +68,50 @@ class EffQuantity(Quantity):
 
 class CountQuantity(Quantity):
     value: CountNum
+
+
+PriceBasis = Literal["rental", "owned", "none"]
+PRICE_GIVEN = "given in the profile"     # the source a plain-number price is recorded with
+_DATE = re.compile(r"(\d{4})-(\d{2})(?:-(\d{2}))?")
+
+
+def _price_date(v: str) -> str:
+    """``YYYY-MM-DD`` or ``YYYY-MM``: the date of the price snapshot."""
+    import datetime
+    m = _DATE.fullmatch(v)
+    try:
+        if m is None:
+            raise ValueError
+        datetime.date(int(m[1]), int(m[2]), int(m[3] or 1))
+    except ValueError:
+        raise ValueError(f"must be a date YYYY-MM-DD or YYYY-MM, got {v!r}") from None
+    return v
+
+
+def _plain_price(v: Any) -> Any:
+    """A plain non-negative number (a user's own figure) becomes a quantity sourced
+    ``PRICE_GIVEN``, with no date."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return {"value": v, "source": PRICE_GIVEN,
+                "note": "a plain number in the profile: the user's own figure, unsourced"}
+    return v
+
+
+class PriceQuantity(NonNegQuantity):
+    """USD per device-hour with its source and ``date`` (``YYYY-MM-DD`` or ``YYYY-MM``) of the
+    price snapshot; a plain number in the profile is read as one sourced ``PRICE_GIVEN``."""
+    date: Annotated[str, AfterValidator(_price_date)] | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.source == PRICE_GIVEN
+
+    @model_validator(mode="after")
+    def _dated(self):
+        if self.date is None and not self.given:
+            raise ValueError("needs the date of its price snapshot (\"date\": \"YYYY-MM-DD\" or "
+                             "\"YYYY-MM\"), or give the price as a plain number")
+        return self
 
 
 class AllocatorQuantity(Quantity):
@@ -212,9 +257,37 @@ class HardwareProfile(BaseModel):
     interconnect: Link | None = None     # None: no device-to-device link (one device only)
     host_link: Link | None = None
     tdp_w: PosQuantity | None = None
-    price_usd_per_hour: NonNegQuantity | None = None
+    price_usd_per_hour: Annotated[PriceQuantity | None, BeforeValidator(_plain_price)] = None
+    # rental: a price per device-hour; owned: an amortised purchase price (derived); none: no
+    # price. Required in bundled profiles; a user profile defaults to rental with a price, else none
+    price_basis: PriceBasis | None = None
     time_model: TimeModelSpec | None = None
     notes: dict[str, str] | None = None  # field name -> remark (e.g. why there is no interconnect)
+
+    @model_validator(mode="after")
+    def _price(self, info: ValidationInfo):
+        bundled = bool(info.context and info.context.get("bundled"))
+        q, basis = self.price_usd_per_hour, self.price_basis
+        if basis is None:
+            if bundled:
+                raise ValueError("price_basis is missing: a bundled profile states rental, owned "
+                                 "or none")
+            self.price_basis = basis = "rental" if q is not None else "none"
+        if basis == "none" and q is not None:
+            raise ValueError(f"price_basis none takes no price_usd_per_hour (got {q.value} USD/h):"
+                             f" drop the price or state price_basis rental or owned")
+        if basis != "none" and q is None:
+            raise ValueError(f"price_basis {basis} needs price_usd_per_hour (USD per device-hour)")
+        if basis == "owned" and q is not None and not q.given and not q.derived:
+            raise ValueError("an owned price is an amortised purchase price: mark "
+                             "price_usd_per_hour derived: true and state the lifetime in its note")
+        if bundled and q is not None and q.given:
+            raise ValueError("a bundled profile's price_usd_per_hour is a quantity with value, "
+                             "source and date, not a plain number")
+        if bundled and basis == "none" and not (self.notes or {}).get("price_usd_per_hour"):
+            raise ValueError("price_basis none in a bundled profile needs the reason in "
+                             "notes.price_usd_per_hour")
+        return self
 
     def device(self) -> "Device":
         pk = self.peak_flops_per_s
@@ -231,10 +304,13 @@ class HardwareProfile(BaseModel):
                     tm[k] = ({dt: v.model_dump() for dt, v in t.items()} if k == "gemm_table"
                              else t.model_dump() if isinstance(t, BaseModel) else dict(t))
             tm.update(self.time_model.model_extra or {})   # calibration metadata
+        q = self.price_usd_per_hour
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
-                      self.launch_overhead_s.value,
-                      self.price_usd_per_hour.value if self.price_usd_per_hour else None, tm)
+                      self.launch_overhead_s.value, q.value if q is not None else None, tm,
+                      price_basis=self.price_basis,
+                      price_source=q.source if q is not None else None,
+                      price_date=q.date if q is not None else None)
 
 
 @dataclass(frozen=True)
@@ -286,8 +362,24 @@ class Device:
     memory_bandwidth_bytes_per_s: float
     runtime_overhead_bytes: float
     launch_overhead_s: float
-    price_usd_per_hour: float | None
+    price_usd_per_hour: float | None    # USD per device-hour; None: no price (basis none)
     time_model: dict | None = None      # the same values as a dict (readers migrate to .params)
+    # "rental" (a price per device-hour), "owned" (an amortised purchase price) or "none";
+    # absent: rental with a price, none without. The source and date of the price (a plain
+    # number in a user profile: source PRICE_GIVEN, no date)
+    price_basis: str | None = None
+    price_source: str | None = None
+    price_date: str | None = None
+
+    def __post_init__(self):
+        if self.price_basis is None:
+            object.__setattr__(self, "price_basis",
+                               "none" if self.price_usd_per_hour is None else "rental")
+        if self.price_basis not in ("rental", "owned", "none"):
+            raise ValueError(f"price_basis must be rental, owned or none, got {self.price_basis!r}")
+        if (self.price_basis == "none") != (self.price_usd_per_hour is None):
+            raise ValueError(f"price_basis {self.price_basis} with price_usd_per_hour "
+                             f"{self.price_usd_per_hour}: basis none means no price")
 
     @cached_property
     def params(self) -> TimeModelParams:
@@ -318,10 +410,12 @@ def _read_json(path: str, shown: str) -> Any:
 
 
 @lru_cache(maxsize=64)
-def _load_file(path: str, shown: str) -> HardwareProfile:
-    return load_validated(HardwareProfile, _read_json(path, shown), "hardware profile", shown)
+def _load_file(path: str, shown: str, bundled: bool = False) -> HardwareProfile:
+    """A bundled profile is held to more (``price_basis`` stated, a price sourced and dated)."""
+    return load_validated(HardwareProfile, _read_json(path, shown), "hardware profile", shown,
+                          context={"bundled": bundled})
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    file, shown, _ = profile_file(name_or_path, PROFILE_DIR, "hardware", list_profiles)
-    return _load_file(file, shown)
+    file, shown, bundled = profile_file(name_or_path, PROFILE_DIR, "hardware", list_profiles)
+    return _load_file(file, shown, bundled)
