@@ -247,7 +247,7 @@ def test_data_parallel_on_a_traced_graph(tmp_path):
     assert z[3].memory_bytes["weights"] < m0["weights"]
     assert z[3].parallel["plan"]["zero"] == 3 and z[3].parallel["communication_s"]["zero3_s"] > 0
     auto = estimate_train(model, "a100-80gb-sxm", batch=8, devices=4, parallel="auto", **kw)
-    assert auto.fits and auto.parallel["searched"] == 4 * 2      # zero 0-3 x micro-batch 1, 2
+    assert auto.fits and auto.parallel["plans_searched"] == 4 * 2      # zero 0-3 x micro-batch 1, 2
     assert auto.time_s["step"] <= min(r.time_s["step"] for r in z.values())   # the fastest
 
 
