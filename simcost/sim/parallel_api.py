@@ -1,6 +1,8 @@
 """The multi-device / fp8 / offload path of :func:`simcost.api.estimate_train`."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from simcost import pipeline
 from simcost.dtypes import FLOAT_DTYPES
 from simcost.errors import SimcostError
@@ -49,17 +51,13 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
     topo = Topology.from_profile(profile, devices, nodes)
     kind = _kernel_kind(device)
 
+    structure = repr((spec, pspec, compute, store, attn, kind, stack, fp8_activation,
+                      fp8_params))
+
     def build(mb, s):
-        g, a = pipeline.build_graph(spec, mb, s, dtype=compute, attn=attn, peft=pspec,
-                                    device_kind=kind, stack=stack,
-                                    fp8_activation=fp8_activation)
-        if store != compute:
-            for p, _ in g.params():
-                if p.dtype == compute and p.role != "adapter":
-                    p.dtype = store
-        if fp8_params:
-            fp8_weights(g)
-        return g, a
+        return _graph(structure, mb, s, lambda: _build_graph(
+            spec, mb, s, compute=compute, store=store, attn=attn, pspec=pspec, kind=kind,
+            stack=stack, fp8_activation=fp8_activation, fp8_params=fp8_params))
 
     ctx = P.Context(build, device, profile, topo, global_batch=batch, seq=seq, dtype=store,
                     compute_dtype=compute, fp8=fp8, fp8_attention=fp8_attention,
@@ -90,6 +88,40 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                          tokens_per_s=best.tokens_per_s, fits=best.fits, parallel=par,
                          warnings=warns, loss_chunks=loss_chunks,
                          optimizer_in_backward=optimizer_in_backward, stack=stack)
+
+
+# Analysed graphs by (structure, micro-batch, local sequence). A graph depends on the model,
+# the method, the dtypes, the attention, the kernel kind (GPU/CPU), the stack and the fp8
+# storage options, never on the hardware's speeds or the plan, so plan searches over many
+# profiles and device counts (simcost plan train) build each shape once. Nothing downstream
+# writes to a graph after it is built (the dtype changes below happen before it is cached).
+_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_GRAPHS_MAX = 512
+
+
+def _graph(structure: str, mb, s, make):
+    key = (structure, int(mb), int(s))
+    hit = _GRAPHS.get(key)
+    if hit is not None:
+        _GRAPHS.move_to_end(key)
+        return hit
+    out = _GRAPHS[key] = make()
+    if len(_GRAPHS) > _GRAPHS_MAX:
+        _GRAPHS.popitem(last=False)
+    return out
+
+
+def _build_graph(spec, mb, s, *, compute, store, attn, pspec, kind, stack, fp8_activation,
+                 fp8_params):
+    g, a = pipeline.build_graph(spec, mb, s, dtype=compute, attn=attn, peft=pspec,
+                                device_kind=kind, stack=stack, fp8_activation=fp8_activation)
+    if store != compute:
+        for p, _ in g.params():
+            if p.dtype == compute and p.role != "adapter":
+                p.dtype = store
+    if fp8_params:
+        fp8_weights(g)
+    return g, a
 
 
 def fp8_weights(g) -> int:
