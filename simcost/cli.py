@@ -156,6 +156,11 @@ def _add_train(est_sub) -> None:
                         "every step")
     _add_distributed(t)
     t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.add_argument("--trace-out", default=None, metavar="FILE",
+                   help="also write the step as a Chrome/Perfetto trace (JSON; open in "
+                        "ui.perfetto.dev or chrome://tracing): per-op spans on compute, "
+                        "optimizer and host tracks, per pipeline stage with communication "
+                        "tracks on several devices; the critical spans add up to the step")
 
 
 def _add_distributed(t) -> None:
@@ -329,8 +334,21 @@ def _estimate_train(a) -> int:
     from simcost.api import run_train
 
     if a.jobs is not None:
+        if a.trace_out:
+            raise SimcostError("--trace-out traces one training step; --jobs (N jobs sharing "
+                               "one step) has no trace")
         return _estimate_multi(a)
-    r = run_train(_train_request(a))
+    req = _train_request(a)
+    if a.trace_out:
+        from simcost import perfetto
+        from simcost.sim.breakdown import recording
+        path = perfetto.check_trace_out(a.trace_out)
+        perfetto.check_frontend(req)
+        with recording() as rec:
+            r = run_train(req)
+        perfetto.write_trace(path, perfetto.train_trace(r, rec))
+    else:
+        r = run_train(req)
     _warn(r.warnings)
     if a.json:
         print(json.dumps(r.model_dump_public()))
