@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 from pathlib import Path
 
@@ -412,6 +413,8 @@ def _request_events(log, pid: int) -> list:
     order = sorted(range(len(r["arrival"])), key=lambda j: float(r["arrival"][j]))
     for j in order:
         arr, first, fin = (float(r[k][j]) for k in ("arrival", "first_token", "finish"))
+        if not (math.isfinite(first) and math.isfinite(fin)):      # never served
+            continue
         while free and free[0][0] <= arr:
             heapq.heappush(idle, heapq.heappop(free)[1])
         if idle:
