@@ -10,8 +10,8 @@ JSON Schema of what is written. Pure Python and json; the spans come from
 :mod:`simcost.sim.breakdown` (the estimates' own numbers, recorded as they are computed).
 
 **Training, one device** (process "device 0"): one span per op per layer instance and phase
-(a segment standing for N layers appears N times; llama-2-70b with LoRA: ~43,000 spans, ~9
-MB). Tracks: ``compute`` (ops: cat ``forward``, ``recompute``, ``backward``), ``optimizer``
+(a segment standing for N layers appears N times: llama-2-70b with LoRA at batch 1 x 2048,
+4,654 events, 0.78 MB; 1.15 MB with full checkpointing). Tracks: ``compute`` (ops: cat ``forward``, ``recompute``, ``backward``), ``optimizer``
 (the optimizer step), ``host`` (the step's host overhead, page faults), and ``layers`` (one
 span per layer instance and phase enclosing its ops: an overview, cat ``layer``). The spans
 of the critical categories :data:`CRITICAL_CATS` lie end to end from 0: their durations add up
@@ -141,8 +141,20 @@ def write_trace(path, trace: dict) -> None:
 # ---- events --------------------------------------------------------------------------------
 def complete(name: str, cat: str, start_s: float, dur_s: float, pid: int, tid: int,
              args: dict | None = None) -> dict:
-    return {"name": name, "cat": cat, "ph": "X", "ts": start_s * US, "dur": dur_s * US,
+    """A complete event; ``ts`` and ``dur`` on a picosecond grid (:func:`_grid_ps`), so that
+    a span ending where the next begins ends there in a viewer too."""
+    a, b = _grid_ps(start_s), _grid_ps(start_s + dur_s)
+    return {"name": name, "cat": cat, "ph": "X", "ts": a / 1e6, "dur": (b - a) / 1e6,
             "pid": pid, "tid": tid, "args": args or {}}
+
+
+def _grid_ps(t_s: float) -> int:
+    """``t_s`` in whole picoseconds, never a whole nanosecond: Perfetto truncates ``ts *
+    1000`` and ``dur * 1000`` to integer nanoseconds, and a whole nanosecond written in
+    microseconds can come out one below, making back-to-back spans overlap by 1 ns (then
+    misnested on their track). Off whole nanoseconds truncation only ever leaves a gap."""
+    p = round(t_s * 1e12)
+    return p + 1 if p and p % 1000 == 0 else p
 
 
 def process(pid: int, name: str, sort_index: int | None = None) -> list:

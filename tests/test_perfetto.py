@@ -40,8 +40,26 @@ def spans(trace, pid=None, cats=None):
             and (pid is None or e["pid"] == pid) and (cats is None or e["cat"] in cats)]
 
 
+def check_nesting(trace):
+    """On every track, as Perfetto reads the file (ts and dur truncated to integer ns), a span
+    either ends before the next begins or encloses it: nothing misnested."""
+    tracks = {}
+    for e in spans(trace):
+        a = int(e["ts"] * 1000.0)
+        tracks.setdefault((e["pid"], e["tid"]), []).append((a, a + int(e["dur"] * 1000.0)))
+    for t in tracks.values():
+        t.sort(key=lambda x: (x[0], -x[1]))
+        open_ = []
+        for a, b in t:
+            while open_ and open_[-1] <= a:
+                open_.pop()
+            assert not open_ or b <= open_[-1], "misnested span"
+            open_.append(b)
+
+
 def check_step(trace, step_s):
     """Per device process: the critical spans tile [0, step] and add up to the step."""
+    check_nesting(trace)
     pids = sorted({e["pid"] for e in spans(trace)})
     assert pids
     for pid in pids:
@@ -201,6 +219,7 @@ def test_1f1b_schedule_respects_dependencies():
 @pytest.mark.parametrize("devices", [1, 2])
 def test_serving_trace_matches_the_simulation(tmp_path, capsys, devices):
     sim, trace = run([*SERVE, "--devices", str(devices)], tmp_path, capsys)
+    check_nesting(trace)
     assert sorted({e["pid"] for e in spans(trace)}) == list(range(devices))
     ttft = {}
     dec = {}
