@@ -11,9 +11,10 @@ JSON Schema of what is written. Pure Python and json; the spans come from
 
 **Training, one device** (process "device 0"): one span per op per layer instance and phase
 (a segment standing for N layers appears N times: llama-2-70b with LoRA at batch 1 x 2048,
-4,654 events, 0.78 MB; 1.15 MB with full checkpointing). Tracks: ``compute`` (ops: cat ``forward``, ``recompute``, ``backward``), ``optimizer``
-(the optimizer step), ``host`` (the step's host overhead, page faults), and ``layers`` (one
-span per layer instance and phase enclosing its ops: an overview, cat ``layer``). The spans
+4,654 events, 0.72 MB; 1.07 MB with full checkpointing). Tracks: ``compute`` (ops: cat
+``forward``, ``recompute``, ``backward``), ``optimizer`` (the optimizer step), ``host`` (the
+step's host overhead, page faults), and ``layers`` (one span per layer instance and phase
+enclosing its ops: an overview, cat ``layer``). The spans
 of the critical categories :data:`CRITICAL_CATS` lie end to end from 0: their durations add up
 to ``time_s['step']``, and the last ends there. Each op's duration is its share of its
 segment's phase time (host and device overlap inside a segment, so an op is credited in
