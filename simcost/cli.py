@@ -158,6 +158,11 @@ def _add_train(est_sub) -> None:
     _add_distributed(t)
     _add_job(t)
     t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.add_argument("--trace-out", default=None, metavar="FILE",
+                   help="also write the step as a Chrome/Perfetto trace (JSON; open in "
+                        "ui.perfetto.dev or chrome://tracing): per-op spans on compute, "
+                        "optimizer and host tracks, per pipeline stage with communication "
+                        "tracks on several devices; the critical spans add up to the step")
 
 
 def _positive_number(s: str) -> float:
@@ -355,18 +360,45 @@ def _estimate_train(a) -> int:
     from simcost.api import run_train
 
     if a.jobs is not None:
+        if a.trace_out:
+            raise SimcostError("--trace-out traces one training step; --jobs (N jobs sharing "
+                               "one step) has no trace")
         return _estimate_multi(a)
     if a.find is not None:
         return _estimate_find(a)
     if a.batch is None:
         raise SimcostError("estimate train: --batch is required (or --find max-batch)")
     req = _train_request(a)
+    path = _trace_path(a, req)
     r = run_train(req)
     if not r.fits:
         from simcost.plan.fit import savers
         r = r.model_copy(update={"advice": savers(req, r)})
+    _write_trace(path, req)
     _print_estimate(a, r)
     return 0
+
+
+def _trace_path(a, req):
+    """--trace-out's path, checked (with the front end) before anything runs; None without."""
+    if not a.trace_out:
+        return None
+    from simcost import perfetto
+    path = perfetto.check_trace_out(a.trace_out)
+    perfetto.check_frontend(req)
+    return path
+
+
+def _write_trace(path, req) -> None:
+    """The step of ``req`` recorded op by op (the estimate is the same; a test checks it)."""
+    if path is None:
+        return
+    from simcost import perfetto
+    from simcost.api import run_train
+    from simcost.sim.breakdown import recording
+    with recording() as rec:
+        r = run_train(req)
+    perfetto.write_trace(path, perfetto.train_trace(r, rec))
 
 
 def _print_estimate(a, r) -> None:
@@ -399,6 +431,7 @@ def _estimate_find(a) -> int:
     if a.batch is None:
         raise SimcostError("estimate train: --batch is required (or --find max-batch)")
     req = _train_request(a)
+    path = _trace_path(a, req)
     r, entry = find_max(req, a.find)
     if r is None:                       # even the smallest size does not fit
         from simcost.api import run_train
@@ -406,6 +439,8 @@ def _estimate_find(a) -> int:
         r = first.model_copy(update={"find": entry, "advice": savers(req, first)})
     else:
         r = r.model_copy(update={"find": entry})
+        req = _train_request(argparse.Namespace(**{**vars(a), field: entry["value"]}))
+    _write_trace(path, req)
     _print_estimate(a, r)
     return 0
 

@@ -141,6 +141,10 @@ def _sim_parser(subparsers, parser_class):
     s.add_argument("--max-total-tokens", type=_int, default=None,
                    help="KV pool in token slots (LightLLM/S-LoRA --max_total_token_num) "
                         "(default: the memory left after weights)")
+    s.add_argument("--trace-out", default=None, metavar="FILE",
+                   help="also write the run as a Chrome/Perfetto trace (JSON; open in "
+                        "ui.perfetto.dev or chrome://tracing): per replica, one span per "
+                        "engine iteration and per request its queue+prefill and decode")
 
 
 def add_commands(subparsers, parser_class) -> None:
@@ -217,7 +221,15 @@ def dispatch(args) -> int:
             duration=a.duration, input_len=a.input_len, output_len=a.output_len, trace=a.trace,
             scheduler=a.scheduler, slo_ttft=a.slo_ttft, seed=a.seed, generator=a.generator,
             prefetch=a.prefetch, engine=a.engine, max_total_tokens=a.max_total_tokens)
-        r = simulate_from_request(req)
+        if a.trace_out:
+            from simcost import perfetto
+            from simcost.sim.breakdown import recording
+            path = perfetto.check_trace_out(a.trace_out)
+            with recording() as rec:
+                r = simulate_from_request(req)
+            perfetto.write_trace(path, perfetto.serve_trace(r, rec))
+        else:
+            r = simulate_from_request(req)
         show = _print_simulation
     else:
         raise SimcostError(f"unknown serving command '{a.command} {getattr(a, 'what', '')}'")

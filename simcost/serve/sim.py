@@ -29,6 +29,7 @@ import numpy as np
 
 from simcost.errors import SimcostError, unknown
 from simcost.serve.adapters import AdapterPool, AdapterSet
+from simcost.sim.breakdown import ReplicaLog, recorder
 from simcost.serve.schedulers import SCHEDULER_CLASSES, SCHEDULERS, get_scheduler
 from simcost.serve.workload import GENERATORS, MAX_REQUESTS, Workload
 
@@ -107,8 +108,9 @@ class Replica:
     """One tensor-parallel group serving its routed requests: state and event loop."""
 
     def __init__(self, step, mem, eng: Engine, requests, *, adapters: AdapterSet | None,
-                 merged: bool, prefix: int, host_bw: float, host_lat: float):
+                 merged: bool, prefix: int, host_bw: float, host_lat: float, log=None):
         self.step, self.eng, self.prefix, self.merged = step, eng, prefix, merged
+        self.log = log          # a simcost.sim.breakdown.ReplicaLog, or None: keep nothing
         self.arr, self.ad, self.prompt, self.out = requests
         self.adapters = adapters
         self.kvtok = mem.kv_per_token
@@ -197,6 +199,8 @@ class Replica:
                 self._idle(busy, new)
                 continue
             dt = self.iteration_time(plan, T, n_dec, n_pre)
+            if self.log is not None:
+                self.log.iterations.append((self.t, dt, n_dec, n_pre, T))
             self.t += dt
             self.last_iter = dt
             self.iterations += 1
@@ -345,6 +349,10 @@ class Replica:
         n = self.arr.size
         o = self.out.astype(float)
         tpot = np.where(o > 1, (self.finish - self.first_tok_t) / np.maximum(o - 1, 1), np.nan)
+        if self.log is not None:
+            self.log.requests.update(arrival=self.arr, first_token=self.first_tok_t,
+                                     finish=self.finish, prompt=self.prompt, output=self.out,
+                                     adapter=self.ad)
         ap = self.apool
         resident = ap.max_resident if ap is not None else (1 if self.adapters is not None else 0)
         return SimResult(
@@ -427,11 +435,16 @@ def simulate(step, mem, wl: Workload, eng: Engine, *, adapter_ranks=None, merged
     if adapters is not None:
         adapters.check_ids(reqs[1])
     idx = route(reqs, replicas, routing)
+    rec = recorder()
     parts = []
-    for i in idx:
+    for r, i in enumerate(idx):
         if i.size == 0:
             continue
         sub = tuple(a[i] for a in reqs) if replicas > 1 else reqs
+        log = None
+        if rec is not None:
+            log = ReplicaLog(r, step.tp, requests={"index": i})
+            rec.replicas.append(log)
         parts.append(Replica(step, mem, eng, sub, adapters=adapters, merged=merged,
-                             prefix=prefix, host_bw=host_bw, host_lat=host_lat).run())
+                             prefix=prefix, host_bw=host_bw, host_lat=host_lat, log=log).run())
     return merge(parts, [i for i in idx if i.size], reqs[0].size)

@@ -19,7 +19,7 @@ import numpy as np
 from simcost.dtypes import BYTES
 from simcost.errors import SimcostError
 from simcost.sim.memory import ckpt_mode, training_memory
-from simcost.sim.timing import TimeModel, optimizer_time, phase_times, recomputed
+from simcost.sim.timing import TimeModel, optimizer_time, phase_times
 from simcost.stack import optimizer_impl
 from simcost.sim.train import TrainNumbers, param_counts, train_numbers
 
@@ -35,15 +35,13 @@ def split_times(tm: TimeModel, dtype: str, analysis, checkpointing) -> dict:
     """Forward and backward seconds of the base ops and of the adapter ops (recompute under
     activation checkpointing counted in backward)."""
     per: list = []
-    phase_times(tm, dtype, analysis, per_op=per)
+    phase_times(tm, dtype, analysis, recompute_blocks=checkpointing, per_op=per)
     out = {"base_forward": 0.0, "base_backward": 0.0, "adapter_forward": 0.0,
            "adapter_backward": 0.0}
-    for r, tf, tb in per:
+    for r, tf, tb, trc in per:
         kind = "adapter" if r.op.attrs.get("adapter") else "base"
         out[f"{kind}_forward"] += float(tf * r.count)
-        out[f"{kind}_backward"] += float(tb * r.count)
-        if recomputed(r, checkpointing):
-            out[f"{kind}_backward"] += float(tf * r.count)
+        out[f"{kind}_backward"] += float((tb + trc) * r.count)
     return out
 
 

@@ -270,8 +270,10 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
     the head) the host issues the kernels into the launch queue while the device runs the
     earlier ones, so each segment of each phase costs ``combine(Σ device, Σ host)`` (the
     queue holds far more than one block's kernels; HF training has no host sync inside a
-    phase; a traced step's syncs cut it, :func:`_sync_chunks`). ``per_op`` collects (record, fwd, bwd): each op's share of its segment's time, in
-    proportion to the side that sets the pace."""
+    phase; a traced step's syncs cut it, :func:`_sync_chunks`). ``per_op`` collects (record,
+    fwd, bwd, recompute): one instance's share of its segment's forward and backward time (the
+    recomputation of its forward in backward apart), in proportion to the side that sets the
+    pace; times ``record.count`` they add up to the two phases."""
     segs: dict[int, list] = {}
     for r in analysis.records:
         c = r.cost
@@ -300,9 +302,10 @@ def phase_times(tm: TimeModel, dtype: str, analysis, *, recompute_blocks: bool =
             fwd = fwd + tf
             bwd = bwd + tb
             if per_op is not None:
-                for r, df, hf, db, hb, _ in ops:
+                for r, df, hf, db, hb, rec in ops:
                     per_op.append((r, _share(tm, tf, df, hf, sdf, shf),
-                                   _share(tm, tb, db, hb, sdb, shb)))
+                                   _share(tm, tb, db, hb, sdb, shb),
+                                   _share(tm, tb, df, hf, sdb, shb) if rec else 0.0))
     return fwd, bwd
 
 

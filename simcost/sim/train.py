@@ -7,6 +7,7 @@ import numpy as np
 
 from simcost.dtypes import BYTES
 from simcost.hardware.host_allocator import resolve
+from simcost.sim.breakdown import recorder, step_spans
 from simcost.sim.memory import ckpt_mode, inference_memory, training_memory
 from simcost.stack import optimizer_impl
 from simcost.sim.page_faults import fault_times
@@ -56,7 +57,9 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
                     or checkpointing == "selective" and recomputed(r, "selective"):
                 recompute = recompute + r.cost.fwd_flops * r.count
     tm = TimeModel.from_device(device, stack)
-    t_fwd, t_bwd = phase_times(tm, g.dtype, a, recompute_blocks=checkpointing)
+    rec = recorder()
+    per = [] if rec is not None else None
+    t_fwd, t_bwd = phase_times(tm, g.dtype, a, recompute_blocks=checkpointing, per_op=per)
     opt_flops, t_opt, impl = optimizer_step(g, tm, device, optimizer=optimizer, mixed=mixed,
                                             stack=stack)
     policy = resolve(device.params, device.kind, host_allocator)
@@ -70,6 +73,9 @@ def train_numbers(g, analysis, device, *, batch, seq, optimizer: str, mixed: str
     flops = {"forward": fwd, "backward": bwd_act + bwd_w + recompute,
              "backward_activation": bwd_act, "backward_weight": bwd_w, "recompute": recompute,
              "optimizer": opt_flops, "matmul_forward": fwd_mm, "matmul_backward": bwd_mm}
+    if rec is not None:
+        rec.step = step_spans(g, a, per, t_opt=t_opt, step_overhead_s=tm.step_overhead_s,
+                              faults=faults, optimizer_name=f"{optimizer} step")
     return step_numbers(g, device, tm, stack, flops=flops, mem=mem, t_fwd=t_fwd, t_bwd=t_bwd,
                         t_opt=t_opt, faults=faults, tokens=batch * seq, policy=policy)
 
@@ -132,9 +138,15 @@ def mezo_numbers(g, analysis, device, *, batch, seq, stack=None) -> TrainNumbers
     total, added, trainable, n_tensors = param_counts(g)
     a = analysis
     tm = TimeModel.from_device(device, stack)
-    t_fwd, _ = phase_times(tm, g.dtype, a)
+    rec = recorder()
+    per = [] if rec is not None else None
+    t_fwd, _ = phase_times(tm, g.dtype, a, per_op=per)
     elem = max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
     t_opt = mezo_perturb_time(tm, trainable, n_tensors, elem)
+    if rec is not None:
+        rec.step = step_spans(g, a, [(r, f, 0.0, 0.0) for r, f, _, _ in per], t_opt=t_opt,
+                              step_overhead_s=tm.step_overhead_s, forward_passes=2,
+                              optimizer_name="MeZO perturb and update")
     step = 2 * t_fwd + t_opt + tm.step_overhead_s
     mem = inference_memory(g, a, runtime_overhead=device.runtime_overhead_bytes)
     fwd = a.total("fwd_flops")

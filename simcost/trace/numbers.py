@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simcost.hardware.host_allocator import resolve
+from simcost.sim.breakdown import recorder, step_spans
 from simcost.sim.memory import Memory, param_memory
 from simcost.sim.timing import TimeModel, phase_times
 from simcost.sim.train import TrainNumbers, optimizer_step, step_numbers
@@ -58,7 +59,9 @@ def traced_numbers(ct, dims: dict, device, *, optimizer: str, mixed: str, stack=
     g, a = build_ir(ct, priced, batch=dims.get("batch"), seq=dims.get("seq"), dtype=dtype,
                     saved=saved, quantize=quantize)
     tm = TimeModel.from_device(device, stack)
-    t_fwd, t_bwd = phase_times(tm, dtype, a)
+    rec = recorder()
+    per = [] if rec is not None else None
+    t_fwd, t_bwd = phase_times(tm, dtype, a, per_op=per)
     opt_flops, t_opt, impl = optimizer_step(g, tm, device, optimizer=optimizer, mixed=mixed,
                                             stack=stack)
     nbytes = byte_values(ct, vals, ct.storage_bytes)
@@ -77,6 +80,9 @@ def traced_numbers(ct, dims: dict, device, *, optimizer: str, mixed: str, stack=
              "backward_activation": f.bwd_act_flops, "backward_weight": f.bwd_weight_flops,
              "recompute": f.rec_flops, "optimizer": opt_flops,
              "matmul_forward": f.fwd_matmul_flops, "matmul_backward": f.bwd_matmul_flops}
+    if rec is not None:
+        rec.step = step_spans(g, a, per, t_opt=t_opt, step_overhead_s=tm.step_overhead_s,
+                              faults=faults, optimizer_name=f"{optimizer} step")
     n = step_numbers(g, device, tm, stack, flops=flops, mem=mem, t_fwd=t_fwd, t_bwd=t_bwd,
                      t_opt=t_opt, faults=faults, tokens=tokens, policy=policy)
     return TracedNumbers(n, dict(f.unpriced))

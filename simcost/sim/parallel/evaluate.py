@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simcost.sim.breakdown import PlanDetail, recorder
 from simcost.sim.parallel import comm as K
 from simcost.sim.parallel.context import Context
 from simcost.sim.parallel.memory import plan_memory
@@ -79,6 +80,12 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
              "overlap_compute_slowdown": (ms.slowdown_fwd_s + ms.slowdown_bwd_s) * m,
              "micro_step_forward": ms.fwd_s, "micro_step_backward": ms.bwd_s}
     tokens = ctx.global_batch * ctx.seq
+    rec = recorder()
+    if rec is not None:
+        rec.plans[plan.label()] = PlanDetail(
+            plan, work.fwd_s, work.bwd_s, ms.fwd_s, ms.bwd_s, ms.slowdown_fwd_s,
+            ms.slowdown_bwd_s, comm, pipe.pipe_s, pipe.bubble_s, t_opt, ctx.tm.step_overhead_s,
+            step)
     return PlanResult(plan, times, mem, _communication_table(ctx, plan, comm, shard), fits,
                       tokens / step)
 
