@@ -137,6 +137,21 @@ def test_plan_price_override():
     assert "--price" in e["estimate_args"]
 
 
+def test_plan_price_by_name(capsys):
+    assert main(["plan", "train", "--model", "llama-3.2-1b", "--samples", "500", "--seq", "512",
+                 "--hardware", "h100-sxm,a100-80gb-sxm", "--max-devices", "1",
+                 "--price", "a100-80gb-sxm=0", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["best"]["hardware"] == "a100-80gb-sxm" and p["best"]["job_usd"] == 0
+    assert p["assumptions"]["profiles"]["a100-80gb-sxm"]["price_source"] == "--price"
+    assert p["assumptions"]["profiles"]["h100-sxm"]["price_source"] != "--price"
+    h100 = [e for e in p["candidates"] if e["hardware"] == "h100-sxm"]
+    assert h100 and all(e["job_usd"] > 0 for e in h100)
+    assert main(["plan", "train", "--model", "llama-3.2-1b", "--samples", "500", "--seq", "512",
+                 "--hardware", "h100-sxm", "--price", "h100-sxn=1"]) == 2
+    assert "h100-sxm" in capsys.readouterr().err
+
+
 def test_plan_csv_and_json(tmp_path, capsys):
     out = tmp_path / "plan.csv"
     args = ["plan", "train", "--model", "llama-3.2-1b", "--peft", "lora", "--samples", "500",

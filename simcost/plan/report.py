@@ -67,21 +67,28 @@ def print_plan(plan: dict, top: int = 5) -> None:
             "step", style="dim")
 
 
+def _short(x: float, like: float) -> str:
+    """``x`` as a bare number in the unit :func:`hours` picks for ``like`` (min, h or days)."""
+    unit = 60 if like < 3600 else 3600 if like < 2 * 86400 else 86400
+    return f"{x / unit:.1f}"
+
+
 def _table(entries: list[dict], frontier: set, title: str) -> Table:
     t = Table(title=title, header_style="bold")
     for col in ("#", "hardware", "dev", "plan", "method", "ckpt", "step", "tokens/s", "MFU",
                 "peak/cap GiB", "$/M tok", "job time [p10-p90]", "job $", "kWh"):
         t.add_column(col, justify="left" if col in ("hardware", "plan", "method", "ckpt")
-                     else "right")
+                     else "right", no_wrap=col in ("plan", "job time [p10-p90]"))
     for i, e in enumerate(entries, 1):
         iv = e["job_s_interval"]
-        rng = f" [{hours(iv['p10'])}-{hours(iv['p90'])}]" if iv else ""
+        rng = f" [{_short(iv['p10'], e['job_s'])}-{_short(iv['p90'], e['job_s'])}]" if iv else ""
         t.add_row(f"{i}{'*' if id(e) in frontier else ''}", e["hardware"], str(e["devices"]),
                   e["plan"], e["peft"], e["checkpointing"], f"{e['step_s']:.2f} s",
                   f"{e['tokens_per_s']:,.0f}" if e["tokens_per_s"] else "-",
                   f"{100 * e['mfu']:.0f} %" if e["mfu"] is not None else "-",
                   f"{e['peak_bytes'] / GiB:.1f}/{e['capacity_bytes'] / GiB:.0f}",
-                  f"{e['usd_per_million_tokens']:.2f}" if e["usd_per_million_tokens"] else "-",
+                  f"{e['usd_per_million_tokens']:.2f}" if e["usd_per_million_tokens"] is not None
+                  else "-",
                   escape(hours(e["job_s"]) + rng) + (" !" if e["deadline_risk"] else ""),
                   _usd(e["job_usd"]),
                   f"{e['energy_j'] / 3.6e6:,.1f}" if e["energy_j"] is not None else "-")

@@ -22,6 +22,7 @@ class Group:
     method: str                     # a PEFT method name; 'dora' is LoRA with use_dora
     checkpointing: str              # none | full | selective
     request: tuple                  # the job's other request fields, as sorted (name, value)
+    price: float | None = None      # USD per device-hour instead of the profile's (--price)
 
     def fields(self) -> dict:
         d = dict(self.request)
@@ -34,7 +35,7 @@ class Group:
             if not lora:
                 short.pop(k, None)
         from simcost.request.train import PeftShorthand
-        d.update(hardware=self.hardware, devices=self.devices, peft=peft,
+        d.update(hardware=self.hardware, devices=self.devices, peft=peft, price=self.price,
                  grad_checkpointing=self.checkpointing, shorthand=PeftShorthand.build(**short))
         return d
 

@@ -69,7 +69,8 @@ class PlanTrainRequest(Request):
     stack: str = "hf"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     attn: Literal["sdpa", "eager", "flash"] = "sdpa"
-    price: FiniteNonNeg | None = None       # USD per device-hour, with one --hardware
+    # USD per device-hour instead of the profile's: one number with one --hardware, or by name
+    price: FiniteNonNeg | dict[str, FiniteNonNeg] | None = None
     top: Annotated[StrictInt, Field(ge=1, le=1000)] = 5
 
     @classmethod
@@ -114,9 +115,24 @@ class PlanTrainRequest(Request):
         if self.tokens is not None and self.seq is None:
             raise ValueError("--tokens needs --seq (the tokens are split into sequences of "
                              "--seq)")
-        if self.price is not None and len(self.hardware) != 1:
-            raise ValueError("--price sets the price of one device type: give one --hardware")
+        if self.price is not None and not isinstance(self.price, dict) \
+                and len(self.hardware) != 1:
+            raise ValueError("--price N sets the price of one device type: give one "
+                             "--hardware, or --price NAME=USD[,NAME=USD...]")
+        if isinstance(self.price, dict):
+            space = hardware_space(self)
+            for name in self.price:
+                if name not in space:
+                    from simcost.errors import closest
+                    raise ValueError(f"--price names '{name}', which is not among the "
+                                     f"hardware searched{closest(name, space)}")
         return self
+
+    def price_of(self, hardware: str) -> float | None:
+        """The --price of ``hardware`` (None: its profile's)."""
+        if isinstance(self.price, dict):
+            return self.price.get(hardware)
+        return self.price
 
     def job_fields(self) -> dict:
         """The request fields every group shares."""
@@ -125,7 +141,7 @@ class PlanTrainRequest(Request):
         return {"model": self.model, "batch": self.global_batch, "seq": self.seq,
                 "tokens": self.tokens, "samples": self.samples, "epochs": self.epochs,
                 "stack": self.stack, "dtype": self.dtype, "attn": self.attn,
-                "price": self.price, "shorthand": tuple(sorted(short.items()))}
+                "shorthand": tuple(sorted(short.items()))}
 
 
 def hardware_space(req: PlanTrainRequest) -> list[str]:
@@ -173,7 +189,8 @@ def groups_of(req: PlanTrainRequest) -> tuple[list, list[dict]]:
                                     "why": f"weights alone need {floor / 2 ** 30:.1f} GiB per "
                                            f"device of {cap / 2 ** 30:.0f} GiB"})
                     continue
-                groups.extend(Group(h, n, m, c, shared) for c in req.checkpointing)
+                groups.extend(Group(h, n, m, c, shared, req.price_of(h))
+                              for c in req.checkpointing)
     return groups, skipped
 
 
@@ -244,13 +261,15 @@ def _assumptions(req: PlanTrainRequest) -> dict:
     for h in hardware_space(req):
         p = load_profile(h)
         price = p.price_usd_per_hour
+        given = req.price_of(h)
         profiles[h] = {"display_name": p.display_name,
-                       "price_usd_per_hour": req.price if req.price is not None
+                       "price_usd_per_hour": given if given is not None
                        else (price.value if price else None),
-                       "price_basis": getattr(p, "price_basis", None),
-                       "price_source": "--price" if req.price is not None
+                       "price_basis": "given" if given is not None else p.price_basis,
+                       "price_source": "--price" if given is not None
                        else (price.source if price else None),
-                       "price_date": getattr(price, "date", None) if price else None,
+                       "price_date": None if given is not None or not price
+                       else getattr(price, "date", None),
                        "tdp_w": p.tdp_w.value if p.tdp_w else None,
                        "tdp_source": p.tdp_w.source if p.tdp_w else None}
     st = load_stack(req.stack)
@@ -301,9 +320,9 @@ def add_arguments(p) -> None:
                    help="weights and compute dtype")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash"),
                    help="attention implementation")
-    p.add_argument("--price", type=_positive_number, default=None,
-                   metavar="USD_PER_DEVICE_HOUR",
-                   help="the price of the one --hardware, instead of its profile's")
+    p.add_argument("--price", default=None, metavar="USD | NAME=USD[,NAME=USD...]",
+                   help="price per device-hour instead of the profile's: one number with one "
+                        "--hardware, or by profile name (e.g. rtx-4090=0 for a card you own)")
     p.add_argument("--top", type=_positive_int, default=5, help="candidates printed")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="run the search on a local Ray with N workers (the ray extra)")
@@ -330,7 +349,33 @@ def request_of(a) -> PlanTrainRequest:
         checkpointing=tuple(c.strip() for c in a.checkpointing.split(",") if c.strip()),
         deadline_s=parse_duration_s(a.deadline, "--deadline") if a.deadline else None,
         budget_usd=a.budget, objective=a.objective, stack=a.stack, dtype=a.dtype, attn=a.attn,
-        price=a.price, top=a.top)
+        price=parse_price(a.price), top=a.top)
+
+
+def parse_price(text: str | None):
+    """'2.5' -> 2.5; 'rtx-4090=0,l40s=0.9' -> {'rtx-4090': 0.0, 'l40s': 0.9}."""
+    if text is None:
+        return None
+
+    def number(v: str, what: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise SimcostError(f"plan train: --price {what} must be a number, got '{v}'") \
+                from None
+        if not math.isfinite(x) or x < 0:
+            raise SimcostError(f"plan train: --price {what} must be a finite number >= 0, "
+                               f"got '{v}'")
+        return x
+    if "=" not in text:
+        return number(text.strip(), "USD")
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip():
+            raise SimcostError(f"plan train: --price expects NAME=USD, got '{part}'")
+        out[name.strip()] = number(value.strip(), f"for {name.strip()}")
+    return out
 
 
 def _check_outputs(a) -> None:
