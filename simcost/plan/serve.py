@@ -66,7 +66,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=i, default=None, help="random seed (default: 0)")
     p.add_argument("--max-devices", type=i, default=16,
                    help="most devices a fleet may have" + D)
-    p.add_argument("--top", type=i, default=5, help="fleets shown in the table" + D)
+    p.add_argument("--top", type=i, default=3, help="fleets shown in the table; the search stops once this many are known and "
+                        "nothing left can be cheaper" + D)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="write every candidate fleet searched, best first, to FILE")
@@ -113,23 +114,19 @@ def _check_writable(path: str) -> None:
 
 
 def _with_progress(req, plan_fn):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                               TextColumn, TimeElapsedColumn)
-    console = Console(stderr=True, force_terminal=sys.stderr.isatty() or None)
-    cols = (SpinnerColumn(), TextColumn("settings"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[sims]} simulations: {task.description}"))
-    with Progress(*cols, console=console, transient=True) as bar:
-        task = bar.add_task("screening", total=None, sims=0)
+    """The plan with a tqdm bar on stderr: settings searched or pruned, simulations run."""
+    from tqdm import tqdm
+    with tqdm(total=None, file=sys.stderr, unit="setting", desc="plan serve",
+              dynamic_ncols=True, leave=False) as bar:
         n = [0]
 
         def tick(text):
             n[0] += 1
-            bar.update(task, description=text, sims=n[0])
+            bar.set_postfix_str(f"{n[0]} simulations, now {text}")
 
         def progress(total):
-            bar.update(task, total=total)
-            return lambda: bar.advance(task)
+            bar.reset(total=total)
+            return lambda: bar.update(1)
         return plan_fn(req, tick=tick, progress=progress)
 
 
@@ -179,7 +176,7 @@ def print_plan(req, plan) -> None:
     from rich.table import Table
 
     from simcost.plan.serve_answer import seconds_text, settings_name, slo_text
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 132))
     print(f"{plan.model}, {plan.adapters} adapters (ranks {','.join(map(str, plan.ranks))}), "
           f"{plan.rate_req_s:g} req/s, {slo_text(req)}; {plan.engine}; "
           f"{plan.n_requests} requests per simulation")
@@ -191,8 +188,9 @@ def print_plan(req, plan) -> None:
             t.add_column(c, justify="left" if c in ("fleet", "settings") else "right")
         for k, f in enumerate(rows, 1):
             t.add_row(str(k), f"{f.devices} x {f.hardware}", str(f.tp), str(f.replicas),
-                      settings_name(f, req.adapters), seconds_text(f.ttft_s["p50"]), seconds_text(f.ttft_s["p99"]),
-                      seconds_text(f.tpot_s["p50"]), seconds_text(f.tpot_s["p99"]), f"{f.usd_per_hour:.2f}",
+                      settings_name(f, req.adapters), seconds_text(f.ttft_s["p50"]),
+                      seconds_text(f.ttft_s["p99"]), seconds_text(f.tpot_s["p50"]),
+                      seconds_text(f.tpot_s["p99"]), f"{f.usd_per_hour:.2f}",
                       "n/a" if f.usd_per_million_tokens["output"] is None
                       else f"{f.usd_per_million_tokens['output']:.3g}")
         console.print(t)

@@ -12,7 +12,8 @@ def seconds_text(x: float | None) -> str:
 def fleet_name(f) -> str:
     if f.tp == 1:
         return f"{f.devices} x {f.hardware}, tp 1"
-    return f"{f.devices} x {f.hardware} as {f.replicas} replica(s) of tp {f.tp}"
+    return (f"{f.devices} x {f.hardware} as {f.replicas} replica{'s' if f.replicas > 1 else ''} "
+            f"of tp {f.tp}")
 
 
 def settings_name(f, adapters: int) -> str:
@@ -53,7 +54,7 @@ def answer(req, plan, capacity_misses) -> str:
                if req.adapters else "")
         return (f"{fleet_name(b)}, {settings_name(b, req.adapters)}: {_latencies(b)} at "
                 f"{req.rate:g} req/s over {plan.n_requests} simulated requests; "
-                f"${b.usd_per_hour:.3g}/h, {_usd_m(m['output'])} per million output tokens "
+                f"${b.usd_per_hour:.2f}/h, {_usd_m(m['output'])} per million output tokens "
                 f"({_usd_m(m['total'])} per million prompt + output tokens); {rate}{res}.")
     return _no_fleet(req, plan, capacity_misses)
 

@@ -58,7 +58,7 @@ SCREEN_REQUESTS = 200
 SCREEN_REQUESTS_MERGED = 40
 PRUNE_SAFETY = 2.0
 MIN_MAX_BATCH = 16
-RATE_SIMULATIONS = 6
+RATE_SIMULATIONS = 7
 RATE_TOLERANCE = 0.05
 
 
@@ -360,8 +360,10 @@ class Search:
         heapq.heapify(heap)
         while heap:
             lb, i, s, mu = heapq.heappop(heap)
-            if lb >= self.bound():
-                self.pruned += 1 + len(heap)
+            if lb >= self.bound():          # every setting left costs at least as much
+                for _ in range(1 + len(heap)):
+                    self.pruned += 1
+                    done()
                 break
             if mu is None:
                 try:
@@ -452,18 +454,24 @@ class Search:
             self.best_kind[s.kind] = f.usd_per_hour
 
 
-def max_rate_per_replica(sims: Simulations, s: Setting, start: float) -> float | None:
-    """The highest rate (req/s) one replica of ``s`` serves within the SLO: expand from
-    ``start`` by 1.5x until a run misses, then bisect, at most ``RATE_SIMULATIONS`` runs."""
-    good, bad, x = 0.0, None, start
+def max_rate_per_replica(sims: Simulations, s: Setting, share: float) -> float | None:
+    """The highest rate (req/s) one replica of ``s`` serves within the SLO. Bracketed by its
+    share of the planned rate and 1.25x its offline capacity (above the sustained capacity,
+    which the offline run underestimates by ~15 %), widened by 1.5x while the upper end still
+    meets the SLO, then bisected to ``RATE_TOLERANCE``: at most ``RATE_SIMULATIONS`` runs.
+    The highest rate seen to meet the SLO is returned (None: not even the share does)."""
+    good, bad = 0.0, None
+    probes = [share, max(1.25 * sims.screen(s), 1.5 * share)]
     for _ in range(RATE_SIMULATIONS):
+        x = probes.pop(0) if probes else (x * 1.5 if bad is None else (good + bad) / 2)
         if meets(sims.req, sims.run(s, 1, rate=x)):
-            good = x
+            good = max(good, x)
         else:
-            bad = x
+            bad = x if bad is None else min(bad, x)
+            if good == 0.0 and not probes:
+                probes = [x / 2]
         if bad is not None and good > 0 and bad - good <= RATE_TOLERANCE * bad:
             break
-        x = x * 1.5 if bad is None else (good + bad) / 2
     return good or None
 
 
@@ -486,7 +494,7 @@ def plan_serve(model: str, *, rate: float, adapters: int = 0, ranks=None,
                routing: str | None = None, input_len=None, output_len=None,
                popularity_alpha: float | None = None, requests: int | None = None,
                duration=None, seed: int | None = None, max_devices: int = 16,
-               top: int = 5) -> ServePlan:
+               top: int = 3) -> ServePlan:
     """The cheapest fleet serving ``rate`` req/s of ``model`` with ``adapters`` LoRA adapters
     within the SLO (p99 TTFT <= ``slo_ttft`` s, p99 TPOT <= ``slo_tpot`` s). Lengths,
     popularity and seed as ``simulate_serve``; ``requests`` (default 1000) or ``duration``

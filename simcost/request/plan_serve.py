@@ -21,7 +21,7 @@ from simcost.request.serve import (MAX_ADAPTERS, MAX_SEED, SIM_DEFAULTS, Routing
 
 MAX_TP = 8                 # tensor parallelism stays inside one 8-GPU node
 DEFAULT_REQUESTS = 1000
-DEFAULT_TOP = 5
+DEFAULT_TOP = 3
 
 
 def _names(v):
@@ -52,7 +52,7 @@ class ServePlanRequest(Request):
     duration: FinitePos | None = None
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     max_devices: Devices = 16
-    top: Annotated[StrictInt, Field(ge=1, le=100)] = DEFAULT_TOP
+    top: Annotated[StrictInt, Field(ge=1, le=100)] = DEFAULT_TOP   # fleets the table shows
 
     # the serving requests' constructor: a cross-field check's own sentence is the one line
     build = classmethod(_Serve.build.__func__)
