@@ -147,3 +147,27 @@ def test_bad_input_is_one_line_and_exit_2(capsys, extra, needle):
     assert main(["plan", "serve", "--model", "qwen2.5-0.5b", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("simcost: error:") and needle in err[0], err
+
+
+def test_replica_search_finds_the_fewest_from_any_guess():
+    """The replica search against a stand-in simulator that meets the SLO from k replicas."""
+    from types import SimpleNamespace
+
+    from simcost.plan.serve_search import Search, Setting
+    from simcost.request.plan_serve import ServePlanRequest
+    req = ServePlanRequest.build(model="qwen2.5-0.5b", rate=5, slo_ttft=1)
+    s = Setting("a10g", 1, False, "sgmv", 256, 1.0)
+    for k in (1, 2, 3, 7, 16):
+        calls = []
+
+        class Sims:
+            def run(self, setting, r, rate=None):
+                calls.append(r)
+                p99 = 0.5 if r >= k else 2.0
+                return SimpleNamespace(overloaded=r < k - 1, ttft_s={"p99": p99},
+                                       tpot_s={"p99": None})
+        search = Search(req, Sims(), [s])
+        for guess in (1, 2, 5, 9, 16):
+            assert search.replicas(s, guess, 16) == k, (k, guess)
+        assert search.replicas(s, 1, k - 1) is None if k > 1 else True
+    assert max(calls) <= 16

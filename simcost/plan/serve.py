@@ -176,7 +176,7 @@ def print_plan(req, plan) -> None:
     from rich.table import Table
 
     from simcost.plan.serve_answer import seconds_text, settings_name, slo_text
-    console = Console(width=max(Console().width, 132))
+    console = Console(width=max(Console().width, 150))
     print(f"{plan.model}, {plan.adapters} adapters (ranks {','.join(map(str, plan.ranks))}), "
           f"{plan.rate_req_s:g} req/s, {slo_text(req)}; {plan.engine}; "
           f"{plan.n_requests} requests per simulation")

@@ -354,6 +354,13 @@ class Search:
             cap = min(cap, math.ceil(limit / per - 1e-9) - 1)
         return cap
 
+    def fewest(self, mu: float) -> int:
+        """Replicas no fewer than which can serve the rate, by the offline capacity ``mu``
+        (with the ``PRUNE_SAFETY`` margin)."""
+        if not mu > 0:
+            return self.req.max_devices + 1
+        return max(1, math.ceil(self.req.rate / (PRUNE_SAFETY * mu)))
+
     def run(self, done=None) -> None:
         done = done or (lambda: None)
         heap = [(s.price_usd_per_hour * s.tp, i, s, None) for i, s in enumerate(self.settings)]
@@ -372,12 +379,9 @@ class Search:
                     self.errors.append(f"{s.hardware} tp {s.tp} ({s.label()}): {e}")
                     done()
                     continue
-                r_lb = max(1, math.ceil(self.req.rate / (PRUNE_SAFETY * mu))) if mu > 0 \
-                    else self.req.max_devices + 1
-                heapq.heappush(heap, (s.price_usd_per_hour * s.tp * r_lb, i, s, mu))
+                heapq.heappush(heap, (s.price_usd_per_hour * s.tp * self.fewest(mu), i, s, mu))
                 continue
-            r_lb = max(1, math.ceil(self.req.rate / (PRUNE_SAFETY * mu))) if mu > 0 \
-                else self.req.max_devices + 1
+            r_lb = self.fewest(mu)
             if r_lb * s.tp > self.req.max_devices:
                 self.capacity_misses.append((s, mu, r_lb))
             if self.cap(s) < r_lb:
@@ -409,10 +413,9 @@ class Search:
             return None
         r = min(max(r_est, 1), cap)
         if self.ok(s, r):
-            hi, lo = r, 0
-            if r > 1 and not self.ok(s, r - 1):
+            if r == 1 or not self.ok(s, r - 1):
                 return r
-            hi = r - 1 if r > 1 else r
+            lo, hi = 0, r - 1             # 0: a count known to miss, by convention
         else:
             lo, step, hi = r, 1, None
             while hi is None:

@@ -51,6 +51,11 @@ def detect_overload(arrival_s: np.ndarray, ttft_s: np.ndarray, *, completed_per_
     if not (growth > GROWTH_PER_S and m_last > GROWTH_RATIO * m_first):
         return False, None
     offered = offered_per_s if offered_per_s is not None else (a.size - 1) / span
-    return True, (f"the queue grows without bound: median TTFT {m_first:.3g} s for the first "
-                  f"third of arrivals, {m_last:.3g} s for the last (+{growth:.2f} s per s of "
-                  f"traffic); {offered:.3g} req/s offered, {completed_per_s:.3g} req/s served")
+    return True, (f"the queue grows without bound: median TTFT {_g(m_first)} s for the first "
+                  f"third of arrivals, {_g(m_last)} s for the last (+{growth:.2f} s per s of "
+                  f"traffic); {_g(offered)} req/s offered, {_g(completed_per_s)} req/s served")
+
+
+def _g(x: float) -> str:
+    """3 significant digits without an exponent up to 10^6."""
+    return f"{x:,.0f}" if 1e3 <= abs(x) < 1e6 else f"{x:.3g}"
