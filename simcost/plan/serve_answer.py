@@ -1,6 +1,8 @@
 """The one-paragraph answer of ``simcost plan serve`` (text only; the numbers are the plan's)."""
 from __future__ import annotations
 
+import math
+
 
 def seconds_text(x: float | None) -> str:
     """Seconds for people: ms below one second."""
@@ -78,11 +80,12 @@ def _no_fleet(req, plan, capacity_misses) -> str:
                 loose.append(f"--slo-tpot {max(req.slo_tpot, m.tpot_s['p99']):.3g}")
             helps.append(f"a looser SLO ({' '.join(loose)} accepts it)")
     elif capacity_misses:
-        s, mu, r = max(capacity_misses, key=lambda x: x[1] / (x[0].tp or 1))
+        s, mu, _ = max(capacity_misses, key=lambda x: x[1] / x[0].tp)
+        r = math.ceil(req.rate / mu)
         head += (f" Each setting's capacity needs more: the nearest, {s.hardware} tp {s.tp} "
-                 f"({s.label()}), serves about {mu:.3g} req/s per replica offline and would "
-                 f"need at least {r} replicas ({r * s.tp} devices).")
-        helps.append(f"more devices (--max-devices {r * s.tp})")
+                 f"({s.label()}), serves about {mu:.3g} req/s per replica offline, so about "
+                 f"{r} replicas ({r * s.tp} devices) would be needed.")
+        helps.append(f"more devices (--max-devices {r * s.tp} or more)")
     if req.hardware is not None and req.hardware != ("all",):
         helps.append("a faster GPU (without --hardware every priced GPU profile is searched)")
     elif plan.left_out.get("no_price"):
