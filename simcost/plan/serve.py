@@ -66,8 +66,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=i, default=None, help="random seed (default: 0)")
     p.add_argument("--max-devices", type=i, default=16,
                    help="most devices a fleet may have" + D)
-    p.add_argument("--top", type=i, default=3, help="fleets shown in the table; the search stops once this many are known and "
-                        "nothing left can be cheaper" + D)
+    p.add_argument("--top", type=i, default=3,
+                   help="fleets shown in the table; the search stops once this many are known "
+                        "and nothing left can be cheaper" + D)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="write every candidate fleet searched, best first, to FILE")

@@ -38,8 +38,9 @@ def slo_text(req) -> str:
 
 
 def _latencies(f) -> str:
-    return (f"TTFT p99 {seconds_text(f.ttft_s['p99'])} (p50 {seconds_text(f.ttft_s['p50'])}), TPOT p99 "
-            f"{seconds_text(f.tpot_s['p99'])} (p50 {seconds_text(f.tpot_s['p50'])})")
+    t, p = f.ttft_s, f.tpot_s
+    return (f"TTFT p99 {seconds_text(t['p99'])} (p50 {seconds_text(t['p50'])}), TPOT p99 "
+            f"{seconds_text(p['p99'])} (p50 {seconds_text(p['p50'])})")
 
 
 def _usd_m(x: float | None) -> str:

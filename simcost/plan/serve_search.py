@@ -2,7 +2,7 @@
 
 Every number comes from the serving simulator (:func:`simcost.serve.api.simulate_from_request`
 on a validated :class:`~simcost.request.serve.ServeSimRequest`); nothing here models time or
-memory. The search:
+memory. The search (the space itself: :mod:`simcost.plan.serve_space`):
 
 1. **Space.** Hardware (default: every bundled GPU profile with a price; profiles without one
    are left out and named) x tensor-parallel degree (divisors of the model's attention heads,
@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from pydantic import BaseModel
 
-from simcost.errors import SimcostError, unknown
-from simcost.request.plan_serve import MAX_TP, ServePlanRequest
+from simcost.errors import SimcostError
+from simcost.plan.serve_space import Setting, space
+from simcost.request.plan_serve import ServePlanRequest
 from simcost.request.serve import ServeSimRequest
 from simcost.result import SCHEMA_VERSION
 
@@ -60,26 +61,6 @@ PRUNE_SAFETY = 2.0
 MIN_MAX_BATCH = 16
 RATE_SIMULATIONS = 7
 RATE_TOLERANCE = 0.05
-
-
-@dataclass(frozen=True, order=True)
-class Setting:
-    """One server configuration: a replica of ``tp`` devices of ``hardware`` and its settings."""
-    hardware: str
-    tp: int
-    merged: bool
-    kernel: str | None           # None: the base model, or merged (no LoRA kernel runs)
-    max_num_seqs: int
-    price_usd_per_hour: float    # per device
-    engine_kernel: str | None = None
-
-    @property
-    def kind(self) -> tuple[str, int]:
-        return self.hardware, self.tp
-
-    def label(self) -> str:
-        how = "merged" if self.merged else ("unmerged, " + self.kernel if self.kernel else "base")
-        return f"{how}, max batch {self.max_num_seqs}"
 
 
 class Fleet(BaseModel):
@@ -241,92 +222,6 @@ def fleet(sims: Simulations, s: Setting, replicas: int) -> Fleet:
                  adapters_resident_simulated=sim.adapters_resident,
                  max_batch_simulated=sim.max_batch,
                  simulate_args=_cli(sims.kwargs(s, replicas)))
-
-
-# ---- the space -----------------------------------------------------------------------------
-def _hardware_names(req: ServePlanRequest) -> list[str]:
-    from simcost.hardware import list_profiles, load_profile
-    if req.hardware is None:
-        return [n for n in list_profiles() if load_profile(n).kind == "gpu"]
-    if req.hardware == ("all",):
-        return list_profiles()
-    for n in req.hardware:
-        load_profile(n)               # an unknown name: one line with the nearest names
-    return list(dict.fromkeys(req.hardware))
-
-
-def _tp_degrees(req: ServePlanRequest, heads: int) -> list[int]:
-    if req.tp is None:
-        return [d for d in range(1, MAX_TP + 1) if heads % d == 0]
-    for d in req.tp:
-        if heads % d:
-            raise SimcostError(f"--tp {d} does not divide the model's {heads} attention heads")
-    return sorted(set(req.tp))
-
-
-def _kernels(req: ServePlanRequest, own: str) -> list[str]:
-    from simcost.serve.step import LORA_KERNELS
-    if req.lora_kernels is None:
-        return [own]
-    if req.lora_kernels == ("all",):
-        return list(LORA_KERNELS)
-    for k in req.lora_kernels:
-        if k not in LORA_KERNELS:
-            raise unknown("LoRA kernel", k, LORA_KERNELS)
-    return list(dict.fromkeys(req.lora_kernels))
-
-
-def _fits(req: ServePlanRequest, hw: str, tp: int) -> bool:
-    """Weights, one adapter of the largest rank and one longest request's KV cache fit."""
-    from simcost.serve.api import estimate_serve
-    ctx = req.eff("input_len")[1] + req.eff("output_len")[1]
-    lora = req.adapters > 0
-    e = estimate_serve(req.model, hw, phase="prefill", batch=1, context=ctx, tp=tp,
-                       peft="lora" if lora else "none",
-                       rank=max(req.eff("ranks")) if lora else None)
-    return e.fits
-
-
-def space(req: ServePlanRequest) -> tuple[list[Setting], dict[str, list[str]], str, str]:
-    """The settings to search, the hardware left out (by reason), the engine's and the
-    model's names."""
-    from simcost.hardware import load_profile
-    from simcost.models.config import load_model
-    from simcost.serve.engines import DEFAULT_ENGINE, default_limits, get_engine
-    spec = load_model(req.model)
-    espec = get_engine(req.engine or DEFAULT_ENGINE)
-    tps = _tp_degrees(req, spec.heads)
-    kernels = _kernels(req, espec.lora_kernel) if req.adapters > 0 else [None]
-    left = {"no_price": [], "no_device_link": [], "does_not_fit": []}
-    out = []
-    for hw in _hardware_names(req):
-        prof = load_profile(hw)
-        if prof.price_usd_per_hour is None:
-            left["no_price"].append(hw)
-            continue
-        linked = prof.interconnect is not None and \
-            prof.interconnect.bandwidth_bytes_per_s is not None
-        dev = prof.device()
-        seqs, _ = default_limits(espec, dev.memory_bytes, f"{prof.name} {dev.name}")
-        tried = fits = False
-        for tp in tps:
-            if tp > 1 and not linked:
-                if hw not in left["no_device_link"]:
-                    left["no_device_link"].append(hw)
-                continue
-            tried = True
-            if not _fits(req, hw, tp):
-                continue
-            fits = True
-            base = dict(hardware=hw, tp=tp, max_num_seqs=seqs,
-                        price_usd_per_hour=dev.price_usd_per_hour,
-                        engine_kernel=espec.lora_kernel if req.adapters > 0 else None)
-            out += [Setting(merged=False, kernel=k, **base) for k in kernels]
-            if req.adapters > 0:
-                out.append(Setting(merged=True, kernel=None, **base))
-        if tried and not fits:
-            left["does_not_fit"].append(hw)
-    return out, {k: v for k, v in left.items() if v}, espec.name, spec.name
 
 
 # ---- the search ----------------------------------------------------------------------------
