@@ -14,6 +14,7 @@ from simcost.serve.adapters import AdapterSet
 from simcost.serve.engines import (DEFAULT_ENGINE, SCHEDULER_ENGINE, EngineSpec, default_limits,
                                    get_engine)
 from simcost.serve.memory import KV_BYTES, WEIGHT_BYTES, resolve_targets, serve_memory
+from simcost.serve.overload import detect_overload
 from simcost.serve.sim import SCHEDULERS, Engine, Workload, simulate
 from simcost.serve.step import LORA_KERNELS, StepModel
 from simcost.sim.timing import TimeModel
@@ -71,6 +72,12 @@ class ServeSimulation(BaseModel):
     replicas: int = 1
     routing: str = "round-robin"
     replica_requests: list[int] = []
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    # the queue grows without bound (simcost.serve.overload): the percentiles then grow with
+    # the simulated duration and describe no steady state
+    overloaded: bool = False
+    overload_reason: str | None = None
     warnings: list[str] = []
 
 
@@ -308,6 +315,11 @@ def _summary(req, res, spec, prof, espec, sched, mem) -> ServeSimulation:
     ms = res.makespan
     n = res.extra["n_requests"]
     slo = None if req.slo_ttft is None else float(np.mean(res.ttft <= req.slo_ttft))
+    rate = None if req.trace else float(req.eff("rate"))
+    over, why = detect_overload(res.finish - res.latency, res.ttft,
+                                completed_per_s=n / ms if ms > 0 else 0.0,
+                                offered_per_s=rate if rate is not None and np.isfinite(rate)
+                                else None)
     return ServeSimulation(
         model=spec.name, hardware=prof.name, engine=espec.name,
         engine_display_name=espec.display, engine_versions=dict(espec.versions),
@@ -322,4 +334,6 @@ def _summary(req, res, spec, prof, espec, sched, mem) -> ServeSimulation:
         preemptions=res.preemptions, max_batch=res.max_batch, iterations=res.iterations,
         memory_bytes=mem.as_dict(), devices=req.n_devices, replicas=req.replicas,
         routing=req.eff("routing"),
-        replica_requests=res.extra.get("replica_requests", [n]), warnings=req.warnings())
+        replica_requests=res.extra.get("replica_requests", [n]),
+        prompt_tokens=int(res.extra["prompt_tokens"]), output_tokens=int(res.out_tokens.sum()),
+        overloaded=over, overload_reason=why, warnings=req.warnings())

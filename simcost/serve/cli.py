@@ -138,6 +138,12 @@ def _sim_parser(subparsers, parser_class):
                    help="serving engine profile: vllm (V1), vllm-v0, slora, trtllm, or a path to "
                         "a profile JSON (stack_profiles/serving/); sets the scheduler and the "
                         "engine's facts (default: vllm, or the --scheduler's engine)")
+    s.add_argument("--max-num-seqs", type=_int, default=None,
+                   help="largest batch in sequences (vLLM --max-num-seqs) "
+                        "(default: the engine's on this device)")
+    s.add_argument("--lora-kernel", default=None,
+                   help="heterogeneous-adapter kernel instead of the engine's own: mbgmv, sgmv, "
+                        "loop, slora-bgmv (default: the --engine's)")
     s.add_argument("--max-total-tokens", type=_int, default=None,
                    help="KV pool in token slots (LightLLM/S-LoRA --max_total_token_num) "
                         "(default: the memory left after weights)")
@@ -166,6 +172,9 @@ def _common_kw(a) -> dict:
 def _warn(r) -> None:
     for w in r.warnings:
         print(f"simcost: warning: {w}", file=sys.stderr)
+    if getattr(r, "overloaded", False):
+        print(f"simcost: warning: overloaded: {r.overload_reason}; the latency percentiles grow "
+              "with the simulated duration", file=sys.stderr)
 
 
 def _print_estimate(r) -> None:
@@ -196,6 +205,7 @@ def _print_simulation(r) -> None:
         print(f"  SLO attainment {r.slo_attainment:.3f}")
     print(f"  adapters resident {r.adapters_resident}, swaps {r.swaps}, "
           f"preemptions {r.preemptions}, max batch {r.max_batch}")
+    print(f"  overloaded {'yes: ' + r.overload_reason if r.overloaded else 'no'}")
 
 
 def dispatch(args) -> int:
@@ -220,7 +230,8 @@ def dispatch(args) -> int:
             merged=a.merged, rate=a.rate, cv=a.cv, popularity_alpha=a.popularity_alpha,
             duration=a.duration, input_len=a.input_len, output_len=a.output_len, trace=a.trace,
             scheduler=a.scheduler, slo_ttft=a.slo_ttft, seed=a.seed, generator=a.generator,
-            prefetch=a.prefetch, engine=a.engine, max_total_tokens=a.max_total_tokens)
+            prefetch=a.prefetch, engine=a.engine, max_total_tokens=a.max_total_tokens,
+            max_num_seqs=a.max_num_seqs, lora_kernel=a.lora_kernel)
         if a.trace_out:
             from simcost import perfetto
             from simcost.sim.breakdown import recording

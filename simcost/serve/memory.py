@@ -139,3 +139,16 @@ def serve_memory(spec: ModelSpec, device, *, wdtype: str, act_dtype: str, kv_dty
     ab = {int(r): adapter_bytes(spec, int(r), targets, act_dtype, tp) for r in set(ranks)}
     return ServeMemory(cap, usable, w, device.runtime_overhead_bytes, ws, pool,
                        kv_bytes_per_token(spec, kv_dtype, tp), ab)
+
+
+def adapters_that_fit(pool_bytes: float, kv_reserve_bytes: float, adapter_bytes_by_rank: dict,
+                      ranks, limit: int | None = None) -> int:
+    """How many adapters (ranks cycled as the adapter ids cycle them) stay resident in the
+    per-device pool beside ``kv_reserve_bytes`` of KV cache: the pool less that reserve over
+    the mean adapter's bytes, at most ``limit`` (the adapters there are)."""
+    by_rank = {int(k): float(v) for k, v in adapter_bytes_by_rank.items()}
+    sizes = [by_rank[int(r)] for r in ranks]
+    mean = sum(sizes) / len(sizes)
+    free = max(pool_bytes - kv_reserve_bytes, 0.0)
+    n = int(free // mean) if mean > 0 else (limit or 0)
+    return n if limit is None else min(n, limit)
