@@ -4,6 +4,7 @@ and really draws: headless Chromium, with every host name unresolvable, screensh
 frontier plot's region must show the frontier's and the best plan's colours."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -300,3 +301,27 @@ def test_the_screenshot_check_sees_a_page_without_its_plot(tmp_path):
     page = report.render_html(train_plan())
     img = _screenshot(page.replace(get_plotlyjs(), ""), tmp_path)
     assert _plot_drawn(img) != ""
+
+
+def test_plan_train_and_serve_write_html(tmp_path, capsys):
+    """The commands' --html: the real plans rendered (the screenshot test above checks a page
+    of the same renderer in Chromium)."""
+    from simcost.cli import main
+    train = tmp_path / "train.html"
+    assert main(["plan", "train", "--model", "llama-3.2-1b", "--samples", "500", "--seq", "512",
+                 "--hardware", "h100-sxm,a100-80gb-sxm", "--max-devices", "2",
+                 "--html", str(train), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    page = train.read_text()
+    assert "Time against cost" in page and plan["best"]["plan"] in page
+    assert page.count("simcost estimate train --model llama-3.2-1b") >= len(plan["candidates"])
+    serve = tmp_path / "serve.html"
+    assert main(["plan", "serve", "--model", "llama-3.2-1b", "--adapters", "4", "--rate", "1",
+                 "--slo-ttft", "2", "--requests", "100", "--hardware", "l4,a10g",
+                 "--html", str(serve), "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    page = serve.read_text()
+    assert "Cost against latency" in page and "simcost simulate serve" in page
+    assert best["hardware"] in page
+    assert main(["plan", "train", "--model", "llama-3.2-1b", "--samples", "5", "--seq", "8",
+                 "--html", str(tmp_path / "no" / "x.html")]) == 2

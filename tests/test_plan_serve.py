@@ -65,7 +65,7 @@ def test_best_reports_rate_cost_and_resident_adapters(two_replicas):
 def test_json_keys_and_candidates_best_first(capsys, tmp_path):
     out = tmp_path / "c.csv"
     d = _json(capsys, ["plan", "serve", *SMALL, "--rate", "20", "--hardware",
-                       "a10g,v100-sxm2-32gb,l40s", "--tp", "1,2", "--json", "--csv", str(out)])
+                       "a10g,v100-sxm2-32gb,mi250x", "--tp", "1,2", "--json", "--csv", str(out)])
     b = d["best"]
     for k in ("hardware", "devices", "tp", "replicas", "ttft_s", "tpot_s", "usd_per_hour",
               "simulate_args", "adapters_resident_per_gpu", "max_rate_per_replica",
@@ -79,7 +79,7 @@ def test_json_keys_and_candidates_best_first(capsys, tmp_path):
     ok = [x["usd_per_hour"] for x in c if x["meets_slo"]]
     assert ok == sorted(ok) and ok[0] == b["usd_per_hour"]
     assert all(x["devices"] <= 16 for x in c)
-    assert d["left_out"]["no_price"] == ["l40s"]          # no price: left out, and said so
+    assert d["left_out"]["no_price"] == ["mi250x"]          # no price: left out, and said so
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(c) and rows[0]["hardware"] == b["hardware"]
 
@@ -141,7 +141,7 @@ def test_overload_criterion():
     (["--rate", "5", "--slo-ttft", "1", "--adapters", "2", "--lora-kernels", "bgmv"],
      "unknown LoRA kernel"),
     (["--rate", "5", "--slo-ttft", "1", "--tp", "3"], "does not divide"),
-    (["--rate", "5", "--slo-ttft", "1", "--hardware", "l40s"], "no price: l40s"),
+    (["--rate", "5", "--slo-ttft", "1", "--hardware", "mi250x"], "no price: mi250x"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, extra, needle):
     assert main(["plan", "serve", "--model", "qwen2.5-0.5b", *extra]) == 2

@@ -448,7 +448,12 @@ def _serve_body(go, plan: dict) -> tuple[str, list[str]]:
     best = plan.get("best")
     body = ["<p class=\"question\">" + " · ".join(
         f"{_e(k)} <b>{_e(v)}</b>" for k, v in q.items() if _scalar(v)) + "</p>"]
-    if best:
+    if best and isinstance(plan.get("answer"), str):
+        args = best.get("simulate_args") or []
+        check = (f"<p>Check it: <code>simcost simulate serve {_e(' '.join(map(str, args)))}"
+                 f"</code></p>" if args else "")
+        body.append(_section("Answer", f"<p>{_e(plan['answer'])}</p>{check}", "answer best"))
+    elif best:
         body.append(_section("Answer", "<p>" + ", ".join(
             f"{_e(k)} <b>{_e(_cell(v))}</b>" for k, v in best.items() if _scalar(v)) + "</p>",
             "answer best"))

@@ -72,6 +72,8 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="write every candidate fleet searched, best first, to FILE")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="write a self-contained HTML report (the report extra: plotly)")
     p.add_argument("--progress", action="store_true",
                    help="a progress bar on stderr even when it is not a terminal")
 
@@ -90,6 +92,9 @@ def run_cli(args) -> int:
         duration=a.duration, seed=a.seed, max_devices=a.max_devices, top=a.top)
     if a.csv:
         _check_writable(a.csv)
+    if a.html:
+        _check_writable(a.html, "--html")
+        _need_plotly()
     if a.progress or sys.stderr.isatty():
         plan = _with_progress(req, plan_serve_from_request)
     else:
@@ -98,6 +103,9 @@ def run_cli(args) -> int:
         print(f"simcost: warning: {w}", file=sys.stderr)
     if a.csv:
         write_csv(a.csv, plan)
+    if a.html:
+        from simcost.plan.html import write_html
+        write_html(html_view(plan.model_dump()), a.html)
     if a.json:
         print(json.dumps(plan.model_dump()))
     else:
@@ -105,13 +113,42 @@ def run_cli(args) -> int:
     return 0
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, option: str = "--csv") -> None:
     from pathlib import Path
 
     from simcost.errors import SimcostError
     p = Path(path)
     if p.is_dir() or not p.parent.is_dir():
-        raise SimcostError(f"--csv {path}: not a writable file path (its folder must exist)")
+        raise SimcostError(f"{option} {path}: not a writable file path (its folder must exist)")
+
+
+def _need_plotly() -> None:
+    from simcost.errors import SimcostError
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        raise SimcostError("--html needs plotly: pip install 'simcost[report]'") from None
+
+
+def html_view(plan: dict) -> dict:
+    """The serving plan as the HTML report reads it: ``kind``, the question, and each fleet's
+    p99 latencies (then p50s) as plain numbers first, so its scatter is cost against TTFT p99."""
+    def flat(e: dict | None) -> dict | None:
+        if e is None:
+            return None
+        lat = {f"{k.removesuffix('_s')}_{q}_s": e[k][q] for k in ("ttft_s", "tpot_s")
+               if isinstance(e.get(k), dict) for q in ("p99", "p50") if q in e[k]}
+        return {"fleet": f"{e['devices']} x {e['hardware']}", **lat,
+                **{k: v for k, v in e.items() if k not in ("ttft_s", "tpot_s")}}
+    question = {k: plan.get(k) for k in ("model", "adapters", "ranks", "rate_req_s", "engine",
+                                         "n_requests")}
+    question["slo"] = ", ".join(f"{k} {v}" for k, v in (plan.get("slo") or {}).items()
+                                if v is not None)
+    best = flat(plan.get("best"))
+    cands = [flat(e) for e in plan.get("candidates") or []]
+    if best is not None:        # the same dict object, so the report marks it as best
+        cands = [best if c == best else c for c in cands]
+    return {**plan, "kind": "serve", "question": question, "best": best, "candidates": cands}
 
 
 def _with_progress(req, plan_fn):
