@@ -165,11 +165,22 @@ def _floors(req: PlanTrainRequest, hardware: list[str]) -> dict:
     return out
 
 
+def unpriced(req: PlanTrainRequest) -> list[str]:
+    """The hardware with no price (neither its profile's nor --price)."""
+    from simcost.hardware import load_profile
+    return [h for h in hardware_space(req)
+            if req.price_of(h) is None and load_profile(h).price_usd_per_hour is None]
+
+
 def groups_of(req: PlanTrainRequest) -> tuple[list, list[dict]]:
-    """The groups to search, and those skipped before any estimate (with why)."""
+    """The groups to search, and those skipped before any estimate (with why). Ranked by
+    cost, hardware without a price is not searched (the plan lists it as excluded)."""
     from simcost.hardware import load_profile
     from simcost.plan.search import Group, weights_floor_bytes
-    hw = hardware_space(req)
+    no_price = set(unpriced(req)) if req.objective == "cost" else set()
+    hw = [h for h in hardware_space(req) if h not in no_price]
+    if not hw:
+        return [], []
     floors = _floors(req, hw)
     shared = tuple(sorted(req.job_fields().items()))
     groups, skipped = [], []
@@ -209,10 +220,9 @@ def plan_train(req: PlanTrainRequest, *, workers: int | None = None,
                 "peft": r.group.method, "why": r.skipped} for r in results if r.skipped]
     excluded = []
     if req.objective == "cost":
-        unpriced = sorted({e["hardware"] for e in entries if e["job_usd"] is None})
-        excluded = [{"hardware": h, "why": "no price (give --price, or a profile with one)"}
-                    for h in unpriced]
-        entries = [e for e in entries if e["job_usd"] is not None]
+        excluded = [{"hardware": h, "why": "no price (give --price, or a profile with one); "
+                                           "--objective time ranks it"}
+                    for h in unpriced(req)]
     ok, late = R.rank(entries, objective=req.objective, deadline_s=req.deadline_s,
                       budget_usd=req.budget_usd)
     miss = None
