@@ -78,13 +78,13 @@ def test_a_branch_taken_otherwise_traces_again():
         x = b * s / 3
         return [x * 2 if x > 100 else np.maximum(x, 7.5) + 1, s - b]
 
-    for args in ((10, 11), (2, 3)):
+    for args in ((100, 11), (2, 3)):
         _, values, prog = trace(f, args, lambda r: r)
         assert values == f(*args) == list(prog(*args))
-        other = (2, 3) if args == (10, 11) else (10, 11)
+        other = (2, 3) if args == (100, 11) else (100, 11)
         assert prog(*other) is None
-    _, _, prog = trace(f, (10, 11), lambda r: r)
-    for b, s in ((7, 300), (9, 12345), (100, 4)):
+    _, _, prog = trace(f, (100, 11), lambda r: r)
+    for b, s in ((70, 300), (9, 12345), (100, 4)):
         got = prog(b, s)
         assert got is not None and list(got) == f(b, s)
         assert [type(v) for v in got] == [type(v) for v in f(b, s)]
