@@ -56,7 +56,10 @@ class CompiledNumbers:
 
     def __call__(self, batch: int, seq: int) -> TrainNumbers:
         for prog in self.programs:
-            vals = prog(batch, seq)
+            try:
+                vals = prog(batch, seq)
+            except ArithmeticError:    # (Python's, where numpy warns): as the plain run does
+                return self.compute(batch, seq)
             if vals is not None:
                 return self._numbers(vals)
         if not self.traceable or len(self.programs) >= MAX_PROGRAMS:
