@@ -11,6 +11,8 @@ Python work at every ``batch`` x ``seq``; :class:`CompiledNumbers` traces it onc
 - A program whose guarded branch goes the other way at a new point (a kernel choice, a
   ``max``) returns ``None``: the point is traced again and the program kept beside the
   first, up to :data:`MAX_PROGRAMS`; beyond that the plain pipeline prices it.
+- A replay that raises an arithmetic error (Python's, where numpy would warn) hands the
+  point to the plain pipeline, which behaves as it always did.
 - ``batch == 1`` is its own structure (a different tensor layout,
   :data:`simcost.models.attention.UNIT_BATCH_LAYOUT`): the caller keys it separately; here a
   unit batch is passed to the pipeline as the plain integer 1, as the plain path does.
