@@ -10,6 +10,8 @@ the pipeline on it; results come from :mod:`simcost.result`.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -81,26 +83,32 @@ def estimate_train(model: str | ModelSpec, hardware: str, *, batch: int, seq: in
 def run_train(req: TrainRequest) -> TrainEstimate:
     """The estimate of a validated request, by the front end that covers it
     (:mod:`simcost.request.frontend`)."""
-    frontend, why = resolve_frontend(req)
-    if frontend == "traced":
+    st = _structure(req)
+    if st.frontend == "traced":
         from simcost.trace.estimate import estimate_traced
-        return with_job(estimate_traced(req, why), req)
-    est = _run_analytic(analytic_request(req))
-    return with_job(est.model_copy(update={"frontend": "analytic"}), req)
+        return with_job(estimate_traced(req, st.why), req)
+    return with_job(_run_analytic(analytic_request(req), st), req, frontend="analytic")
 
 
-def with_job(est: TrainEstimate, req: TrainRequest) -> TrainEstimate:
+@lru_cache(maxsize=256)
+def _power(hardware: str) -> tuple:
+    """(TDP in W or None, the device) of a profile name or path, read once."""
+    profile = load_profile(hardware)
+    return (profile.tdp_w.value if profile.tdp_w else None), profile.device()
+
+
+def with_job(est: TrainEstimate, req: TrainRequest, **update) -> TrainEstimate:
     """The step's estimate with what follows from it: its MFU and energy, the price of
-    ``--price`` instead of the profile's, and the whole job of ``--tokens``/``--samples``."""
+    ``--price`` instead of the profile's, and the whole job of ``--tokens``/``--samples``
+    (``update``: other fields to set in the same copy)."""
     from simcost.result import run_cost
     from simcost.sim import job as J
-    profile = load_profile(req.hardware)
+    tdp_w, device = _power(req.hardware)
     devices = est.parallel["devices"] if est.parallel else 1
     step_s = est.time_s["step"]
     compute = est.mixed_precision if est.mixed_precision != "none" else est.dtype
-    upd = {"mfu": J.mfu(est.flops, step_s, devices, profile.device().matmul_peak(compute)),
-           "energy": J.step_energy(profile.tdp_w.value if profile.tdp_w else None, devices,
-                                   est.time_s)}
+    upd = {**update, "mfu": J.mfu(est.flops, step_s, devices, device.matmul_peak(compute)),
+           "energy": J.step_energy(tdp_w, devices, est.time_s)}
     price = est.cost_usd["price_per_device_hour"] if est.cost_usd else None
     if req.price is not None:
         price = req.price
@@ -114,21 +122,94 @@ def with_job(est: TrainEstimate, req: TrainRequest) -> TrainEstimate:
     return est.model_copy(update=upd)
 
 
-def _run_analytic(req: TrainRequest) -> TrainEstimate:
-    spec = _model(req.model, req.max_positions)
+# -- what a request prices, apart from its batch and sequence length -----------------------
+#
+# A warm estimate_train call re-uses everything that does not depend on (batch, seq): the
+# front end's choice, the model spec, the PEFT spec, the device, the stack and the compiled
+# step numbers (simcost.sim.compiled). They are kept per *structure*: every request field but
+# batch and seq, plus whether batch == 1 (a different tensor layout) and whether seq is given.
+# Files (model configs, hardware and stack profiles, adapter configs) are read once per
+# structure, as load_profile already reads a profile once per process: clear_caches() after
+# editing one in a running process. Least recently used structures beyond
+# STRUCTURE_CACHE_SIZE are dropped; CACHE_STRUCTURES = False prices every call from scratch.
+
+CACHE_STRUCTURES = True
+STRUCTURE_CACHE_SIZE = 128
+_STRUCTURES: OrderedDict = OrderedDict()
+_KEY_FIELDS = tuple(f for f in TrainRequest.model_fields if f not in ("batch", "seq"))
+
+
+class _Structure:
+    """One structure's shared pieces (see above); ``numbers(batch, seq)`` prices a step."""
+
+    def __init__(self, req: TrainRequest):
+        self.frontend, self.why = resolve_frontend(req)
+        if self.frontend == "traced":
+            return
+        areq = analytic_request(req)
+        self.req = areq
+        self.spec = _model(areq.model, areq.max_positions)
+        if areq.distributed:
+            return
+        self.pspec = request_peft(areq)
+        compute = self._compute
+        if CACHE_STRUCTURES:
+            from simcost.sim.compiled import CompiledNumbers
+            compute = CompiledNumbers(compute, unit_batch=req.batch == 1)
+        self.numbers = compute
+
+    @cached_property
+    def device(self):
+        return load_profile(self.req.hardware).device()
+
+    @cached_property
+    def stack(self):
+        return load_stack(self.req.stack)
+
+    def _compute(self, batch, seq):
+        req = self.req
+        g, a = _build(self.spec, req, self.pspec, self.device, batch, seq)
+        return train_numbers(g, a, self.device, batch=batch, seq=seq, optimizer=req.optimizer,
+                             mixed=req.mixed_precision, checkpointing=req.grad_checkpointing,
+                             loss_chunks=req.loss_chunks,
+                             optimizer_in_backward=req.optimizer_in_backward, stack=self.stack,
+                             host_allocator=req.host_allocator)
+
+
+def _structure(req: TrainRequest) -> _Structure:
+    if not CACHE_STRUCTURES:
+        return _Structure(req)
+    key = (req.batch == 1, req.seq is None, *(getattr(req, f) for f in _KEY_FIELDS))
+    try:
+        st = _STRUCTURES.get(key)
+    except TypeError:          # an unhashable field (a deepspeed dict): no sharing
+        return _Structure(req)
+    if st is None:
+        st = _STRUCTURES[key] = _Structure(req)
+        if len(_STRUCTURES) > STRUCTURE_CACHE_SIZE:
+            _STRUCTURES.popitem(last=False)
+    else:
+        _STRUCTURES.move_to_end(key)
+    return st
+
+
+def clear_caches() -> None:
+    """Forget every structure (after editing a model config or profile file in-process)."""
+    _STRUCTURES.clear()
+    _power.cache_clear()
+
+
+def _run_analytic(req: TrainRequest, st: _Structure | None = None) -> TrainEstimate:
+    st = st or _Structure(req)
+    spec = st.spec
     if req.distributed:
         return _run_parallel(req, spec)
-    pspec = request_peft(req)
+    pspec = st.pspec
     from simcost.peft import tokens_added
     warns = [*req.notes, *check_seq(spec, req.seq, tokens_added(pspec))]
-    device = load_profile(req.hardware).device()
-    g, a = _build(spec, req, pspec, device, req.batch, req.seq)
-    stack = load_stack(req.stack)
-    n = train_numbers(g, a, device, batch=req.batch, seq=req.seq, optimizer=req.optimizer,
-                      mixed=req.mixed_precision, checkpointing=req.grad_checkpointing,
-                      loss_chunks=req.loss_chunks,
-                      optimizer_in_backward=req.optimizer_in_backward, stack=stack,
-                      host_allocator=req.host_allocator)
+    device = st.device
+    stack = st.stack
+    n = st.numbers(req.batch, req.seq)
     return make_estimate(spec, device, pspec, n, batch=req.batch, seq=req.seq, dtype=req.dtype,
                          mixed_precision=req.mixed_precision, attn=req.attn,
                          optimizer=req.optimizer, checkpointing=req.grad_checkpointing,

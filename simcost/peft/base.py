@@ -13,8 +13,8 @@ from simcost.graph import kinds as K
 from simcost.graph.ir import ModelGraph, Segment
 from simcost.models.config import ModelSpec
 from simcost.peft.modules_to_save import apply_modules_to_save
-from simcost.peft.targeting import (TargetRule, all_module_names, assign, matches,  # noqa: F401
-                                    module_name, printable)
+from simcost.peft.targeting import (TargetRule, all_module_names, assign, checker,  # noqa: F401
+                                    matches, module_name, printable)
 
 Transform = Callable[[ModelGraph, ModelSpec, object], None]
 METHODS: dict[str, Transform] = {}
@@ -76,10 +76,11 @@ def select(g: ModelGraph, rule: TargetRule, sites, what: str, value=None) -> lis
     site_ops = [op for _, op in sites]
     site_ids = {id(op) for op in site_ops}
     names = all_module_names(g)
-    _check_targets(rule, names, site_ids, what)
+    check = checker(rule)
+    _check_targets(rule, names, site_ids, what, check)
 
     def decide(op, name):
-        if rule.check(name, True) is not True:
+        if check(name, True) is not True:
             return None
         return True if value is None else value(name)
 
@@ -93,7 +94,8 @@ def select(g: ModelGraph, rule: TargetRule, sites, what: str, value=None) -> lis
     return out
 
 
-def _check_targets(rule: TargetRule, names: dict, site_ids: set[int], what: str) -> None:
+def _check_targets(rule: TargetRule, names: dict, site_ids: set[int], what: str,
+                   check=None) -> None:
     """Refuse a list entry naming no module, and any match on a module that is no site."""
     t = rule.targets
     if not isinstance(t, str):
@@ -106,7 +108,7 @@ def _check_targets(rule: TargetRule, names: dict, site_ids: set[int], what: str)
     for name, so in names.items():
         if so is not None and id(so[1]) in site_ids:
             continue
-        if rule.check(name, False) is True:
+        if (check or rule.check)(name, False) is True:
             raise SimcostError(f"{what} target_modules '{printable(_joined(t))}' "
                                f"match {name} ({_describe(so)}), which simcost cannot adapt "
                                f"with {what}")

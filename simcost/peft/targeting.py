@@ -113,6 +113,30 @@ class TargetRule:
         return idx is not None and idx in self.layers
 
 
+_CHECKS: dict[TargetRule, dict] = {}
+
+
+def checker(rule: TargetRule):
+    """``rule.check``, remembered per (rule, name, is_site): a rule gives a name the same
+    answer in every graph (a parallel plan search builds one model many times)."""
+    try:
+        memo = _CHECKS.get(rule)
+    except TypeError:              # a rule built in Python with list fields
+        return rule.check
+    if memo is None:
+        if len(_CHECKS) >= 64:
+            _CHECKS.clear()
+        memo = _CHECKS[rule] = {}
+
+    def check(name: str, is_site: bool):
+        key = (name, is_site)
+        hit = memo.get(key, memo)
+        if hit is memo:
+            hit = memo[key] = rule.check(name, is_site)
+        return hit
+    return check
+
+
 def pattern_value(patterns, name: str, default):
     """peft's ``get_pattern_key``: the value of the first key matching the end of ``name``."""
     for key, value in patterns:
@@ -124,17 +148,38 @@ def pattern_value(patterns, name: str, default):
 def all_module_names(g: ModelGraph) -> dict[str, tuple[Segment, Op] | None]:
     """Every module name of the model that holds parameters (with its op), and every module
     above one (a container: None)."""
-    names: dict[str, tuple[Segment, Op] | None] = {}
-    for seg, op in g.iter_ops():
-        if not op.params or op.attrs.get("adapter") or not op.module:
-            continue
-        for lay in (seg.layers if seg.first_layer is not None else (None,)):
-            name = module_name(op, lay)
-            names[name] = (seg, op)
-            parts = name.split(".")
-            for k in range(1, len(parts)):
-                names.setdefault(".".join(parts[:k]), None)
-    return names
+    sig = tuple((seg.first_layer, seg.count, tuple(
+        op.module if op.params and not op.attrs.get("adapter") and op.module else None
+        for op in seg.ops)) for seg in g.segments)
+    listing = _NAMES.get(sig)
+    if listing is None:
+        listing = _module_names(g)
+        if len(_NAMES) >= 64:
+            _NAMES.clear()
+        _NAMES[sig] = listing
+    segs = g.segments
+    return {name: None if at is None else (segs[at[0]], segs[at[0]].ops[at[1]])
+            for name, at in listing}
+
+
+# the names depend on the modules' names and the layer groups only: one listing per shape of
+# graph (a parallel plan search builds the same model for many micro-batch sizes)
+_NAMES: dict[tuple, list] = {}
+
+
+def _module_names(g: ModelGraph) -> list[tuple[str, tuple[int, int] | None]]:
+    names: dict[str, tuple[int, int] | None] = {}
+    for si, seg in enumerate(g.segments):
+        for oi, op in enumerate(seg.ops):
+            if not op.params or op.attrs.get("adapter") or not op.module:
+                continue
+            for lay in (seg.layers if seg.first_layer is not None else (None,)):
+                name = module_name(op, lay)
+                names[name] = (si, oi)
+                parts = name.split(".")
+                for k in range(1, len(parts)):
+                    names.setdefault(".".join(parts[:k]), None)
+    return list(names.items())
 
 
 def assign(g: ModelGraph, decide, ops=None) -> list[tuple[Segment, Op, object]]:

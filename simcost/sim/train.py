@@ -107,7 +107,7 @@ def step_numbers(g, device, tm: TimeModel, stack, *, flops: dict, mem, t_fwd, t_
     if faults is not None:
         times["page_faults"] = faults["forward"] + faults["backward"] + faults["optimizer"]
     return TrainNumbers(total, added, trainable, flops, memory, times, tokens / step,
-                        np.asarray(memory["peak"]) <= device.memory_bytes,
+                        np.less_equal(memory["peak"], device.memory_bytes),
                         [policy.note] if policy.note else [])
 
 
@@ -157,4 +157,4 @@ def mezo_numbers(g, analysis, device, *, batch, seq, stack=None) -> TrainNumbers
     times = {"step": step, "forward": 2 * t_fwd, "backward": 0.0, "optimizer": t_opt,
              "host_overhead": tm.step_overhead_s}
     return TrainNumbers(total, added, trainable, flops, memory, times, batch * seq / step,
-                        np.asarray(memory["peak"]) <= device.memory_bytes)
+                        np.less_equal(memory["peak"], device.memory_bytes))
