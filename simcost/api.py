@@ -142,7 +142,7 @@ _KEY_FIELDS = tuple(f for f in TrainRequest.model_fields if f not in ("batch", "
 class _Structure:
     """One structure's shared pieces (see above); ``numbers(batch, seq)`` prices a step."""
 
-    def __init__(self, req: TrainRequest):
+    def __init__(self, req: TrainRequest, compiled: bool = True):
         self.frontend, self.why = resolve_frontend(req)
         if self.frontend == "traced":
             return
@@ -153,7 +153,7 @@ class _Structure:
             return
         self.pspec = request_peft(areq)
         compute = self._compute
-        if CACHE_STRUCTURES:
+        if CACHE_STRUCTURES and compiled:
             from simcost.sim.compiled import CompiledNumbers
             compute = CompiledNumbers(compute, unit_batch=req.batch == 1)
         self.numbers = compute
@@ -177,8 +177,10 @@ class _Structure:
 
 
 def _structure(req: TrainRequest) -> _Structure:
-    if not CACHE_STRUCTURES:
-        return _Structure(req)
+    from simcost.sim.breakdown import recorder
+    if not CACHE_STRUCTURES or recorder() is not None:
+        # a step recorded op by op (--trace-out) runs the pipeline itself, not a replay
+        return _Structure(req, compiled=False)
     key = (req.batch == 1, req.seq is None, *(getattr(req, f) for f in _KEY_FIELDS))
     try:
         st = _STRUCTURES.get(key)
