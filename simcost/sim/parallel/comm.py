@@ -9,7 +9,8 @@ from simcost.dtypes import BYTES
 from simcost.sim import collectives as C
 from simcost.sim.parallel.context import Context
 from simcost.sim.parallel.plans import Plan
-from simcost.sim.parallel.stage import StageWork, stage_bytes, stage_trainable, trainable_elem
+from simcost.sim.parallel.stage import (StageWork, stage_bytes, stage_trainable, trainable_elem,
+                                        trainable_params)
 from simcost.sim.parallel.tensor import tp_overlap_exposed
 from simcost.sim.timing import optimizer_time
 
@@ -226,7 +227,7 @@ def optimizer_and_offload(ctx: Context, plan: Plan, g, shard: StageShard) -> tup
     n_opt = optimizer_numel(plan, shard)
     tr_elem = shard.trainable_elem
     if plan.offload == "none":
-        n_tensors = max(1, int(sum(c for p, c in g.params() if p.trainable) / plan.pp))
+        n_tensors = max(1, int(sum(c for _, c in trainable_params(g)) / plan.pp))
         return optimizer_time(ctx.tm, ctx.optimizer, n_opt, n_tensors, ctx.mixed,
                               foreach=ctx.foreach, elem_bytes=tr_elem,
                               fused=ctx.optimizer_impl == "fused"), AxisComm()

@@ -12,7 +12,7 @@ from simcost.sim.parallel.context import Context
 from simcost.stack.allocator import device_peak
 from simcost.sim.parallel.plans import Plan
 from simcost.sim.parallel.stage import (ActSplit, ParamSplit, stage_bytes, stage_trainable,
-                                        trainable_elem)
+                                        trainable_elem, trainable_params)
 
 # Korthikanti et al. 2022 Table 2: per-layer activations sbh(34 + 5as/h); with TP
 # sbh(10 + 24/t + 5as/(ht)), with TP + SP sbh(34/t + 5as/(ht)). Flash attention drops the
@@ -176,7 +176,7 @@ def stage_activations(plan: Plan, act: ActSplit, layers_stage: int, L: int) -> f
 def largest_outside_grad(ctx: Context, plan: Plan, mem) -> float:
     """Gradient bytes of the largest trainable parameter outside the transformer blocks."""
     g, _ = ctx.graph(plan.micro_batch, plan.cp)
-    numel = {id(p): (p, c) for p, c in g.params() if p.trainable}
+    numel = {id(p): (p, c) for p, c in trainable_params(g)}
     total = sum(p.numel * c for p, c in numel.values())
     outside = [p.numel for seg in g.segments if seg.first_layer is None for op in seg.ops
                for p in op.params if p.trainable]

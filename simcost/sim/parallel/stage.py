@@ -160,8 +160,17 @@ def act_split(g, a, checkpointing, fp8_attention: bool = False) -> ActSplit:
     return ActSplit(float(block), float(other), worst)
 
 
+def trainable_params(g) -> tuple:
+    """(param, multiplicity) of the graph's trainable parameters, listed once per graph (a
+    plan search reads them for every plan; graphs are not changed once analysed)."""
+    hit = g.meta.get("_trainable_params")
+    if hit is None:
+        hit = g.meta["_trainable_params"] = tuple((p, c) for p, c in g.params() if p.trainable)
+    return hit
+
+
 def trainable_elem(g) -> float:
-    return max((BYTES[p.dtype] for p, _ in g.params() if p.trainable), default=4)
+    return max((BYTES[p.dtype] for p, _ in trainable_params(g)), default=4)
 
 
 def stage_bytes(ps: ParamSplit, tp, pp, layers_stage, L, ep=1):
