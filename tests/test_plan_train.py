@@ -83,6 +83,9 @@ def test_plan_nothing_fits_names_the_nearest_miss(capsys):
     assert p["best"] is None and p["candidates"] == []
     # one A100's 80 GiB cannot hold 70B bf16 weights: skipped before any estimate
     assert p["skipped"] and "weights alone" in p["skipped"][0]["why"]
+    miss = p["nearest_miss"]
+    assert "needs 12" in miss["why"] and "80 GiB" in miss["why"]
+    assert any("--max-devices 2" in a for a in miss["advice"])
 
 
 def test_plan_nearest_miss_with_advice():

@@ -22,13 +22,17 @@ def _key(objective: str):
 def rank(entries: list[dict], *, objective: str, deadline_s: float | None,
          budget_usd: float | None) -> tuple[list[dict], list[dict]]:
     """(the candidates meeting the deadline and budget, best first; those that do not). A
-    candidate meeting the deadline whose p90 job time does not is flagged ``deadline_risk``.
+    candidate that meets the deadline only in part of its p10-p90 interval is flagged
+    ``deadline_risk``: met by the estimate but not by its p90 (in the first list), or missed by
+    the estimate but met by its p10 (in the second).
     Ranked by cost, candidates without a price cannot meet a budget and rank last."""
     ok, late = [], []
     for e in entries:
         iv = e["job_s_interval"]
-        e["deadline_risk"] = bool(deadline_s is not None and iv and iv["p90"] > deadline_s
-                                  and e["job_s"] <= deadline_s)
+        # the deadline is met in only part of the interval: at the estimate but not at p90,
+        # or (a late candidate) at p10 only
+        e["deadline_risk"] = bool(deadline_s is not None and iv and (
+            iv["p90"] > deadline_s >= e["job_s"] or e["job_s"] > deadline_s >= iv["p10"]))
         over_time = deadline_s is not None and e["job_s"] > deadline_s
         over_budget = budget_usd is not None and (e["job_usd"] is None
                                                   or e["job_usd"] > budget_usd)

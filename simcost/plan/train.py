@@ -197,6 +197,8 @@ def groups_of(req: PlanTrainRequest) -> tuple[list, list[dict]]:
                 floor = weights_floor_bytes(floors[m], runtime, n)
                 if floor > cap:
                     skipped.append({"hardware": h, "devices": n, "peft": m,
+                                    "checkpointing": "any", "plan": "any plan",
+                                    "peak_bytes": floor, "capacity_bytes": cap,
                                     "why": f"weights alone need {floor / 2 ** 30:.1f} GiB per "
                                            f"device of {cap / 2 ** 30:.0f} GiB"})
                     continue
@@ -227,8 +229,11 @@ def plan_train(req: PlanTrainRequest, *, workers: int | None = None,
                       budget_usd=req.budget_usd)
     miss = None
     if not entries:
-        miss = R.nearest_miss(misses, methods=req.peft, checkpointing=req.checkpointing,
-                              max_devices=req.max_devices)
+        # what came closest: a plan's least peak, or the weights' share alone where no plan
+        # was priced because even that is too large
+        floors = [x for x in skipped if "peak_bytes" in x]
+        miss = R.nearest_miss(misses or floors, methods=req.peft,
+                              checkpointing=req.checkpointing, max_devices=req.max_devices)
     elif not ok:
         closest = late[0]
         why = []
