@@ -55,8 +55,9 @@ def print_plan(plan: dict, top: int = 5) -> None:
         c.print("time/cost frontier: " + "; ".join(
             f"{e['devices']} x {e['hardware']} {e['peft']} {hours(e['job_s'])} "
             f"{_usd(e['job_usd'])}" for e in plan["frontier"]))
-    for x in plan["excluded"]:
-        c.print(f"left out: {x['hardware']}: {escape(x['why'])}", style="dim")
+    if plan["excluded"]:
+        c.print(f"left out, no price (give --price NAME=USD, or rank with --objective time): "
+                f"{', '.join(x['hardware'] for x in plan['excluded'])}", style="dim")
     if plan["skipped"]:
         c.print(f"{len(plan['skipped'])} hardware x device-count cells skipped before "
                 f"pricing (weights alone too large, no interconnect, refused): see --json "
