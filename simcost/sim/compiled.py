@@ -5,7 +5,8 @@ Python work at every ``batch`` x ``seq``; :class:`CompiledNumbers` traces it onc
 (:mod:`simcost.sim.symbolic`) and afterwards evaluates only the arithmetic on ``batch`` and
 ``seq`` that the pipeline would do, giving bit-identical :class:`TrainNumbers`.
 
-- The first call traces at its point and checks the trace against a plain run there (type
+- The first call runs the plain pipeline (a one-off estimate pays for no trace); the next
+  call at a point no program covers traces there and checks the trace against a plain run (type
   and value of every number); a structure whose code the trace cannot follow (or that fails
   the check) is priced by the plain pipeline from then on.
 - A program whose guarded branch goes the other way at a new point (a kernel choice, a
@@ -55,6 +56,7 @@ class CompiledNumbers:
         self.template: TrainNumbers | None = None
         self.traceable = True
         self.why: str | None = None    # why not, when not
+        self.seen = False              # a plain call made: the next uncovered call traces
 
     def __call__(self, batch: int, seq: int) -> TrainNumbers:
         for prog in self.programs:
@@ -65,6 +67,11 @@ class CompiledNumbers:
             if vals is not None:
                 return self._numbers(vals)
         if not self.traceable or len(self.programs) >= MAX_PROGRAMS:
+            return self.compute(batch, seq)
+        if not self.seen:
+            # the first call of a structure runs the plain pipeline: a one-off estimate (the
+            # CLI's) does not pay for a trace it would never replay
+            self.seen = True
             return self.compute(batch, seq)
         return self._trace(batch, seq)
 
