@@ -188,7 +188,12 @@ def _add_job(t) -> None:
 
 
 def _add_distributed(t) -> None:
-    d = t.add_argument_group("distributed (--batch is then the global batch per step)")
+    d = t.add_argument_group(
+        "distributed (--batch is then the global batch per step)",
+        "A plan prints as dpD tpT[+sp] ppP cpC zeroZ mbMxA: D data-parallel replicas, tensor "
+        "parallelism T (+sp: with sequence parallelism), P pipeline stages, context "
+        "parallelism C, ZeRO stage Z, micro-batches of M samples with A of them accumulated "
+        "per optimizer step (M x A x D = --batch). 'simcost plan train' searches whole jobs.")
     d.add_argument("--devices", type=_positive_int, default=1, help="total devices (default 1)")
     d.add_argument("--nodes", type=_positive_int, default=None,
                    help="nodes (default: devices / 8, at least 1)")

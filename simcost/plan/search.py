@@ -1,15 +1,16 @@
 """The training plan search: one *group* per hardware x device count x method x
 checkpointing, each searched over its parallel plans and micro-batch x gradient accumulation
-by the estimate's own plan search (``--parallel auto``), then priced again with the chosen
-plan spelled out, so that every candidate is exactly what ``simcost estimate train`` gives for
-its ``estimate_args``.
+by the estimate's own plan search (``--parallel auto``). The search prices its best plan with
+the context an explicit plan gets, so a candidate's numbers are exactly what ``simcost
+estimate train`` gives for its ``estimate_args``, the chosen plan spelled out (a test checks
+it).
 
 Groups are independent and pure (a :class:`Group` in, a :class:`GroupResult` out), so they run
 in this process or as Ray tasks (:mod:`simcost.plan.distributed`) with the same results.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from simcost.errors import SimcostError
 
@@ -123,9 +124,3 @@ def entry_of(group: Group, req, r) -> dict:
         "warnings": list(r.warnings),
     }
 
-
-@dataclass
-class SearchStats:
-    groups: int = 0
-    plans: int = 0
-    skipped: list = field(default_factory=list)

@@ -115,6 +115,10 @@ class PlanTrainRequest(Request):
         if self.tokens is not None and self.seq is None:
             raise ValueError("--tokens needs --seq (the tokens are split into sequences of "
                              "--seq)")
+        lora = {"lora", "dora", "qlora"}
+        if (self.rank is not None or self.targets is not None) and not lora & set(self.peft):
+            raise ValueError(f"--rank and --targets shape LoRA, DoRA and QLoRA; --peft "
+                             f"{','.join(self.peft)} has none of them")
         if self.price is not None and not isinstance(self.price, dict) \
                 and len(self.hardware) != 1:
             raise ValueError("--price N sets the price of one device type: give one "
@@ -157,11 +161,15 @@ def _floors(req: PlanTrainRequest, hardware: list[str]) -> dict:
     from simcost.request.train import TrainRequest
     out = {}
     for m in req.peft:
-        g = Group(hardware[0], 1, m, "full", tuple(sorted(req.job_fields().items())))
-        f = g.fields()
-        f.update(batch=1, tokens=None, samples=None, epochs=1.0)
-        r = run_train(TrainRequest.build(**f))
-        out[m] = r.memory_bytes["weights"]
+        out[m] = 0.0                    # no estimate anywhere: nothing is skipped
+        for h in hardware:
+            f = Group(h, 1, m, "full", tuple(sorted(req.job_fields().items()))).fields()
+            f.update(batch=1, tokens=None, samples=None, epochs=1.0)
+            try:
+                out[m] = run_train(TrainRequest.build(**f)).memory_bytes["weights"]
+                break
+            except SimcostError:        # refused on this device (its kind, its dtypes)
+                continue
     return out
 
 
