@@ -361,7 +361,7 @@ def test_offload_copies_hide_behind_the_block():
         phase_times(TimeModel.from_device(prof.device(), load_stack("unsloth")), "bf16", a,
                     per_op=per_op)
         seg = len(g.segments) - 2           # the last block group
-        block_fwd = sum(tf for r, tf, _ in per_op if r.segment == seg)
+        block_fwd = sum(tf for r, tf, *_ in per_op if r.segment == seg)
         copy = g.tensors[g.segments[seg].input_tid].nbytes / host_bw
         assert copy < block_fwd, (model, copy, block_fwd)
 
