@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from simcost.argtypes import integer, number
 from simcost.errors import SimcostError
 
 from simcost.request.choices import (ATTENTIONS, CHECKPOINTING, DTYPES, FRONTENDS,
@@ -45,14 +46,6 @@ class _Parser(argparse.ArgumentParser):
         raise SimcostError(f"{where}: {message}" if where else message)
 
 
-def _positive_int(s: str) -> int:
-    """An integer; its range is the request's to check (one place for every entrance)."""
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{s}'") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="simcost", description="PEFT training and serving cost model.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,16 +71,16 @@ def _add_train(est_sub) -> None:
                         "transformers or diffusers builds) or its directory, or "
                         "path/to/file.py:factory (your own torch module; see README)")
     t.add_argument("--hardware", required=True, help="profile name or profile JSON path")
-    t.add_argument("--batch", type=_positive_int, default=None,
+    t.add_argument("--batch", type=integer, default=None,
                    help="samples per optimizer step (the global batch with --devices); "
                         "required unless --find max-batch")
-    t.add_argument("--seq", type=_positive_int, default=None,
+    t.add_argument("--seq", type=integer, default=None,
                    help="tokens per sequence, required by text models (virtual tokens of "
                         "prompt tuning come on top; a diffusion UNet's text tokens)")
-    t.add_argument("--target-seq", type=_positive_int, default=None,
+    t.add_argument("--target-seq", type=integer, default=None,
                    help="encoder-decoder models (T5, BART, Whisper): target tokens "
                         "(default: --seq)")
-    t.add_argument("--image-size", type=_positive_int, default=None,
+    t.add_argument("--image-size", type=integer, default=None,
                    help="vision and diffusion models: pixels per image side (default: the "
                         "config's)")
     t.add_argument("--frontend", default="auto", choices=FRONTENDS,
@@ -105,7 +98,7 @@ def _add_train(est_sub) -> None:
                    help=f"PEFT method ({', '.join(PEFT_CHOICES)}); default full")
     t.add_argument("--peft-config", default=None, metavar="PATH",
                    help="peft adapter_config.json (or its directory)")
-    t.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank r (default 8)")
+    t.add_argument("--rank", type=integer, default=None, help="LoRA rank r (default 8)")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     t.add_argument("--targets", default=None,
                    help="comma-separated target modules, or all-linear (default: peft's)")
@@ -113,13 +106,13 @@ def _add_train(est_sub) -> None:
                    help="LoRA dropout probability in [0, 1) (default 0)")
     t.add_argument("--rslora", action="store_true", default=None,
                    help="rank-stabilised LoRA scaling alpha/sqrt(r) (no cost change)")
-    t.add_argument("--num-virtual-tokens", type=_positive_int, default=None,
+    t.add_argument("--num-virtual-tokens", type=integer, default=None,
                    help="prefix / prompt tuning: virtual tokens (default 20)")
-    t.add_argument("--trainable-layers", type=_positive_int, default=None,
+    t.add_argument("--trainable-layers", type=integer, default=None,
                    help="freeze: train only the last K blocks (and the head)")
-    t.add_argument("--adapter-dim", type=_positive_int, default=None,
+    t.add_argument("--adapter-dim", type=integer, default=None,
                    help="serial adapter bottleneck (default 64)")
-    t.add_argument("--lst-reduction", type=_positive_int, default=None,
+    t.add_argument("--lst-reduction", type=integer, default=None,
                    help="lst: side network width = hidden / this (default 8)")
     t.add_argument("--dtype", default="bf16", choices=DTYPES,
                    help="fp8: TransformerEngine-style fp8 GEMMs on bf16 weights")
@@ -137,17 +130,17 @@ def _add_train(est_sub) -> None:
                    help="selective: recompute only the attention core (Korthikanti et al.)")
     t.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="mezo: zeroth-order MeZO, two forward passes and no backward")
-    t.add_argument("--loss-chunks", type=_positive_int, default=1, metavar="N",
+    t.add_argument("--loss-chunks", type=integer, default=1, metavar="N",
                    help="chunked cross-entropy (torchtune CEWithChunkedOutputLoss): logits "
                         "upcast and cross-entropy'd N sequence chunks at a time (default 1)")
     t.add_argument("--optimizer-in-backward", action="store_true",
                    help="optimizer stepped per parameter in backward (torchtune "
                         "optimizer_in_bwd): gradients freed as they are applied; no "
                         "gradient accumulation, and nothing freed under DDP (ZeRO-0/1)")
-    t.add_argument("--jobs", type=_positive_int, default=None,
+    t.add_argument("--jobs", type=integer, default=None,
                    help="N PEFT jobs sharing one frozen base (mLoRA BatchLoRA); --batch is "
                         "per job; compares against N separate runs")
-    t.add_argument("--max-positions", type=_positive_int, default=None,
+    t.add_argument("--max-positions", type=integer, default=None,
                    help="the model's context length, when extended beyond its config "
                         "(RoPE models run longer sequences anyway, with a warning; a learned "
                         "position table such as GPT-2's cannot)")
@@ -165,22 +158,15 @@ def _add_train(est_sub) -> None:
                         "tracks on several devices; the critical spans add up to the step")
 
 
-def _positive_number(s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{s}'") from None
-
-
 def _add_job(t) -> None:
     j = t.add_argument_group("the whole job (time, cost and energy next to the step)")
-    j.add_argument("--tokens", type=_positive_int, default=None,
+    j.add_argument("--tokens", type=integer, default=None,
                    help="training tokens per epoch, split into sequences of --seq")
-    j.add_argument("--samples", type=_positive_int, default=None,
+    j.add_argument("--samples", type=integer, default=None,
                    help="training samples (sequences, images) per epoch")
-    j.add_argument("--epochs", type=_positive_number, default=1.0,
+    j.add_argument("--epochs", type=number, default=1.0,
                    help="passes over --tokens or --samples")
-    j.add_argument("--price", type=_positive_number, default=None, metavar="USD_PER_DEVICE_HOUR",
+    j.add_argument("--price", type=number, default=None, metavar="USD_PER_DEVICE_HOUR",
                    help="price per device-hour instead of the profile's")
     j.add_argument("--find", default=None, choices=("max-batch", "max-seq"),
                    help="the largest --batch (or --seq) that fits, by bisection on the same "
@@ -194,20 +180,20 @@ def _add_distributed(t) -> None:
         "parallelism T (+sp: with sequence parallelism), P pipeline stages, context "
         "parallelism C, ZeRO stage Z, micro-batches of M samples with A of them accumulated "
         "per optimizer step (M x A x D = --batch). 'simcost plan train' searches whole jobs.")
-    d.add_argument("--devices", type=_positive_int, default=1, help="total devices (default 1)")
-    d.add_argument("--nodes", type=_positive_int, default=None,
+    d.add_argument("--devices", type=integer, default=1, help="total devices (default 1)")
+    d.add_argument("--nodes", type=integer, default=None,
                    help="nodes (default: devices / 8, at least 1)")
-    d.add_argument("--tp", type=_positive_int, default=None, help="tensor-parallel size")
-    d.add_argument("--pp", type=_positive_int, default=None, help="pipeline-parallel stages")
-    d.add_argument("--dp", type=_positive_int, default=None, help="data-parallel replicas")
-    d.add_argument("--cp", type=_positive_int, default=None, help="context-parallel size")
-    d.add_argument("--ep", type=_positive_int, default=None,
+    d.add_argument("--tp", type=integer, default=None, help="tensor-parallel size")
+    d.add_argument("--pp", type=integer, default=None, help="pipeline-parallel stages")
+    d.add_argument("--dp", type=integer, default=None, help="data-parallel replicas")
+    d.add_argument("--cp", type=integer, default=None, help="context-parallel size")
+    d.add_argument("--ep", type=integer, default=None,
                    help="expert-parallel size (MoE models): experts sharded over ep dp ranks")
     d.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                    help="ZeRO stage (3 = FSDP full sharding)")
     d.add_argument("--parallel", default=None, choices=("auto",),
                    help="auto: search the valid plans, keep those that fit, pick the fastest")
-    d.add_argument("--micro-batch", type=_positive_int, default=None,
+    d.add_argument("--micro-batch", type=integer, default=None,
                    help="samples per micro-batch (default: all of a replica's, or 1 with pp)")
     d.add_argument("--no-sequence-parallel", action="store_true",
                    help="tensor parallelism without sequence parallelism")
@@ -215,7 +201,7 @@ def _add_distributed(t) -> None:
                    help="overlap TP communication with the linears' GEMMs (userbuffers)")
     d.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "interleaved"),
                    help="pipeline schedule (interleaved: --virtual-stages chunks per device)")
-    d.add_argument("--virtual-stages", type=_positive_int, default=1,
+    d.add_argument("--virtual-stages", type=integer, default=1,
                    help="interleaved schedule: model chunks per device")
     d.add_argument("--offload", default="none", choices=("none", "optimizer", "params"),
                    help="ZeRO-Offload of optimizer states (and parameters) to the host")
@@ -273,11 +259,11 @@ def _add_validate(sub) -> None:
     stp = val_sub.add_parser("steps", help="measured torch training steps vs the estimate")
     stp.add_argument("--hardware", default=None,
                      help="calibrated profile (default: run `simcost calibrate` first)")
-    stp.add_argument("--threads", type=_positive_int, default=None,
+    stp.add_argument("--threads", type=integer, default=None,
                      help="torch threads (default: torch's)")
-    stp.add_argument("--repeats", type=_positive_int, default=5,
+    stp.add_argument("--repeats", type=integer, default=5,
                      help="timed steps per case (the median is reported)")
-    stp.add_argument("--limit", type=_positive_int, default=None, help="run only the first N cases")
+    stp.add_argument("--limit", type=integer, default=None, help="run only the first N cases")
     stp.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     stp.add_argument("--allocator", default="tcmalloc", choices=("tcmalloc", "system"),
                      help="measure with tcmalloc preloaded when it is installed (default; "

@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simcost.errors import SimcostError, unknown
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 MAX_BYTES = 16 * 2 ** 20     # a config or profile is kilobytes; refuse what is not one
 

@@ -262,7 +262,7 @@ def _layer_span(key, start: float, end: float, pid: int) -> dict:
 def _plan_events(d) -> list:
     """One process per pipeline stage (see the module docstring)."""
     plan = d.plan
-    pp, m = plan.pp, plan.micro_batches
+    pp = plan.pp
     axes = [k for k, c in d.comm.items() if c.total_s > 0]
     comm_tid = {k: COMM + i for i, k in enumerate(d.comm)}
     slot = {"F": d.slot_fwd_s, "B": d.slot_bwd_s}

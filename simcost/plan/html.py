@@ -216,10 +216,21 @@ def _train_body(go, plan: dict) -> tuple[str, list[str]]:
     return f"simcost plan train: {q.get('model', '?')}", body
 
 
+def _job(q: dict) -> str:
+    """'2e+08 tokens in sequences of 4096' or '10000 samples of 2048 tokens', x epochs."""
+    if q.get("tokens") is not None:
+        text = f"{_num(q['tokens'])} tokens in sequences of {_e(q.get('seq'))}"
+    else:
+        text = f"{_num(q.get('samples'))} samples" + (
+            f" of {_e(q['seq'])} tokens" if q.get("seq") else "")
+    epochs = q.get("epochs")
+    return text + (f" × {_num(epochs)} epochs" if epochs not in (None, 1, 1.0) else "")
+
+
 def _question(q: dict) -> str:
     parts = [f"model <b>{_e(q.get('model'))}</b>",
              f"methods {_e(', '.join(q.get('peft') or []))}",
-             f"{_num(q.get('tokens'))} tokens in sequences of {_e(q.get('seq'))}",
+             _job(q),
              f"global batch {_e(q.get('global_batch'))}",
              f"hardware {_e(', '.join(q.get('hardware') or []))}",
              f"up to {_e(q.get('max_devices'))} devices", f"stack {_e(q.get('stack'))}",

@@ -15,17 +15,8 @@ DESCRIPTION = (
 D = " (default: %(default)s)"
 
 
-def _num(cast, what):
-    def parse(s):
-        try:
-            return cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got '{s}'") from None
-    return parse
-
-
 def add_arguments(p) -> None:
-    i, f = _num(int, "an integer"), _num(float, "a number")
+    from simcost.argtypes import integer as i, number as f
     p.add_argument("--model", required=True, help="zoo name (simcost models), config.json path "
                                                   "or its directory")
     p.add_argument("--adapters", type=i, default=0,

@@ -308,32 +308,32 @@ def _assumptions(req: PlanTrainRequest) -> dict:
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p) -> None:
-    from simcost.cli import _positive_int, _positive_number
+    from simcost.argtypes import integer, number
     p.add_argument("--model", required=True, help="zoo name or config.json (as estimate train)")
     p.add_argument("--peft", default="lora", metavar="M[,M...]",
                    help=f"PEFT methods to compare, comma-separated ({', '.join(METHODS)})")
-    p.add_argument("--rank", type=_positive_int, default=None,
+    p.add_argument("--rank", type=integer, default=None,
                    help="LoRA rank of the LoRA family (default 8)")
     p.add_argument("--targets", default=None, help="LoRA target modules, or all-linear")
-    p.add_argument("--tokens", type=_positive_int, default=None,
+    p.add_argument("--tokens", type=integer, default=None,
                    help="training tokens per epoch, split into sequences of --seq")
-    p.add_argument("--samples", type=_positive_int, default=None,
+    p.add_argument("--samples", type=integer, default=None,
                    help="training samples per epoch")
-    p.add_argument("--seq", type=_positive_int, default=None, help="tokens per sequence")
-    p.add_argument("--epochs", type=_positive_number, default=1.0, help="passes over the data")
-    p.add_argument("--global-batch", type=_positive_int, default=16,
+    p.add_argument("--seq", type=integer, default=None, help="tokens per sequence")
+    p.add_argument("--epochs", type=number, default=1.0, help="passes over the data")
+    p.add_argument("--global-batch", type=integer, default=16,
                    help="samples per optimizer step (the recipe's batch size; the planner "
                         "splits it into data-parallel replicas, micro-batches and gradient "
                         "accumulation)")
     p.add_argument("--hardware", default="all", metavar="all|NAME[,NAME...]",
                    help="profiles to consider (simcost hardware list)")
-    p.add_argument("--max-devices", type=_positive_int, default=8,
+    p.add_argument("--max-devices", type=integer, default=8,
                    help="the most devices of one type (1, 2, 4, ... and this are tried)")
     p.add_argument("--checkpointing", default="none,full", metavar="MODE[,MODE...]",
                    help="activation checkpointing modes to try (none, full, selective)")
     p.add_argument("--deadline", default=None,
                    help="the job must finish within this (seconds, or 90m, 12h, 2d)")
-    p.add_argument("--budget", type=_positive_number, default=None, metavar="USD",
+    p.add_argument("--budget", type=number, default=None, metavar="USD",
                    help="the job must cost at most this")
     p.add_argument("--objective", default="cost", choices=("cost", "time"),
                    help="rank by job cost (devices without a price are left out) or job time")
@@ -346,8 +346,8 @@ def add_arguments(p) -> None:
     p.add_argument("--price", default=None, metavar="USD | NAME=USD[,NAME=USD...]",
                    help="price per device-hour instead of the profile's: one number with one "
                         "--hardware, or by profile name (e.g. rtx-4090=0 for a card you own)")
-    p.add_argument("--top", type=_positive_int, default=5, help="candidates printed")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--top", type=integer, default=5, help="candidates printed")
+    p.add_argument("--workers", type=integer, default=None,
                    help="run the search on a local Ray with N workers (the ray extra)")
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="run the search on a running Ray cluster (ray://host:10001 or auto)")

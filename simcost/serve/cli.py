@@ -12,23 +12,10 @@ import argparse
 import json
 import sys
 
+from simcost.argtypes import integer, number
 from simcost.errors import SimcostError
 
 D = " (default: %(default)s)"
-
-
-def _int(s):
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{s}'") from None
-
-
-def _float(s):
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{s}'") from None
 
 
 def _common(p):
@@ -41,7 +28,7 @@ def _common(p):
                    help="base weight storage (default: --dtype)")
     p.add_argument("--kv-dtype", default=None, choices=("fp16", "bf16", "fp32", "fp8", "int8"),
                    help="KV-cache dtype (default: --dtype)")
-    p.add_argument("--tp", type=_int, default=1, help="tensor-parallel degree of a replica" + D)
+    p.add_argument("--tp", type=integer, default=1, help="tensor-parallel degree of a replica" + D)
     p.add_argument("--targets", default=None,
                    help="LoRA target projections, comma-separated, or all-linear "
                         "(default: q_proj,k_proj,v_proj,o_proj)")
@@ -53,40 +40,40 @@ def _estimate_parser(est_sub):
                            description="Time and memory of one serving iteration of one "
                                        "tensor-parallel group.")
     _common(e)
-    e.add_argument("--devices", type=_int, default=None,
+    e.add_argument("--devices", type=integer, default=None,
                    help="devices = tp x replicas, a multiple of --tp; the estimate is per "
                         "replica (default: --tp)")
     e.add_argument("--phase", default="decode", choices=("prefill", "decode"),
                    help="prefill: batch prompts of --context tokens; decode: one token for each "
                         "of batch sequences" + D)
-    e.add_argument("--batch", type=_int, required=True, help="sequences in the iteration")
-    e.add_argument("--context", type=_int, required=True,
+    e.add_argument("--batch", type=integer, required=True, help="sequences in the iteration")
+    e.add_argument("--context", type=integer, required=True,
                    help="prompt length (prefill) or cached tokens per sequence (decode)")
     e.add_argument("--peft", default="none", choices=("none", "lora", "prefix", "prompt"),
                    help="adapter method served" + D)
-    e.add_argument("--rank", type=_int, default=None, help="LoRA rank (default: 8)")
+    e.add_argument("--rank", type=integer, default=None, help="LoRA rank (default: 8)")
     e.add_argument("--ranks", default=None,
                    help="ranks of the distinct adapters, e.g. 8,16, cycled over "
                         "--distinct-adapters (default: --rank)")
-    e.add_argument("--distinct-adapters", type=_int, default=None,
+    e.add_argument("--distinct-adapters", type=integer, default=None,
                    help="distinct LoRA adapters in the batch, at most --batch (default: 1)")
     e.add_argument("--merged", action="store_true", help="LoRA merged into the base weights")
     e.add_argument("--lora-kernel", default=None,
                    help="heterogeneous-adapter kernel: mbgmv, sgmv, loop, slora-bgmv "
                         "(default: mbgmv)")
-    e.add_argument("--num-virtual-tokens", type=_int, default=None,
+    e.add_argument("--num-virtual-tokens", type=integer, default=None,
                    help="prefix/prompt tuning virtual tokens (default: 0)")
     e.add_argument("--cuda-graphs", action="store_true",
                    help="kernels replayed from CUDA graphs (no per-kernel host cost)")
 
 
 def _sim_traffic(s):
-    s.add_argument("--rate", type=_float, default=None,
+    s.add_argument("--rate", type=number, default=None,
                    help="requests per second; inf is refused here (default: 10)")
-    s.add_argument("--cv", type=_float, default=None,
+    s.add_argument("--cv", type=number, default=None,
                    help="coefficient of variation of the gamma inter-arrival gaps, 1 = Poisson, "
                         "at most 100 (default: 1)")
-    s.add_argument("--popularity-alpha", type=_float, default=None,
+    s.add_argument("--popularity-alpha", type=number, default=None,
                    help="adapter popularity: adapter = floor(N x X), X ~ Power(alpha); 1 is "
                         "uniform, smaller concentrates on low ids (default: 1)")
     s.add_argument("--duration", default=None,
@@ -99,7 +86,7 @@ def _sim_traffic(s):
     s.add_argument("--trace", default=None,
                    help="replay a CSV with columns time,adapter,prompt_len,output_len instead of "
                         "drawing requests")
-    s.add_argument("--seed", type=_int, default=None, help="random seed, 0..2^32-1 (default: 0)")
+    s.add_argument("--seed", type=integer, default=None, help="random seed, 0..2^32-1 (default: 0)")
     s.add_argument("--generator", default="default", choices=("default", "slora"),
                    help="how requests are drawn: 'slora' as S-LoRA's benchmarks/trace.py does "
                         "(with --seed 42, the requests of its published runs)" + D)
@@ -112,14 +99,14 @@ def _sim_parser(subparsers, parser_class):
                            description="Simulate requests arriving at a server with continuous "
                                        "batching; TTFT, TPOT, latency, throughput.")
     _common(s)
-    s.add_argument("--devices", type=_int, default=None,
+    s.add_argument("--devices", type=integer, default=None,
                    help="devices = tp x replicas, a multiple of --tp; each replica simulates "
                         "the requests routed to it (default: --tp)")
     s.add_argument("--routing", default=None, choices=("round-robin", "adapter-affinity"),
                    help="how requests are split over replicas: round-robin in arrival order, or "
                         "adapter-affinity (all requests of an adapter on one replica, heaviest "
                         "adapters first to the least-loaded replica) (default: round-robin)")
-    s.add_argument("--adapters", type=_int, default=0,
+    s.add_argument("--adapters", type=integer, default=0,
                    help="distinct LoRA adapters; 0 serves the base model" + D)
     s.add_argument("--ranks", default=None,
                    help="adapter ranks, cycled over adapter ids, e.g. 8,16 (default: 8)")
@@ -129,7 +116,7 @@ def _sim_parser(subparsers, parser_class):
     s.add_argument("--scheduler", default=None, choices=("v1", "fcfs", "slora", "mixed"),
                    help="batching policy without --engine: v1 (vLLM V1), fcfs (vLLM v0), slora, "
                         "mixed (TensorRT-LLM); each runs that engine (default: the --engine's own)")
-    s.add_argument("--slo-ttft", type=_float, default=None,
+    s.add_argument("--slo-ttft", type=number, default=None,
                    help="report the fraction of requests with TTFT <= this many seconds "
                         "(default: not reported)")
     s.add_argument("--prefetch", action="store_true",
@@ -138,13 +125,13 @@ def _sim_parser(subparsers, parser_class):
                    help="serving engine profile: vllm (V1), vllm-v0, slora, trtllm, or a path to "
                         "a profile JSON (stack_profiles/serving/); sets the scheduler and the "
                         "engine's facts (default: vllm, or the --scheduler's engine)")
-    s.add_argument("--max-num-seqs", type=_int, default=None,
+    s.add_argument("--max-num-seqs", type=integer, default=None,
                    help="largest batch in sequences (vLLM --max-num-seqs) "
                         "(default: the engine's on this device)")
     s.add_argument("--lora-kernel", default=None,
                    help="heterogeneous-adapter kernel instead of the engine's own: mbgmv, sgmv, "
                         "loop, slora-bgmv (default: the --engine's)")
-    s.add_argument("--max-total-tokens", type=_int, default=None,
+    s.add_argument("--max-total-tokens", type=integer, default=None,
                    help="KV pool in token slots (LightLLM/S-LoRA --max_total_token_num) "
                         "(default: the memory left after weights)")
     s.add_argument("--trace-out", default=None, metavar="FILE",
