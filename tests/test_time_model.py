@@ -68,3 +68,27 @@ def test_calibration_fit_recovers_known_parameters():
         assert f["matmul_flops_per_s"][dt] == pytest.approx(P[dt], rel=0.1)
     assert f["bandwidth_bytes_per_s"] == pytest.approx(bw)
     assert f["fit_gemm_median_abs_error"] < 0.05
+
+
+@pytest.mark.parametrize("hw", ["a100-80gb-sxm", "h100-sxm", "h200"])
+@pytest.mark.parametrize("m", [1, 16, 128])
+def test_skinny_gemm_never_beats_its_bytes_over_bandwidth(hw, m):
+    """A decode-sized GEMM (few rows, a 4096 x 11008 weight) is priced no faster than streaming
+    its operands and result once at the profile's sustained bandwidth (the roofline's max)."""
+    tm = TimeModel.from_device(load_profile(hw).device())
+    n, k = 4096, 11008
+    nbytes = 2.0 * (m * k + k * n + m * n)
+    t = tm.device_time("fp16", [(1, m, n, k)], 2.0 * m * n * k, 0.0, nbytes)
+    assert t >= nbytes / tm.bandwidth
+    assert t == pytest.approx(nbytes / tm.bandwidth)     # memory-bound: the bytes set the time
+
+
+def test_h200_bandwidth_is_the_measured_stream_rate():
+    """h200's sustained bandwidth is the cited STREAM Triad measurement over the datasheet
+    (derived), not the datasheet peak and not another device's figure."""
+    dev = load_profile("h200").device()
+    eff = dev.params.bandwidth_efficiency
+    assert eff == pytest.approx(4.15e12 / dev.memory_bandwidth_bytes_per_s, abs=5e-4)
+    assert eff != load_profile("h100-sxm").device().params.bandwidth_efficiency
+    tm = TimeModel.from_device(dev)
+    assert tm.bandwidth == pytest.approx(4.15e12, rel=1e-3)
