@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simcost.costs.registry import OpCost, register
+from simcost.costs.registry import OpCost, cost_of, register
 from simcost.dtypes import BYTES
 from simcost.graph import kinds as K
 from simcost.graph.ir import numel
@@ -356,4 +356,137 @@ def lora_fused(op, g, rg, train):
                            (1, r, tokens, d_in), (1, r, d_out, tokens)]
         if not op.attrs.get("recomputed_input"):
             cost.saved.append(op.inputs[0])
+    return cost
+
+
+def _member_needs(m, mc) -> list:
+    """What one member's backward needs, recomputation allowed: its eager saves, except that
+    an eager composite's materialised intermediates become what they are computed from (HF /
+    torchtune RMSNorm keeps an fp32 copy of x and the normalised tensor: x and the fp32 rstd
+    per row suffice; GPT-2's GELU keeps four tensors: x suffices)."""
+    if not mc.saved:
+        return []
+    if m.kind == K.RMS_NORM:
+        return [m.inputs[0], ("new", mc.saved[1][1])]
+    if m.kind == K.GELU_NEW:
+        return [m.inputs[0]]
+    return list(mc.saved)
+
+
+def _frontier(g, tid, made_by: dict, stop: set) -> list:
+    """The tensors ``tid`` is recomputed from inside a group: walking producers back to the
+    group's inputs or its materialised outputs."""
+    out, stack, seen = [], [tid], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t != tid and (t in stop or t not in made_by):
+            out.append(t)
+            continue
+        if t not in made_by:
+            out.append(t)
+            continue
+        stack.extend(made_by[t].inputs)
+    return out
+
+
+def _storage_bytes(g, tids) -> float:
+    seen = {}
+    for t in tids:
+        s = g.tensors[t].storage
+        seen[s] = g.tensors[s].nbytes
+    return sum(seen.values()) if seen else 0
+
+
+def _le(a, b) -> bool:
+    return bool(np.all(np.asarray(a) <= np.asarray(b)))
+
+
+@register(K.POINTWISE_FUSED)
+def pointwise_fused(op, g, rg, train):
+    """A TorchInductor kernel for a group of element-wise / normalisation ops
+    (:mod:`simcost.stack.fusions.inductor_pointwise`; ``attrs['members']`` are the eager ops).
+
+    Forward, one kernel: reads each external input and parameter once, writes each output
+    read outside the group once (intermediates stay in registers), plus what the group saves
+    for backward that is not already an input or output. FLOPs and transcendentals are the
+    members' own.
+
+    Saved (``min_cut_rematerialization_partition``): per tensor a member's backward needs, the
+    tensor itself when it is an input or output of the group (materialised anyway), else the
+    cheaper of itself and the inputs / outputs it is recomputed from; reductions' per-row
+    statistics and random masks as the members keep them. Never more than the members keep.
+
+    Backward, one kernel for the activation gradients (reads the output gradients, the saved
+    tensors and the parameters; writes the input gradients; recomputes the forward in
+    registers) plus, per trainable parameter, Inductor's two-stage split reduction of its
+    gradient over the tokens (``ir.Reduction`` ``num_splits``): two kernels.
+    """
+    members = op.attrs["members"]
+    rgt = dict(zip(op.inputs, rg))
+    made_by, costs = {}, []
+    for m in members:
+        rin = tuple(rgt.get(t, False) for t in m.inputs)
+        tr = tuple(p.trainable for p in m.params)
+        rout = (any(rin) or any(tr)) and not m.attrs.get("detached")
+        for t in m.outputs:
+            rgt[t] = rout
+            made_by[t] = m
+        mc = cost_of(m, g, rin, tr) if m.kind != K.VIEW else OpCost(fwd_kernels=0)
+        if not rout:
+            mc.saved = []
+        costs.append((m, mc, rout))
+    ext_out = set(op.outputs)
+    stop = set(op.inputs) | ext_out
+    p_bytes = sum(p.numel * BYTES[p.compute_dtype or p.dtype] for p in op.params)
+    special_f: dict = {}
+    special_b: dict = {}
+    fflops = bflops_a = bflops_w = 0
+    saved_t: list = []
+    saved_new: list = []
+    for m, mc, rout in costs:
+        fflops = fflops + mc.fwd_flops
+        for k, v in mc.special_fwd.items():
+            special_f[k] = special_f.get(k, 0) + v
+        if not rout:
+            continue
+        bflops_a = bflops_a + mc.bwd_act_flops + mc.fwd_flops      # recomputed in registers
+        bflops_w = bflops_w + mc.bwd_weight_flops
+        for k, v in mc.special_bwd.items():
+            special_b[k] = special_b.get(k, 0) + v
+        for s in _member_needs(m, mc):
+            if isinstance(s, tuple):
+                saved_new.append(s)
+            elif s in stop or s not in made_by:
+                saved_t.append(s)
+            else:
+                fr = [t for t in _frontier(g, s, made_by, stop) if t not in saved_t]
+                own = g.tensors[g.tensors[s].storage].nbytes
+                saved_t.extend(fr if _le(_storage_bytes(g, fr), own) else [s])
+    saved_t = list(dict.fromkeys(saved_t))
+    materialised = [t for t in saved_t if t in made_by and t not in ext_out]
+    new_bytes = sum(b for _, b in saved_new)
+    fbytes = (_storage_bytes(g, op.inputs) + p_bytes + _storage_bytes(g, op.outputs)
+              + _storage_bytes(g, materialised) + new_bytes)
+    cost = OpCost(fwd_flops=fflops, fwd_bytes=fbytes, fwd_kernels=1, special_fwd=special_f)
+    if not any(r for _, _, r in costs):
+        return cost
+    trained = [p for p in op.params if p.trainable]
+    grads_in = _storage_bytes(g, [t for t in op.outputs if rgt.get(t)])
+    grads_out = _storage_bytes(g, [t for t, r in zip(op.inputs, rg) if r])
+    cost.saved = saved_t + saved_new
+    cost.bwd_act_flops = bflops_a
+    cost.bwd_weight_flops = bflops_w
+    cost.bwd_bytes = (grads_in + _storage_bytes(g, saved_t) + new_bytes + p_bytes + grads_out
+                      + sum(p.nbytes for p in trained))
+    cost.bwd_kernels = 1 + 2 * len(trained)
+    # a group the eager backward prices lower (residual adds: the gradient passes through)
+    eager_b = sum(mc.bwd_bytes for _, mc, _ in costs)
+    eager_k = sum(mc.bwd_kernels for _, mc, _ in costs)
+    if eager_k and _le(eager_b, cost.bwd_bytes):
+        cost.bwd_bytes = eager_b
+        cost.bwd_kernels = min(cost.bwd_kernels, eager_k)
+    cost.special_bwd = special_b
     return cost

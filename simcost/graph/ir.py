@@ -185,14 +185,17 @@ class ModelGraph:
                 pmap[id(p)] = copy.copy(p)
             return pmap[id(p)]
 
-        ops = []
-        for op in seg.ops:
+        def clone(op: Op) -> Op:
             attrs = dict(op.attrs)
             if "held_params" in attrs:
                 attrs["held_params"] = tuple(pcopy(p) for p in attrs["held_params"])
-            ops.append(Op(op.name, op.kind, tuple(remap(t) for t in op.inputs),
-                          tuple(remap(t) for t in op.outputs),
-                          tuple(pcopy(p) for p in op.params), attrs, op.module))
+            if "members" in attrs:          # a fused group's own ops (stack fusions)
+                attrs["members"] = tuple(clone(m) for m in attrs["members"])
+            return Op(op.name, op.kind, tuple(remap(t) for t in op.inputs),
+                      tuple(remap(t) for t in op.outputs),
+                      tuple(pcopy(p) for p in op.params), attrs, op.module)
+
+        ops = [clone(op) for op in seg.ops]
         return Segment(seg.name, ops, seg.count, seg.first_layer,
                        remap(seg.input_tid) if seg.input_tid is not None else None,
                        remap(seg.output_tid) if seg.output_tid is not None else None,

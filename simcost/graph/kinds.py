@@ -38,6 +38,8 @@ SWIGLU_FUSED = "swiglu_fused"                    # silu(gate) * up, silu recompu
 LINEAR_CROSS_ENTROPY = "linear_cross_entropy"    # lm_head + loss in token chunks (Liger)
 CROSS_ENTROPY_INPLACE = "cross_entropy_inplace"  # loss writing its gradient into the logits
 CUT_CROSS_ENTROPY = "cut_cross_entropy"          # lm_head + loss, logits only in on-chip tiles
+POINTWISE_FUSED = "pointwise_fused"              # a group of element-wise / norm ops as one
+#                                                  generated kernel each way (TorchInductor)
 LORA_FUSED = "lora_fused"                        # a LoRA branch added into its base output in
 #                                                  the base dtype, keeping only x (Unsloth)
 

@@ -32,5 +32,5 @@ def apply_fusions(g, names) -> dict[str, int]:
 
 # the rules (each module registers its names on import)
 from simcost.stack.fusions import (cross_entropy_inplace, cut_cross_entropy,  # noqa: E402,F401
-                                   linear_cross_entropy, lora_unsloth, qkv_lora, rms_norm,
-                                   rope, swiglu)
+                                   inductor_pointwise, linear_cross_entropy, lora_unsloth,
+                                   qkv_lora, rms_norm, rope, swiglu)
