@@ -14,10 +14,8 @@ from typing import Annotated
 
 from pydantic import Field, StrictInt, field_validator, model_validator
 
-from simcost.request.fields import (MAX_REQUESTS, Devices, FinitePos, Rank, Request,
-                                    parse_duration_s, parse_int_list, parse_len_range)
-from simcost.request.serve import (MAX_ADAPTERS, MAX_SEED, SIM_DEFAULTS, Routing, Tokens,
-                                   _Serve)
+from simcost.request.fields import MAX_REQUESTS, Devices, FinitePos, Rank, parse_int_list
+from simcost.request.serve import MAX_ADAPTERS, MAX_SEED, SIM_DEFAULTS, Routing, Traffic, _Serve
 
 MAX_TP = 8                 # tensor parallelism stays inside one 8-GPU node
 DEFAULT_REQUESTS = 1000
@@ -32,7 +30,7 @@ def _names(v):
     return tuple(str(x).strip() for x in items if str(x).strip()) or None
 
 
-class ServePlanRequest(Request):
+class ServePlanRequest(Traffic):
     """What to plan: the model and its adapters, the traffic, the SLO, the fleets to search."""
     model: str
     adapters: Annotated[StrictInt, Field(ge=0, le=MAX_ADAPTERS)] = 0
@@ -45,11 +43,8 @@ class ServePlanRequest(Request):
     lora_kernels: tuple[str, ...] | None = None  # None: the engine's own
     engine: str | None = None
     routing: Routing | None = None
-    input_len: tuple[Tokens, Tokens] | None = None
-    output_len: tuple[Tokens, Tokens] | None = None
     popularity_alpha: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
     requests: Annotated[StrictInt, Field(ge=1, le=MAX_REQUESTS)] | None = None
-    duration: FinitePos | None = None
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     max_devices: Devices = 16
     top: Annotated[StrictInt, Field(ge=1, le=100)] = DEFAULT_TOP   # fleets the table shows
@@ -71,16 +66,6 @@ class ServePlanRequest(Request):
     @classmethod
     def _lists(cls, v):
         return _names(v)
-
-    @field_validator("duration", mode="before")
-    @classmethod
-    def _duration(cls, v):
-        return None if v is None else parse_duration_s(v, "--duration")
-
-    @field_validator("input_len", "output_len", mode="before")
-    @classmethod
-    def _lens(cls, v, info):
-        return None if v is None else parse_len_range(v, "--" + info.field_name.replace("_", "-"))
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -13,7 +13,7 @@ import io
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
@@ -146,7 +146,25 @@ class ServeEstimateRequest(_Serve):
         return w
 
 
-class ServeSimRequest(_Serve):
+class Traffic(Request):
+    """How long the traffic runs and how long its requests are (``--duration``, ``--input-len``,
+    ``--output-len``): the fields ``simulate serve`` and ``plan serve`` share."""
+    duration: FinitePos | None = None
+    input_len: tuple[Tokens, Tokens] | None = None
+    output_len: tuple[Tokens, Tokens] | None = None
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        return None if v is None else parse_duration_s(v, "--duration")
+
+    @field_validator("input_len", "output_len", mode="before")
+    @classmethod
+    def _lens(cls, v, info):
+        return None if v is None else parse_len_range(v, "--" + info.field_name.replace("_", "-"))
+
+
+class ServeSimRequest(_Serve, Traffic):
     """A traffic simulation over ``devices`` = ``tp`` x replicas."""
     adapters: Annotated[StrictInt, Field(ge=0, le=MAX_ADAPTERS)] = 0
     ranks: tuple[Rank, ...] | None = None
@@ -154,9 +172,6 @@ class ServeSimRequest(_Serve):
     rate: Annotated[float, Field(gt=0)] | None = None
     cv: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
     popularity_alpha: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
-    duration: FinitePos | None = None
-    input_len: tuple[Tokens, Tokens] | None = None
-    output_len: tuple[Tokens, Tokens] | None = None
     trace: str | None = None
     scheduler: str | None = None
     routing: Routing | None = None
@@ -171,16 +186,6 @@ class ServeSimRequest(_Serve):
     engine: str | None = None
     max_total_tokens: Annotated[StrictInt, Field(ge=1, le=10 ** 12)] | None = None
     generator: Literal["default", "slora"] = "default"
-
-    @field_validator("duration", mode="before")
-    @classmethod
-    def _duration(cls, v):
-        return None if v is None else parse_duration_s(v, "--duration")
-
-    @field_validator("input_len", "output_len", mode="before")
-    @classmethod
-    def _lens(cls, v, info):
-        return None if v is None else parse_len_range(v, "--" + info.field_name.replace("_", "-"))
 
     @field_validator("rate", mode="before")
     @classmethod
