@@ -17,6 +17,8 @@ def run_groups(groups: list[Group], *, workers: int | None = None, cluster: str 
                progress: bool = False) -> list[GroupResult]:
     if workers is not None and cluster is not None:
         raise SimcostError("give either --workers (a local Ray) or --cluster (a running one)")
+    if workers is not None and not 1 <= workers <= 4096:
+        raise SimcostError(f"--workers must be in [1, 4096], got {workers}")
     if workers is None and cluster is None:
         return _local(groups, progress)
     return _ray(groups, workers=workers, cluster=cluster, progress=progress)

@@ -167,13 +167,19 @@ def _estimate_command(args) -> str:
 def _describe(e: dict) -> str:
     """One line naming a plan: devices, hardware, plan, method, batch split, checkpointing."""
     ckpt = "full checkpointing" if e.get("checkpointing") == "full" else "no checkpointing"
-    return (f"{e['devices']} × {e['hardware']} ({e['nodes']} node{'s' if e['nodes'] != 1 else ''}),"
-            f" {e['plan']}, {e['peft']}, micro-batch {e['micro_batch']}, {e['grad_accum']}"
-            f" accumulation step{'s' if e['grad_accum'] != 1 else ''}, {ckpt}")
+    nodes = e.get("nodes")
+    where = "" if nodes is None else f" ({nodes} node{'s' if nodes != 1 else ''})"
+    split = ""
+    if e.get("micro_batch") is not None:
+        ga = e.get("grad_accum") or 1
+        split = (f", micro-batch {e['micro_batch']}, {ga} accumulation step"
+                 f"{'s' if ga != 1 else ''}")
+    return f"{e['devices']} × {e['hardware']}{where}, {e['plan']}, {e['peft']}{split}, {ckpt}"
 
 
 def _hover(e: dict) -> str:
-    lines = [f"<b>{_e(e['devices'])} × {_e(e['hardware'])}</b> ({_e(e['nodes'])} node(s))",
+    lines = [f"<b>{_e(e['devices'])} × {_e(e['hardware'])}</b>"
+             + (f" ({_e(e['nodes'])} node(s))" if e.get("nodes") is not None else ""),
              f"plan {_e(e['plan'])}", f"method {_e(e['peft'])}, mb {_e(e['micro_batch'])} × "
              f"ga {_e(e['grad_accum'])}, ckpt {_e(e.get('checkpointing'))}",
              f"job {_hours(e)} h, {_usd(e.get('job_usd'))}",
@@ -249,7 +255,8 @@ def _answer(plan: dict) -> str:
         text = (f"The {by} plan that fits: <b>{_e(_describe(best))}</b>. The job takes "
                 f"<b>{_hours(best)} h</b> (p10–p90) and costs <b>{_usd(best.get('job_usd'))}</b>"
                 f" ({_usd(best.get('usd_per_million_tokens'))} per million tokens), using "
-                f"{_num(best['energy_j'] / _J_PER_KWH)} kWh; a step takes "
+                f"{'—' if best.get('energy_j') is None else _num(best['energy_j'] / _J_PER_KWH)}"
+                f" kWh; a step takes "
                 f"{_num(best['step_s'])} s at {_num(best['tokens_per_s'])} tokens/s "
                 f"(MFU {100 * best['mfu']:.1f} %), peak {best['peak_bytes'] / GiB:.1f} of "
                 f"{best['capacity_bytes'] / GiB:.0f} GiB per device.")
@@ -262,8 +269,9 @@ def _answer(plan: dict) -> str:
         return _section("Answer", "<p>No plan fits, and none came near.</p>", "answer none")
     advice = "".join(f"<li>{_e(a)}</li>" for a in miss.get("advice") or [])
     return _section("Answer", (
-        f"<p><b>No plan fits.</b> The nearest miss: {_e(_describe(miss['entry']))}, "
-        f"{_hours(miss['entry'])} h, {_usd(miss['entry'].get('job_usd'))}. "
+        f"<p><b>No plan fits.</b> The nearest miss: {_e(_describe(miss['entry']))}"
+        + (f", {_hours(miss['entry'])} h, {_usd(miss['entry'].get('job_usd'))}"
+           if "job_s" in miss["entry"] else "") + ". "
         f"Why: {_e(miss['why'])}.</p>" + (f"<p>What would make it fit:</p><ul>{advice}</ul>"
                                          if advice else "")), "answer none")
 
@@ -275,9 +283,10 @@ def _frontier(go, plan: dict) -> str:
     entries = {}
     for e in [*plan["candidates"], *plan["frontier"], *([best] if best else [])]:
         entries.setdefault(_key(e), e)
-    missed = [miss["entry"]] if best is None and miss else []
+    missed = [miss["entry"]] if best is None and miss and "job_s" in miss["entry"] else []
     priced = any(e.get("job_usd") is not None for e in [*entries.values(), *missed])
-    y_of = ((lambda e: e.get("job_usd")) if priced else (lambda e: e["energy_j"] / _J_PER_KWH))
+    y_of = ((lambda e: e.get("job_usd")) if priced else
+            (lambda e: None if e.get("energy_j") is None else e["energy_j"] / _J_PER_KWH))
     ytitle = "job cost (USD)" if priced else "job energy (kWh; no candidate has a price)"
     plotted = [e for e in entries.values() if y_of(e) is not None]
     unplotted = len(entries) - len(plotted)
@@ -407,13 +416,13 @@ def _candidates_table(plan: dict) -> str:
             "<span class=\"tag front\">frontier</span>" if k in front else "") + (
             "<span class=\"tag risk\">deadline risk</span>" if e.get("deadline_risk") else "")
         rows.append((("best " if k == best else "") + ("frontier" if k in front else ""), [
-            str(i), _e(e["hardware"]) + (f"<div>{tags}</div>" if tags else ""), f"{_e(e['devices'])} ({_e(e['nodes'])})",
+            str(i), _e(e["hardware"]) + (f"<div>{tags}</div>" if tags else ""), f"{_e(e['devices'])} ({_e(e.get('nodes'))})",
             f"<code>{_e(e['plan'])}</code>", _e(e["peft"]),
             f"{_e(e['micro_batch'])} × {_e(e['grad_accum'])}", _e(e.get("checkpointing")),
             _num(e["step_s"]), _num(e["tokens_per_s"]), f"{100 * e['mfu']:.1f} %",
             f"{e['peak_bytes'] / GiB:.1f} / {e['capacity_bytes'] / GiB:.0f}",
             _usd(e.get("usd_per_million_tokens")), _hours(e), _usd(e.get("job_usd")),
-            _num(e["energy_j"] / _J_PER_KWH)]))
+            "—" if e.get("energy_j") is None else _num(e["energy_j"] / _J_PER_KWH)]))
         cmds.append(f"<li value=\"{i}\"><code>{_e(_estimate_command(e.get('estimate_args')))}"
                     "</code></li>")
     table = _table(head, rows, numeric=frozenset({0, 2, *range(5, len(head))}))

@@ -75,12 +75,18 @@ def evaluate_group(group: Group) -> GroupResult:
                                         "checkpointing": group.checkpointing,
                                         "plan": par["plan_label"],
                                         "peak_bytes": auto.memory_bytes["peak"],
-                                        "capacity_bytes": auto.memory_bytes["capacity"]},
+                                        "capacity_bytes": auto.memory_bytes["capacity"],
+                                        "memory_breakdown_bytes": _peak_rows(auto)},
                            plans=par["plans_searched"])
     # the search priced its best plan with the same context an explicit plan gets, so its
     # numbers are those of the explicit request named here (a test checks they are equal)
     return GroupResult(group, entry=entry_of(group, explicit_request(fields, par["plan"]), auto),
                        plans=par["plans_searched"])
+
+
+def _peak_rows(r) -> dict:
+    from simcost.sim.memory import peak_rows
+    return peak_rows(r.memory_bytes)[1]
 
 
 def explicit_request(fields: dict, p: dict):
@@ -94,7 +100,6 @@ def explicit_request(fields: dict, p: dict):
 def entry_of(group: Group, req, r) -> dict:
     """A candidate: the estimate of ``req`` in the planner's terms."""
     from simcost.request.args import train_args
-    from simcost.sim.memory import peak_rows
     par = r.parallel
     plan = par["plan"]
     t = r.time_s
@@ -116,7 +121,7 @@ def entry_of(group: Group, req, r) -> dict:
         "peak_bytes": r.memory_bytes["peak"], "capacity_bytes": r.memory_bytes["capacity"],
         "fits": r.fits, "deadline_risk": False,
         "price_usd_per_device_hour": (r.cost_usd or {}).get("price_per_device_hour"),
-        "memory_breakdown_bytes": peak_rows(r.memory_bytes)[1],
+        "memory_breakdown_bytes": _peak_rows(r),
         "time_breakdown_s": {"compute": t["step"] - comm - host - bubble - opt,
                              "communication": comm, "host": host, "optimizer": opt,
                              "pipeline_bubble": bubble},

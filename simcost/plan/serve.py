@@ -2,7 +2,6 @@
 ``--json`` and ``--csv``; the search is :mod:`simcost.plan.serve_search`)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 DESCRIPTION = (

@@ -358,7 +358,7 @@ def max_rate_per_replica(sims: Simulations, s: Setting, share: float) -> float |
     which the offline run underestimates by ~15 %), widened by 1.5x while the upper end still
     meets the SLO, then bisected to ``RATE_TOLERANCE``: at most ``RATE_SIMULATIONS`` runs.
     The highest rate seen to meet the SLO is returned (None: not even the share does)."""
-    good, bad = 0.0, None
+    good, bad, x = 0.0, None, share
     probes = [share, max(1.25 * sims.screen(s), 1.5 * share)]
     for _ in range(RATE_SIMULATIONS):
         x = probes.pop(0) if probes else (x * 1.5 if bad is None else (good + bad) / 2)

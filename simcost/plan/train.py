@@ -90,6 +90,13 @@ class PlanTrainRequest(Request):
                                  f"{', '.join(METHODS)}")
         return tuple(dict.fromkeys(v))
 
+    @field_validator("checkpointing")
+    @classmethod
+    def _modes(cls, v):
+        if not v:
+            raise ValueError(f"names no mode; valid: {', '.join(CHECKPOINTING)}")
+        return tuple(dict.fromkeys(v))
+
     @field_validator("hardware")
     @classmethod
     def _hardware(cls, v):
@@ -204,9 +211,12 @@ def groups_of(req: PlanTrainRequest) -> tuple[list, list[dict]]:
             for m in req.peft:
                 floor = weights_floor_bytes(floors[m], runtime, n)
                 if floor > cap:
-                    skipped.append({"hardware": h, "devices": n, "peft": m,
+                    skipped.append({"hardware": h, "devices": n, "peft": m, "nodes": None,
                                     "checkpointing": "any", "plan": "any plan",
                                     "peak_bytes": floor, "capacity_bytes": cap,
+                                    "memory_breakdown_bytes": {
+                                        "weights": floor - runtime,
+                                        "runtime_overhead": runtime},
                                     "why": f"weights alone need {floor / 2 ** 30:.1f} GiB per "
                                            f"device of {cap / 2 ** 30:.0f} GiB"})
                     continue
@@ -226,8 +236,9 @@ def plan_train(req: PlanTrainRequest, *, workers: int | None = None,
     results = run_groups(groups, workers=workers, cluster=cluster, progress=progress)
     entries = [r.entry for r in results if r.entry is not None]
     misses = [r.miss for r in results if r.miss is not None]
-    refused = [{"hardware": r.group.hardware, "devices": r.group.devices,
-                "peft": r.group.method, "why": r.skipped} for r in results if r.skipped]
+    refused = list({(r.group.hardware, r.group.devices, r.group.method, r.skipped): {
+        "hardware": r.group.hardware, "devices": r.group.devices, "peft": r.group.method,
+        "why": r.skipped} for r in results if r.skipped}.values())   # once per cell
     excluded = []
     if req.objective == "cost":
         excluded = [{"hardware": h, "why": "no price (give --price, or a profile with one); "
@@ -236,24 +247,19 @@ def plan_train(req: PlanTrainRequest, *, workers: int | None = None,
     ok, late = R.rank(entries, objective=req.objective, deadline_s=req.deadline_s,
                       budget_usd=req.budget_usd)
     miss = None
+    floors = [x for x in skipped if "peak_bytes" in x]
+    if not entries and not misses and not floors and refused:
+        # nothing was priced anywhere: the request itself is refused (the same line for
+        # every cell), not a capacity question
+        raise SimcostError(f"plan train: {refused[0]['why']}")
     if not entries:
         # what came closest: a plan's least peak, or the weights' share alone where no plan
         # was priced because even that is too large
-        floors = [x for x in skipped if "peak_bytes" in x]
         miss = R.nearest_miss(misses or floors, methods=req.peft,
                               checkpointing=req.checkpointing, max_devices=req.max_devices)
     elif not ok:
-        closest = late[0]
-        why = []
-        if req.deadline_s is not None and closest["job_s"] > req.deadline_s:
-            why.append(f"takes {closest['job_s'] / 3600:.1f} h against the "
-                       f"{req.deadline_s / 3600:.1f} h deadline")
-        if req.budget_usd is not None and (closest["job_usd"] or math.inf) > req.budget_usd:
-            why.append(f"costs ${closest['job_usd'] or math.inf:,.0f} against the "
-                       f"${req.budget_usd:,.0f} budget")
-        miss = {"entry": closest, "why": "; ".join(why) or "misses the constraints",
-                "advice": [f"--max-devices {2 * req.max_devices}", "a later --deadline",
-                           "a larger --budget", "--objective time"]}
+        miss = R.constraint_miss(late[0], deadline_s=req.deadline_s, budget_usd=req.budget_usd,
+                                 objective=req.objective, max_devices=req.max_devices)
     return {
         "kind": "train", "question": _question(req),
         "best": ok[0] if ok else None, "candidates": ok[:max(req.top, 1) * 4],
@@ -407,9 +413,12 @@ def _check_outputs(a) -> None:
     for opt, path in (("--csv", a.csv), ("--html", a.html)):
         if path is None:
             continue
-        parent = Path(path).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise SimcostError(f"plan train: {opt} {path}: the folder {parent} does not exist")
+        target = Path(path).expanduser().resolve()
+        if target.is_dir():
+            raise SimcostError(f"plan train: {opt} {path} is a folder; give a file path")
+        if not target.parent.is_dir():
+            raise SimcostError(f"plan train: {opt} {path}: the folder {target.parent} does not "
+                               f"exist")
     if a.html is not None:
         try:
             import plotly  # noqa: F401
@@ -448,12 +457,15 @@ CSV_COLUMNS = ("rank", "hardware", "devices", "nodes", "plan", "peft", "micro_ba
 def write_csv(plan: dict, path: str) -> None:
     import csv
     front = {id(e) for e in plan["frontier"]}
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for i, e in enumerate(plan["candidates"], 1):
-            iv = e["job_s_interval"] or {}
-            w.writerow({**{k: e.get(k) for k in CSV_COLUMNS if k in e}, "rank": i,
-                        "job_s_p10": iv.get("p10"), "job_s_p90": iv.get("p90"),
-                        "frontier": id(e) in front,
-                        "estimate_args": " ".join(e["estimate_args"])})
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w.writeheader()
+            for i, e in enumerate(plan["candidates"], 1):
+                iv = e["job_s_interval"] or {}
+                w.writerow({**{k: e.get(k) for k in CSV_COLUMNS if k in e}, "rank": i,
+                            "job_s_p10": iv.get("p10"), "job_s_p90": iv.get("p90"),
+                            "frontier": id(e) in front,
+                            "estimate_args": " ".join(e["estimate_args"])})
+    except OSError as e:
+        raise SimcostError(f"plan train: --csv {path}: {e.strerror or e}") from None

@@ -92,6 +92,8 @@ def describe(e: ValidationError, option_name=Request.option_name) -> str:
     if err["type"] == "extra_forbidden":
         return f"unknown option {name}"
     got = err.get("input")
+    if isinstance(got, (tuple, list)) and err["type"] == "value_error":
+        return f"{name} {msg}"       # a list's own check names the bad item in its message
     shown = repr(got) if isinstance(got, str) else str(got)
     if len(shown) > 40:
         shown = shown[:37] + "..."
