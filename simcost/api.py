@@ -115,6 +115,10 @@ def with_job(est: TrainEstimate, req: TrainRequest, **update) -> TrainEstimate:
         upd["cost_usd"] = run_cost(price, devices, step_s, est.tokens_per_s, source="--price")
     samples = J.job_samples(tokens=req.tokens, samples=req.samples, seq=req.seq)
     if samples is not None:
+        if samples * req.epochs < req.batch:
+            upd["warnings"] = [*est.warnings, (
+                f"the job ({samples * req.epochs:g} samples) is smaller than one step of "
+                f"--batch {req.batch}: priced as one full step")]
         upd["job"] = J.whole_job(step_s=step_s, batch=req.batch, seq=req.seq, devices=devices,
                                  samples=samples, epochs=req.epochs,
                                  price_per_device_hour=price, energy=upd["energy"],

@@ -350,6 +350,8 @@ def _train_request(a, cls=None, **extra):
 def _estimate_train(a) -> int:
     from simcost.api import run_train
 
+    if a.jobs is not None and a.find is not None:
+        raise SimcostError("estimate train: --find prices one job (no --jobs)")
     if a.jobs is not None:
         if a.trace_out:
             raise SimcostError("--trace-out traces one training step; --jobs (N jobs sharing "
@@ -413,8 +415,14 @@ def _estimate_find(a) -> int:
     if getattr(a, field) is not None:
         raise SimcostError(f"estimate train: --find {a.find} searches --{field}; leave "
                            f"--{field} out")
-    if a.jobs is not None:
-        raise SimcostError("estimate train: --find prices one job (no --jobs)")
+    if field == "batch" and (a.parallel == "auto" or a.micro_batch is not None):
+        raise SimcostError("estimate train: --find max-batch with --parallel auto or "
+                           "--micro-batch: gradient accumulation makes any batch fit; give the "
+                           "plan's sizes (--tp/--pp/--dp/--cp) without --micro-batch, so a "
+                           "replica's batch is one micro-batch")
+    if field == "seq" and a.seq is None and a.batch is not None and a.image_size is not None:
+        raise SimcostError("estimate train: --find max-seq needs a model with a token sequence; "
+                           "--image-size gives a vision model")
     if field == "batch":
         a.batch = 1
     elif a.seq is None and a.batch is not None:

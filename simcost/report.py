@@ -104,6 +104,8 @@ _SIZE = {"target_seq": "target", "image": "image"}
 
 def hours(s: float) -> str:
     """A duration for people: minutes, hours or days."""
+    if s < 60:
+        return f"{s:.1f} s"
     if s < 3600:
         return f"{s / 60:.1f} min"
     if s < 2 * 86400:

@@ -349,3 +349,44 @@ def test_request_args_round_trip():
         def fields(r):     # checkpointing False and 'none' are the same request
             return {**r.model_dump(), "grad_checkpointing": r.checkpointing}
         assert fields(again) == fields(req), kw
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "train", "--model", "llama-3.2-1b", "--samples", "100", "--seq", "128",
+      "--hardware", "h100-sxm", "--csv", "/tmp"], "is a folder"),
+    (["plan", "train", "--model", "nosuchmodel", "--samples", "100", "--seq", "128",
+      "--hardware", "h100-sxm"], "unknown model 'nosuchmodel'"),
+    (["plan", "train", "--model", "llama-3.2-1b", "--samples", "100", "--hardware",
+      "h100-sxm"], "--seq is required"),
+    (["plan", "train", "--model", "llama-3.2-1b", "--samples", "100", "--seq", "128",
+      "--workers", "0"], "--workers must be in [1, 4096]"),
+    (["plan", "train", "--model", "llama-3.2-1b", "--samples", "100", "--seq", "128",
+      "--price", "h100-sxm=1,h100-sxm=2", "--hardware", "h100-sxm"], "twice"),
+    (["estimate", "train", "--model", "llama-2-7b", "--hardware", "h100-sxm", "--batch", "4",
+      "--seq", "512", "--jobs", "4", "--price", "3"], "--price prices one job"),
+    (["estimate", "train", "--model", "llama-2-7b", "--hardware", "h100-sxm", "--batch", "4",
+      "--seq", "512", "--jobs", "4", "--find", "max-seq"], "--find prices one job"),
+    (["estimate", "train", "--model", "llama-3.2-1b", "--hardware", "h100-sxm", "--seq", "512",
+      "--find", "max-batch", "--devices", "8", "--parallel", "auto"], "gradient accumulation"),
+])
+def test_refused_before_anything_runs(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_plan_report_of_a_memory_miss(tmp_path, capsys):
+    page = tmp_path / "miss.html"
+    assert main(["plan", "train", "--model", "llama-2-70b", "--samples", "100", "--seq", "512",
+                 "--hardware", "rtx-4090", "--max-devices", "1", "--html", str(page),
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["best"] is None and "weights" in plan["nearest_miss"]["entry"][
+        "memory_breakdown_bytes"]
+    assert "No plan fits" in page.read_text()
+
+
+def test_a_job_smaller_than_one_step_says_so():
+    r = estimate_train("llama-2-7b", "h100-sxm", batch=16, seq=512, peft="lora", samples=4)
+    assert r.job["steps"] == 1
+    assert any("smaller than one step" in w for w in r.warnings)

@@ -69,8 +69,8 @@ def print_plan(plan: dict, top: int = 5) -> None:
 
 
 def _short(x: float, like: float) -> str:
-    """``x`` as a bare number in the unit :func:`hours` picks for ``like`` (min, h or days)."""
-    unit = 60 if like < 3600 else 3600 if like < 2 * 86400 else 86400
+    """``x`` as a bare number in the unit :func:`hours` picks for ``like`` (s, min, h, days)."""
+    unit = 1 if like < 60 else 60 if like < 3600 else 3600 if like < 2 * 86400 else 86400
     return f"{x / unit:.1f}"
 
 

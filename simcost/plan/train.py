@@ -403,6 +403,8 @@ def parse_price(text: str | None):
         name, eq, value = part.partition("=")
         if not eq or not name.strip():
             raise SimcostError(f"plan train: --price expects NAME=USD, got '{part}'")
+        if name.strip() in out:
+            raise SimcostError(f"plan train: --price names {name.strip()} twice")
         out[name.strip()] = number(value.strip(), f"for {name.strip()}")
     return out
 

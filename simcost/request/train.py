@@ -314,6 +314,13 @@ class MultiTrainRequest(TrainRequest):
 
     @model_validator(mode="after")
     def _one_device(self):
+        given = [flag for flag, on in (("--tokens", self.tokens is not None),
+                                       ("--samples", self.samples is not None),
+                                       ("--epochs", self.epochs != 1),
+                                       ("--price", self.price is not None)) if on]
+        if given:
+            raise ValueError(f"{given[0]} prices one job's whole run; --jobs compares N jobs' "
+                             f"steps (run each job without --jobs for its whole run)")
         if self.distributed:
             raise ValueError("--jobs is priced on one device (no --devices, --parallel, --zero, "
                              "--offload, --micro-batch or fp8)")
