@@ -51,6 +51,10 @@ def print_plan(plan: dict, top: int = 5) -> None:
         c.print(_table(plan["candidates"][:top], {id(e) for e in plan["frontier"]},
                        f"best {min(top, len(plan['candidates']))} by {q['objective']} "
                        f"(* = on the time/cost frontier)"))
+    late = plan.get("over_constraints") or []
+    if late and best is not None:
+        c.print(f"{len(late)} more fitting plan(s) miss the deadline or budget, the best of "
+                f"them: {escape(answer(late[0], q))} (--json 'over_constraints')", style="dim")
     if len(plan["frontier"]) > 1:
         c.print("time/cost frontier: " + "; ".join(
             f"{e['devices']} x {e['hardware']} {e['peft']} {hours(e['job_s'])} "
