@@ -49,7 +49,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 from pathlib import Path
 
 from simcost.errors import SimcostError
@@ -119,16 +118,8 @@ ITERATIONS, SLOT = 1, 100
 def check_trace_out(path) -> Path:
     """The trace file's path, refused in one line unless it can be written (checked before
     anything runs)."""
-    p = Path(path)
-    if p.is_dir():
-        raise SimcostError(f"--trace-out {path}: is a directory (give a file name)")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise SimcostError(f"--trace-out {path}: directory {parent} does not exist")
-    if p.exists() and not os.access(p, os.W_OK) or not p.exists() and \
-            not os.access(parent, os.W_OK | os.X_OK):
-        raise SimcostError(f"--trace-out {path}: not writable")
-    return p
+    from simcost.paths import check_output_file
+    return check_output_file(path, "--trace-out")
 
 
 def write_trace(path, trace: dict) -> None:

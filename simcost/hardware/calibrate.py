@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -42,6 +41,7 @@ import numpy as np
 from simcost.errors import SimcostError
 from simcost.hardware import host_allocator
 from simcost.hardware.profile import load_profile
+from simcost.paths import check_output_file
 
 GEMM_M = (16, 128, 512, 2048)
 GEMM_NK = (8, 64, 512, 2048)
@@ -698,18 +698,6 @@ def _summary(fitted: dict, raw: dict, out: str, elapsed_s: float) -> list[str]:
     return lines
 
 
-def _check_writable(out: str) -> None:
-    """Refuse an --out that cannot be written before minutes of measuring, not after."""
-    p = Path(out)
-    if p.is_dir():
-        raise SimcostError(f"--out '{out}' is a folder; give the profile file's path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise SimcostError(f"--out '{out}': folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise SimcostError(f"--out '{out}': folder '{parent}' is not writable")
-
-
 def run_cli(args) -> int:
     from rich.progress import Progress
 
@@ -729,7 +717,7 @@ def run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     base = args.base or ("cpu-generic" if args.device == "cpu" else "h100-sxm")
     load_profile(base)   # fail early on a bad base name
-    _check_writable(args.out)
+    check_output_file(args.out, "--out")   # before minutes of measuring, not after
     with Progress(transient=True) as bar:
         task = bar.add_task(f"calibrating {args.device} ({budget.total_s:.0f} s budget)",
                             total=7)

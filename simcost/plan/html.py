@@ -56,12 +56,19 @@ def render_html(plan: dict) -> str:
 
 # -- plotly and the page ------------------------------------------------------------------------
 
-def _plotly():
+def require_plotly() -> None:
+    """Refuse --html in one line when plotly (the report extra) is missing, before a search."""
     try:
-        import plotly.graph_objects as go
-        from plotly.offline import get_plotlyjs
+        import plotly.graph_objects  # noqa: F401
+        import plotly.offline  # noqa: F401
     except ImportError:
         raise SimcostError(_PLOTLY_MISSING) from None
+
+
+def _plotly():
+    require_plotly()
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
     return go, get_plotlyjs()
 
 

@@ -80,11 +80,13 @@ def run_cli(args) -> int:
         lora_kernels=a.lora_kernels, routing=a.routing, input_len=a.input_len,
         output_len=a.output_len, popularity_alpha=a.popularity_alpha, requests=a.requests,
         duration=a.duration, seed=a.seed, max_devices=a.max_devices, top=a.top)
+    from simcost.paths import check_output_file
     if a.csv:
-        _check_writable(a.csv)
+        check_output_file(a.csv, "--csv")
     if a.html:
-        _check_writable(a.html, "--html")
-        _need_plotly()
+        from simcost.plan.html import require_plotly
+        check_output_file(a.html, "--html")
+        require_plotly()
     if a.progress or sys.stderr.isatty():
         plan = _with_progress(req, plan_serve_from_request)
     else:
@@ -101,23 +103,6 @@ def run_cli(args) -> int:
     else:
         print_plan(req, plan)
     return 0
-
-
-def _check_writable(path: str, option: str = "--csv") -> None:
-    from pathlib import Path
-
-    from simcost.errors import SimcostError
-    p = Path(path)
-    if p.is_dir() or not p.parent.is_dir():
-        raise SimcostError(f"{option} {path}: not a writable file path (its folder must exist)")
-
-
-def _need_plotly() -> None:
-    from simcost.errors import SimcostError
-    try:
-        import plotly  # noqa: F401
-    except ImportError:
-        raise SimcostError("--html needs plotly: pip install 'simcost[report]'") from None
 
 
 def html_view(plan: dict) -> dict:

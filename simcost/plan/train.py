@@ -410,23 +410,14 @@ def parse_price(text: str | None):
 
 
 def _check_outputs(a) -> None:
-    """Refuse unwritable output paths before the search runs."""
-    from pathlib import Path
+    """Refuse unwritable output paths, and --html without plotly, before the search runs."""
+    from simcost.paths import check_output_file
     for opt, path in (("--csv", a.csv), ("--html", a.html)):
-        if path is None:
-            continue
-        target = Path(path).expanduser().resolve()
-        if target.is_dir():
-            raise SimcostError(f"plan train: {opt} {path} is a folder; give a file path")
-        if not target.parent.is_dir():
-            raise SimcostError(f"plan train: {opt} {path}: the folder {target.parent} does not "
-                               f"exist")
+        if path is not None:
+            check_output_file(path, opt)
     if a.html is not None:
-        try:
-            import plotly  # noqa: F401
-        except ImportError:
-            raise SimcostError("plan train: --html needs plotly: pip install "
-                               "'simcost[report]'") from None
+        from simcost.plan.html import require_plotly
+        require_plotly()
 
 
 def run_cli(a) -> int:
