@@ -24,7 +24,7 @@ def run_groups(groups: list[Group], *, workers: int | None = None, cluster: str 
     return _ray(groups, workers=workers, cluster=cluster, progress=progress)
 
 
-def _bar(total: int, enabled: bool):
+def _bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
     return Progress("[progress.description]{task.description}", BarColumn(),
@@ -34,7 +34,7 @@ def _bar(total: int, enabled: bool):
 
 def _local(groups: list[Group], progress: bool) -> list[GroupResult]:
     out = []
-    with _bar(len(groups), progress) as bar:
+    with _bar(progress) as bar:
         task = bar.add_task("planning", total=len(groups))
         for g in groups:
             out.append(evaluate_group(g))
@@ -66,7 +66,7 @@ def _ray(groups: list[Group], *, workers: int | None, cluster: str | None,
         index = {r: i for i, r in enumerate(refs)}
         out: list[GroupResult | None] = [None] * len(refs)
         pending = list(refs)
-        with _bar(len(refs), progress) as bar:
+        with _bar(progress) as bar:
             task = bar.add_task("planning on Ray", total=len(refs))
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
