@@ -171,10 +171,8 @@ def _choose_plan(ctx, topo, *, devices, batch, spec, seq, tp, pp, dp, cp, zero, 
         plans = P.enumerate_plans(devices, batch, spec, seq, topo.gpus_per_node,
                                   zeros=(zero,) if zero else (0, 1, 2, 3), tp_overlap=tp_overlap,
                                   fixed=dict(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=micro_batch,
-                                             ep=ep))
-        plans = [P.with_options(p, sp=sequence_parallel, schedule=pp_schedule,
-                                virtual_stages=virtual_stages, offload=offload, deepspeed=ds)
-                 for p in plans]
+                                             ep=ep), sp=sequence_parallel, schedule=pp_schedule,
+                                  virtual_stages=virtual_stages, offload=offload, deepspeed=ds)
         if optimizer_in_backward:       # no gradient accumulation under it (refused below)
             plans = [p for p in plans if p.micro_batches == 1]
         if not plans:

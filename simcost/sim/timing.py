@@ -32,7 +32,7 @@ For one op in one phase (forward, or backward):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -118,6 +118,11 @@ class TimeModel:
                    dev.memory_bandwidth_bytes_per_s * given(p.bandwidth_efficiency, 1.0),
                    launch, dispatch, step_s, half, sharp, units, tile,
                    p.special_rates, table, stream, attn or None)
+
+    def key(self) -> tuple:
+        """A hashable fingerprint of every value that prices an op (measured tables by their
+        contents): two time models with the same key give the same times."""
+        return tuple(_frozen(getattr(self, f.name)) for f in fields(self))
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -213,6 +218,16 @@ class TimeModel:
         return self.combine(self.device_time(dtype, gemms, matmul_flops, other_flops, nbytes,
                                              special, attention),
                             self.host_time(kernels))
+
+
+def _frozen(v):
+    if isinstance(v, dict):
+        return tuple(sorted((k, _frozen(x)) for k, x in v.items()))
+    if isinstance(v, (tuple, list)):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return (v.dtype.str, v.shape, v.tobytes())
+    return v
 
 
 def _interp3(table, m, n, k):

@@ -77,10 +77,10 @@ from simcost.sim.parallel.comm import (DDP_BUCKET_BYTES, AxisComm, comm_sm_fract
                                       overlap_slowdown)
 from simcost.sim.parallel.context import Context
 from simcost.sim.parallel.deepspeed import DeepSpeedZero
-from simcost.sim.parallel.evaluate import PlanResult, evaluate_plan, search
+from simcost.sim.parallel.evaluate import PlanResult, evaluate_plan, search, step_lower_bound
 from simcost.sim.parallel.memory import TP_REPLICATED_ACT_FRACTION, PlanMemory, plan_memory
 from simcost.sim.parallel.plans import (MAX_PLANS, Plan, check_ep, check_size, divisors,
-                                        enumerate_plans, make_plan, with_options)
+                                        enumerate_plans, make_plan)
 from simcost.sim.parallel.tensor import (BLOCK_PREFIX, COLUMN, ROW, UB_PIPELINE_SPLITS,
                                          SegTimes, fp8_time_model, segment_times,
                                          tp_overlap_exposed)
@@ -90,4 +90,4 @@ __all__ = ["AxisComm", "BLOCK_PREFIX", "COLUMN", "Context", "DDP_BUCKET_BYTES", 
            "TP_REPLICATED_ACT_FRACTION", "UB_PIPELINE_SPLITS", "check_ep", "check_size",
            "comm_sm_fraction", "divisors", "enumerate_plans", "evaluate_plan", "fp8_time_model",
            "make_plan", "overlap_slowdown", "plan_memory", "search", "segment_times",
-           "tp_overlap_exposed", "with_options"]
+           "step_lower_bound", "tp_overlap_exposed"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from simcost.sim.memory import ckpt_mode, training_memory
-from simcost.sim.parallel.stage import act_split, param_split
+from simcost.sim.parallel.stage import act_split, param_split, stage_work
 from simcost.sim.parallel.tensor import fp8_time_model, segment_times
 from simcost.sim.timing import TimeModel
 from simcost.stack import optimizer_impl
@@ -35,6 +35,7 @@ class Context:
         self.stack = stack            # simcost.stack.Stack or None (the device alone)
         tm = TimeModel.from_device(device, stack)
         self.tm = fp8_time_model(tm, device) if (fp8 or fp8_attention) else tm
+        self.tm_key = self.tm.key()   # segment times are shared by contexts of one time model
         self._graphs = {}
         self._times = {}
         self._mem = {}
@@ -62,8 +63,18 @@ class Context:
             self._times[key] = segment_times(self.tm, self.compute_dtype, g, a, tp=tp, sp=sp,
                                              cp=cp, fp8=self.fp8,
                                              fp8_attention=self.fp8_attention,
-                                             recompute=self.checkpointing)
+                                             recompute=self.checkpointing,
+                                             tm_key=self.tm_key)
         return self._times[key]
+
+    def stage(self, mb, cp, tp, sp, pp):
+        """The slowest pipeline stage's work (:func:`stage_work`) of one micro-batch shape."""
+        st = self.times(mb, cp, tp, sp)
+        hit = st.stages.get(pp)
+        if hit is None:
+            g, _ = self.graph(mb, cp)
+            hit = st.stages[pp] = stage_work(g, st, pp)
+        return hit
 
     def base_memory(self, mb, cp):
         """(single-device :class:`~simcost.sim.memory.Memory`, :class:`ParamSplit`,

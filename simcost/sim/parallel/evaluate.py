@@ -9,7 +9,7 @@ from simcost.sim.parallel import comm as K
 from simcost.sim.parallel.context import Context
 from simcost.sim.parallel.memory import plan_memory
 from simcost.sim.parallel.plans import Plan
-from simcost.sim.parallel.stage import StageWork, stage_work
+from simcost.sim.parallel.stage import StageWork
 
 # the communication table's rows, in report order
 AXES = ("tensor_parallel", "context_parallel", "zero3_gather", "expert_parallel",
@@ -50,10 +50,17 @@ def micro_step(ctx: Context, work: StageWork, tp: K.AxisComm, cp: K.AxisComm,
     return MicroStep(slot_f, slot_b, slow_f, slow_b)
 
 
-def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
+def plan_peak(ctx: Context, plan: Plan) -> dict:
+    """The plan's memory per device (``peak`` and its parts), without pricing its time."""
+    work = ctx.stage(plan.micro_batch, plan.cp, plan.tp, plan.seq_parallel, plan.pp)
+    return plan_memory(ctx, plan, work.layers_stage, work.layers).as_dict(ctx.stack,
+                                                                          ctx.device.kind)
+
+
+def evaluate_plan(ctx: Context, plan: Plan, mem: dict | None = None) -> PlanResult:
+    """The plan priced; ``mem``: its :func:`plan_peak`, when already known."""
     g, _ = ctx.graph(plan.micro_batch, plan.cp)
-    work = stage_work(g, ctx.times(plan.micro_batch, plan.cp, plan.tp, plan.seq_parallel),
-                      plan.pp)
+    work = ctx.stage(plan.micro_batch, plan.cp, plan.tp, plan.seq_parallel, plan.pp)
     shard = K.stage_shard(ctx, plan, g, work)
     tp = K.tensor_parallel(ctx, plan, work)
     cp = K.context_parallel(ctx, plan, work)
@@ -66,8 +73,8 @@ def evaluate_plan(ctx: Context, plan: Plan) -> PlanResult:
     comm = dict(zip(AXES, (tp, cp, z3, ep, pipe.p2p, dp, off)))
     step = pipe.pipe_s + pipe.p2p.exposed_s + dp.exposed_s + t_opt + off.exposed_s \
         + ctx.tm.step_overhead_s
-    mem = plan_memory(ctx, plan, work.layers_stage, work.layers).as_dict(ctx.stack,
-                                                                         ctx.device.kind)
+    if mem is None:
+        mem = plan_peak(ctx, plan)
     fits = bool(mem["peak"] <= ctx.device.memory_bytes)
     m = plan.micro_batches
     comm_total = sum(v.total_s for v in comm.values())
@@ -100,12 +107,57 @@ def _communication_table(ctx: Context, plan: Plan, comm: dict, shard: K.StageSha
     return d
 
 
+def step_lower_bound(ctx: Context, plan: Plan) -> float:
+    """A lower bound of :func:`evaluate_plan`'s step time, from the slowest stage's compute
+    alone: the schedule's slots times one micro-batch's forward and backward, plus the per-step
+    host work. Every term the full price adds (exposed communication, the SMs it takes, the
+    optimizer, offload) is non-negative, so ``step >= bound`` (a test checks it)."""
+    work = ctx.stage(plan.micro_batch, plan.cp, plan.tp, plan.seq_parallel, plan.pp)
+    slots = plan.micro_batches
+    if plan.pp > 1:
+        v = plan.virtual_stages if plan.schedule == "interleaved" else 1
+        slots = slots + (plan.pp - 1) / v
+    return slots * (work.fwd_s + work.bwd_s) + ctx.tm.step_overhead_s
+
+
+# the bound is compared after rounding to the search's 1 us tie grain; this margin keeps a
+# summation-order difference of a few ulps from ever pruning a plan that ties
+_BOUND_SLACK = 1e-9
+
+
+def _rank_key(r: PlanResult, index: int) -> tuple:
+    # fastest; ties (ZeRO stages cost the same for tiny LoRA gradients) go to less memory,
+    # then to the earlier plan of the enumeration
+    return round(r.time_s["step"], 6), r.memory_bytes["peak"], index
+
+
 def search(ctx: Context, plans: list[Plan], keep: int = 5) -> tuple[PlanResult, list[PlanResult]]:
-    results = [evaluate_plan(ctx, p) for p in plans]
-    fitting = [r for r in results if r.fits]
-    if fitting:
-        # fastest; ties (ZeRO stages cost the same for tiny LoRA gradients) go to less memory
-        fitting.sort(key=lambda r: (round(r.time_s["step"], 6), r.memory_bytes["peak"]))
-        return fitting[0], fitting[:keep]
-    results.sort(key=lambda r: r.memory_bytes["peak"])
-    return results[0], results[:keep]
+    """The fastest fitting plan and the ``keep`` best (or, when none fits, the plans needing
+    the least memory).
+
+    Branch and bound, exact: plans are taken in the order of :func:`step_lower_bound`; a plan
+    whose memory does not fit is not priced (unless none fits), and the search stops once
+    ``keep`` fitting plans are known and the next bound (on the same 1 us grain the ranking
+    uses) is slower than the slowest of them: no plan left can enter the ranking. The answer
+    is the one pricing every plan gives (a test checks it); a search over hundreds of plans
+    prices a few dozen."""
+    bounds = [step_lower_bound(ctx, p) * (1.0 - _BOUND_SLACK) for p in plans]
+    order = sorted(range(len(plans)), key=bounds.__getitem__)
+    top: list[tuple] = []           # (rank key, result) of the best fitting plans so far
+    misses: list[tuple] = []        # (peak, index, memory) of the plans that do not fit
+    for i in order:
+        if len(top) >= keep and round(bounds[i], 6) > top[keep - 1][0][0]:
+            break
+        mem = plan_peak(ctx, plans[i])
+        if mem["peak"] <= ctx.device.memory_bytes:
+            r = evaluate_plan(ctx, plans[i], mem)
+            top.append((_rank_key(r, i), r))
+            top.sort(key=lambda e: e[0])
+            del top[keep:]
+        else:
+            misses.append((mem["peak"], i, mem))
+    if top:
+        return top[0][1], [r for _, r in top]
+    misses.sort(key=lambda e: e[:2])        # every plan was visited: none fits
+    out = [evaluate_plan(ctx, plans[i], mem) for _, i, mem in misses[:keep]]
+    return out[0], out

@@ -89,7 +89,10 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
     """The divisors of ``n`` >= 1 that are at most ``limit``, ascending, in
     O(min(limit, sqrt n)) trial divisions (never a scan up to ``n``)."""
     n = check_size("n", n)
-    top = n if limit is None else min(n, limit)
+    return _divisors(n, n if limit is None else min(n, limit))
+
+
+def _divisors(n: int, top: int) -> list[int]:
     root = math.isqrt(n)
     if top <= root:
         return [d for d in range(1, top + 1) if n % d == 0]
@@ -127,20 +130,6 @@ def make_plan(devices, global_batch, *, tp=None, pp=None, dp=None, cp=None, zero
                 tp_overlap=tp_overlap, schedule=schedule,
                 virtual_stages=virtual_stages if schedule == "interleaved" else 1, offload=offload,
                 deepspeed=deepspeed, ep=ep)
-
-
-def with_options(plan: Plan, *, sp=None, schedule="1f1b", virtual_stages=1, offload="none",
-                 deepspeed=None) -> Plan:
-    """A searched plan with the options the search does not vary: sequence parallelism (None:
-    on wherever tp > 1), the pipeline schedule (where pp > 1), offload, DeepSpeed."""
-    virtual_stages = check_size("virtual_stages", virtual_stages)
-    _check_choices(plan.zero, schedule, offload)
-    interleaved = schedule == "interleaved" and plan.pp > 1
-    return dataclasses.replace(
-        plan, sp=plan.sp if sp is None else bool(sp),
-        schedule="interleaved" if interleaved else plan.schedule,
-        virtual_stages=virtual_stages if interleaved else plan.virtual_stages,
-        offload=offload, deepspeed=deepspeed)
 
 
 def _check_choices(zero, schedule, offload) -> None:
@@ -198,15 +187,20 @@ def axis_sizes(devices, global_batch, spec, seq, gpus_per_node):
 
 def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0, 1, 2, 3),
                     tp_overlap=False, fixed: dict | None = None,
-                    max_plans: int = MAX_PLANS) -> list[Plan]:
+                    max_plans: int = MAX_PLANS, sp=None, schedule="1f1b", virtual_stages=1,
+                    offload="none", deepspeed=None) -> list[Plan]:
     """Valid plans (see :func:`axis_sizes`), every micro-batch size and ZeRO stage; for
     mixture-of-experts models also ep dividing both dp and the expert count. ``fixed`` pins
-    sizes (None: free). More than ``max_plans`` plans are refused with one line."""
+    sizes (None: free). More than ``max_plans`` plans are refused with one line.
+
+    The options the search does not vary apply to every plan: sequence parallelism (None: on
+    wherever tp > 1), the pipeline schedule (where pp > 1), offload, DeepSpeed."""
     devices = check_size("devices", devices)
     global_batch = check_size("global_batch", global_batch)
     fixed = {k: check_size(k, v) for k, v in (fixed or {}).items() if v is not None}
+    virtual_stages = check_size("virtual_stages", virtual_stages)
     for z in zeros:
-        _check_choices(z, "1f1b", "none")
+        _check_choices(z, schedule, offload)
     experts = getattr(spec, "experts", 0) or 0
     plans = []
     for tp, pp, cp, dp in axis_sizes(devices, global_batch, spec, seq, gpus_per_node):
@@ -214,16 +208,21 @@ def enumerate_plans(devices, global_batch, spec, seq, gpus_per_node, *, zeros=(0
         if any(cand[k] != v for k, v in fixed.items() if k in cand):
             continue
         per = global_batch // dp
-        eps = [e for e in divisors(dp) if e == 1 or (experts and experts % e == 0)]
+        eps = [e for e in _divisors(dp, dp) if e == 1 or (experts and experts % e == 0)]
         if "ep" in fixed:
             eps = [e for e in eps if e == fixed["ep"]]
-        for mb in divisors(per):
+        interleaved = schedule == "interleaved" and pp > 1
+        opts = dict(sp=tp > 1 if sp is None else bool(sp), tp_overlap=tp_overlap,
+                    schedule="interleaved" if interleaved else "1f1b",
+                    virtual_stages=virtual_stages if interleaved else 1, offload=offload,
+                    deepspeed=deepspeed)
+        for mb in _divisors(per, per):
             if "micro_batch" in fixed and mb != fixed["micro_batch"]:
                 continue
             for z in (zeros if dp > 1 else (0,)):
-                plans.extend(Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=z, micro_batch=mb,
-                                  micro_batches=per // mb, sp=tp > 1, tp_overlap=tp_overlap,
-                                  ep=ep) for ep in eps)
+                for ep in eps:
+                    plans.append(Plan(dp=dp, tp=tp, pp=pp, cp=cp, zero=z, micro_batch=mb,
+                                      micro_batches=per // mb, ep=ep, **opts))
             if len(plans) > max_plans:
                 raise SimcostError(
                     f"--parallel auto would search more than {max_plans} plans for {devices} "

@@ -5,7 +5,7 @@ GEMM rate."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from simcost.errors import SimcostError
 from simcost.graph import kinds as K
@@ -85,6 +85,9 @@ class SegTimes:
     attn_bwd: list
     wgrad_bwd: list        # weight-gradient GEMM time of TP-split linears (what the backward
                            # reduce-scatter of the input gradient can hide behind)
+    stages: dict = field(default_factory=dict, compare=False, repr=False)
+    # pp -> the slowest stage's work (:func:`simcost.sim.parallel.stage.stage_work`), kept by
+    # :meth:`simcost.sim.parallel.context.Context.stage`
 
 
 @dataclass(slots=True)
@@ -165,19 +168,44 @@ def op_times(tm: TimeModel, dtype: str, r, share: OpShare, *, cp: int, fp8: bool
 
 
 def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int,
-                  fp8: bool, fp8_attention: bool, recompute) -> SegTimes:
+                  fp8: bool, fp8_attention: bool, recompute, tm_key=None) -> SegTimes:
     """Per-segment time on one rank (forward, backward with any recomputation), and the parts
     communication can overlap with (device time of the TP linears, attention, weight
     gradients). A segment's phase costs its device time combined with the host time that
-    issues its kernels (:func:`simcost.sim.timing.phase_times`)."""
+    issues its kernels (:func:`simcost.sim.timing.phase_times`).
+
+    With ``tm_key`` (:meth:`TimeModel.key` of ``tm``) the result is kept on the graph, for
+    every checkpointing mode from one pricing of the ops: a plan search over device counts, checkpointing modes
+    and profiles (``simcost plan train``) prices each (time model, shape, tp, sp, cp) once.
+    Graphs are never changed once analysed, and callers only read the lists."""
+    if tm_key is None:
+        return _assemble(tm, g, a, _all_op_times(tm, dtype, a, tp, sp, cp, fp8, fp8_attention),
+                         recompute)
+    cache = g.meta.setdefault("_segment_times", {})
+    key = (tm_key, dtype, tp, sp, cp, fp8, fp8_attention)
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = (_all_op_times(tm, dtype, a, tp, sp, cp, fp8, fp8_attention), {})
+    ops, modes = hit
+    out = modes.get(recompute)
+    if out is None:
+        out = modes[recompute] = _assemble(tm, g, a, ops, recompute)
+    return out
+
+
+def _all_op_times(tm, dtype, a, tp, sp, cp, fp8, fp8_attention) -> list:
+    return [op_times(tm, dtype, r, op_share(r, tp, sp, fp8), cp=cp, fp8=fp8,
+                     fp8_attention=fp8_attention) for r in a.records]
+
+
+def _assemble(tm: TimeModel, g, a, ops: list, recompute) -> SegTimes:
+    """Sum the records' op times per segment (``ops[i]`` is ``a.records[i]``'s)."""
     nseg = len(g.segments)
     out = SegTimes(*[[0.0] * nseg for _ in range(7)])
     host_f, host_b = [0.0] * nseg, [0.0] * nseg
-    for r in a.records:
+    for r, t in zip(a.records, ops):
         c = r.cost
         si = r.segment
-        t = op_times(tm, dtype, r, op_share(r, tp, sp, fp8), cp=cp, fp8=fp8,
-                     fp8_attention=fp8_attention)
         out.fwd[si] += t.fwd_s
         out.bwd[si] += t.bwd_s
         host_f[si] += t.fwd_host_s
