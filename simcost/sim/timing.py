@@ -34,9 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import math
+
 import numpy as np
 
 from simcost.graph import kinds as K
+
+# plain numbers (np.float64 is a float): the scalar paths of the time model
+_NUMBER = (int, float, np.float64)
 
 
 # Host time per dispatched kernel of eager PyTorch + transformers (+ peft) training, measured
@@ -131,7 +136,11 @@ class TimeModel:
         return p["fp32"]
 
     def gemm_efficiency(self, batch, m, n, k):
-        """Fraction of the dtype's achievable peak a (batch x) m·n·k GEMM reaches."""
+        """Fraction of the dtype's achievable peak a (batch x) m·n·k GEMM reaches (numbers
+        or arrays; plain numbers take the same arithmetic without numpy's per-call cost)."""
+        if type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER \
+                and type(batch) in _NUMBER:
+            return self._gemm_efficiency_scalar(batch, m, n, k)
         if self.half is not None:
             e = 1.0
             for x, h, a in zip((m, n, k), self.half, self.sharp):
@@ -142,6 +151,23 @@ class TimeModel:
             tiles = np.ceil(m / tm) * np.ceil(n / tn) * batch
             split = np.maximum(1, np.minimum(np.floor(self.units / tiles), np.ceil(k / 256)))
             waves = np.ceil(tiles * split / self.units)
+            util = (batch * m * n * split) / (waves * self.units * tm * tn)
+            k_part = k / split
+            return util * k_part / (k_part + 16.0)
+        return 1.0
+
+    def _gemm_efficiency_scalar(self, batch, m, n, k) -> float:
+        if self.half is not None:
+            e = 1.0
+            for x, h, a in zip((m, n, k), self.half, self.sharp):
+                e = e / (1.0 + (h / max(x, 1)) ** a)
+            return e
+        if self.units is not None:
+            tm, tn = self.tile
+            tiles = float(math.ceil(m / tm) * math.ceil(n / tn)) * batch
+            split = max(1.0, min(float(math.floor(self.units / tiles)),
+                                 float(math.ceil(k / 256))))
+            waves = float(math.ceil(tiles * split / self.units))
             util = (batch * m * n * split) / (waves * self.units * tm * tn)
             k_part = k / split
             return util * k_part / (k_part + 16.0)
@@ -192,8 +218,11 @@ class TimeModel:
                 t_mm = t_mm + self.gemm_time(dtype, batch, m, n, k)
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
-        return np.maximum(t_mm + other_flops / self.vec_peak + self.special_time(special),
-                          self.stream_time(nbytes))
+        t = t_mm + other_flops / self.vec_peak + self.special_time(special)
+        b = self.stream_time(nbytes)
+        if type(t) in _NUMBER and type(b) in _NUMBER:
+            return t if t >= b else b
+        return np.maximum(t, b)
 
     def host_time(self, kernels):
         """Host seconds to issue ``kernels`` kernels (the framework's dispatch, plus the launch

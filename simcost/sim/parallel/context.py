@@ -78,15 +78,24 @@ class Context:
 
     def base_memory(self, mb, cp):
         """(single-device :class:`~simcost.sim.memory.Memory`, :class:`ParamSplit`,
-        :class:`ActSplit`) of one micro-batch shape."""
+        :class:`ActSplit`) of one micro-batch shape, kept on the graph for every context
+        with the same training setup (a plan search over device counts and profiles)."""
         key = (mb, cp)
-        if key not in self._mem:
+        hit = self._mem.get(key)
+        if hit is None:
             g, a = self.graph(mb, cp)
-            mem = training_memory(g, a, optimizer=self.optimizer, mixed=self.mixed,
-                                  checkpointing=self.checkpointing,
-                                  runtime_overhead=self.device.runtime_overhead_bytes,
-                                  foreach=self.foreach,
-                                  fused_optimizer=self.optimizer_impl == "fused")
-            self._mem[key] = (mem, param_split(g), act_split(g, a, self.checkpointing,
-                                                         self.fp8_attention))
-        return self._mem[key]
+            shared = g.meta.setdefault("_base_memory", {})
+            setup = (self.optimizer, self.mixed, self.checkpointing,
+                     self.device.runtime_overhead_bytes, self.optimizer_impl,
+                     self.fp8_attention)
+            hit = shared.get(setup)
+            if hit is None:
+                mem = training_memory(g, a, optimizer=self.optimizer, mixed=self.mixed,
+                                      checkpointing=self.checkpointing,
+                                      runtime_overhead=self.device.runtime_overhead_bytes,
+                                      foreach=self.foreach,
+                                      fused_optimizer=self.optimizer_impl == "fused")
+                hit = shared[setup] = (mem, param_split(g), act_split(g, a, self.checkpointing,
+                                                                      self.fp8_attention))
+            self._mem[key] = hit
+        return hit

@@ -141,7 +141,15 @@ def search(ctx: Context, plans: list[Plan], keep: int = 5) -> tuple[PlanResult, 
     uses) is slower than the slowest of them: no plan left can enter the ranking. The answer
     is the one pricing every plan gives (a test checks it); a search over hundreds of plans
     prices a few dozen."""
-    bounds = [step_lower_bound(ctx, p) * (1.0 - _BOUND_SLACK) for p in plans]
+    shapes: dict = {}               # plans differing only in ZeRO stage or ep share a bound
+    bounds = []
+    for p in plans:
+        key = (p.micro_batch, p.micro_batches, p.cp, p.tp, p.sp, p.pp, p.schedule,
+               p.virtual_stages)
+        b = shapes.get(key)
+        if b is None:
+            b = shapes[key] = step_lower_bound(ctx, p) * (1.0 - _BOUND_SLACK)
+        bounds.append(b)
     order = sorted(range(len(plans)), key=bounds.__getitem__)
     top: list[tuple] = []           # (rank key, result) of the best fitting plans so far
     misses: list[tuple] = []        # (peak, index, memory) of the plans that do not fit

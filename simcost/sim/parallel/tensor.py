@@ -112,17 +112,48 @@ class OpTimes:
     bwd_host_s: float = 0.0
 
 
-def op_share(r, tp: int, sp: bool, fp8: bool) -> OpShare:
+@dataclass(frozen=True, slots=True)
+class OpStatic:
+    """What the TP split and the pricing read of one record, whatever the plan (kept per
+    graph by :func:`op_statics`)."""
+    role: str                   # how it splits under TP (:func:`role`)
+    is_attention: bool
+    base_linear: bool           # a linear on a base (not adapter) weight
+    attention: tuple | None     # :func:`simcost.sim.timing.attention_kind`
+    weight_dim: int | None      # the weight dimension a TP-split linear divides
+
+
+def op_static(r) -> OpStatic:
+    rl, _ = role(r)
+    op = r.op
+    p = op.params[0] if op.params else None
+    dim = None
+    if rl in TP_LINEAR_ROLES and p is not None and len(p.shape) == 2:
+        dim = p.shape[0] if rl == COLUMN_BASE else p.shape[1]
+    return OpStatic(rl, op.kind == K.SDPA or "attention" in op.name,
+                    bool(op.kind == K.LINEAR and op.params
+                         and not any(q.role == "adapter" for q in op.params)),
+                    attention_kind(r), dim)
+
+
+def op_statics(g, a) -> tuple:
+    """:func:`op_static` of each of ``a.records``, listed once per graph."""
+    hit = g.meta.get("_op_statics")
+    if hit is None:
+        hit = g.meta["_op_statics"] = tuple(op_static(r) for r in a.records)
+    return hit
+
+
+def op_share(r, st: OpStatic, tp: int, sp: bool, fp8: bool) -> OpShare:
     c = r.cost
-    rl, _ = role(r) if tp > 1 or fp8 else (REPLICATED, None)
+    rl = st.role if tp > 1 or fp8 else REPLICATED
     f = 1.0
     gf, gb = c.gemms_fwd, c.gemms_bwd
     if tp > 1:
         if rl in TP_LINEAR_ROLES:
             f = 1.0 / tp
-            p = r.op.params[0] if r.op.params else None
-            if p is not None and len(p.shape) == 2:
-                dim = p.shape[0] if rl == COLUMN_BASE else p.shape[1]
+            dim = st.weight_dim
+            if dim is not None:
                 gf = [split_gemm(x, dim, tp) for x in gf]
                 gb = [split_gemm(x, dim, tp) for x in gb]
         elif rl == SPLIT or (rl == HIDDEN and sp):
@@ -132,22 +163,21 @@ def op_share(r, tp: int, sp: bool, fp8: bool) -> OpShare:
     return OpShare(rl, f, gf, gb)
 
 
-def op_times(tm: TimeModel, dtype: str, r, share: OpShare, *, cp: int, fp8: bool,
-             fp8_attention: bool) -> OpTimes:
+def op_times(tm: TimeModel, dtype: str, r, st: OpStatic, share: OpShare, *, cp: int,
+             fp8: bool, fp8_attention: bool) -> OpTimes:
     """Forward and backward time of one op's share, with the fp8 quantisation passes and
     ring attention's cp-fold attention work."""
     c = r.cost
     f, gf, gb = share.fraction, share.gemms_fwd, share.gemms_bwd
-    is_attn = r.op.kind == K.SDPA or "attention" in r.op.name
+    is_attn = st.is_attention
     mult = cp if (is_attn and cp > 1) else 1.0
-    base_linear = r.op.kind == K.LINEAR and r.op.params and \
-        not any(p.role == "adapter" for p in r.op.params)
+    base_linear = st.base_linear
     mdt = "fp8" if ((fp8 and base_linear) or (fp8_attention and is_attn)) else dtype
     sp_f = {k: v * f for k, v in c.special_fwd.items()} if c.special_fwd else c.special_fwd
     sp_b = {k: v * f for k, v in c.special_bwd.items()} if c.special_bwd else c.special_bwd
     tf = tb = 0.0
     mm = 0.0
-    att = attention_kind(r)
+    att = st.attention
     if c.fwd_kernels:
         tf = tm.device_time(mdt, gf, c.fwd_matmul_flops * f,
                             (c.fwd_flops - c.fwd_matmul_flops) * f, c.fwd_bytes * f, sp_f,
@@ -179,13 +209,13 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
     and profiles (``simcost plan train``) prices each (time model, shape, tp, sp, cp) once.
     Graphs are never changed once analysed, and callers only read the lists."""
     if tm_key is None:
-        return _assemble(tm, g, a, _all_op_times(tm, dtype, a, tp, sp, cp, fp8, fp8_attention),
-                         recompute)
+        return _assemble(tm, g, a, _all_op_times(tm, dtype, g, a, tp, sp, cp, fp8,
+                                                 fp8_attention), recompute)
     cache = g.meta.setdefault("_segment_times", {})
     key = (tm_key, dtype, tp, sp, cp, fp8, fp8_attention)
     hit = cache.get(key)
     if hit is None:
-        hit = cache[key] = (_all_op_times(tm, dtype, a, tp, sp, cp, fp8, fp8_attention), {})
+        hit = cache[key] = (_all_op_times(tm, dtype, g, a, tp, sp, cp, fp8, fp8_attention), {})
     ops, modes = hit
     out = modes.get(recompute)
     if out is None:
@@ -193,9 +223,9 @@ def segment_times(tm: TimeModel, dtype: str, g, a, *, tp: int, sp: bool, cp: int
     return out
 
 
-def _all_op_times(tm, dtype, a, tp, sp, cp, fp8, fp8_attention) -> list:
-    return [op_times(tm, dtype, r, op_share(r, tp, sp, fp8), cp=cp, fp8=fp8,
-                     fp8_attention=fp8_attention) for r in a.records]
+def _all_op_times(tm, dtype, g, a, tp, sp, cp, fp8, fp8_attention) -> list:
+    return [op_times(tm, dtype, r, st, op_share(r, st, tp, sp, fp8), cp=cp, fp8=fp8,
+                     fp8_attention=fp8_attention) for r, st in zip(a.records, op_statics(g, a))]
 
 
 def _assemble(tm: TimeModel, g, a, ops: list, recompute) -> SegTimes:
