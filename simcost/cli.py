@@ -484,7 +484,7 @@ def _print_parallel(r) -> None:
     torus = par["topology"].get("ici_torus")
     where = (f"one {torus['dims']}-D ICI torus" if torus else f"{par['nodes']} node(s)")
     print(f"plan: {par['plan_label']}  ({par['devices']} devices, {where}, "
-          f"{par['plans_searched']} plan(s) evaluated)")
+          f"{par['plans_searched']} plan(s) searched, {par['plans_priced']} priced)")
     print(f"  per device: peak {r.memory_bytes['peak'] / gib:.1f} GiB of "
           f"{r.memory_bytes['capacity'] / gib:.0f} GiB; step {t['step']:.3f} s "
           f"(bubble {t['pipeline_bubble']:.3f} s, communication {t['communication']:.3f} s: "

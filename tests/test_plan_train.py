@@ -244,6 +244,34 @@ def test_plan_on_ray_ranks_as_local():
                     e["job_usd"]) for e in b["candidates"]]
 
 
+def test_plan_in_local_processes_ranks_as_in_one():
+    """--jobs 2 splits the profiles over two processes; the results, and so the ranking, are
+    those of one process (the elapsed time and where it ran aside)."""
+    from simcost.plan.distributed import local_processes, run_groups
+    from simcost.plan.train import groups_of
+    req = PlanTrainRequest.build(**{**SMALL, "peft": ("lora",)})
+    groups, _ = groups_of(req)
+    assert local_processes(groups, 2) == 2 and local_processes(groups, 1) == 1
+    one = run_groups(groups, jobs=1)
+    two = run_groups(groups, jobs=2)
+    assert [r.as_dict() for r in two] == [r.as_dict() for r in one]
+    a, b = plan_train(req, jobs=1), plan_train(req, jobs=2)
+    assert (a["searched"]["ran_on"], b["searched"]["ran_on"]) == ("this process",
+                                                                  "2 local processes")
+    for d in (a, b):
+        d.pop("elapsed_s"), d["searched"].pop("ran_on")
+    assert a == b
+
+
+def test_progress_bar_when_asked_for_even_off_a_terminal(capsys):
+    argv = ["plan", "train", "--model", "llama-3.2-1b", "--peft", "lora", "--tokens", "100000",
+            "--seq", "512", "--hardware", "a100-80gb-sxm", "--max-devices", "2", "--json"]
+    assert main(argv) == 0
+    assert "planning" not in capsys.readouterr().err       # pytest's stderr is no terminal
+    assert main([*argv, "--progress"]) == 0
+    assert "planning" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------- estimate train: the job
 
 def test_estimate_whole_job_numbers():

@@ -36,7 +36,8 @@ def print_plan(plan: dict, top: int = 5) -> None:
     c.print(f"[bold]{q['model']}[/bold], {', '.join(q['peft'])}: {job}, global batch "
             f"{q['global_batch']}; {len(q['hardware'])} hardware profile(s), up to "
             f"{q['max_devices']} devices; {s['groups']} groups, {s['plans']:,} plans searched "
-            f"in {plan['elapsed_s']:.1f} s, {s['fitting']} fit")
+            f"({s['priced']:,} priced) in {plan['elapsed_s']:.1f} s on {s['ran_on']}, "
+            f"{s['fitting']} fit")
     best = plan["best"]
     if best is not None:
         c.print(f"[bold green]best by {q['objective']}[/bold green]: {escape(answer(best, q))}")

@@ -48,6 +48,7 @@ class GroupResult:
     miss: dict | None = None        # the least memory any plan needs, when nothing fits
     skipped: str | None = None      # why the group was not searched (no link, refused, ...)
     plans: int = 0                  # plans the estimate searched
+    priced: int = 0                 # of which priced (the rest the search's bound ruled out)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,11 +78,11 @@ def evaluate_group(group: Group) -> GroupResult:
                                         "peak_bytes": auto.memory_bytes["peak"],
                                         "capacity_bytes": auto.memory_bytes["capacity"],
                                         "memory_breakdown_bytes": _peak_rows(auto)},
-                           plans=par["plans_searched"])
+                           plans=par["plans_searched"], priced=par["plans_priced"])
     # the search priced its best plan with the same context an explicit plan gets, so its
     # numbers are those of the explicit request named here (a test checks they are equal)
     return GroupResult(group, entry=entry_of(group, explicit_request(fields, par["plan"]), auto),
-                       plans=par["plans_searched"])
+                       plans=par["plans_searched"], priced=par["plans_priced"])
 
 
 def _peak_rows(r) -> dict:

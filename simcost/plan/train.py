@@ -226,14 +226,16 @@ def groups_of(req: PlanTrainRequest) -> tuple[list, list[dict]]:
 
 
 def plan_train(req: PlanTrainRequest, *, workers: int | None = None,
-               cluster: str | None = None, progress: bool = False) -> dict:
+               cluster: str | None = None, jobs: int | None = None,
+               progress: bool = False) -> dict:
     """The plan (the ``--json`` object): ``best``, ``candidates`` (best first), ``frontier``,
     ``nearest_miss``, ``excluded``, ``assumptions`` and what was searched."""
     from simcost.plan import rank as R
-    from simcost.plan.distributed import run_groups
+    from simcost.plan.distributed import run_groups, where
     t0 = time.perf_counter()
     groups, skipped = groups_of(req)
-    results = run_groups(groups, workers=workers, cluster=cluster, progress=progress)
+    results = run_groups(groups, workers=workers, cluster=cluster, jobs=jobs,
+                         progress=progress)
     entries = [r.entry for r in results if r.entry is not None]
     misses = [r.miss for r in results if r.miss is not None]
     refused = list({(r.group.hardware, r.group.devices, r.group.method, r.skipped): {
@@ -267,7 +269,8 @@ def plan_train(req: PlanTrainRequest, *, workers: int | None = None,
         "nearest_miss": miss, "excluded": excluded,
         "skipped": [*skipped, *refused],
         "searched": {"groups": len(groups), "plans": sum(r.plans for r in results),
-                     "fitting": len(entries)},
+                     "priced": sum(r.priced for r in results), "fitting": len(entries),
+                     "ran_on": where(groups, workers=workers, cluster=cluster, jobs=jobs)},
         "elapsed_s": time.perf_counter() - t0,
         "assumptions": _assumptions(req),
     }
@@ -353,6 +356,9 @@ def add_arguments(p) -> None:
                    help="price per device-hour instead of the profile's: one number with one "
                         "--hardware, or by profile name (e.g. rtx-4090=0 for a card you own)")
     p.add_argument("--top", type=integer, default=5, help="candidates printed")
+    p.add_argument("--jobs", type=integer, default=None,
+                   help="processes on this machine (default: its usable CPUs, for searches of "
+                        "24 cells or more; 1: none started); results are the same")
     p.add_argument("--workers", type=integer, default=None,
                    help="run the search on a local Ray with N workers (the ray extra)")
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
@@ -424,7 +430,7 @@ def run_cli(a) -> int:
     from simcost.result import SCHEMA_VERSION
     req = request_of(a)
     _check_outputs(a)
-    plan = plan_train(req, workers=a.workers, cluster=a.cluster,
+    plan = plan_train(req, workers=a.workers, cluster=a.cluster, jobs=a.jobs,
                       progress=a.progress or sys.stderr.isatty())
     out = {"schema_version": SCHEMA_VERSION, **plan}
     if a.csv:

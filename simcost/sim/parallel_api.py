@@ -80,7 +80,8 @@ def estimate_parallel(spec, hardware, *, batch, seq, peft, peft_config, dtype, m
                        stack=stack)
     flops = {k: float(v) * (batch if k != "optimizer" else 1) for k, v in n1.flops.items()}
     par = _parallel_dict(best, topo, devices, fp8=fp8, fp8_attention=fp8_attention,
-                         searched=searched, candidates=candidates)
+                         searched=searched, priced=ctx.plans_priced or searched,
+                         candidates=candidates)
     return make_estimate(spec, device, pspec, n1, batch=batch, seq=seq, dtype=dtype,
                          mixed_precision=mixed_precision, attn=attn, optimizer=optimizer,
                          checkpointing=grad_checkpointing, flops=flops,
@@ -197,7 +198,8 @@ def _choose_plan(ctx, topo, *, devices, batch, spec, seq, tp, pp, dp, cp, zero, 
     return best, searched, candidates
 
 
-def _parallel_dict(best, topo, devices, *, fp8, fp8_attention, searched, candidates) -> dict:
+def _parallel_dict(best, topo, devices, *, fp8, fp8_attention, searched, priced,
+                   candidates) -> dict:
     t = best.time_s
     return {"plan": best.plan.as_dict(), "plan_label": best.plan.label(), "devices": devices,
             "nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node,
@@ -207,6 +209,7 @@ def _parallel_dict(best, topo, devices, *, fp8, fp8_attention, searched, candida
             "phases": {k: t[k] for k in ("forward", "backward", "optimizer", "pipeline_bubble",
                                          "communication_exposed", "host_overhead")},
             "fp8": fp8, "fp8_attention": fp8_attention, "plans_searched": searched,
+            "plans_priced": priced,
             "candidates": candidates}
 
 

@@ -291,7 +291,7 @@ def _data_parallel(req, task, ct0, peft_cfg, sizes, device, stack, compute, peft
     scale = sizes["batch"] / best.plan.micro_batch
     flops = {k: float(v) * (scale if k != "optimizer" else 1) for k, v in n1.flops.items()}
     par = {"plan": best.plan.as_dict(), "plan_label": best.plan.label(), "devices": req.devices,
-           "nodes": topo.nodes, "plans_searched": len(results),
+           "nodes": topo.nodes, "plans_searched": len(results), "plans_priced": len(results),
            "communication_s": best.communication_s,
            "note": "data parallelism over traced graphs (simcost.trace.parallel)"}
     est = make_estimate(task.name, device, peft_entry, n1, batch=req.batch,

@@ -37,6 +37,7 @@ class Context:
         self.tm = fp8_time_model(tm, device) if (fp8 or fp8_attention) else tm
         self.tm_key = self.tm.key()   # segment times are shared by contexts of one time model
         self._graphs = {}
+        self.plans_priced = 0         # plans :func:`~simcost.sim.parallel.evaluate.search` priced
         self._times = {}
         self._mem = {}
 

@@ -158,6 +158,7 @@ def search(ctx: Context, plans: list[Plan], keep: int = 5) -> tuple[PlanResult, 
             break
         mem = plan_peak(ctx, plans[i])
         if mem["peak"] <= ctx.device.memory_bytes:
+            ctx.plans_priced += 1
             r = evaluate_plan(ctx, plans[i], mem)
             top.append((_rank_key(r, i), r))
             top.sort(key=lambda e: e[0])
@@ -168,4 +169,5 @@ def search(ctx: Context, plans: list[Plan], keep: int = 5) -> tuple[PlanResult, 
         return top[0][1], [r for _, r in top]
     misses.sort(key=lambda e: e[:2])        # every plan was visited: none fits
     out = [evaluate_plan(ctx, plans[i], mem) for _, i, mem in misses[:keep]]
+    ctx.plans_priced += len(out)
     return out[0], out
