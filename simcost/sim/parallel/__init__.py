@@ -71,7 +71,8 @@ The package, by concern:
 - :mod:`.memory`: memory per device (:func:`plan_memory`), DeepSpeed's buffers
   (:mod:`.deepspeed` holds its config);
 - :mod:`.context` and :mod:`.evaluate`: the plan-independent :class:`Context`,
-  :func:`evaluate_plan` and :func:`search`.
+  :func:`evaluate_plan` and :func:`search` (an exact branch and bound over
+  :func:`step_lower_bound`).
 """
 from simcost.sim.parallel.comm import (DDP_BUCKET_BYTES, AxisComm, comm_sm_fraction,
                                       overlap_slowdown)
