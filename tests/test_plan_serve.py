@@ -92,6 +92,15 @@ def test_table_names_the_answer(capsys):
     assert "reproduce: simcost simulate serve" in out
 
 
+def test_progress_bar_when_asked_for(capsys):
+    argv = ["plan", "serve", *SMALL, "--rate", "20", "--hardware", "v100-sxm2-32gb", "--tp", "1",
+            "--json"]
+    assert main(argv) == 0
+    assert "plan serve" not in capsys.readouterr().err      # pytest's stderr is no terminal
+    assert main([*argv, "--progress"]) == 0
+    assert "simulations" in capsys.readouterr().err
+
+
 def test_nothing_meets_names_the_nearest_miss(capsys):
     d = _json(capsys, ["plan", "serve", *SMALL[:-2], "--slo-ttft", "0.0001", "--rate", "20",
                        "--hardware", "a10g", "--tp", "1", "--max-devices", "2", "--json"])

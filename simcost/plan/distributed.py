@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 
 from simcost.errors import SimcostError
+from simcost.plan.progress import progress_bar
 from simcost.plan.search import Group, GroupResult, evaluate_group
 
 
@@ -85,7 +85,7 @@ def _processes(groups: list[Group], chunks: list[list[int]], n: int,
     out: list[GroupResult | None] = [None] * len(groups)
     with multiprocessing.get_context(method).Pool(n) as pool:
         work = pool.imap_unordered(_indexed_chunk, [(c, [groups[i] for i in c]) for c in chunks])
-        with _bar(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task(f"planning in {n} processes", total=len(groups))
             for idx, results in work:
                 for i, r in zip(idx, results):
@@ -99,18 +99,9 @@ def _indexed_chunk(item: tuple) -> tuple:
     return idx, [evaluate_group(g) for g in chunk]
 
 
-def _bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-    return Progress("[progress.description]{task.description}", BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(file=sys.stderr, force_terminal=enabled or None),
-                    transient=True, disable=not enabled)
-
-
 def _local(groups: list[Group], progress: bool) -> list[GroupResult]:
     out = []
-    with _bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("planning", total=len(groups))
         for g in groups:
             out.append(evaluate_group(g))
@@ -142,7 +133,7 @@ def _ray(groups: list[Group], *, workers: int | None, cluster: str | None,
         index = {r: i for i, r in enumerate(refs)}
         out: list[GroupResult | None] = [None] * len(refs)
         pending = list(refs)
-        with _bar(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task("planning on Ray", total=len(refs))
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

@@ -127,19 +127,19 @@ def html_view(plan: dict) -> dict:
 
 
 def _with_progress(req, plan_fn):
-    """The plan with a tqdm bar on stderr: settings searched or pruned, simulations run."""
-    from tqdm import tqdm
-    with tqdm(total=None, file=sys.stderr, unit="setting", desc="plan serve",
-              dynamic_ncols=True, leave=False) as bar:
+    """The plan with a progress bar on stderr: settings searched or pruned, simulations run."""
+    from simcost.plan.progress import progress_bar
+    with progress_bar(True) as bar:
+        task = bar.add_task("plan serve", total=None)
         n = [0]
 
         def tick(text):
             n[0] += 1
-            bar.set_postfix_str(f"{n[0]} simulations, now {text}")
+            bar.update(task, description=f"plan serve: {n[0]} simulations, now {text}")
 
         def progress(total):
-            bar.reset(total=total)
-            return lambda: bar.update(1)
+            bar.reset(task, total=total)
+            return lambda: bar.advance(task)
         return plan_fn(req, tick=tick, progress=progress)
 
 
