@@ -263,6 +263,20 @@ def test_plan_in_local_processes_ranks_as_in_one():
     assert a == b
 
 
+def test_unreachable_cluster_is_one_line_at_once(capsys):
+    pytest.importorskip("ray")
+    import socket
+    with socket.socket() as s:                  # a local port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["plan", "train", "--model", "llama-3.2-1b", "--peft", "lora", "--tokens", "100000",
+            "--seq", "512", "--hardware", "a100-80gb-sxm", "--max-devices", "2",
+            "--cluster", f"ray://127.0.0.1:{port}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "could not reach the Ray cluster" in err
+
+
 def test_progress_bar_when_asked_for_even_off_a_terminal(capsys):
     argv = ["plan", "train", "--model", "llama-3.2-1b", "--peft", "lora", "--tokens", "100000",
             "--seq", "512", "--hardware", "a100-80gb-sxm", "--max-devices", "2", "--json"]

@@ -10,8 +10,14 @@ process does (tests compare them). Ray is the optional ``ray`` extra.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import os
+import socket
+import sys
+import tempfile
+import warnings
 
 from simcost.errors import SimcostError
 from simcost.plan.progress import progress_bar
@@ -94,6 +100,42 @@ def _processes(groups: list[Group], chunks: list[list[int]], n: int,
     return out
 
 
+@contextlib.contextmanager
+def _fd2_silenced():
+    """File descriptor 2 (stderr, as native code writes it) sent to a scratch file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+# seconds to wait for a cluster's port before saying it is unreachable (Ray's own client waits
+# about 30 s, retrying)
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """One line, at once, when a ``ray://host:port`` or ``host:port`` address does not accept
+    a connection (``auto`` and the like are left to Ray)."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise SimcostError(f"could not reach the Ray cluster at {address}: {why} (is its head "
+                           f"running, and the port open from here?)") from None
+
+
 def _indexed_chunk(item: tuple) -> tuple:
     idx, chunk = item
     return idx, [evaluate_group(g) for g in chunk]
@@ -118,11 +160,18 @@ def _ray(groups: list[Group], *, workers: int | None, cluster: str | None,
             from None
     started = False
     if not ray.is_initialized():
+        if cluster is not None:
+            _check_reachable(cluster)
         try:
-            if cluster is not None:
-                ray.init(address=cluster, log_to_driver=False)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            # Ray's own notes (Python warnings, and its C++ core's retry lines written straight
+            # to file descriptor 2) would add lines to the one-line error
+            with warnings.catch_warnings(), _fd2_silenced():
+                warnings.simplefilter("ignore")
+                if cluster is not None:
+                    ray.init(address=cluster, log_to_driver=False, logging_level=logging.ERROR)
+                else:
+                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.ERROR)
             started = True
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = cluster if cluster is not None else f"a local Ray with {workers} workers"
