@@ -174,3 +174,21 @@ def test_committed_calibrated_profiles_load():
     assert found
     for p in found:
         assert load_profile(str(p)).device().kind == "cpu"
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_no_gpu_is_priced_at_its_datasheet_peak(name):
+    """Every GPU profile prices its GEMMs below the datasheet peak: a measured fraction, or the
+    derived median of measured GPUs of its vendor, marked derived with its rows named."""
+    raw = json.loads((PROFILE_DIR / f"{name}.json").read_text())
+    if raw.get("kind") != "gpu":
+        return
+    eff = raw["time_model"]["matmul_efficiency"]
+    assert 0.3 < eff["value"] < 1.0 and eff["source"]
+    if "median" in eff["source"]:
+        assert eff.get("derived") and "HWEFF-MAMF" in eff["source"]
+    from simcost.sim.timing import TimeModel
+    dev = load_profile(name).device()
+    tm = TimeModel.from_device(dev)
+    for dtype, peak in dev.peak_flops_per_s.items():
+        assert tm.matmul_peak(dtype) < peak, dtype

@@ -160,6 +160,19 @@ def test_unsupported_reasons(results, rid, fragment):
     assert r.status == "unsupported" and fragment in r.reason
 
 
+def test_a_speed_beyond_the_dense_peak_is_set_apart_not_scored(rows, results):
+    """FT-TORCHTUNE-008 (A6000 LoRA with activation checkpointing) would need 148 % of the
+    card's dense BF16 peak; a Qwen row made 10x faster is set apart the same way; the row as
+    published is scored."""
+    r = next(r for r in results if r.id == "FT-TORCHTUNE-008")
+    assert r.status == "unsupported" and "implausible" in r.reason and "148%" in r.reason
+    row = dict(_row(rows, "FT-QWEN-012"))          # 7B LoRA step time, seconds
+    assert P.evaluate_row(row).status == "evaluated"
+    row["value"] = str(float(row["value"]) / 10)
+    r = P.evaluate_row(row)
+    assert r.status == "unsupported" and "implausible" in r.reason
+
+
 def test_run_cli_writes_reports(tmp_path, capsys):
     assert P.run_cli(SimpleNamespace(out_dir=str(tmp_path), source="FT-QWEN")) == 0
     data = json.loads((tmp_path / "published.json").read_text())

@@ -53,12 +53,25 @@ def predict(mp: Mapping, kind: str) -> tuple[float, dict]:
         mp.notes.append(f"plan {how}: {r.parallel['plan_label']}; "
                         f"exposed communication {t['communication_exposed']:.3f} s, "
                         f"bubble {t['pipeline_bubble']:.3f} s")
+    # the FLOPs the devices execute per optimizer step as the row states its run (recomputation
+    # included), and what all its devices could do at their dense peak
+    per_step = r.flops["forward"] + r.flops["backward"]
+    devices = 1
+    if mp.distributed:
+        devices = int(mp.distributed.get("devices", 1))
+    else:
+        per_step *= mp.grad_accum
+    compute = mp.mixed_precision if mp.mixed_precision != "none" else mp.dtype
+    from simcost.hardware import load_profile
+    peaks = load_profile(mp.hardware).device().peak_flops_per_s
+    dense = peaks.get(compute, peaks["fp32"]) * devices
     mem = r.memory_bytes
     peak = {"device": mem["peak"], "reserved": mem["peak_reserved"],
             "torch_allocator": mem["peak_allocated"]}[mp.memory_scope]
     detail = {"step_s": step, "micro_step_s": micro, "forward_s": t["forward"],
               "backward_s": t["backward"], "optimizer_s": t["optimizer"],
-              "peak_bytes": peak, "fits": r.fits,
+              "peak_bytes": peak, "fits": r.fits, "executed_flops_per_step": per_step,
+              "dense_peak_flops_per_s": dense,
               **{f"mem_{k}": v for k, v in mem.items()}}
     if kind == "step_time":
         return step, detail
@@ -95,6 +108,7 @@ def evaluate_row(row: dict, stack: str | None = None) -> Result:
             pred = predict_gemm(mp)
         else:
             pred, detail = predict(mp, kind)
+            _check_plausible(kind, measured, pred, detail)
             if not detail["fits"]:
                 mp.caveats.append(f"simcost predicts it does not fit "
                                   f"({detail['mem_peak'] / GIB:.1f} GiB > "
@@ -113,6 +127,21 @@ def evaluate_row(row: dict, stack: str | None = None) -> Result:
     res.caveats, res.notes, res.mapping = list(mp.caveats), list(mp.notes), mp.describe()
     res.stack = getattr(mp, "stack", "") or ""
     return res
+
+
+def _check_plausible(kind: str, measured: float, predicted: float, detail: dict) -> None:
+    """A measured speed that needs more than the devices' dense peak to execute the FLOPs of
+    the run its row states (recomputation included) contradicts that statement: no kernel
+    exceeds the peak. Such a row is set apart with the figure, never scored."""
+    if kind not in ("step_time", "tokens_per_s") or not detail.get("dense_peak_flops_per_s"):
+        return
+    step_s = measured if kind == "step_time" else detail["step_s"] * predicted / measured
+    implied = detail["executed_flops_per_step"] / step_s / detail["dense_peak_flops_per_s"]
+    if implied > 1.0:
+        raise Unsupported(
+            f"implausible as stated: executing its {detail['executed_flops_per_step'] / 1e12:.0f} "
+            f"TFLOP per step in the measured {step_s:.3f} s needs {implied:.0%} of the devices' "
+            f"dense peak (a different configuration, or a total over more devices?)")
 
 
 def evaluate(rows: list[dict], source: str | None = None) -> list[Result]:

@@ -26,13 +26,26 @@ SOURCES = {
     "HWEFF-MAMF": "stas00/ml-engineering maximum achievable matmul FLOPS",
 }
 
-# measured rows that set a profile's ``time_model`` (evaluating them would be circular)
+# measured rows that set a profile's ``time_model`` (evaluating them would be circular). The
+# NVIDIA rows also set, by their median, the derived efficiencies of the NVIDIA profiles with no
+# measurement of their own (BF16: 002-007, 009; FP8: 014, 016-020); the AMD ones (010-012), the
+# MI250X's.
 PROFILE_INPUTS = {
     "HWEFF-MAMF-002": "a100-80gb-sxm / a100-40gb-sxm time_model.matmul_efficiency",
     "HWEFF-MAMF-004": "a100-80gb-pcie time_model.matmul_efficiency",
     "HWEFF-MAMF-005": "h100-sxm / h200 time_model.matmul_efficiency",
     "HWEFF-MAMF-007": "b200 time_model.matmul_efficiency",
+    "HWEFF-MAMF-003": "by the median of the NVIDIA rows, the unmeasured NVIDIA profiles' "
+                      "time_model.matmul_efficiency (GH200 has no profile)",
+    "HWEFF-MAMF-006": "by the median of the NVIDIA rows, the unmeasured NVIDIA profiles' "
+                      "time_model.matmul_efficiency (B300 has no profile)",
+    "HWEFF-MAMF-010": "by the median of the AMD rows, mi250x time_model.matmul_efficiency",
+    "HWEFF-MAMF-011": "by the median of the AMD rows, mi250x time_model.matmul_efficiency",
     "HWEFF-MAMF-012": "mi300x time_model.matmul_efficiency",
+    "HWEFF-MAMF-014": "by the median of the NVIDIA rows, the unmeasured NVIDIA profiles' "
+                      "time_model.matmul_efficiency_fp8 (GH200 has no profile)",
+    "HWEFF-MAMF-017": "by the median of the NVIDIA rows, the unmeasured NVIDIA profiles' "
+                      "time_model.matmul_efficiency_fp8 (B300 has no profile)",
     "HWEFF-MAMF-009": "gb200 time_model.matmul_efficiency",
     "HWEFF-MAMF-016": "b200 time_model.matmul_efficiency_fp8",
     "HWEFF-MAMF-018": "h200 time_model.matmul_efficiency_fp8",
