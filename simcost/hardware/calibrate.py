@@ -222,7 +222,11 @@ def probe(bench: GemmBench, dtypes, budget: Budget) -> dict:
     order = ["fp32"] + [d for d in dtypes if d != "fp32"]
     for i, dt in enumerate(order):
         dt_deadline = time.perf_counter() + _left(deadline) / (len(order) - i)
-        for shape in PROBE_SHAPES:
+        # every dtype's smallest shape runs whatever the clock says (a few milliseconds): without
+        # one rate of its own nothing later can predict that dtype's cost, and an earlier dtype
+        # that overran its share on a loaded machine must not leave the next one unmeasured
+        bench.run(dt, *PROBE_SHAPES[0], max_s=0.05)
+        for shape in PROBE_SHAPES[1:]:
             why = bench.try_run(dt, shape, dt_deadline, max_s=0.1)
             if why:
                 budget.skip(f"probe {dt} {shape[0]}x{shape[1]}x{shape[2]} ({why})")
