@@ -157,11 +157,13 @@ class TimeModel:
         return 1.0
 
     def _gemm_efficiency_scalar(self, batch, m, n, k) -> float:
+        # the same values as the numpy path, and the same type (np.float64), so a traced run
+        # (simcost.sim.compiled, numpy on symbols) and a plain one agree bit for bit and in type
         if self.half is not None:
             e = 1.0
             for x, h, a in zip((m, n, k), self.half, self.sharp):
                 e = e / (1.0 + (h / max(x, 1)) ** a)
-            return e
+            return np.float64(e)
         if self.units is not None:
             tm, tn = self.tile
             tiles = float(math.ceil(m / tm) * math.ceil(n / tn)) * batch
@@ -170,7 +172,7 @@ class TimeModel:
             waves = float(math.ceil(tiles * split / self.units))
             util = (batch * m * n * split) / (waves * self.units * tm * tn)
             k_part = k / split
-            return util * k_part / (k_part + 16.0)
+            return np.float64(util * k_part / (k_part + 16.0))
         return 1.0
 
     def gemm_time(self, dtype: str, batch, m, n, k):
@@ -220,8 +222,8 @@ class TimeModel:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = t_mm + other_flops / self.vec_peak + self.special_time(special)
         b = self.stream_time(nbytes)
-        if type(t) in _NUMBER and type(b) in _NUMBER:
-            return t if t >= b else b
+        if type(t) in _NUMBER and type(b) in _NUMBER:      # np.maximum's value and type
+            return np.float64(t if t >= b else b)
         return np.maximum(t, b)
 
     def host_time(self, kernels):
