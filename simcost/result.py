@@ -134,11 +134,17 @@ def make_estimate(spec: ModelSpec | str, device, pspec: PeftSpec | dict, n, *, b
 
 def device_warnings(device) -> list[str]:
     """What an estimate on ``device`` should say about its profile's time model."""
-    if device.params.matmul_efficiency is not None or device.params.gemm_table:
+    if device.params.gemm_table:
         return []
-    return [f"hardware profile '{device.name}' has no measured matmul efficiency "
-            f"(time_model.matmul_efficiency): GEMMs are priced at the datasheet peak, an "
-            f"optimistic bound ('simcost calibrate' on the device measures it)"]
+    if device.params.matmul_efficiency is None:
+        return [f"hardware profile '{device.name}' has no measured matmul efficiency "
+                f"(time_model.matmul_efficiency): GEMMs are priced at the datasheet peak, an "
+                f"optimistic bound ('simcost calibrate' on the device measures it)"]
+    if device.stand_ins:
+        return [f"hardware profile '{device.name}' has no measurement of its own for "
+                f"{', '.join(device.stand_ins)}: the median of its vendor's measured devices "
+                f"stands in ('simcost calibrate' on the device measures them)"]
+    return []
 
 
 def run_cost(price_per_device_hour: float | None, devices: int, step_s: float,

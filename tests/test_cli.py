@@ -148,11 +148,15 @@ def test_run_cost_from_profile_price(capsys):
 
 
 def test_profile_without_measured_matmul_efficiency_warns(capsys):
-    argv = ["estimate", "train", "--model", "llama-2-7b", "--peft", "lora", "--hardware", "l40s",
-            "--batch", "1", "--seq", "256", "--json"]
+    argv = ["estimate", "train", "--model", "llama-2-7b", "--peft", "lora", "--hardware",
+            "tpu-v5e", "--batch", "1", "--seq", "256", "--json"]
     rc, out, err = run(argv, capsys)
-    assert rc == 0 and "'l40s' has no measured matmul efficiency" in err
+    assert rc == 0 and "'tpu-v5e' has no measured matmul efficiency" in err
     assert any("datasheet peak" in w for w in json.loads(out)["warnings"])
+    argv[argv.index("tpu-v5e")] = "l40s"          # the NVIDIA median stands in, and it says so
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and "'l40s' has no measurement of its own for matmul_efficiency" in err
+    assert any("stands in" in w for w in json.loads(out)["warnings"])
     rc, out, err = run([*MAIN, "--json"], capsys)           # a100-80gb-sxm: measured (MAMF)
     assert rc == 0 and err == "" and "warnings" not in json.loads(out)
 

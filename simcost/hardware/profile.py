@@ -64,6 +64,9 @@ class NonNegQuantity(Quantity):
 
 class EffQuantity(Quantity):
     value: EffNum
+    # True: no measurement of this device, a stand-in (the median of its vendor's measured
+    # devices); estimates say so in a warning
+    stand_in: bool = False
 
 
 class CountQuantity(Quantity):
@@ -304,13 +307,15 @@ class HardwareProfile(BaseModel):
                     tm[k] = ({dt: v.model_dump() for dt, v in t.items()} if k == "gemm_table"
                              else t.model_dump() if isinstance(t, BaseModel) else dict(t))
             tm.update(self.time_model.model_extra or {})   # calibration metadata
+        stand_ins = tuple(k for k in SCALAR_FIELDS if self.time_model is not None
+                          and getattr(getattr(self.time_model, k), "stand_in", False))
         q = self.price_usd_per_hour
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
                       self.launch_overhead_s.value, q.value if q is not None else None, tm,
                       price_basis=self.price_basis,
                       price_source=q.source if q is not None else None,
-                      price_date=q.date if q is not None else None)
+                      price_date=q.date if q is not None else None, stand_ins=stand_ins)
 
 
 @dataclass(frozen=True)
@@ -370,6 +375,7 @@ class Device:
     price_basis: str | None = None
     price_source: str | None = None
     price_date: str | None = None
+    stand_ins: tuple = ()               # time-model values that are stand-ins, not measurements
 
     def __post_init__(self):
         if self.price_basis is None:
