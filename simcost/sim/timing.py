@@ -33,7 +33,9 @@ For one op in one phase (forward, or backward):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
+import json
 import math
 
 import numpy as np
@@ -42,6 +44,31 @@ from simcost.graph import kinds as K
 
 # plain numbers (np.float64 is a float): the scalar paths of the time model
 _NUMBER = (int, float, np.float64)
+
+# (ceil, floor, maximum, minimum, where) for the tile model on plain numbers and on arrays
+_SCALAR_OPS = (lambda x: float(math.ceil(x)), lambda x: float(math.floor(x)), max, min,
+               lambda c, a, b: a if c else b)
+_ARRAY_OPS = (np.ceil, np.floor, np.maximum, np.minimum, np.where)
+
+GPU_GEMM_FILE = Path(__file__).with_name("gpu_gemm.json")
+
+
+@dataclass(frozen=True)
+class GemmTileParams:
+    """The tile model's constants, the same for every GPU profile (``gpu_gemm.json``: each
+    value with its source, or fitted by ``validation/fit/fit_gemm.py`` with its rows)."""
+    tile_fixed_k: float = 16.0          # K-steps a tile pays beyond its K loop
+    overlap_exponent: float | None = None   # compute / streaming p-norm; None: max
+    tile_min: float = 64.0              # the narrowest tile a short dimension runs on
+    partial_bytes: float = 4.0          # bytes per element of a split-K partial product
+
+    @classmethod
+    def load(cls, path: Path = GPU_GEMM_FILE) -> "GemmTileParams":
+        data = json.loads(Path(path).read_text())
+        return cls(**{f.name: data[f.name]["value"] for f in fields(cls) if f.name in data})
+
+
+GPU_GEMM = GemmTileParams.load()
 
 
 # Host time per dispatched kernel of eager PyTorch + transformers (+ peft) training, measured
@@ -68,6 +95,7 @@ class TimeModel:
     gemm_table: dict | None = None     # dtype -> (log2 m, log2 n, log2 k, FLOP/s grid)
     stream_table: tuple | None = None  # (log2 bytes, bytes/s)
     attn_rates: dict | None = None     # (dtype, "fwd" | "bwd") -> causal-counted FLOP/s
+    gemm: GemmTileParams = GPU_GEMM    # the tile model's constants (GPU profiles)
 
     @classmethod
     def from_device(cls, dev, stack=None) -> "TimeModel":
@@ -129,6 +157,12 @@ class TimeModel:
         contents): two time models with the same key give the same times."""
         return tuple(_frozen(getattr(self, f.name)) for f in fields(self))
 
+    @property
+    def tiled(self) -> bool:
+        """Whether GEMMs are priced by the tile model (a GPU profile's compute units, no
+        fitted saturation)."""
+        return self.units is not None and self.half is None
+
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
         if dtype in p:
@@ -147,13 +181,7 @@ class TimeModel:
                 e = e / (1.0 + (h / np.maximum(x, 1)) ** a)
             return e
         if self.units is not None:
-            tm, tn = self.tile
-            tiles = np.ceil(m / tm) * np.ceil(n / tn) * batch
-            split = np.maximum(1, np.minimum(np.floor(self.units / tiles), np.ceil(k / 256)))
-            waves = np.ceil(tiles * split / self.units)
-            util = (batch * m * n * split) / (waves * self.units * tm * tn)
-            k_part = k / split
-            return util * k_part / (k_part + 16.0)
+            return self._tile_plan(batch, m, n, k, _ARRAY_OPS)[0]
         return 1.0
 
     def _gemm_efficiency_scalar(self, batch, m, n, k) -> float:
@@ -163,15 +191,41 @@ class TimeModel:
                 e = e / (1.0 + (h / max(x, 1)) ** a)
             return e
         if self.units is not None:
-            tm, tn = self.tile
-            tiles = float(math.ceil(m / tm) * math.ceil(n / tn)) * batch
-            split = max(1.0, min(float(math.floor(self.units / tiles)),
-                                 float(math.ceil(k / 256))))
-            waves = float(math.ceil(tiles * split / self.units))
-            util = (batch * m * n * split) / (waves * self.units * tm * tn)
-            k_part = k / split
-            return util * k_part / (k_part + 16.0)
+            return self._tile_plan(batch, m, n, k, _SCALAR_OPS)[0]
         return 1.0
+
+    def _tile_plan(self, batch, m, n, k, ops):
+        """(efficiency, split) of a GEMM on the tile model, with ``ops`` = (ceil, floor,
+        maximum, minimum, where) of plain numbers or of numpy: the same arithmetic on both.
+
+        Output tiles of ``tile`` (a dimension no longer than ``gemm.tile_min`` runs on a
+        tile that narrow, CUTLASS's smallest SM80 tile), spread over ``units`` in waves;
+        with fewer tiles than units K is split (at least 256 per part). Each tile pays
+        ``gemm.tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue)."""
+        ceil, floor, mx, mn, where = ops
+        g = self.gemm
+        tm = where(m <= g.tile_min, min(g.tile_min, self.tile[0]), self.tile[0])
+        tn = where(n <= g.tile_min, min(g.tile_min, self.tile[1]), self.tile[1])
+        tiles = ceil(m / tm) * ceil(n / tn) * batch
+        split = mx(1.0, mn(floor(self.units / tiles), ceil(k / 256)))
+        waves = ceil(tiles * split / self.units)
+        util = (batch * m * n * split) / (waves * self.units * tm * tn)
+        k_part = k / split
+        return util * k_part / (k_part + g.tile_fixed_k), split
+
+    def gemm_splitk_bytes(self, batch, m, n, k):
+        """Bytes a split-K GEMM moves beyond its operands: each of its ``split`` partial
+        products written as fp32 (``gemm.partial_bytes`` per element) and read back by the
+        reduction (0 without a split, or off the tile model)."""
+        if not self.tiled:
+            return 0.0
+        scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
+                  and type(batch) in _NUMBER)
+        split = self._tile_plan(batch, m, n, k, _SCALAR_OPS if scalar else _ARRAY_OPS)[1]
+        extra = 2.0 * self.gemm.partial_bytes * batch * m * n * split
+        if scalar:
+            return extra if split > 1.0 else 0.0
+        return np.where(split > 1.0, extra, 0.0)
 
     def gemm_time(self, dtype: str, batch, m, n, k):
         flops = 2.0 * batch * m * n * k
@@ -219,7 +273,16 @@ class TimeModel:
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = t_mm + other_flops / self.vec_peak + self.special_time(special)
+        p = None
+        if gemms and not rate and self.tiled and self.gemm_table is None:
+            p = self.gemm.overlap_exponent
+            for batch, m, n, k in gemms:
+                nbytes = nbytes + self.gemm_splitk_bytes(batch, m, n, k)
         b = self.stream_time(nbytes)
+        if p is not None:
+            # a GEMM near the ridge point overlaps its compute and its operand streaming
+            # imperfectly: the p-norm of the two (p -> inf: the roofline's max)
+            return (t ** p + b ** p) ** (1.0 / p)
         if type(t) in _NUMBER and type(b) in _NUMBER:
             return t if t >= b else b
         return np.maximum(t, b)
