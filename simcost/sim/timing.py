@@ -160,8 +160,8 @@ class TimeModel:
     @property
     def tiled(self) -> bool:
         """Whether GEMMs are priced by the tile model (a GPU profile's compute units, no
-        fitted saturation)."""
-        return self.units is not None and self.half is None
+        fitted saturation, no measured GEMM table)."""
+        return self.units is not None and self.half is None and self.gemm_table is None
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -273,19 +273,26 @@ class TimeModel:
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = t_mm + other_flops / self.vec_peak + self.special_time(special)
-        p = None
-        if gemms and not rate and self.tiled and self.gemm_table is None:
-            p = self.gemm.overlap_exponent
+        if gemms and not rate:
             for batch, m, n, k in gemms:
                 nbytes = nbytes + self.gemm_splitk_bytes(batch, m, n, k)
+            return self.gemm_overlap(t, self.stream_time(nbytes))
         b = self.stream_time(nbytes)
-        if p is not None:
-            # a GEMM near the ridge point overlaps its compute and its operand streaming
-            # imperfectly: the p-norm of the two (p -> inf: the roofline's max)
-            return (t ** p + b ** p) ** (1.0 / p)
         if type(t) in _NUMBER and type(b) in _NUMBER:
             return t if t >= b else b
         return np.maximum(t, b)
+
+    def gemm_overlap(self, t_compute, t_stream):
+        """Seconds of a GEMM that computes for ``t_compute`` and streams its operands for
+        ``t_stream``: on the tile model near the ridge point the two overlap imperfectly, the
+        p-norm ``(tc^p + ts^p)^(1/p)`` with ``gemm.overlap_exponent`` (p -> inf: the
+        roofline's max, which every other profile keeps)."""
+        p = self.gemm.overlap_exponent if self.tiled else None
+        if p is not None:
+            return (t_compute ** p + t_stream ** p) ** (1.0 / p)
+        if type(t_compute) in _NUMBER and type(t_stream) in _NUMBER:
+            return t_compute if t_compute >= t_stream else t_stream
+        return np.maximum(t_compute, t_stream)
 
     def host_time(self, kernels):
         """Host seconds to issue ``kernels`` kernels (the framework's dispatch, plus the launch
