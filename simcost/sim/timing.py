@@ -12,7 +12,14 @@ For one op in one phase (forward, or backward):
   measured throughput table (``simcost calibrate``), interpolated in log m, log n, log k;
   else a fitted saturation ``Π 1/(1+(h/x)^a)``; on a GPU profile tile quantisation
   (m, n padded to the tile) and wave quantisation (tiles spread over the compute units, the
-  last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak.
+  last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak;
+  a dimension of at most 64 runs on a 64-wide tile (CUTLASS's smallest SM80 tile), and each
+  tile pays ``tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue). The tile
+  model's constants are the same for every GPU (``gpu_gemm.json``, the two unpublished ones
+  fitted on Vidur's cuBLAS rows by ``validation/fit/fit_gemm.py``).
+- a GEMM on the tile model overlaps compute and operand streaming imperfectly near the ridge
+  point: ``t = (t_exec^p + t_stream^p)^(1/p)`` (``overlap_exponent``), and a split-K GEMM
+  streams its fp32 partial products out and back in on top of its operands.
 - ``BW_achievable``: datasheet bandwidth times ``time_model.bandwidth_efficiency`` (a
   calibrated profile measures it per buffer size: cache-resident tensors stream faster).
   When there are fewer tiles than compute units, cuBLAS splits K across them (split-K /
