@@ -52,10 +52,10 @@ from simcost.graph import kinds as K
 # plain numbers (np.float64 is a float): the scalar paths of the time model
 _NUMBER = (int, float, np.float64)
 
-# (ceil, floor, maximum, minimum, where) for the tile model on plain numbers and on arrays
-_SCALAR_OPS = (lambda x: float(math.ceil(x)), lambda x: float(math.floor(x)), max, min,
-               lambda c, a, b: a if c else b)
-_ARRAY_OPS = (np.ceil, np.floor, np.maximum, np.minimum, np.where)
+# (ceil, floor, maximum, minimum) for the tile model on plain numbers and on arrays (ufuncs
+# only, so that a traced size replays: simcost.sim.symbolic)
+_SCALAR_OPS = (lambda x: float(math.ceil(x)), lambda x: float(math.floor(x)), max, min)
+_ARRAY_OPS = (np.ceil, np.floor, np.maximum, np.minimum)
 
 GPU_GEMM_FILE = Path(__file__).with_name("gpu_gemm.json")
 
@@ -203,16 +203,18 @@ class TimeModel:
 
     def _tile_plan(self, batch, m, n, k, ops):
         """(efficiency, split) of a GEMM on the tile model, with ``ops`` = (ceil, floor,
-        maximum, minimum, where) of plain numbers or of numpy: the same arithmetic on both.
+        maximum, minimum) of plain numbers or of numpy: the same arithmetic on both.
 
         Output tiles of ``tile`` (a dimension no longer than ``gemm.tile_min`` runs on a
         tile that narrow, CUTLASS's smallest SM80 tile), spread over ``units`` in waves;
         with fewer tiles than units K is split (at least 256 per part). Each tile pays
         ``gemm.tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue)."""
-        ceil, floor, mx, mn, where = ops
+        ceil, floor, mx, mn = ops
         g = self.gemm
-        tm = where(m <= g.tile_min, min(g.tile_min, self.tile[0]), self.tile[0])
-        tn = where(n <= g.tile_min, min(g.tile_min, self.tile[1]), self.tile[1])
+        narrow_m = self.tile[0] - min(g.tile_min, self.tile[0])    # 0 or what a short m saves
+        narrow_n = self.tile[1] - min(g.tile_min, self.tile[1])
+        tm = self.tile[0] - narrow_m * (m <= g.tile_min)
+        tn = self.tile[1] - narrow_n * (n <= g.tile_min)
         tiles = ceil(m / tm) * ceil(n / tn) * batch
         split = mx(1.0, mn(floor(self.units / tiles), ceil(k / 256)))
         waves = ceil(tiles * split / self.units)
@@ -229,10 +231,7 @@ class TimeModel:
         scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
                   and type(batch) in _NUMBER)
         split = self._tile_plan(batch, m, n, k, _SCALAR_OPS if scalar else _ARRAY_OPS)[1]
-        extra = 2.0 * self.gemm.partial_bytes * batch * m * n * split
-        if scalar:
-            return extra if split > 1.0 else 0.0
-        return np.where(split > 1.0, extra, 0.0)
+        return 2.0 * self.gemm.partial_bytes * batch * m * n * split * (split > 1.0)
 
     def gemm_time(self, dtype: str, batch, m, n, k):
         flops = 2.0 * batch * m * n * k
@@ -280,7 +279,7 @@ class TimeModel:
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = t_mm + other_flops / self.vec_peak + self.special_time(special)
-        if gemms and not rate:
+        if gemms and not rate and self.tiled:
             for batch, m, n, k in gemms:
                 nbytes = nbytes + self.gemm_splitk_bytes(batch, m, n, k)
             return self.gemm_overlap(t, self.stream_time(nbytes))
