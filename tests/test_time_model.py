@@ -19,14 +19,16 @@ def test_skinny_gemm_runs_far_below_peak():
     tm = gpu_model()
     big = tm.gemm_efficiency(1, 4096, 4096, 4096)
     lora_a = tm.gemm_efficiency(1, 4096, 16, 4096)      # x (T x d) @ A^T (d x r)
-    assert big > 0.9 and lora_a < 0.15
+    # the rank-16 side runs on a 64-wide tile: at most a quarter of it is useful work
+    assert big > 0.9 and lora_a < 0.25
 
 
 def test_wave_quantisation():
     tm = gpu_model()
     full_wave = tm.gemm_efficiency(1, 128 * 108, 128, 4096)
     one_more = tm.gemm_efficiency(1, 128 * 109, 128, 4096)   # one tile spills into a 2nd wave
-    assert full_wave > 0.99 * 4096 / (4096 + 16) and one_more < 0.55
+    k0 = tm.gemm.tile_fixed_k
+    assert full_wave > 0.99 * 4096 / (4096 + k0) and one_more < 0.55
 
 
 def test_launch_bound_vs_sync_dispatch():
@@ -43,9 +45,11 @@ def test_launch_bound_vs_sync_dispatch():
 def test_split_k_fills_the_device_for_few_tiles():
     tm = gpu_model()
     # one token through a 11008 -> 4096 projection: 32 output tiles on 108 SMs, long K:
-    # split 3 ways, the three partial products run on 96 SMs at once
-    no_split = (1 * 4096) / (108 * 128 * 128)
-    assert tm.gemm_efficiency(1, 1, 4096, 11008) == pytest.approx(3 * no_split, rel=0.01)
+    # split 3 ways, the three partial products run on 96 SMs at once (one row: 64-row tiles)
+    no_split = (1 * 4096) / (108 * 64 * 128)
+    k_part = 11008 / 3
+    assert tm.gemm_efficiency(1, 1, 4096, 11008) == pytest.approx(
+        3 * no_split * k_part / (k_part + tm.gemm.tile_fixed_k), rel=1e-9)
 
 
 def test_calibration_fit_recovers_known_parameters():
@@ -80,7 +84,8 @@ def test_skinny_gemm_never_beats_its_bytes_over_bandwidth(hw, m):
     nbytes = 2.0 * (m * k + k * n + m * n)
     t = tm.device_time("fp16", [(1, m, n, k)], 2.0 * m * n * k, 0.0, nbytes)
     assert t >= nbytes / tm.bandwidth
-    assert t == pytest.approx(nbytes / tm.bandwidth)     # memory-bound: the bytes set the time
+    if m <= 16:     # memory-bound: the bytes set the time, the imperfectly hidden compute adds
+        assert t == pytest.approx(nbytes / tm.bandwidth, rel=0.1)
 
 
 def test_h200_bandwidth_is_the_measured_stream_rate():

@@ -125,7 +125,8 @@ class StepModel:
         t = tm.gemm_time(self.cdtype, 1, T, n, k) * wmult
         experts_touched = np.minimum(self.n_exp, np.maximum(1.0, T * wmult)) if self.n_exp > 1 else 1.0
         nbytes = k * n * self.wb * experts_touched + T * wmult * (k + n) * self.ab
-        return np.maximum(t, tm.stream_time(nbytes))
+        nbytes = nbytes + tm.gemm_splitk_bytes(1, T, n, k) * wmult
+        return tm.gemm_overlap(t, tm.stream_time(nbytes))
 
     def linear_time(self, T):
         """Seconds of one layer's linear GEMMs + element-wise work over ``T`` tokens (array ok)."""

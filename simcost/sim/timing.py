@@ -12,7 +12,14 @@ For one op in one phase (forward, or backward):
   measured throughput table (``simcost calibrate``), interpolated in log m, log n, log k;
   else a fitted saturation ``Π 1/(1+(h/x)^a)``; on a GPU profile tile quantisation
   (m, n padded to the tile) and wave quantisation (tiles spread over the compute units, the
-  last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak.
+  last wave partly idle), so skinny GEMMs such as LoRA's rank-r products run far below peak;
+  a dimension of at most 64 runs on a 64-wide tile (CUTLASS's smallest SM80 tile), and each
+  tile pays ``tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue). The tile
+  model's constants are the same for every GPU (``gpu_gemm.json``, the two unpublished ones
+  fitted on Vidur's cuBLAS rows by ``validation/fit/fit_gemm.py``).
+- a GEMM on the tile model overlaps compute and operand streaming imperfectly near the ridge
+  point: ``t = (t_exec^p + t_stream^p)^(1/p)`` (``overlap_exponent``), and a split-K GEMM
+  streams its fp32 partial products out and back in on top of its operands.
 - ``BW_achievable``: datasheet bandwidth times ``time_model.bandwidth_efficiency`` (a
   calibrated profile measures it per buffer size: cache-resident tensors stream faster).
   When there are fewer tiles than compute units, cuBLAS splits K across them (split-K /
@@ -33,7 +40,9 @@ For one op in one phase (forward, or backward):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
+import json
 import math
 
 import numpy as np
@@ -42,6 +51,31 @@ from simcost.graph import kinds as K
 
 # plain numbers (np.float64 is a float): the scalar paths of the time model
 _NUMBER = (int, float, np.float64)
+
+# (ceil, floor, maximum, minimum) for the tile model on plain numbers and on arrays (ufuncs
+# only, so that a traced size replays: simcost.sim.symbolic)
+_SCALAR_OPS = (lambda x: float(math.ceil(x)), lambda x: float(math.floor(x)), max, min)
+_ARRAY_OPS = (np.ceil, np.floor, np.maximum, np.minimum)
+
+GPU_GEMM_FILE = Path(__file__).with_name("gpu_gemm.json")
+
+
+@dataclass(frozen=True)
+class GemmTileParams:
+    """The tile model's constants, the same for every GPU profile (``gpu_gemm.json``: each
+    value with its source, or fitted by ``validation/fit/fit_gemm.py`` with its rows)."""
+    tile_fixed_k: float = 16.0          # K-steps a tile pays beyond its K loop
+    overlap_exponent: float | None = None   # compute / streaming p-norm; None: max
+    tile_min: float = 64.0              # the narrowest tile a short dimension runs on
+    partial_bytes: float = 4.0          # bytes per element of a split-K partial product
+
+    @classmethod
+    def load(cls, path: Path = GPU_GEMM_FILE) -> "GemmTileParams":
+        data = json.loads(Path(path).read_text())
+        return cls(**{f.name: data[f.name]["value"] for f in fields(cls) if f.name in data})
+
+
+GPU_GEMM = GemmTileParams.load()
 
 
 # Host time per dispatched kernel of eager PyTorch + transformers (+ peft) training, measured
@@ -68,6 +102,7 @@ class TimeModel:
     gemm_table: dict | None = None     # dtype -> (log2 m, log2 n, log2 k, FLOP/s grid)
     stream_table: tuple | None = None  # (log2 bytes, bytes/s)
     attn_rates: dict | None = None     # (dtype, "fwd" | "bwd") -> causal-counted FLOP/s
+    gemm: GemmTileParams = GPU_GEMM    # the tile model's constants (GPU profiles)
 
     @classmethod
     def from_device(cls, dev, stack=None) -> "TimeModel":
@@ -129,6 +164,12 @@ class TimeModel:
         contents): two time models with the same key give the same times."""
         return tuple(_frozen(getattr(self, f.name)) for f in fields(self))
 
+    @property
+    def tiled(self) -> bool:
+        """Whether GEMMs are priced by the tile model (a GPU profile's compute units, no
+        fitted saturation, no measured GEMM table)."""
+        return self.units is not None and self.half is None and self.gemm_table is None
+
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
         if dtype in p:
@@ -147,13 +188,7 @@ class TimeModel:
                 e = e / (1.0 + (h / np.maximum(x, 1)) ** a)
             return e
         if self.units is not None:
-            tm, tn = self.tile
-            tiles = np.ceil(m / tm) * np.ceil(n / tn) * batch
-            split = np.maximum(1, np.minimum(np.floor(self.units / tiles), np.ceil(k / 256)))
-            waves = np.ceil(tiles * split / self.units)
-            util = (batch * m * n * split) / (waves * self.units * tm * tn)
-            k_part = k / split
-            return util * k_part / (k_part + 16.0)
+            return self._tile_plan(batch, m, n, k, _ARRAY_OPS)[0]
         return 1.0
 
     def _gemm_efficiency_scalar(self, batch, m, n, k) -> float:
@@ -165,15 +200,40 @@ class TimeModel:
                 e = e / (1.0 + (h / max(x, 1)) ** a)
             return np.float64(e)
         if self.units is not None:
-            tm, tn = self.tile
-            tiles = float(math.ceil(m / tm) * math.ceil(n / tn)) * batch
-            split = max(1.0, min(float(math.floor(self.units / tiles)),
-                                 float(math.ceil(k / 256))))
-            waves = float(math.ceil(tiles * split / self.units))
-            util = (batch * m * n * split) / (waves * self.units * tm * tn)
-            k_part = k / split
-            return np.float64(util * k_part / (k_part + 16.0))
+            return np.float64(self._tile_plan(batch, m, n, k, _SCALAR_OPS)[0])
         return 1.0
+
+    def _tile_plan(self, batch, m, n, k, ops):
+        """(efficiency, split) of a GEMM on the tile model, with ``ops`` = (ceil, floor,
+        maximum, minimum) of plain numbers or of numpy: the same arithmetic on both.
+
+        Output tiles of ``tile`` (a dimension no longer than ``gemm.tile_min`` runs on a
+        tile that narrow, CUTLASS's smallest SM80 tile), spread over ``units`` in waves;
+        with fewer tiles than units K is split (at least 256 per part). Each tile pays
+        ``gemm.tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue)."""
+        ceil, floor, mx, mn = ops
+        g = self.gemm
+        narrow_m = self.tile[0] - min(g.tile_min, self.tile[0])    # 0 or what a short m saves
+        narrow_n = self.tile[1] - min(g.tile_min, self.tile[1])
+        tm = self.tile[0] - narrow_m * (m <= g.tile_min)
+        tn = self.tile[1] - narrow_n * (n <= g.tile_min)
+        tiles = ceil(m / tm) * ceil(n / tn) * batch
+        split = mx(1.0, mn(floor(self.units / tiles), ceil(k / 256)))
+        waves = ceil(tiles * split / self.units)
+        util = (batch * m * n * split) / (waves * self.units * tm * tn)
+        k_part = k / split
+        return util * k_part / (k_part + g.tile_fixed_k), split
+
+    def gemm_splitk_bytes(self, batch, m, n, k):
+        """Bytes a split-K GEMM moves beyond its operands: each of its ``split`` partial
+        products written as fp32 (``gemm.partial_bytes`` per element) and read back by the
+        reduction (0 without a split, or off the tile model)."""
+        if not self.tiled:
+            return 0.0
+        scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
+                  and type(batch) in _NUMBER)
+        split = self._tile_plan(batch, m, n, k, _SCALAR_OPS if scalar else _ARRAY_OPS)[1]
+        return 2.0 * self.gemm.partial_bytes * batch * m * n * split * (split > 1.0)
 
     def gemm_time(self, dtype: str, batch, m, n, k):
         flops = 2.0 * batch * m * n * k
@@ -221,10 +281,28 @@ class TimeModel:
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = t_mm + other_flops / self.vec_peak + self.special_time(special)
+        if gemms and not rate and self.tiled:
+            for batch, m, n, k in gemms:
+                nbytes = nbytes + self.gemm_splitk_bytes(batch, m, n, k)
+            return self.gemm_overlap(t, self.stream_time(nbytes))
         b = self.stream_time(nbytes)
         if type(t) in _NUMBER and type(b) in _NUMBER:      # np.maximum's value and type
             return np.float64(t if t >= b else b)
         return np.maximum(t, b)
+
+    def gemm_overlap(self, t_compute, t_stream):
+        """Seconds of a GEMM that computes for ``t_compute`` and streams its operands for
+        ``t_stream``: on the tile model near the ridge point the two overlap imperfectly, the
+        p-norm ``(tc^p + ts^p)^(1/p)`` with ``gemm.overlap_exponent`` (p -> inf: the
+        roofline's max, which every other profile keeps)."""
+        p = self.gemm.overlap_exponent if self.tiled else None
+        scalar = type(t_compute) in _NUMBER and type(t_stream) in _NUMBER
+        if p is not None:
+            t = (t_compute ** p + t_stream ** p) ** (1.0 / p)
+            return np.float64(t) if scalar else t
+        if scalar:                  # np.maximum's value and type, without its per-call cost
+            return np.float64(t_compute if t_compute >= t_stream else t_stream)
+        return np.maximum(t_compute, t_stream)
 
     def host_time(self, kernels):
         """Host seconds to issue ``kernels`` kernels (the framework's dispatch, plus the launch

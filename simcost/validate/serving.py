@@ -167,6 +167,10 @@ def fitted_rows(engine: str) -> set:
     """The dev rows any fitted number of ``engine``'s profile was fitted on."""
     from simcost.serve.engine_profile import ServingEngine, numbers
     from simcost.serve.engines import ENGINE_DIR
+    from simcost.sim.timing import GPU_GEMM_FILE
+    if engine == ENGINE_OF_SOURCE["Vidur"]:     # the GPU tile model's fit (fit_gemm.py)
+        data = json.loads(GPU_GEMM_FILE.read_text())
+        return {r for v in data.values() if v.get("fitted") for r in v["rows"]}
     path = ENGINE_DIR / f"{engine}.json"
     if not path.is_file():
         return set()

@@ -82,11 +82,17 @@ def predict(mp: Mapping, kind: str) -> tuple[float, dict]:
     raise Unsupported(f"metric kind '{kind}' does not apply to a training estimate")
 
 
-def predict_gemm(mp: GemmMapping) -> float:
+def predict_gemm(mp: GemmMapping, gemm=None) -> float:
+    """The GEMM's seconds on its device alone; ``gemm``: the tile model's constants
+    (:class:`simcost.sim.timing.GemmTileParams`) instead of the committed ones (the fit)."""
+    import dataclasses
+
     from simcost.hardware import load_profile
     from simcost.sim.timing import TimeModel
 
     tm = TimeModel.from_device(load_profile(mp.hardware).device())
+    if gemm is not None:
+        tm = dataclasses.replace(tm, gemm=gemm)
     flops = 2.0 * mp.m * mp.n * mp.k
     nbytes = 2.0 * (mp.m * mp.k + mp.k * mp.n + mp.m * mp.n)
     return float(tm.phase_time(mp.dtype, [(1, mp.m, mp.n, mp.k)], flops, 0.0, nbytes, 1))
