@@ -257,13 +257,22 @@ def test_scheduler_registry_refuses_duplicates_and_suggests():
     (dict(adapters=5, ranks=[8], rate=3, duration=30, merged=True, seed=2, engine="vllm-v0"),
      (90, 5381, 0, 0, 17, 51.52775537760324, 14.196176267301206)),
 ])
-def test_results_of_the_one_function_simulator(kw, expect):
+def test_results_of_the_one_function_simulator(kw, expect, monkeypatch):
     """Numbers `simcost simulate serve` printed before the event loop was split into a replica,
     scheduler classes and an adapter pool (same seeds, one replica). The old simulator had no
     fitted host cost per iteration (validation/fit/fit_engines.py: slora's step_overhead_s,
-    trtllm's seq_overhead_s): the engines run here with those set to 0."""
+    trtllm's seq_overhead_s): the engines run here with those set to 0. Nor had it the fitted
+    GPU tile model (validation/fit/fit_gemm.py): its GEMMs are priced with the constants it
+    had, of which the tile model is a generalisation (16 fixed K-steps per tile, 128-wide tiles
+    only, no split-K partial traffic, max(compute, stream))."""
     import dataclasses
     from simcost.serve.engines import SCHEDULER_ENGINE, get_engine
+    from simcost.sim.timing import GemmTileParams, TimeModel
+    pre_tile = GemmTileParams(tile_fixed_k=16.0, overlap_exponent=None, tile_min=128.0,
+                              partial_bytes=0.0)
+    plain = TimeModel.from_device.__func__
+    monkeypatch.setattr(TimeModel, "from_device", classmethod(
+        lambda cls, dev, stack=None: dataclasses.replace(plain(cls, dev, stack), gemm=pre_tile)))
     kw = dict(kw)
     name = kw.pop("engine", None) or SCHEDULER_ENGINE[kw.pop("scheduler")]
     kw["engine"] = dataclasses.replace(get_engine(name), step_overhead_s=0.0, seq_overhead_s=0.0)
