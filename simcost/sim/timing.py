@@ -164,11 +164,11 @@ class TimeModel:
         contents): two time models with the same key give the same times."""
         return tuple(_frozen(getattr(self, f.name)) for f in fields(self))
 
-    @property
-    def tiled(self) -> bool:
-        """Whether GEMMs are priced by the tile model (a GPU profile's compute units, no
-        fitted saturation, no measured GEMM table)."""
-        return self.units is not None and self.half is None and self.gemm_table is None
+    def __post_init__(self):
+        # whether GEMMs are priced by the tile model (a GPU profile's compute units, no fitted
+        # saturation, no measured GEMM table): asked for every op, so kept (not a field)
+        object.__setattr__(self, "tiled", self.units is not None and self.half is None
+                           and self.gemm_table is None)
 
     def matmul_peak(self, dtype: str) -> float:
         p = self.mm_peak
@@ -272,8 +272,25 @@ class TimeModel:
         ``attention``: (phase, causal) for a fused attention op; with a measured attention
         rate for (dtype, phase) its matmuls are priced at that rate."""
         rate = self.attention_rate(dtype, attention[0]) if attention else None
+        tiled = self.tiled
+        splitk = []
         if rate:
             t_mm = matmul_flops * (0.5 if attention[1] else 1.0) / rate
+        elif gemms and tiled:
+            # gemm_time and gemm_splitk_bytes of each GEMM from one tile plan (the same
+            # arithmetic, in the same order, as calling the two)
+            t_mm = 0.0
+            peak = self.matmul_peak(dtype)
+            for batch, m, n, k in gemms:
+                scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
+                          and type(batch) in _NUMBER)
+                eff, split = self._tile_plan(batch, m, n, k,
+                                             _SCALAR_OPS if scalar else _ARRAY_OPS)
+                if scalar:
+                    eff = np.float64(eff)
+                t_mm = t_mm + 2.0 * batch * m * n * k / (peak * eff)
+                splitk.append(2.0 * self.gemm.partial_bytes * batch * m * n * split
+                              * (split > 1.0))
         elif gemms:
             t_mm = 0.0
             for batch, m, n, k in gemms:
@@ -281,9 +298,9 @@ class TimeModel:
         else:
             t_mm = matmul_flops / self.matmul_peak(dtype)
         t = t_mm + other_flops / self.vec_peak + self.special_time(special)
-        if gemms and not rate and self.tiled:
-            for batch, m, n, k in gemms:
-                nbytes = nbytes + self.gemm_splitk_bytes(batch, m, n, k)
+        if splitk:
+            for extra in splitk:
+                nbytes = nbytes + extra
             return self.gemm_overlap(t, self.stream_time(nbytes))
         b = self.stream_time(nbytes)
         if type(t) in _NUMBER and type(b) in _NUMBER:      # np.maximum's value and type
