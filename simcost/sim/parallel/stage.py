@@ -214,17 +214,27 @@ class StageWork:
     attn_bwd_per_layer_s: float
 
 
+def _stage_layout(g) -> tuple:
+    """(block segment indices, L, counts, prologue indices, epilogue indices) of a graph, kept
+    on it (asked for every plan shape of a search)."""
+    hit = g.meta.get("_stage_layout")
+    if hit is None:
+        blocks = [i for i, s in enumerate(g.segments) if s.first_layer is not None]
+        L = sum(g.segments[i].count for i in blocks)
+        counts = [s.count for s in g.segments]
+        non = [i for i in range(len(g.segments)) if i not in blocks]
+        first = [i for i in non if i < (blocks[0] if blocks else 0)]
+        last = [i for i in non if i not in first]
+        hit = g.meta["_stage_layout"] = (blocks, L, counts, non, first, last)
+    return hit
+
+
 def stage_work(g, st, pp: int) -> StageWork:
     """The slowest stage: ceil(L/pp) blocks plus the embedding or the head (pp == 1: both)."""
-    blocks = [i for i, s in enumerate(g.segments) if s.first_layer is not None]
-    L = sum(g.segments[i].count for i in blocks)
-    counts = [s.count for s in g.segments]
+    blocks, L, counts, non, first, last = _stage_layout(g)
 
     def tot(lst, idx):
         return sum(lst[i] * counts[i] for i in idx)
-    non = [i for i in range(len(g.segments)) if i not in blocks]
-    first = [i for i in non if i < (blocks[0] if blocks else 0)]
-    last = [i for i in non if i not in first]
     layers_stage = math.ceil(L / pp)
     if pp == 1:
         ends_f, ends_b = tot(st.fwd, non), tot(st.bwd, non)
@@ -232,7 +242,7 @@ def stage_work(g, st, pp: int) -> StageWork:
         ends_f = max(tot(st.fwd, first), tot(st.fwd, last))
         ends_b = max(tot(st.bwd, first), tot(st.bwd, last))
     # the block layers that run a backward at all (LoRA: all but possibly the first)
-    bwd_layers = sum(g.segments[i].count for i in blocks if st.bwd[i] > 0)
+    bwd_layers = sum(counts[i] for i in blocks if st.bwd[i] > 0)
     per_stage = lambda lst: tot(lst, blocks) / max(L, 1) * layers_stage  # noqa: E731
     return StageWork(
         layers=L, layers_stage=layers_stage,
