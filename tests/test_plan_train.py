@@ -214,6 +214,9 @@ def test_plan_table_output(capsys):
     (["--deadline", "soon"], "--deadline"),
     (["--checkpointing", "some"], "checkpointing"),
     (["--csv", "/nonexistent/dir/x.csv"], "does not exist"),
+    (["--jobs", "0"], "--jobs must be in [1, 4096]"),
+    (["--jobs", "x"], "expected an integer"),
+    (["--jobs", "2", "--workers", "2"], "--jobs sets local processes"),
 ])
 def test_plan_bad_input_is_one_line(args, message, capsys):
     base = {"--model": "llama-3.2-1b", "--tokens": "100000", "--seq": "512"}
