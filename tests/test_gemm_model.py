@@ -71,3 +71,22 @@ def test_overlap_lies_between_max_and_sum(hw):
         t = tm.device_time("fp16", [(1, m, n, k)], 2.0 * m * n * k, 0.0,
                            2.0 * (m * k + k * n + m * n))
         assert max(tc, tb) * (1 - 1e-12) <= t <= (tc + tb) * (1 + 1e-12)
+
+
+def test_fused_attention_pays_no_per_tile_k_cost():
+    """A fused attention kernel (no measured attention rate on the profile) keeps one output
+    tile per query block over the whole key loop, so the per-tile fixed K-steps fitted on
+    cuBLAS GEMMs do not apply to its QK^T product (K = head dim): priced as a GEMM it would run
+    at 128 / (128 + 192) of its tile rate."""
+    tm = TimeModel.from_device(load_profile("a100-80gb-sxm").device())
+    assert tm.attention_rate("bf16", "fwd") is None and tm.tiled
+    gemms = [(32, 4096, 4096, 128), (32, 4096, 128, 4096)]       # QK^T, PV of 32 heads
+    flops = sum(2.0 * b * m * n * k for b, m, n, k in gemms)
+    plain = tm.device_time("bf16", gemms, flops, 0.0, 1e8)
+    fused = tm.device_time("bf16", gemms, flops, 0.0, 1e8, attention=("fwd", True))
+    assert fused < plain
+    qk = TimeModel.gemm_time(tm, "bf16", *gemms[0])
+    no_fixed = 2.0 * 32 * 4096 * 4096 * 128 / (tm.matmul_peak("bf16") * float(
+        tm._tile_plan(32, 4096, 4096, 128, (np.ceil, np.floor, np.maximum, np.minimum),
+                      0.0)[0]))
+    assert no_fixed < qk * 0.6                    # the fixed K-steps would cost ~2.5x here

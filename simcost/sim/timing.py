@@ -203,14 +203,17 @@ class TimeModel:
             return np.float64(self._tile_plan(batch, m, n, k, _SCALAR_OPS)[0])
         return 1.0
 
-    def _tile_plan(self, batch, m, n, k, ops):
+    def _tile_plan(self, batch, m, n, k, ops, fixed_k=None):
         """(efficiency, split) of a GEMM on the tile model, with ``ops`` = (ceil, floor,
         maximum, minimum) of plain numbers or of numpy: the same arithmetic on both.
 
         Output tiles of ``tile`` (a dimension no longer than ``gemm.tile_min`` runs on a
         tile that narrow, CUTLASS's smallest SM80 tile), spread over ``units`` in waves;
         with fewer tiles than units K is split (at least 256 per part). Each tile pays
-        ``gemm.tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue)."""
+        ``gemm.tile_fixed_k`` K-steps beyond its K loop (pipeline fill, epilogue), or
+        ``fixed_k``: 0 for a fused attention kernel, whose output tile (one query block) runs
+        the whole key loop and pays its fill and epilogue once, not per QK^T product of head
+        dimension K (device_time passes it for an op with ``attention``)."""
         ceil, floor, mx, mn = ops
         g = self.gemm
         narrow_m = self.tile[0] - min(g.tile_min, self.tile[0])    # 0 or what a short m saves
@@ -222,7 +225,7 @@ class TimeModel:
         waves = ceil(tiles * split / self.units)
         util = (batch * m * n * split) / (waves * self.units * tm * tn)
         k_part = k / split
-        return util * k_part / (k_part + g.tile_fixed_k), split
+        return util * k_part / (k_part + (g.tile_fixed_k if fixed_k is None else fixed_k)), split
 
     def gemm_splitk_bytes(self, batch, m, n, k):
         """Bytes a split-K GEMM moves beyond its operands: each of its ``split`` partial
@@ -285,7 +288,8 @@ class TimeModel:
                 scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
                           and type(batch) in _NUMBER)
                 eff, split = self._tile_plan(batch, m, n, k,
-                                             _SCALAR_OPS if scalar else _ARRAY_OPS)
+                                             _SCALAR_OPS if scalar else _ARRAY_OPS,
+                                             0.0 if attention else None)
                 if scalar:
                     eff = np.float64(eff)
                 t_mm = t_mm + 2.0 * batch * m * n * k / (peak * eff)
