@@ -187,6 +187,7 @@ def test_no_gpu_is_priced_at_its_datasheet_peak(name):
     assert 0.3 < eff["value"] < 1.0 and eff["source"]
     if "median" in eff["source"]:
         assert eff.get("derived") and eff.get("stand_in") and "HWEFF-MAMF" in eff["source"]
+        assert eff["population_p10"] < eff["value"] < eff["population_p90"]
         assert "matmul_efficiency" in load_profile(name).device().stand_ins
     from simcost.sim.timing import TimeModel
     dev = load_profile(name).device()

@@ -139,6 +139,22 @@ def test_intervals_say_why_when_there_are_none():
             assert v["p10"] <= v["p90"]
 
 
+def test_stand_in_efficiencies_widen_the_step_interval():
+    """The L40S's GEMM and bandwidth fractions are the NVIDIA medians: its step interval is
+    the residual one widened by the spread of the measured fractions, memory's is not."""
+    from simcost.stack.intervals import interval
+    from simcost.stack import load_stack
+    r = estimate_train("llama-2-7b", "l40s", batch=1, seq=2048, peft="lora", stack="hf")
+    iv = r.intervals["step_s"]
+    lo_f, hi_f = iv["stand_in_factors"]
+    assert 0.8 < lo_f < 1.0 < hi_f < 1.2
+    lo, hi = interval(r.time_s["step"], load_stack("hf").interval("gpu", "step_time"))
+    assert iv["p10"] == pytest.approx(lo * lo_f) and iv["p90"] == pytest.approx(hi * hi_f)
+    assert "stand_in_factors" not in r.intervals["peak_bytes"]
+    m = estimate_train("llama-2-7b", "a100-80gb-sxm", batch=1, seq=2048, peft="lora", stack="hf")
+    assert "stand_in_factors" not in m.intervals["step_s"]          # measured: not widened
+
+
 def test_cli_names_the_stack(capsys):
     rc = main(["estimate", "train", "--model", M, "--hardware", H, "--batch", "1", "--seq",
                "128", "--stack", "axolotl:liger", "--json"])

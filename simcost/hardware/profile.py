@@ -65,8 +65,11 @@ class NonNegQuantity(Quantity):
 class EffQuantity(Quantity):
     value: EffNum
     # True: no measurement of this device, a stand-in (the median of its vendor's measured
-    # devices); estimates say so in a warning
+    # devices); estimates say so in a warning. population_p10 / _p90: the spread of the
+    # measured values it stands in for, which widens the estimates' step-time interval
     stand_in: bool = False
+    population_p10: EffNum | None = None
+    population_p90: EffNum | None = None
 
 
 class CountQuantity(Quantity):
@@ -309,13 +312,19 @@ class HardwareProfile(BaseModel):
             tm.update(self.time_model.model_extra or {})   # calibration metadata
         stand_ins = tuple(k for k in SCALAR_FIELDS if self.time_model is not None
                           and getattr(getattr(self.time_model, k), "stand_in", False))
+        spread = [(getattr(self.time_model, k).value / getattr(self.time_model, k).population_p90,
+                   getattr(self.time_model, k).value / getattr(self.time_model, k).population_p10)
+                  for k in stand_ins if getattr(self.time_model, k).population_p10 is not None
+                  and getattr(self.time_model, k).population_p90 is not None]
         q = self.price_usd_per_hour
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,
                       self.launch_overhead_s.value, q.value if q is not None else None, tm,
                       price_basis=self.price_basis,
                       price_source=q.source if q is not None else None,
-                      price_date=q.date if q is not None else None, stand_ins=stand_ins)
+                      price_date=q.date if q is not None else None, stand_ins=stand_ins,
+                      stand_in_time_factors=(min(lo for lo, _ in spread),
+                                             max(hi for _, hi in spread)) if spread else None)
 
 
 @dataclass(frozen=True)
@@ -376,6 +385,9 @@ class Device:
     price_source: str | None = None
     price_date: str | None = None
     stand_ins: tuple = ()               # time-model values that are stand-ins, not measurements
+    # (low, high) factors on a step time from the spread of the measured values the stand-ins
+    # replace: time scales as 1 / efficiency (None: no stand-in with a known spread)
+    stand_in_time_factors: tuple | None = None
 
     def __post_init__(self):
         if self.price_basis is None:

@@ -5,7 +5,9 @@ errors ``e = predicted / measured - 1`` over the dev rows left out of its fits
 (``validation/fit/fit_stacks.py`` writes them). If the errors of new rows follow the same
 distribution, the measured value lies in ``[pred / (1 + e90), pred / (1 + e10)]`` for about
 80 % of them. Where a stack has no such rows, the interval is absent and the estimate says
-why.
+why. On a profile whose efficiencies are stand-ins (its vendor's median, no measurement of its
+own) the step-time interval is widened by the spread (p10-p90) of the measured values the
+stand-in replaces (``stand_in_factors``).
 """
 from __future__ import annotations
 
@@ -39,4 +41,10 @@ def estimate_intervals(stack, device, step_s: float, peak_bytes: float) -> dict:
             continue
         lo, hi = interval(value, q)
         out[key] = {"p10": lo, "p90": hi, "rows": q.n}
+        factors = getattr(device, "stand_in_time_factors", None)
+        if key == "step_s" and factors:
+            # a stand-in efficiency (no measurement of this device) may be anywhere in the
+            # p10-p90 of the measured devices it stands in for; time scales as 1 / efficiency
+            out[key].update(p10=lo * factors[0], p90=hi * factors[1],
+                            stand_in_factors=list(factors))
     return out
