@@ -57,6 +57,11 @@ _NUMBER = (int, float, np.float64)
 _SCALAR_OPS = (lambda x: float(math.ceil(x)), lambda x: float(math.floor(x)), max, min)
 _ARRAY_OPS = (np.ceil, np.floor, np.maximum, np.minimum)
 
+
+def _ops(*xs):
+    """The scalar ops when every value is a plain number, else numpy's."""
+    return _SCALAR_OPS if all(type(x) in _NUMBER for x in xs) else _ARRAY_OPS
+
 GPU_GEMM_FILE = Path(__file__).with_name("gpu_gemm.json")
 
 
@@ -178,30 +183,26 @@ class TimeModel:
 
     def gemm_efficiency(self, batch, m, n, k):
         """Fraction of the dtype's achievable peak a (batch x) m·n·k GEMM reaches (numbers
-        or arrays; plain numbers take the same arithmetic without numpy's per-call cost)."""
-        if type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER \
-                and type(batch) in _NUMBER:
-            return self._gemm_efficiency_scalar(batch, m, n, k)
+        or arrays). Plain numbers take the same arithmetic without numpy's per-call cost and
+        give the numpy path's value and type (np.float64), so a traced run (simcost.sim.compiled,
+        numpy on symbols) and a plain one agree bit for bit and in type."""
         if self.half is not None:
+            ops = _ops(batch, m, n, k)
             e = 1.0
             for x, h, a in zip((m, n, k), self.half, self.sharp):
-                e = e / (1.0 + (h / np.maximum(x, 1)) ** a)
-            return e
+                e = e / (1.0 + (h / ops[2](x, 1)) ** a)
+            return np.float64(e) if ops is _SCALAR_OPS else e
         if self.units is not None:
-            return self._tile_plan(batch, m, n, k, _ARRAY_OPS)[0]
+            return self._tile_gemm(batch, m, n, k)[0]
         return 1.0
 
-    def _gemm_efficiency_scalar(self, batch, m, n, k) -> float:
-        # the same values as the numpy path, and the same type (np.float64), so a traced run
-        # (simcost.sim.compiled, numpy on symbols) and a plain one agree bit for bit and in type
-        if self.half is not None:
-            e = 1.0
-            for x, h, a in zip((m, n, k), self.half, self.sharp):
-                e = e / (1.0 + (h / max(x, 1)) ** a)
-            return np.float64(e)
-        if self.units is not None:
-            return np.float64(self._tile_plan(batch, m, n, k, _SCALAR_OPS)[0])
-        return 1.0
+    def _tile_gemm(self, batch, m, n, k, fixed_k=None):
+        """(efficiency, split-K bytes) of a GEMM on the tile model (:meth:`_tile_plan`); the
+        efficiency of plain numbers as np.float64, as the numpy path gives it."""
+        ops = _ops(batch, m, n, k)
+        eff, split = self._tile_plan(batch, m, n, k, ops, fixed_k)
+        extra = 2.0 * self.gemm.partial_bytes * batch * m * n * split * (split > 1.0)
+        return (np.float64(eff) if ops is _SCALAR_OPS else eff), extra
 
     def _tile_plan(self, batch, m, n, k, ops, fixed_k=None):
         """(efficiency, split) of a GEMM on the tile model, with ``ops`` = (ceil, floor,
@@ -231,12 +232,7 @@ class TimeModel:
         """Bytes a split-K GEMM moves beyond its operands: each of its ``split`` partial
         products written as fp32 (``gemm.partial_bytes`` per element) and read back by the
         reduction (0 without a split, or off the tile model)."""
-        if not self.tiled:
-            return 0.0
-        scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
-                  and type(batch) in _NUMBER)
-        split = self._tile_plan(batch, m, n, k, _SCALAR_OPS if scalar else _ARRAY_OPS)[1]
-        return 2.0 * self.gemm.partial_bytes * batch * m * n * split * (split > 1.0)
+        return self._tile_gemm(batch, m, n, k)[1] if self.tiled else 0.0
 
     def gemm_time(self, dtype: str, batch, m, n, k):
         flops = 2.0 * batch * m * n * k
@@ -280,21 +276,13 @@ class TimeModel:
         if rate:
             t_mm = matmul_flops * (0.5 if attention[1] else 1.0) / rate
         elif gemms and tiled:
-            # gemm_time and gemm_splitk_bytes of each GEMM from one tile plan (the same
-            # arithmetic, in the same order, as calling the two)
+            # gemm_time and gemm_splitk_bytes of each GEMM from one tile plan
             t_mm = 0.0
             peak = self.matmul_peak(dtype)
             for batch, m, n, k in gemms:
-                scalar = (type(m) in _NUMBER and type(n) in _NUMBER and type(k) in _NUMBER
-                          and type(batch) in _NUMBER)
-                eff, split = self._tile_plan(batch, m, n, k,
-                                             _SCALAR_OPS if scalar else _ARRAY_OPS,
-                                             0.0 if attention else None)
-                if scalar:
-                    eff = np.float64(eff)
+                eff, extra = self._tile_gemm(batch, m, n, k, 0.0 if attention else None)
                 t_mm = t_mm + 2.0 * batch * m * n * k / (peak * eff)
-                splitk.append(2.0 * self.gemm.partial_bytes * batch * m * n * split
-                              * (split > 1.0))
+                splitk.append(extra)
         elif gemms:
             t_mm = 0.0
             for batch, m, n, k in gemms:
@@ -307,7 +295,7 @@ class TimeModel:
                 nbytes = nbytes + extra
             return self.gemm_overlap(t, self.stream_time(nbytes))
         b = self.stream_time(nbytes)
-        if type(t) in _NUMBER and type(b) in _NUMBER:      # np.maximum's value and type
+        if _ops(t, b) is _SCALAR_OPS:                  # np.maximum's value and type
             return np.float64(t if t >= b else b)
         return np.maximum(t, b)
 
@@ -317,7 +305,7 @@ class TimeModel:
         p-norm ``(tc^p + ts^p)^(1/p)`` with ``gemm.overlap_exponent`` (p -> inf: the
         roofline's max, which every other profile keeps)."""
         p = self.gemm.overlap_exponent if self.tiled else None
-        scalar = type(t_compute) in _NUMBER and type(t_stream) in _NUMBER
+        scalar = _ops(t_compute, t_stream) is _SCALAR_OPS
         if p is not None:
             t = (t_compute ** p + t_stream ** p) ** (1.0 / p)
             return np.float64(t) if scalar else t
