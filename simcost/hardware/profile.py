@@ -310,12 +310,12 @@ class HardwareProfile(BaseModel):
                     tm[k] = ({dt: v.model_dump() for dt, v in t.items()} if k == "gemm_table"
                              else t.model_dump() if isinstance(t, BaseModel) else dict(t))
             tm.update(self.time_model.model_extra or {})   # calibration metadata
-        stand_ins = tuple(k for k in SCALAR_FIELDS if self.time_model is not None
-                          and getattr(getattr(self.time_model, k), "stand_in", False))
-        spread = [(getattr(self.time_model, k).value / getattr(self.time_model, k).population_p90,
-                   getattr(self.time_model, k).value / getattr(self.time_model, k).population_p10)
-                  for k in stand_ins if getattr(self.time_model, k).population_p10 is not None
-                  and getattr(self.time_model, k).population_p90 is not None]
+        given = {k: getattr(self.time_model, k) for k in SCALAR_FIELDS} \
+            if self.time_model is not None else {}
+        stand_ins = tuple(k for k, q in given.items() if getattr(q, "stand_in", False))
+        spread = [(given[k].value / given[k].population_p90,
+                   given[k].value / given[k].population_p10) for k in stand_ins
+                  if given[k].population_p10 is not None and given[k].population_p90 is not None]
         q = self.price_usd_per_hour
         return Device(self.name, self.kind, peaks, self.memory_bytes.value,
                       self.memory_bandwidth_bytes_per_s.value, self.runtime_overhead_bytes.value,

@@ -41,7 +41,7 @@ def estimate_intervals(stack, device, step_s: float, peak_bytes: float) -> dict:
             continue
         lo, hi = interval(value, q)
         out[key] = {"p10": lo, "p90": hi, "rows": q.n}
-        factors = getattr(device, "stand_in_time_factors", None)
+        factors = device.stand_in_time_factors
         if key == "step_s" and factors:
             # a stand-in efficiency (no measurement of this device) may be anywhere in the
             # p10-p90 of the measured devices it stands in for; time scales as 1 / efficiency
