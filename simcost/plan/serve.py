@@ -16,6 +16,7 @@ D = " (default: %(default)s)"
 
 def add_arguments(p) -> None:
     from simcost.argtypes import integer as i, number as f
+    from simcost.serve.cli import add_request_lengths
     p.add_argument("--model", required=True, help="zoo name (simcost models), config.json path "
                                                   "or its directory")
     p.add_argument("--adapters", type=i, default=0,
@@ -41,10 +42,7 @@ def add_arguments(p) -> None:
                         "slora-bgmv) (default: the engine's own)")
     p.add_argument("--routing", default=None, choices=("round-robin", "adapter-affinity"),
                    help="how requests are split over replicas (default: round-robin)")
-    p.add_argument("--input-len", default=None,
-                   help="prompt length N or MIN:MAX, uniform (default: 8:512)")
-    p.add_argument("--output-len", default=None,
-                   help="output length N or MIN:MAX, uniform (default: 8:512)")
+    add_request_lengths(p)
     p.add_argument("--popularity-alpha", type=f, default=None,
                    help="adapter popularity: 1 is uniform, smaller concentrates on low ids "
                         "(default: 1)")

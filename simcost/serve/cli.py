@@ -67,6 +67,15 @@ def _estimate_parser(est_sub):
                    help="kernels replayed from CUDA graphs (no per-kernel host cost)")
 
 
+def add_request_lengths(p) -> None:
+    """``--input-len`` and ``--output-len``, as ``simulate serve`` and ``plan serve`` take
+    them (both parsed by :class:`simcost.request.serve.Traffic`)."""
+    p.add_argument("--input-len", default=None,
+                   help="prompt length N or MIN:MAX, uniform (default: 8:512)")
+    p.add_argument("--output-len", default=None,
+                   help="output length N or MIN:MAX, uniform (default: 8:512)")
+
+
 def _sim_traffic(s):
     s.add_argument("--rate", type=number, default=None,
                    help="requests per second; inf is refused here (default: 10)")
@@ -79,10 +88,7 @@ def _sim_traffic(s):
     s.add_argument("--duration", default=None,
                    help="traffic duration: seconds, or 90s, 10m, 1h; at most 10^7 requests "
                         "(rate x duration) (default: 60s)")
-    s.add_argument("--input-len", default=None,
-                   help="prompt length N or MIN:MAX, uniform (default: 8:512)")
-    s.add_argument("--output-len", default=None,
-                   help="output length N or MIN:MAX, uniform (default: 8:512)")
+    add_request_lengths(s)
     s.add_argument("--trace", default=None,
                    help="replay a CSV with columns time,adapter,prompt_len,output_len instead of "
                         "drawing requests")
