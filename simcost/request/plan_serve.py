@@ -14,8 +14,9 @@ from typing import Annotated
 
 from pydantic import Field, StrictInt, field_validator, model_validator
 
-from simcost.request.fields import MAX_REQUESTS, Devices, FinitePos, Rank, parse_int_list
-from simcost.request.serve import MAX_ADAPTERS, MAX_SEED, SIM_DEFAULTS, Routing, Traffic, _Serve
+from simcost.request.fields import MAX_REQUESTS, Devices, FinitePos, Rank
+from simcost.request.serve import (MAX_ADAPTERS, MAX_SEED, SIM_DEFAULTS, Routing, Traffic, _ranks,
+                                   _Serve)
 
 MAX_TP = 8                 # tensor parallelism stays inside one 8-GPU node
 DEFAULT_REQUESTS = 1000
@@ -54,13 +55,13 @@ class ServePlanRequest(Traffic):
 
     @field_validator("ranks", mode="before")
     @classmethod
-    def _ranks(cls, v):
-        return None if v is None else parse_int_list(v, "--ranks")
+    def _parse_ranks(cls, v):
+        return _ranks(v)
 
     @field_validator("tp", mode="before")
     @classmethod
-    def _tp(cls, v):
-        return None if v is None else parse_int_list(v, "--tp")
+    def _parse_tp(cls, v):
+        return _ranks(v, "--tp")         # a comma-separated integer list, like --ranks
 
     @field_validator("hardware", "lora_kernels", mode="before")
     @classmethod
