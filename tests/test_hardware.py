@@ -167,8 +167,6 @@ def test_params_follow_replace():
 
 def test_committed_calibrated_profiles_load():
     """The calibrated profiles the reports were made with stay valid under the schema."""
-    from pathlib import Path
-    from simcost.hardware import load_profile
     root = Path(__file__).resolve().parents[1] / "validation" / "reports"
     found = [p for p in root.glob("calibrated*.json") if not p.name.endswith(".raw.json")]
     assert found

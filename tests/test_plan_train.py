@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from simcost.api import estimate_train, run_train
+from simcost.api import estimate_train
 from simcost.cli import main
 from simcost.plan.train import PlanTrainRequest, plan_train
 

@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationInfo, model_validator)
 
-from simcost.errors import SimcostError
 from simcost.jsonio import describe_error, load_validated, profile_file, read_json  # noqa: F401
 from simcost.paths import data_dir
 
